@@ -1,0 +1,163 @@
+//! Streaming generation: prefill, then one token at a time until `<|im_end|>`, the token
+//! budget, or cancellation.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::hook::ResidualHook;
+use crate::llama::{KvCache, Logits};
+use crate::sampling::Sampler;
+use crate::tokenizer::{StreamDecoder, TokenId};
+use crate::{EngineError, Model, SamplingParams};
+
+/// Stops a running generation from another thread (or a UI callback).
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    /// A token that has not been cancelled.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks the generation to stop before its next token.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`cancel`](Self::cancel) was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model ended its turn (`<|im_end|>`).
+    Stop,
+    /// `max_tokens` were generated.
+    Length,
+    /// The [`CancelToken`] was cancelled.
+    Cancelled,
+}
+
+/// One generated token and the text it completes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GeneratedToken {
+    pub id: TokenId,
+    /// Newly complete text (may be empty while a UTF-8 character is unfinished).
+    pub text: String,
+}
+
+/// An iterator over generated tokens. Dropping it stops the generation.
+pub struct TokenStream<'m> {
+    model: &'m Model,
+    cache: KvCache,
+    sampler: Sampler,
+    decoder: StreamDecoder,
+    hook: Option<Box<dyn ResidualHook + 'm>>,
+    input: Vec<TokenId>,
+    generated: Vec<TokenId>,
+    cancel: CancelToken,
+    finish: Option<FinishReason>,
+}
+
+impl<'m> TokenStream<'m> {
+    pub(crate) fn new(
+        model: &'m Model,
+        prompt: Vec<TokenId>,
+        params: SamplingParams,
+        hook: Option<Box<dyn ResidualHook + 'm>>,
+        cancel: CancelToken,
+    ) -> Result<Self, EngineError> {
+        if prompt.is_empty() {
+            return Err(EngineError::EmptyInput);
+        }
+        let limit = model.llama.config().context_length;
+        if prompt.len() > limit {
+            return Err(EngineError::ContextOverflow { needed: prompt.len(), limit });
+        }
+        Ok(Self {
+            model,
+            cache: model.llama.new_cache(),
+            sampler: Sampler::new(params),
+            decoder: StreamDecoder::new(),
+            hook,
+            input: prompt,
+            generated: Vec::new(),
+            cancel,
+            finish: None,
+        })
+    }
+
+    /// Why generation ended (`None` while it runs).
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.finish
+    }
+
+    /// The ids generated so far.
+    pub fn generated(&self) -> &[TokenId] {
+        &self.generated
+    }
+
+    /// Runs to the end and returns the whole text.
+    pub fn collect_text(&mut self) -> Result<String, EngineError> {
+        let mut text = String::new();
+        for token in self.by_ref() {
+            text.push_str(&token?.text);
+        }
+        Ok(text)
+    }
+
+    fn step(&mut self) -> Result<Option<GeneratedToken>, EngineError> {
+        if self.cancel.is_cancelled() {
+            self.finish = Some(FinishReason::Cancelled);
+            return Ok(None);
+        }
+        if self.generated.len() >= self.sampler.params().max_tokens {
+            self.finish = Some(FinishReason::Length);
+            return Ok(None);
+        }
+        let context = self.model.llama.config().context_length;
+        if self.cache.len() + self.input.len() > context {
+            self.finish = Some(FinishReason::Length);
+            return Ok(None);
+        }
+        let hook = self.hook.as_deref_mut().map(|h| h as &mut dyn ResidualHook);
+        let logits = self
+            .model
+            .llama
+            .forward(&self.input, &mut self.cache, hook, Logits::Last)?
+            .expect("Logits::Last returns logits");
+        let mut logits = logits.into_data().try_into_vec::<f32>().map_err(|e| EngineError::Backend(format!("{e:?}")))?;
+        let token = self.sampler.sample(&mut logits);
+        if token == self.model.tokenizer.eos() {
+            self.finish = Some(FinishReason::Stop);
+            return Ok(None);
+        }
+        self.generated.push(token);
+        self.input = vec![token];
+        let text = self.decoder.push(&self.model.tokenizer, token)?;
+        Ok(Some(GeneratedToken { id: token, text }))
+    }
+}
+
+impl Iterator for TokenStream<'_> {
+    type Item = Result<GeneratedToken, EngineError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.finish.is_some() {
+            return None;
+        }
+        match self.step() {
+            Ok(Some(token)) => Some(Ok(token)),
+            // Bytes of a character the model never finished are dropped, not shown as U+FFFD.
+            Ok(None) => None,
+            Err(e) => {
+                self.finish = Some(FinishReason::Stop);
+                Some(Err(e))
+            }
+        }
+    }
+}

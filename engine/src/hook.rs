@@ -1,0 +1,121 @@
+//! Residual-stream hooks: read or edit the hidden state after any block.
+//!
+//! The SAE, steering and inspection all sit here. A forward pass calls a hook only after the
+//! blocks it [`wants`](ResidualHook::wants); with no hook the pass pays nothing. A hook that
+//! returns its input unchanged leaves the output bit-identical.
+
+use std::ops::Range;
+
+use burn::tensor::{Tensor, TensorData};
+
+/// Sees the residual stream after chosen blocks, during prefill and decode alike.
+pub trait ResidualHook {
+    /// Whether to call [`after_block`](Self::after_block) after block `layer` (0-based).
+    fn wants(&self, layer: usize) -> bool;
+
+    /// The deepest block this hook needs: with [`Logits::None`](crate::Logits::None) the
+    /// forward pass stops there (activation harvesting).
+    fn last_layer(&self) -> Option<usize>;
+
+    /// Called with the residual after block `layer` for the token `positions`
+    /// (`residual` is `[positions.len(), n_embd]`); returns the residual to continue with.
+    fn after_block(&mut self, layer: usize, positions: Range<usize>, residual: Tensor<2>) -> Tensor<2>;
+}
+
+/// Records the residual stream after one block, for every position it passes.
+#[derive(Debug, Default)]
+pub struct CaptureResidual {
+    layer: usize,
+    rows: Vec<f32>,
+    width: usize,
+}
+
+impl CaptureResidual {
+    /// Captures after block `layer`.
+    pub fn new(layer: usize) -> Self {
+        Self { layer, rows: Vec::new(), width: 0 }
+    }
+
+    /// The captured rows, one per position in order, each `n_embd` wide.
+    pub fn rows(&self) -> impl Iterator<Item = &[f32]> {
+        self.rows.chunks_exact(self.width.max(1))
+    }
+
+    /// Number of positions captured.
+    pub fn len(&self) -> usize {
+        if self.width == 0 { 0 } else { self.rows.len() / self.width }
+    }
+
+    /// Whether nothing was captured.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Takes the captured values (row-major `[positions, n_embd]`).
+    pub fn take(&mut self) -> Vec<f32> {
+        std::mem::take(&mut self.rows)
+    }
+}
+
+impl ResidualHook for CaptureResidual {
+    fn wants(&self, layer: usize) -> bool {
+        layer == self.layer
+    }
+
+    fn last_layer(&self) -> Option<usize> {
+        Some(self.layer)
+    }
+
+    fn after_block(&mut self, _layer: usize, _positions: Range<usize>, residual: Tensor<2>) -> Tensor<2> {
+        let [_, width] = residual.dims();
+        self.width = width;
+        let data = residual.to_data();
+        self.rows.extend_from_slice(data.as_slice::<f32>().expect("f32 residual"));
+        residual
+    }
+}
+
+/// Adds a fixed vector to the residual stream after one block, at every position.
+#[derive(Debug, Clone)]
+pub struct AddToResidual {
+    layer: usize,
+    vector: Vec<f32>,
+}
+
+impl AddToResidual {
+    /// Adds `vector` (`n_embd` wide) after block `layer`.
+    pub fn new(layer: usize, vector: Vec<f32>) -> Self {
+        Self { layer, vector }
+    }
+}
+
+impl ResidualHook for AddToResidual {
+    fn wants(&self, layer: usize) -> bool {
+        layer == self.layer
+    }
+
+    fn last_layer(&self) -> Option<usize> {
+        Some(self.layer)
+    }
+
+    fn after_block(&mut self, _layer: usize, _positions: Range<usize>, residual: Tensor<2>) -> Tensor<2> {
+        let n = self.vector.len();
+        let v = Tensor::<1>::from_data(TensorData::new(self.vector.clone(), [n]), &residual.device());
+        residual + v.unsqueeze::<2>()
+    }
+}
+
+/// Lets a caller keep ownership of a hook it lends to a generation (`Box::new(&mut hook)`).
+impl<H: ResidualHook + ?Sized> ResidualHook for &mut H {
+    fn wants(&self, layer: usize) -> bool {
+        (**self).wants(layer)
+    }
+
+    fn last_layer(&self) -> Option<usize> {
+        (**self).last_layer()
+    }
+
+    fn after_block(&mut self, layer: usize, positions: Range<usize>, residual: Tensor<2>) -> Tensor<2> {
+        (**self).after_block(layer, positions, residual)
+    }
+}

