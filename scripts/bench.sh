@@ -102,9 +102,9 @@ print(found)
 
 failed=0
 for t in $THREADS; do
-    run_one "kindling, $t threads" "$KINDLING" bench --threads "$t" --prefill "$PREFILL" \
+    run_one "kindling, threads=$t" "$KINDLING" bench --threads "$t" --prefill "$PREFILL" \
         --decode "$DECODE" --reps "$REPS" --json || failed=1
-    run_one "llama.cpp, $t threads" "$VENV_PY" scripts/bench_llama_cpp.py --model "$MODEL" \
+    run_one "llama.cpp, threads=$t" "$VENV_PY" scripts/bench_llama_cpp.py --model "$MODEL" \
         --threads "$t" --prefill "$PREFILL" --decode "$DECODE" --reps "$REPS" || failed=1
 done
 say "$(uptime)"
@@ -151,7 +151,7 @@ for t in threads:
     ok, ol = med(k, "other_cores"), med(l, "other_cores")
     for name, o in (("kindling", ok), ("llama.cpp", ol)):
         if o is not None and o > 0.1:
-            contended.append(f"{name} with {t} threads (median other_cores {o:.2f})")
+            contended.append(f"{name}, threads={t} (median other_cores {o:.2f})")
     print(f"| {t} | {fmt(pk)} | {fmt(pl)} | {ratio(pk, pl)} | {fmt(dk)} | {fmt(dl)} | "
           f"{ratio(dk, dl)} | {fmt(ok, 2)} / {fmt(ol, 2)} |")
 print()

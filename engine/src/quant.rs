@@ -210,9 +210,12 @@ type DotKernel = fn(&[u8], &[BlockQ8]) -> f32;
 fn dot_kernel(ty: TensorType) -> DotKernel {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
             return match ty {
-                // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
                 TensorType::Q4_1 => |w, x| unsafe { avx2::dot_q4_1(w, x) },
                 TensorType::Q4_0 => |w, x| unsafe { avx2::dot_q4_0(w, x) },
                 _ => |w, x| unsafe { avx2::dot_q8_0(w, x) },
@@ -282,14 +285,21 @@ mod avx2 {
     //! i16, `madd` with ones widens to i32, and one FMA per block applies both scales.
     use std::arch::x86_64::*;
 
-    use super::{BlockQ8, f16};
+    use super::BlockQ8;
 
+    /// An f16 block scale, converted in hardware (`half`'s portable path costs more than the
+    /// block's whole dot product).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
     fn scale(b: &[u8], i: usize) -> f32 {
-        f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+        let bits = u16::from_le_bytes([b[i], b[i + 1]]);
+        // `set1` rather than `cvtsi32_si128`: the latter compiles to a `vpinsrw` that merges
+        // into (and so waits on) whatever register the compiler picks, often an accumulator.
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_set1_epi16(bits as i16)))
     }
 
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -298,7 +308,7 @@ mod avx2 {
 
     /// 16 bytes of nibbles → 32 bytes: low nibbles (weights 0..16), then high (16..32).
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     fn unpack_nibbles(bytes: &[u8]) -> __m256i {
         assert!(bytes.len() >= 16);
         // SAFETY: 16 readable bytes (checked above); unaligned load.
@@ -310,7 +320,7 @@ mod avx2 {
     }
 
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     fn load32(bytes: &[u8]) -> __m256i {
         assert!(bytes.len() >= 32);
         // SAFETY: 32 readable bytes (checked above); unaligned load.
@@ -318,14 +328,14 @@ mod avx2 {
     }
 
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     fn activations(xb: &BlockQ8) -> __m256i {
         // SAFETY: BlockQ8 is 32-byte aligned and `qs` is its first field (32 bytes).
         unsafe { _mm256_load_si256(xb.qs.as_ptr() as *const __m256i) }
     }
 
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     fn dot_u8_i8(w: __m256i, x: __m256i) -> __m256 {
         let p16 = _mm256_maddubs_epi16(w, x);
         _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
@@ -334,25 +344,38 @@ mod avx2 {
     /// Signed × signed: `maddubs` needs an unsigned left operand, so move the weights' signs
     /// onto the activations.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     fn dot_i8_i8(w: __m256i, x: __m256i) -> __m256 {
         dot_u8_i8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub fn dot_q4_1(w: &[u8], x: &[BlockQ8]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        let mut mins = 0.0f32;
-        for (block, xb) in w.chunks_exact(20).zip(x) {
-            let (d, m) = (scale(block, 0), scale(block, 2));
-            let p = dot_u8_i8(unpack_nibbles(&block[4..]), activations(xb));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), p, acc);
-            mins += m * xb.sum;
+        // Two blocks per iteration into separate accumulators: one FMA chain per block would
+        // otherwise bound the loop by its latency.
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (mut mins0, mut mins1) = (0.0f32, 0.0f32);
+        let mut pairs = w.chunks_exact(40).zip(x.chunks_exact(2));
+        for (blocks, xs) in pairs.by_ref() {
+            let (b0, b1) = blocks.split_at(20);
+            let p0 = dot_u8_i8(unpack_nibbles(&b0[4..]), activations(&xs[0]));
+            let p1 = dot_u8_i8(unpack_nibbles(&b1[4..]), activations(&xs[1]));
+            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(scale(b0, 0) * xs[0].d), p0, acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(scale(b1, 0) * xs[1].d), p1, acc1);
+            mins0 += scale(b0, 2) * xs[0].sum;
+            mins1 += scale(b1, 2) * xs[1].sum;
         }
-        hsum(acc) + mins
+        let n = w.len() / 20;
+        if n % 2 == 1 {
+            let (b, xb) = (&w[(n - 1) * 20..], &x[n - 1]);
+            let p = dot_u8_i8(unpack_nibbles(&b[4..]), activations(xb));
+            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(scale(b, 0) * xb.d), p, acc0);
+            mins0 += scale(b, 2) * xb.sum;
+        }
+        hsum(_mm256_add_ps(acc0, acc1)) + mins0 + mins1
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub fn dot_q4_0(w: &[u8], x: &[BlockQ8]) -> f32 {
         let mut acc = _mm256_setzero_ps();
         for (block, xb) in w.chunks_exact(18).zip(x) {
@@ -363,7 +386,7 @@ mod avx2 {
         hsum(acc)
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub fn dot_q8_0(w: &[u8], x: &[BlockQ8]) -> f32 {
         let mut acc = _mm256_setzero_ps();
         for (block, xb) in w.chunks_exact(34).zip(x) {
