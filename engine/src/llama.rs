@@ -10,7 +10,7 @@
 //! `MUL_MAT(token_embd.weight, result_norm)`).
 //!
 //! One model serves every backend: tensors live on a burn [`Device`]. Linear layers keep their
-//! GGUF blocks; on the CPU they multiply with [`crate::quant`]'s kernels, on wgpu with an f32
+//! quantized blocks; on the CPU they multiply with [`crate::quant`]'s kernels, on wgpu with an f32
 //! copy of the weight on the device (see [`Linear`]).
 
 use std::ops::Range;
@@ -21,7 +21,7 @@ use burn::tensor::{Bool, Device, Tensor, TensorData};
 use crate::backend::Backend;
 use crate::gguf::{Gguf, TensorType};
 use crate::hook::ResidualHook;
-use crate::quant::{ModelBytes, QMatrix};
+use crate::quant::QMatrix;
 use crate::tokenizer::TokenId;
 use crate::EngineError;
 
@@ -197,10 +197,10 @@ impl KvCache {
     }
 }
 
-/// A linear layer `y = x · Wᵀ` whose weight stays in its GGUF encoding.
+/// A linear layer `y = x · Wᵀ` whose weight stays quantized.
 ///
 /// * CPU backend: the activations are read back to host memory (no copy on burn-flex) and
-///   multiplied by [`QMatrix::matmul`]'s quantized kernels; the weight costs its 4.5 bits.
+///   multiplied by [`QMatrix::matmul`]'s quantized kernels; a Q4_1 weight costs 6 bits.
 /// * wgpu: burn's quantized formats cannot hold GGUF's asymmetric Q4_1 blocks exactly and
 ///   its Q4 matmul is unreliable on WebGPU limits (prior-art §0.5), so the weight is
 ///   dequantized once, at load time, to an f32 `[in, out]` tensor on the device.
@@ -212,7 +212,19 @@ struct Linear {
 
 impl Linear {
     fn load(file: &ModelFile, name: &str, backend: Backend, device: &Device) -> Result<Self, EngineError> {
-        let weight = file.matrix(name)?;
+        Self::new(file.matrix(name)?, backend, device)
+    }
+
+    /// One layer computing several GGUF projections of the same input, stacked along the
+    /// output dimension (fewer, larger kernel launches per token).
+    fn load_stacked(file: &ModelFile, names: &[String], backend: Backend, device: &Device) -> Result<Self, EngineError> {
+        let parts = names.iter().map(|n| file.matrix(n)).collect::<Result<Vec<_>, _>>()?;
+        let weight = QMatrix::concat_rows(&parts)
+            .ok_or_else(|| EngineError::BadTensor(format!("{names:?} differ in type or width")))?;
+        Self::new(weight, backend, device)
+    }
+
+    fn new(weight: QMatrix, backend: Backend, device: &Device) -> Result<Self, EngineError> {
         let dense = match backend {
             Backend::Cpu => None,
             Backend::Wgpu => {
@@ -265,9 +277,8 @@ impl RmsNorm {
 
 #[derive(Debug, Clone)]
 struct Attention {
-    attn_q: Linear,
-    attn_k: Linear,
-    attn_v: Linear,
+    /// `attn_q`, `attn_k` and `attn_v` stacked: `[n_embd] → [(n_head + 2 n_head_kv) head_dim]`.
+    attn_qkv: Linear,
     attn_output: Linear,
     n_head: usize,
     n_head_kv: usize,
@@ -280,10 +291,11 @@ impl Attention {
     fn forward(&self, x: Tensor<2>, layer: usize, start: usize, rope: &Rope, cache: &mut KvCache) -> Tensor<2> {
         let [seq, _] = x.dims();
         let (h, hkv, d) = (self.n_head, self.n_head_kv, self.head_dim);
-        let heads = |t: Tensor<2>, n: usize| t.reshape([seq, n, d]).swap_dims(0, 1);
-        let q = heads(self.attn_q.forward(x.clone()), h); // [h, seq, d]
-        let k = heads(self.attn_k.forward(x.clone()), hkv); // [hkv, seq, d]
-        let v = heads(self.attn_v.forward(x), hkv);
+        let qkv = self.attn_qkv.forward(x); // [seq, (h + 2 hkv) d]
+        let heads = |from: usize, n: usize| qkv.clone().slice([0..seq, from * d..(from + n) * d]).reshape([seq, n, d]).swap_dims(0, 1);
+        let q = heads(0, h); // [h, seq, d]
+        let k = heads(h, hkv); // [hkv, seq, d]
+        let v = heads(h + hkv, hkv);
         let positions = start..start + seq;
         let q = rope.apply(q, positions.clone());
         let k = rope.apply(k, positions);
@@ -325,15 +337,19 @@ fn causal_mask(seq: usize, start: usize, device: &Device) -> Tensor<2, Bool> {
 
 #[derive(Debug, Clone)]
 struct Mlp {
-    ffn_gate: Linear,
-    ffn_up: Linear,
+    /// `ffn_gate` and `ffn_up` stacked: `[n_embd] → [2 n_ff]`.
+    ffn_gate_up: Linear,
     ffn_down: Linear,
+    n_ff: usize,
 }
 
 impl Mlp {
     fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let gate = silu(self.ffn_gate.forward(x.clone()));
-        self.ffn_down.forward(gate * self.ffn_up.forward(x))
+        let [seq, _] = x.dims();
+        let gate_up = self.ffn_gate_up.forward(x);
+        let gate = silu(gate_up.clone().slice([0..seq, 0..self.n_ff]));
+        let up = gate_up.slice([0..seq, self.n_ff..2 * self.n_ff]);
+        self.ffn_down.forward(gate * up)
     }
 }
 
@@ -349,20 +365,19 @@ impl Block {
     fn load(file: &ModelFile, i: usize, config: &Config, backend: Backend, device: &Device) -> Result<Self, EngineError> {
         let name = |t: &str| format!("blk.{i}.{t}.weight");
         let linear = |t: &str| Linear::load(file, &name(t), backend, device);
+        let stacked = |ts: &[&str]| Linear::load_stacked(file, &ts.iter().map(|t| name(t)).collect::<Vec<_>>(), backend, device);
         let norm = |t: &str| RmsNorm::load(file, &name(t), config.rms_eps, device);
         Ok(Self {
             attn_norm: norm("attn_norm")?,
             attn: Attention {
-                attn_q: linear("attn_q")?,
-                attn_k: linear("attn_k")?,
-                attn_v: linear("attn_v")?,
+                attn_qkv: stacked(&["attn_q", "attn_k", "attn_v"])?,
                 attn_output: linear("attn_output")?,
                 n_head: config.n_head,
                 n_head_kv: config.n_head_kv,
                 head_dim: config.head_dim,
             },
             ffn_norm: norm("ffn_norm")?,
-            mlp: Mlp { ffn_gate: linear("ffn_gate")?, ffn_up: linear("ffn_up")?, ffn_down: linear("ffn_down")? },
+            mlp: Mlp { ffn_gate_up: stacked(&["ffn_gate", "ffn_up"])?, ffn_down: linear("ffn_down")?, n_ff: config.n_ff },
         })
     }
 
@@ -387,19 +402,24 @@ pub enum Logits {
 }
 
 /// The GGUF file's bytes with its parsed table.
-pub(crate) struct ModelFile {
+pub(crate) struct ModelFile<'a> {
     pub gguf: Gguf,
-    pub bytes: ModelBytes,
+    pub bytes: &'a [u8],
 }
 
-impl ModelFile {
+impl ModelFile<'_> {
+    fn tensor_bytes(&self, t: &crate::gguf::TensorInfo) -> &[u8] {
+        // In bounds: the GGUF reader checked every tensor against the file length.
+        &self.bytes[t.offset as usize..(t.offset + t.size) as usize]
+    }
+
     fn matrix(&self, name: &str) -> Result<QMatrix, EngineError> {
         let t = self.gguf.tensor(name)?;
         let [cols, rows] = match t.dims[..] {
             [c, r] => [c as usize, r as usize],
             _ => return Err(EngineError::BadTensor(format!("{name} has shape {:?}, expected 2-D", t.dims))),
         };
-        Ok(QMatrix::new(t.ty, rows, cols, self.bytes.clone(), t.offset as usize))
+        Ok(QMatrix::from_gguf(t.ty, rows, cols, self.tensor_bytes(t)))
     }
 
     fn vector(&self, name: &str) -> Result<Vec<f32>, EngineError> {
@@ -407,8 +427,7 @@ impl ModelFile {
         if !matches!(t.ty, TensorType::F32 | TensorType::F16) {
             return Err(EngineError::BadTensor(format!("{name} is {:?}, expected F32", t.ty)));
         }
-        let all: &[u8] = (*self.bytes).as_ref();
-        Ok(crate::gguf::dequantize(t.ty, &all[t.offset as usize..(t.offset + t.size) as usize]))
+        Ok(crate::gguf::dequantize(t.ty, self.tensor_bytes(t)))
     }
 }
 
@@ -470,13 +489,13 @@ impl Llama {
         self.backend
     }
 
-    /// Bytes of weights held in host memory in their GGUF encoding.
+    /// Bytes of quantized weights held in host memory.
     pub fn quantized_weight_bytes(&self) -> usize {
         let blocks: usize = self
             .blocks
             .iter()
             .map(|b| {
-                [&b.attn.attn_q, &b.attn.attn_k, &b.attn.attn_v, &b.attn.attn_output, &b.mlp.ffn_gate, &b.mlp.ffn_up, &b.mlp.ffn_down]
+                [&b.attn.attn_qkv, &b.attn.attn_output, &b.mlp.ffn_gate_up, &b.mlp.ffn_down]
                     .iter()
                     .map(|l| l.weight.size_bytes())
                     .sum::<usize>()
@@ -502,6 +521,13 @@ impl Llama {
         mut hook: Option<&mut dyn ResidualHook>,
         logits: Logits,
     ) -> Result<Option<Tensor<2>>, EngineError> {
+        // The CPU kernels fan out over rayon's threads some 120 times per token. Called from
+        // outside the pool, each fan-out would wake a sleeping worker and wait for it; run the
+        // whole pass on a worker instead, so the fan-outs start inline.
+        #[cfg(not(target_arch = "wasm32"))]
+        if self.backend == Backend::Cpu && rayon::current_thread_index().is_none() {
+            return rayon::scope(|_| self.forward(tokens, cache, hook, logits));
+        }
         if tokens.is_empty() {
             return Err(EngineError::EmptyInput);
         }

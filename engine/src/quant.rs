@@ -19,17 +19,25 @@ use half::f16;
 
 use crate::gguf::{TensorType, dequantize};
 
-/// Shared, immutable model bytes (the whole GGUF file, memory-mapped or read).
-pub type ModelBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
-
-/// A `[rows, cols]` weight matrix stored as GGUF blocks, row-major (`cols` is contiguous).
+/// A `[rows, cols]` weight matrix in quantized blocks of 32, row-major (`cols` is contiguous).
 #[derive(Clone)]
 pub struct QMatrix {
+    /// The GGUF encoding it came from.
     pub ty: TensorType,
     pub rows: usize,
     pub cols: usize,
-    bytes: ModelBytes,
-    start: usize,
+    blocks: Arc<Blocks>,
+}
+
+/// Repacked blocks. Block `i` of row `r` is at index `r * cols / 32 + i`.
+enum Blocks {
+    /// 4-bit: `w = q · d + m` with `q` in 0..16 (Q4_1; Q4_0 becomes `m = -8 d`). `qs` holds 16
+    /// bytes per block in ggml's order: byte `j` has weight `j` low and `j + 16` high.
+    Q4 { d: Vec<f32>, m: Vec<f32>, qs: Vec<u8> },
+    /// 8-bit: `w = q · d` (Q8_0), 32 bytes per block.
+    Q8 { d: Vec<f32>, qs: Vec<i8> },
+    /// Unquantized (F32/F16 files), one row after another.
+    F32(Vec<f32>),
 }
 
 impl std::fmt::Debug for QMatrix {
@@ -38,121 +46,232 @@ impl std::fmt::Debug for QMatrix {
     }
 }
 
-/// 32 activations quantized to i8 with one scale: `x ≈ d * qs`; `sum = d * Σ qs`.
+/// 32 activations quantized to i8 with one scale: `x ≈ d * qs`.
 #[derive(Clone, Copy)]
 #[repr(C, align(32))]
 struct BlockQ8 {
     qs: [i8; 32],
-    d: f32,
-    sum: f32,
+}
+
+/// One row of activations quantized for the integer kernels.
+struct ActivationsQ8 {
+    blocks: Vec<BlockQ8>,
+    /// Per block: the scale `d`.
+    d: Vec<f32>,
+    /// Per block: `d · Σ qs`, which multiplies a 4-bit block's minimum.
+    sum: Vec<f32>,
 }
 
 const BLOCK: usize = 32;
 
 impl QMatrix {
-    /// A matrix over `bytes[start..]`; the caller (the GGUF loader) has checked the bounds.
-    pub fn new(ty: TensorType, rows: usize, cols: usize, bytes: ModelBytes, start: usize) -> Self {
-        debug_assert_eq!(cols % ty.block_len(), 0);
-        debug_assert!(start + rows * cols / ty.block_len() * ty.block_bytes() <= (*bytes).as_ref().len());
-        Self { ty, rows, cols, bytes, start }
+    /// Repacks `rows × cols` weights of type `ty` from their GGUF bytes.
+    pub fn from_gguf(ty: TensorType, rows: usize, cols: usize, bytes: &[u8]) -> Self {
+        assert_eq!(cols % ty.block_len(), 0, "row length must be whole blocks");
+        let n_blocks = rows * cols / ty.block_len();
+        assert_eq!(bytes.len(), n_blocks * ty.block_bytes(), "byte length of a {rows}x{cols} {ty:?} matrix");
+        let f16_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+        let chunks = || bytes.chunks_exact(ty.block_bytes());
+        let blocks = match ty {
+            TensorType::Q4_1 => Blocks::Q4 {
+                d: chunks().map(|b| f16_at(b, 0)).collect(),
+                m: chunks().map(|b| f16_at(b, 2)).collect(),
+                qs: chunks().flat_map(|b| b[4..20].iter().copied()).collect(),
+            },
+            TensorType::Q4_0 => Blocks::Q4 {
+                d: chunks().map(|b| f16_at(b, 0)).collect(),
+                m: chunks().map(|b| -8.0 * f16_at(b, 0)).collect(),
+                qs: chunks().flat_map(|b| b[2..18].iter().copied()).collect(),
+            },
+            TensorType::Q8_0 => Blocks::Q8 {
+                d: chunks().map(|b| f16_at(b, 0)).collect(),
+                qs: chunks().flat_map(|b| b[2..34].iter().map(|&q| q as i8)).collect(),
+            },
+            TensorType::F32 | TensorType::F16 => Blocks::F32(dequantize(ty, bytes)),
+        };
+        Self { ty, rows, cols, blocks: Arc::new(blocks) }
     }
 
-    fn row_bytes(&self) -> usize {
-        self.cols / self.ty.block_len() * self.ty.block_bytes()
+    /// Stacks matrices with the same encoding and width on top of each other, so that one
+    /// kernel launch computes several projections of the same input (Q, K and V; gate and up).
+    pub fn concat_rows(parts: &[QMatrix]) -> Option<QMatrix> {
+        let first = parts.first()?;
+        if parts.iter().any(|p| p.ty != first.ty || p.cols != first.cols) {
+            return None;
+        }
+        let blocks = match &*first.blocks {
+            Blocks::Q4 { .. } => {
+                let (mut d, mut m, mut qs) = (Vec::new(), Vec::new(), Vec::new());
+                for p in parts {
+                    let Blocks::Q4 { d: pd, m: pm, qs: pq } = &*p.blocks else { return None };
+                    d.extend_from_slice(pd);
+                    m.extend_from_slice(pm);
+                    qs.extend_from_slice(pq);
+                }
+                Blocks::Q4 { d, m, qs }
+            }
+            Blocks::Q8 { .. } => {
+                let (mut d, mut qs) = (Vec::new(), Vec::new());
+                for p in parts {
+                    let Blocks::Q8 { d: pd, qs: pq } = &*p.blocks else { return None };
+                    d.extend_from_slice(pd);
+                    qs.extend_from_slice(pq);
+                }
+                Blocks::Q8 { d, qs }
+            }
+            Blocks::F32(_) => {
+                let mut v = Vec::new();
+                for p in parts {
+                    let Blocks::F32(pv) = &*p.blocks else { return None };
+                    v.extend_from_slice(pv);
+                }
+                Blocks::F32(v)
+            }
+        };
+        let rows = parts.iter().map(|p| p.rows).sum();
+        Some(Self { ty: first.ty, rows, cols: first.cols, blocks: Arc::new(blocks) })
     }
 
-    /// The encoded bytes of the whole matrix.
-    pub fn data(&self) -> &[u8] {
-        let all: &[u8] = (*self.bytes).as_ref();
-        &all[self.start..self.start + self.rows * self.row_bytes()]
+    fn blocks_per_row(&self) -> usize {
+        self.cols / BLOCK
     }
 
-    /// The encoded bytes of one row.
-    fn row(&self, r: usize) -> &[u8] {
-        let n = self.row_bytes();
-        &self.data()[r * n..(r + 1) * n]
-    }
-
-    /// Bytes held (in the encoding).
+    /// Bytes held in memory.
     pub fn size_bytes(&self) -> usize {
-        self.rows * self.row_bytes()
+        match &*self.blocks {
+            Blocks::Q4 { d, m, qs } => 4 * (d.len() + m.len()) + qs.len(),
+            Blocks::Q8 { d, qs } => 4 * d.len() + qs.len(),
+            Blocks::F32(v) => 4 * v.len(),
+        }
     }
 
     /// The whole matrix as f32, row-major.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0.0; self.rows * self.cols];
-        self.dequantize_rows_into(0, &mut out);
+        let cols = self.cols;
+        par_chunks_mut(&mut out, cols * 64, |chunk_index, chunk| {
+            for (i, row_out) in chunk.chunks_exact_mut(cols).enumerate() {
+                self.dequantize_row_into(chunk_index * 64 + i, row_out);
+            }
+        });
         out
     }
 
     /// One row as f32 (an embedding lookup).
     pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
-        dequantize(self.ty, self.row(r))
+        let mut out = vec![0.0; self.cols];
+        self.dequantize_row_into(r, &mut out);
+        out
     }
 
-    /// Dequantizes rows `first..first + out.len() / cols` into `out`.
-    fn dequantize_rows_into(&self, first: usize, out: &mut [f32]) {
-        let cols = self.cols;
-        par_chunks_mut(out, cols * 64, |chunk_index, chunk| {
-            for (i, row_out) in chunk.chunks_exact_mut(cols).enumerate() {
-                let r = first + chunk_index * 64 + i;
-                dequantize_row_into(self.ty, self.row(r), row_out);
+    fn dequantize_row_into(&self, r: usize, out: &mut [f32]) {
+        let nb = self.blocks_per_row();
+        let first = r * nb;
+        match &*self.blocks {
+            Blocks::Q4 { d, m, qs } => {
+                for (i, out) in out.chunks_exact_mut(BLOCK).enumerate() {
+                    let b = first + i;
+                    let (lo, hi) = out.split_at_mut(16);
+                    for (j, &q) in qs[b * 16..b * 16 + 16].iter().enumerate() {
+                        lo[j] = f32::from(q & 0x0f) * d[b] + m[b];
+                        hi[j] = f32::from(q >> 4) * d[b] + m[b];
+                    }
+                }
             }
-        });
+            Blocks::Q8 { d, qs } => {
+                for (i, out) in out.chunks_exact_mut(BLOCK).enumerate() {
+                    let b = first + i;
+                    for (o, &q) in out.iter_mut().zip(&qs[b * 32..b * 32 + 32]) {
+                        *o = f32::from(q) * d[b];
+                    }
+                }
+            }
+            Blocks::F32(v) => out.copy_from_slice(&v[r * self.cols..(r + 1) * self.cols]),
+        }
     }
 
     /// `y = x · Wᵀ` for `n = x.len() / cols` activation rows: `y` is `[n, rows]`.
     pub fn matmul(&self, x: &[f32]) -> Vec<f32> {
         let n = x.len() / self.cols;
         assert_eq!(n * self.cols, x.len(), "activation length is not a multiple of {}", self.cols);
-        if n <= QUANTIZED_PATH_MAX_ROWS || !matches!(self.ty, TensorType::Q4_1 | TensorType::Q8_0 | TensorType::Q4_0) {
+        if n <= QUANTIZED_PATH_MAX_ROWS && !matches!(*self.blocks, Blocks::F32(_)) {
             return self.matmul_quantized(x, n);
         }
-        self.matmul_dequantized(x, n)
-    }
-
-    fn matmul_quantized(&self, x: &[f32], n: usize) -> Vec<f32> {
-        let mut y = vec![0.0f32; n * self.rows];
-        match self.ty {
-            TensorType::Q4_0 | TensorType::Q4_1 | TensorType::Q8_0 => {
-                let xq: Vec<Vec<BlockQ8>> = x.chunks_exact(self.cols).map(quantize_q8).collect();
-                let kernel = dot_kernel(self.ty);
-                let rows = self.rows;
-                // Threads over output rows; every thread walks all `n` activation rows so that
-                // each weight row is read from memory once.
-                let mut yt = vec![0.0f32; n * rows];
-                par_chunks_mut(&mut yt, ROWS_PER_TASK * n, |task, chunk| {
-                    for (i, out) in chunk.chunks_exact_mut(n).enumerate() {
-                        let w = self.row(task * ROWS_PER_TASK + i);
-                        for (t, xq) in xq.iter().enumerate() {
-                            out[t] = kernel(w, xq);
-                        }
-                    }
-                });
-                for r in 0..rows {
-                    for t in 0..n {
-                        y[t * rows + r] = yt[r * n + t];
-                    }
-                }
-            }
-            TensorType::F32 | TensorType::F16 => {
-                let w = self.dequantize();
-                for (xrow, yrow) in x.chunks_exact(self.cols).zip(y.chunks_exact_mut(self.rows)) {
-                    for (r, out) in yrow.iter_mut().enumerate() {
-                        *out = w[r * self.cols..(r + 1) * self.cols].iter().zip(xrow).map(|(a, b)| a * b).sum();
-                    }
-                }
-            }
-        }
-        y
-    }
-
-    fn matmul_dequantized(&self, x: &[f32], n: usize) -> Vec<f32> {
-        let w = self.dequantize();
+        let w = match &*self.blocks {
+            Blocks::F32(v) => v.clone(),
+            _ => self.dequantize(),
+        };
         let mut y = vec![0.0f32; n * self.rows];
         sgemm_xwt(n, self.cols, self.rows, x, &w, &mut y);
         y
     }
+
+    fn matmul_quantized(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let xq: Vec<ActivationsQ8> = x.chunks_exact(self.cols).map(quantize_q8).collect();
+        let kernels = kernels();
+        let nb = self.blocks_per_row();
+        let rows = self.rows;
+        // Threads over output rows; every thread walks all `n` activation rows so that each
+        // weight row is read from memory once.
+        let mut yt = vec![0.0f32; n * rows];
+        par_chunks_mut(&mut yt, ROWS_PER_TASK * n, |task, chunk| {
+            let first_row = task * ROWS_PER_TASK;
+            let task_rows = chunk.len() / n;
+            let mut i = 0;
+            while i < task_rows {
+                let group = if task_rows - i >= 4 { 4 } else { 1 };
+                let rows: [usize; 4] = std::array::from_fn(|k| first_row + i + k.min(group - 1));
+                for (t, xq) in xq.iter().enumerate() {
+                    let out: [f32; 4] = match &*self.blocks {
+                        Blocks::Q4 { d, m, qs } => {
+                            let mins = |r: usize| dot_f32(&m[r * nb..(r + 1) * nb], &xq.sum);
+                            if group == 4 {
+                                let dots = (kernels.q4x4)(rows.map(|r| &d[r * nb..(r + 1) * nb]), rows.map(|r| &qs[r * nb * 16..(r + 1) * nb * 16]), xq);
+                                std::array::from_fn(|k| dots[k] + mins(rows[k]))
+                            } else {
+                                let r = rows[0];
+                                [(kernels.q4)(&d[r * nb..(r + 1) * nb], &qs[r * nb * 16..(r + 1) * nb * 16], xq) + mins(r); 4]
+                            }
+                        }
+                        Blocks::Q8 { d, qs } => {
+                            if group == 4 {
+                                (kernels.q8x4)(rows.map(|r| &d[r * nb..(r + 1) * nb]), rows.map(|r| &qs[r * nb * 32..(r + 1) * nb * 32]), xq)
+                            } else {
+                                let r = rows[0];
+                                [(kernels.q8)(&d[r * nb..(r + 1) * nb], &qs[r * nb * 32..(r + 1) * nb * 32], xq); 4]
+                            }
+                        }
+                        Blocks::F32(_) => unreachable!("f32 matrices take the GEMM path"),
+                    };
+                    for k in 0..group {
+                        chunk[(i + k) * n + t] = out[k];
+                    }
+                }
+                i += group;
+            }
+        });
+        let mut y = vec![0.0f32; n * rows];
+        for r in 0..rows {
+            for t in 0..n {
+                y[t * rows + r] = yt[r * n + t];
+            }
+        }
+        y
+    }
+}
+
+/// `Σ a·b` with eight independent partial sums (so that it vectorizes and does not wait on
+/// one addition chain).
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ac.zip(bc) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Up to this many activation rows the integer kernels beat dequantize + GEMM.
@@ -160,119 +279,84 @@ const QUANTIZED_PATH_MAX_ROWS: usize = 4;
 /// Output rows per parallel task in the quantized kernels.
 const ROWS_PER_TASK: usize = 16;
 
-fn dequantize_row_into(ty: TensorType, bytes: &[u8], out: &mut [f32]) {
-    let f16_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
-    match ty {
-        TensorType::Q4_1 => {
-            for (block, out) in bytes.chunks_exact(20).zip(out.chunks_exact_mut(32)) {
-                let (d, m) = (f16_at(block, 0), f16_at(block, 2));
-                let (lo, hi) = out.split_at_mut(16);
-                for j in 0..16 {
-                    let q = block[4 + j];
-                    lo[j] = f32::from(q & 0x0f) * d + m;
-                    hi[j] = f32::from(q >> 4) * d + m;
-                }
-            }
+/// Quantizes one row of activations to 8-bit blocks (`d = max|x| / 127`, round to nearest).
+fn quantize_q8(x: &[f32]) -> ActivationsQ8 {
+    let nb = x.len() / BLOCK;
+    let mut out = ActivationsQ8 { blocks: Vec::with_capacity(nb), d: Vec::with_capacity(nb), sum: Vec::with_capacity(nb) };
+    for chunk in x.chunks_exact(BLOCK) {
+        let amax = chunk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut qs = [0i8; 32];
+        for (q, &v) in qs.iter_mut().zip(chunk) {
+            *q = (v * inv).round() as i8;
         }
-        TensorType::Q8_0 => {
-            for (block, out) in bytes.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
-                let d = f16_at(block, 0);
-                for j in 0..32 {
-                    out[j] = f32::from(block[2 + j] as i8) * d;
-                }
-            }
-        }
-        _ => out.copy_from_slice(&dequantize(ty, bytes)),
+        let isum: i32 = qs.iter().map(|&q| i32::from(q)).sum();
+        out.blocks.push(BlockQ8 { qs });
+        out.d.push(d);
+        out.sum.push(d * isum as f32);
     }
+    out
 }
 
-/// Quantizes one row of activations to 8-bit blocks (`d = max|x| / 127`).
-fn quantize_q8(x: &[f32]) -> Vec<BlockQ8> {
-    x.chunks_exact(BLOCK)
-        .map(|chunk| {
-            let amax = chunk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut qs = [0i8; 32];
-            let mut isum = 0i32;
-            for (q, &v) in qs.iter_mut().zip(chunk) {
-                *q = (v * inv).round() as i8;
-                isum += i32::from(*q);
-            }
-            BlockQ8 { qs, d, sum: d * isum as f32 }
-        })
-        .collect()
+/// `Σ_blocks d_w · d_x · (q_w · q_x)` over one row: `d` and `qs` are the row's weight blocks.
+type Q4Kernel = fn(&[f32], &[u8], &ActivationsQ8) -> f32;
+type Q8Kernel = fn(&[f32], &[i8], &ActivationsQ8) -> f32;
+
+/// The same for four rows at once: each activation block is loaded once for four weight
+/// rows, and the four accumulation chains run side by side.
+type Q4Kernel4 = fn([&[f32]; 4], [&[u8]; 4], &ActivationsQ8) -> [f32; 4];
+type Q8Kernel4 = fn([&[f32]; 4], [&[i8]; 4], &ActivationsQ8) -> [f32; 4];
+
+struct Kernels {
+    q4: Q4Kernel,
+    q8: Q8Kernel,
+    q4x4: Q4Kernel4,
+    q8x4: Q8Kernel4,
 }
 
-type DotKernel = fn(&[u8], &[BlockQ8]) -> f32;
-
-/// The fastest dot-product kernel this CPU supports for weights of type `ty`.
-fn dot_kernel(ty: TensorType) -> DotKernel {
+/// The fastest kernels this CPU supports.
+fn kernels() -> Kernels {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
-        {
-            return match ty {
-                // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
-                TensorType::Q4_1 => |w, x| unsafe { avx2::dot_q4_1(w, x) },
-                TensorType::Q4_0 => |w, x| unsafe { avx2::dot_q4_0(w, x) },
-                _ => |w, x| unsafe { avx2::dot_q8_0(w, x) },
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            return Kernels {
+                q4: |d, q, x| unsafe { avx2::dot_q4(d, q, x) },
+                q8: |d, q, x| unsafe { avx2::dot_q8(d, q, x) },
+                q4x4: |d, q, x| unsafe { avx2::dot_q4_x4(d, q, x) },
+                q8x4: |d, q, x| unsafe { avx2::dot_q8_x4(d, q, x) },
             };
         }
     }
-    match ty {
-        TensorType::Q4_1 => scalar::dot_q4_1,
-        TensorType::Q4_0 => scalar::dot_q4_0,
-        _ => scalar::dot_q8_0,
+    Kernels {
+        q4: scalar::dot_q4,
+        q8: scalar::dot_q8,
+        q4x4: |d, q, x| std::array::from_fn(|r| scalar::dot_q4(d[r], q[r], x)),
+        q8x4: |d, q, x| std::array::from_fn(|r| scalar::dot_q8(d[r], q[r], x)),
     }
 }
 
 mod scalar {
-    use super::{BlockQ8, f16};
+    use super::ActivationsQ8;
 
-    fn f16_at(b: &[u8], i: usize) -> f32 {
-        f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
-    }
-
-    pub fn dot_q4_1(w: &[u8], x: &[BlockQ8]) -> f32 {
+    pub fn dot_q4(d: &[f32], qs: &[u8], x: &ActivationsQ8) -> f32 {
         let mut acc = 0.0f32;
-        for (block, xb) in w.chunks_exact(20).zip(x) {
-            let (d, m) = (f16_at(block, 0), f16_at(block, 2));
-            let mut isum = 0i32;
-            for j in 0..16 {
-                let q = block[4 + j];
-                isum += i32::from(q & 0x0f) * i32::from(xb.qs[j]);
-                isum += i32::from(q >> 4) * i32::from(xb.qs[j + 16]);
-            }
-            acc += d * xb.d * isum as f32 + m * xb.sum;
+        for (i, q) in qs.chunks_exact(16).enumerate() {
+            let xq = &x.blocks[i].qs;
+            let isum: i32 = (0..16)
+                .map(|j| i32::from(q[j] & 0x0f) * i32::from(xq[j]) + i32::from(q[j] >> 4) * i32::from(xq[j + 16]))
+                .sum();
+            acc += d[i] * x.d[i] * isum as f32;
         }
         acc
     }
 
-    pub fn dot_q4_0(w: &[u8], x: &[BlockQ8]) -> f32 {
+    pub fn dot_q8(d: &[f32], qs: &[i8], x: &ActivationsQ8) -> f32 {
         let mut acc = 0.0f32;
-        for (block, xb) in w.chunks_exact(18).zip(x) {
-            let d = f16_at(block, 0);
-            let mut isum = 0i32;
-            for j in 0..16 {
-                let q = block[2 + j];
-                isum += (i32::from(q & 0x0f) - 8) * i32::from(xb.qs[j]);
-                isum += (i32::from(q >> 4) - 8) * i32::from(xb.qs[j + 16]);
-            }
-            acc += d * xb.d * isum as f32;
-        }
-        acc
-    }
-
-    pub fn dot_q8_0(w: &[u8], x: &[BlockQ8]) -> f32 {
-        let mut acc = 0.0f32;
-        for (block, xb) in w.chunks_exact(34).zip(x) {
-            let d = f16_at(block, 0);
-            let isum: i32 =
-                (0..32).map(|j| i32::from(block[2 + j] as i8) * i32::from(xb.qs[j])).sum();
-            acc += d * xb.d * isum as f32;
+        for (i, q) in qs.chunks_exact(32).enumerate() {
+            let isum: i32 = q.iter().zip(&x.blocks[i].qs).map(|(&a, &b)| i32::from(a) * i32::from(b)).sum();
+            acc += d[i] * x.d[i] * isum as f32;
         }
         acc
     }
@@ -282,24 +366,15 @@ mod scalar {
 mod avx2 {
     //! The integer dot products of ggml's `ggml_vec_dot_q4_1_q8_1` / `q8_0_q8_0`, in AVX2:
     //! `maddubs` multiplies unsigned weight bytes by signed activation bytes and adds pairs to
-    //! i16, `madd` with ones widens to i32, and one FMA per block applies both scales.
+    //! i16, `madd` with ones widens to i32, and one FMA per block applies both scales. Two
+    //! blocks per iteration go to separate accumulators so that the loop is not bound by the
+    //! latency of one FMA chain.
     use std::arch::x86_64::*;
 
-    use super::BlockQ8;
-
-    /// An f16 block scale, converted in hardware (`half`'s portable path costs more than the
-    /// block's whole dot product).
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn scale(b: &[u8], i: usize) -> f32 {
-        let bits = u16::from_le_bytes([b[i], b[i + 1]]);
-        // `set1` rather than `cvtsi32_si128`: the latter compiles to a `vpinsrw` that merges
-        // into (and so waits on) whatever register the compiler picks, often an accumulator.
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_set1_epi16(bits as i16)))
-    }
+    use super::{ActivationsQ8, BlockQ8};
 
     #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[target_feature(enable = "avx2,fma")]
     fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -308,7 +383,7 @@ mod avx2 {
 
     /// 16 bytes of nibbles → 32 bytes: low nibbles (weights 0..16), then high (16..32).
     #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[target_feature(enable = "avx2,fma")]
     fn unpack_nibbles(bytes: &[u8]) -> __m256i {
         assert!(bytes.len() >= 16);
         // SAFETY: 16 readable bytes (checked above); unaligned load.
@@ -320,22 +395,22 @@ mod avx2 {
     }
 
     #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn load32(bytes: &[u8]) -> __m256i {
+    #[target_feature(enable = "avx2,fma")]
+    fn load32(bytes: &[i8]) -> __m256i {
         assert!(bytes.len() >= 32);
         // SAFETY: 32 readable bytes (checked above); unaligned load.
         unsafe { _mm256_loadu_si256(bytes.as_ptr() as *const __m256i) }
     }
 
     #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[target_feature(enable = "avx2,fma")]
     fn activations(xb: &BlockQ8) -> __m256i {
-        // SAFETY: BlockQ8 is 32-byte aligned and `qs` is its first field (32 bytes).
+        // SAFETY: BlockQ8 is 32 bytes, 32-byte aligned.
         unsafe { _mm256_load_si256(xb.qs.as_ptr() as *const __m256i) }
     }
 
     #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[target_feature(enable = "avx2,fma")]
     fn dot_u8_i8(w: __m256i, x: __m256i) -> __m256 {
         let p16 = _mm256_maddubs_epi16(w, x);
         _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
@@ -344,56 +419,73 @@ mod avx2 {
     /// Signed × signed: `maddubs` needs an unsigned left operand, so move the weights' signs
     /// onto the activations.
     #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[target_feature(enable = "avx2,fma")]
     fn dot_i8_i8(w: __m256i, x: __m256i) -> __m256 {
         dot_u8_i8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub fn dot_q4_1(w: &[u8], x: &[BlockQ8]) -> f32 {
-        // Two blocks per iteration into separate accumulators: one FMA chain per block would
-        // otherwise bound the loop by its latency.
+    #[target_feature(enable = "avx2,fma")]
+    pub fn dot_q4(d: &[f32], qs: &[u8], x: &ActivationsQ8) -> f32 {
         let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let (mut mins0, mut mins1) = (0.0f32, 0.0f32);
-        let mut pairs = w.chunks_exact(40).zip(x.chunks_exact(2));
-        for (blocks, xs) in pairs.by_ref() {
-            let (b0, b1) = blocks.split_at(20);
-            let p0 = dot_u8_i8(unpack_nibbles(&b0[4..]), activations(&xs[0]));
-            let p1 = dot_u8_i8(unpack_nibbles(&b1[4..]), activations(&xs[1]));
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(scale(b0, 0) * xs[0].d), p0, acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(scale(b1, 0) * xs[1].d), p1, acc1);
-            mins0 += scale(b0, 2) * xs[0].sum;
-            mins1 += scale(b1, 2) * xs[1].sum;
+        let nb = d.len();
+        let mut i = 0;
+        while i + 1 < nb {
+            let p0 = dot_u8_i8(unpack_nibbles(&qs[i * 16..]), activations(&x.blocks[i]));
+            let p1 = dot_u8_i8(unpack_nibbles(&qs[(i + 1) * 16..]), activations(&x.blocks[i + 1]));
+            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d[i] * x.d[i]), p0, acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d[i + 1] * x.d[i + 1]), p1, acc1);
+            i += 2;
         }
-        let n = w.len() / 20;
-        if n % 2 == 1 {
-            let (b, xb) = (&w[(n - 1) * 20..], &x[n - 1]);
-            let p = dot_u8_i8(unpack_nibbles(&b[4..]), activations(xb));
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(scale(b, 0) * xb.d), p, acc0);
-            mins0 += scale(b, 2) * xb.sum;
+        if i < nb {
+            let p = dot_u8_i8(unpack_nibbles(&qs[i * 16..]), activations(&x.blocks[i]));
+            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d[i] * x.d[i]), p, acc0);
         }
-        hsum(_mm256_add_ps(acc0, acc1)) + mins0 + mins1
+        hsum(_mm256_add_ps(acc0, acc1))
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub fn dot_q4_0(w: &[u8], x: &[BlockQ8]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        for (block, xb) in w.chunks_exact(18).zip(x) {
-            let qw = _mm256_sub_epi8(unpack_nibbles(&block[2..]), _mm256_set1_epi8(8));
-            let p = dot_i8_i8(qw, activations(xb));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(scale(block, 0) * xb.d), p, acc);
+    #[target_feature(enable = "avx2,fma")]
+    pub fn dot_q8(d: &[f32], qs: &[i8], x: &ActivationsQ8) -> f32 {
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let nb = d.len();
+        let mut i = 0;
+        while i + 1 < nb {
+            let p0 = dot_i8_i8(load32(&qs[i * 32..]), activations(&x.blocks[i]));
+            let p1 = dot_i8_i8(load32(&qs[(i + 1) * 32..]), activations(&x.blocks[i + 1]));
+            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d[i] * x.d[i]), p0, acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d[i + 1] * x.d[i + 1]), p1, acc1);
+            i += 2;
         }
-        hsum(acc)
+        if i < nb {
+            let p = dot_i8_i8(load32(&qs[i * 32..]), activations(&x.blocks[i]));
+            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d[i] * x.d[i]), p, acc0);
+        }
+        hsum(_mm256_add_ps(acc0, acc1))
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub fn dot_q8_0(w: &[u8], x: &[BlockQ8]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        for (block, xb) in w.chunks_exact(34).zip(x) {
-            let p = dot_i8_i8(load32(&block[2..]), activations(xb));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(scale(block, 0) * xb.d), p, acc);
+    #[target_feature(enable = "avx2,fma")]
+    pub fn dot_q4_x4(d: [&[f32]; 4], qs: [&[u8]; 4], x: &ActivationsQ8) -> [f32; 4] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for i in 0..x.d.len() {
+            let a = activations(&x.blocks[i]);
+            for r in 0..4 {
+                let p = dot_u8_i8(unpack_nibbles(&qs[r][i * 16..]), a);
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d[r][i] * x.d[i]), p, acc[r]);
+            }
         }
-        hsum(acc)
+        [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub fn dot_q8_x4(d: [&[f32]; 4], qs: [&[i8]; 4], x: &ActivationsQ8) -> [f32; 4] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for i in 0..x.d.len() {
+            let a = activations(&x.blocks[i]);
+            for r in 0..4 {
+                let p = dot_i8_i8(load32(&qs[r][i * 32..]), a);
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d[r][i] * x.d[i]), p, acc[r]);
+            }
+        }
+        [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
     }
 }
 
@@ -475,6 +567,16 @@ mod tests {
         out
     }
 
+    fn encode_q8_0(w: &[f32]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for block in w.chunks_exact(32) {
+            let d = block.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0;
+            out.extend(f16::from_f32(d).to_le_bytes());
+            out.extend(block.iter().map(|v| ((v / d).round() as i8) as u8));
+        }
+        out
+    }
+
     fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
         let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
         (0..n)
@@ -487,47 +589,70 @@ mod tests {
             .collect()
     }
 
+    /// Repacking keeps every weight: it dequantizes exactly like the GGUF reader.
+    #[test]
+    fn repacked_blocks_dequantize_like_gguf() {
+        let (rows, cols) = (3, 64);
+        let w = pseudo_random(rows * cols, 2);
+        let q41 = encode_q4_1(&w);
+        let q40: Vec<u8> = q41.chunks_exact(20).flat_map(|b| [&b[..2], &b[4..]].concat()).collect();
+        for (ty, bytes) in [(TensorType::Q4_1, q41), (TensorType::Q4_0, q40), (TensorType::Q8_0, encode_q8_0(&w))] {
+            let m = QMatrix::from_gguf(ty, rows, cols, &bytes);
+            assert_eq!(m.dequantize(), dequantize(ty, &bytes), "{ty:?}");
+        }
+    }
+
     /// Both paths (integer kernels for few rows, dequantize + GEMM for many) agree with an f64
     /// product over the dequantized weights, within the activation-quantization error.
     #[test]
     fn quantized_and_dequantized_paths_match_reference() {
         let (rows, cols) = (48, 96);
-        let bytes = encode_q4_1(&pseudo_random(rows * cols, 1));
-        let m = QMatrix::new(TensorType::Q4_1, rows, cols, Arc::new(bytes), 0);
-        let w = m.dequantize();
-        for n in [1, 3, 9] {
-            let x = pseudo_random(n * cols, 7 + n as u32);
-            let y = m.matmul(&x);
-            for t in 0..n {
-                for r in 0..rows {
-                    let exact: f64 = (0..cols)
-                        .map(|c| f64::from(w[r * cols + c]) * f64::from(x[t * cols + c]))
-                        .sum();
-                    let got = f64::from(y[t * rows + r]);
-                    assert!((got - exact).abs() < 0.05, "n={n} t={t} r={r}: {got} vs {exact}");
+        let raw = pseudo_random(rows * cols, 1);
+        for (ty, bytes) in [(TensorType::Q4_1, encode_q4_1(&raw)), (TensorType::Q8_0, encode_q8_0(&raw))] {
+            let m = QMatrix::from_gguf(ty, rows, cols, &bytes);
+            let w = m.dequantize();
+            for n in [1, 3, 9] {
+                let x = pseudo_random(n * cols, 7 + n as u32);
+                let y = m.matmul(&x);
+                for t in 0..n {
+                    for r in 0..rows {
+                        let exact: f64 = (0..cols).map(|c| f64::from(w[r * cols + c]) * f64::from(x[t * cols + c])).sum();
+                        let got = f64::from(y[t * rows + r]);
+                        assert!((got - exact).abs() < 0.05, "{ty:?} n={n} t={t} r={r}: {got} vs {exact}");
+                    }
                 }
             }
         }
     }
 
     #[test]
+    fn stacked_matrices_multiply_like_their_parts() {
+        let cols = 64;
+        let a = QMatrix::from_gguf(TensorType::Q4_1, 2, cols, &encode_q4_1(&pseudo_random(2 * cols, 5)));
+        let b = QMatrix::from_gguf(TensorType::Q4_1, 3, cols, &encode_q4_1(&pseudo_random(3 * cols, 6)));
+        let ab = QMatrix::concat_rows(&[a.clone(), b.clone()]).unwrap();
+        let x = pseudo_random(cols, 9);
+        let (together, apart) = (ab.matmul(&x), [a.matmul(&x), b.matmul(&x)].concat());
+        // Equal up to summation order (rows may go through the 1- or the 4-row kernel).
+        assert!(together.iter().zip(&apart).all(|(t, a)| (t - a).abs() < 1e-4), "{together:?} vs {apart:?}");
+        let q8 = QMatrix::from_gguf(TensorType::Q8_0, 1, cols, &encode_q8_0(&pseudo_random(cols, 1)));
+        assert!(QMatrix::concat_rows(&[a, q8]).is_none());
+    }
+
+    #[test]
     fn simd_kernels_equal_scalar_kernels() {
-        let cols = 256;
+        let cols = 288; // 9 blocks: exercises the odd tail
         let x = quantize_q8(&pseudo_random(cols, 3));
-        let q41 = encode_q4_1(&pseudo_random(cols, 4));
-        let mut q80 = Vec::new();
-        for (i, block) in pseudo_random(cols, 5).chunks_exact(32).enumerate() {
-            q80.extend(f16::from_f32(0.01 * (i + 1) as f32).to_le_bytes());
-            q80.extend(block.iter().map(|v| ((v * 127.0) as i8) as u8));
-        }
-        let q40: Vec<u8> = q41.chunks_exact(20).flat_map(|b| [&b[..2], &b[4..]].concat()).collect();
-        for (ty, w, scalar) in [
-            (TensorType::Q4_1, &q41, scalar::dot_q4_1 as DotKernel),
-            (TensorType::Q8_0, &q80, scalar::dot_q8_0),
-            (TensorType::Q4_0, &q40, scalar::dot_q4_0),
-        ] {
-            let (a, b) = (dot_kernel(ty)(w, &x), scalar(w, &x));
-            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{ty:?}: {a} vs {b}");
-        }
+        let raw = pseudo_random(cols, 4);
+        let Blocks::Q4 { d, qs, .. } = &*QMatrix::from_gguf(TensorType::Q4_1, 1, cols, &encode_q4_1(&raw)).blocks else { unreachable!() };
+        let (a, b) = ((kernels().q4)(d, qs, &x), scalar::dot_q4(d, qs, &x));
+        assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "q4: {a} vs {b}");
+        let four = (kernels().q4x4)([d; 4], [qs; 4], &x);
+        assert!(four.iter().all(|&f| (f - b).abs() <= 1e-4 * b.abs().max(1.0)), "q4x4: {four:?} vs {b}");
+        let Blocks::Q8 { d, qs } = &*QMatrix::from_gguf(TensorType::Q8_0, 1, cols, &encode_q8_0(&raw)).blocks else { unreachable!() };
+        let (a, b) = ((kernels().q8)(d, qs, &x), scalar::dot_q8(d, qs, &x));
+        assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "q8: {a} vs {b}");
+        let four = (kernels().q8x4)([d; 4], [qs; 4], &x);
+        assert!(four.iter().all(|&f| (f - b).abs() <= 1e-4 * b.abs().max(1.0)), "q8x4: {four:?} vs {b}");
     }
 }

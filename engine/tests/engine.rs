@@ -192,7 +192,7 @@ fn empty_prompt_and_bad_token_ids_are_errors() {
 
 fn load_bytes(bytes: Vec<u8>) -> Result<Model, EngineError> {
     let device = Backend::Cpu.device().unwrap();
-    Model::from_bytes(std::sync::Arc::new(bytes), Backend::Cpu, &device)
+    Model::from_bytes(&bytes, Backend::Cpu, &device)
 }
 
 #[test]
