@@ -521,12 +521,21 @@ impl Llama {
         mut hook: Option<&mut dyn ResidualHook>,
         logits: Logits,
     ) -> Result<Option<Tensor<2>>, EngineError> {
-        // The CPU kernels fan out over rayon's threads some 120 times per token. Called from
-        // outside the pool, each fan-out would wake a sleeping worker and wait for it; run the
-        // whole pass on a worker instead, so the fan-outs start inline.
+        // The CPU kernels fan out over rayon's threads some 120 times per token, with serial
+        // work between them; rayon's idle workers fall asleep in those gaps and each fan-out
+        // would wait for a wake-up. So the pass runs on a pool worker while the other workers
+        // keep stealing until it ends (llama.cpp's threads spin the same way).
         #[cfg(not(target_arch = "wasm32"))]
         if self.backend == Backend::Cpu && rayon::current_thread_index().is_none() {
-            return rayon::scope(|_| self.forward(tokens, cache, hook, logits));
+            let done = std::sync::atomic::AtomicBool::new(false);
+            return rayon::scope(|scope| {
+                for _ in 1..rayon::current_num_threads() {
+                    scope.spawn(|_| steal_until(&done));
+                }
+                let out = self.forward(tokens, cache, hook, logits);
+                done.store(true, std::sync::atomic::Ordering::Release);
+                out
+            });
         }
         if tokens.is_empty() {
             return Err(EngineError::EmptyInput);
@@ -575,5 +584,15 @@ impl Llama {
     fn embed(&self, tokens: &[TokenId]) -> Tensor<2> {
         let rows: Vec<f32> = tokens.iter().flat_map(|&t| self.token_embd.dequantize_row(t as usize)).collect();
         Tensor::from_data(TensorData::new(rows, [tokens.len(), self.config.n_embd]), &self.device)
+    }
+}
+
+/// Runs pending rayon jobs on this worker, spinning between them, until `done` is set.
+#[cfg(not(target_arch = "wasm32"))]
+fn steal_until(done: &std::sync::atomic::AtomicBool) {
+    while !done.load(std::sync::atomic::Ordering::Acquire) {
+        if rayon::yield_now() != Some(rayon::Yield::Executed) {
+            std::hint::spin_loop();
+        }
     }
 }
