@@ -95,6 +95,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let loaded = Instant::now();
     let model = Model::load(&cli.model, cli.backend)?;
     let load_s = loaded.elapsed().as_secs_f64();
+    let rss_after_load = resident_mib();
     match cli.command {
         Command::Chat { prompt, system, temperature, top_k, top_p, max_tokens, seed } => {
             let mut messages = Vec::new();
@@ -128,12 +129,15 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     serde_json::json!({
                         "engine": "kindling", "backend": cli.backend.to_string(), "threads": threads,
                         "prefill_tokens": prefill, "decode_tokens": decode,
-                        "prefill_tok_s": result.0, "decode_tok_s": result.1,
-                        "load_s": load_s, "rss_mib": rss,
+                        "prefill_tok_s": result.0, "decode_tok_s": result.1, "other_cores": result.2,
+                        "load_s": load_s, "rss_after_load_mib": rss_after_load, "rss_mib": rss,
                     })
                 );
             } else {
-                println!("backend {} · {threads} threads · load {load_s:.2} s · resident {rss:.0} MiB", cli.backend);
+                println!(
+                    "backend {} · {threads} threads · load {load_s:.2} s · resident {rss_after_load:.0} MiB after load, {rss:.0} MiB after the runs",
+                    cli.backend
+                );
                 println!("prefill {prefill}: median {:.1} tok/s  {:?}", median(&result.0), result.0);
                 println!("decode {decode}: median {:.1} tok/s  {:?}", median(&result.1), result.1);
             }
@@ -144,7 +148,11 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
 
 /// Prefill: the first `prefill` tokens of the GPL-3 text (the llama.cpp benchmark's prompt);
 /// decode: `decode` greedy tokens after a short chat prompt, ignoring `<|im_end|>`.
-fn bench(model: &Model, prefill: usize, decode: usize, reps: usize) -> Result<(Vec<f64>, Vec<f64>), EngineError> {
+/// Prefill rates, decode rates, and for each timed region (prefills, then decodes) the CPU
+/// other processes used, in cores: a busy machine invalidates the comparison.
+type BenchResult = (Vec<f64>, Vec<f64>, Vec<f64>);
+
+fn bench(model: &Model, prefill: usize, decode: usize, reps: usize) -> Result<BenchResult, EngineError> {
     let text = std::fs::read_to_string("/usr/share/common-licenses/GPL-3")
         .unwrap_or_else(|_| "The quick brown fox jumps over the lazy dog. ".repeat(200));
     let mut tokens = model.tokenizer.encode(&text, false);
@@ -154,28 +162,79 @@ fn bench(model: &Model, prefill: usize, decode: usize, reps: usize) -> Result<(V
         true,
     );
     let (mut prefill_rates, mut decode_rates) = (Vec::new(), Vec::new());
+    let (mut prefill_other, mut decode_other) = (Vec::new(), Vec::new());
     for rep in 0..=reps {
         let mut cache = model.llama.new_cache();
+        let meter = Meter::start();
         let start = Instant::now();
         let logits = model.llama.forward(&tokens, &mut cache, None, Logits::Last)?;
         drop(logits.map(|l| l.into_data()));
         let prefill_s = start.elapsed().as_secs_f64();
+        let prefill_busy = meter.other_cores();
 
         let mut cache = model.llama.new_cache();
         let logits = model.llama.forward(&chat, &mut cache, None, Logits::Last)?.expect("logits");
         let mut next = argmax_of(logits)?;
+        let meter = Meter::start();
         let start = Instant::now();
         for _ in 0..decode {
             let logits = model.llama.forward(&[next], &mut cache, None, Logits::Last)?.expect("logits");
             next = argmax_of(logits)?;
         }
         let decode_s = start.elapsed().as_secs_f64();
+        let decode_busy = meter.other_cores();
         if rep > 0 {
             prefill_rates.push(round1(tokens.len() as f64 / prefill_s));
             decode_rates.push(round1(decode as f64 / decode_s));
+            prefill_other.push(prefill_busy);
+            decode_other.push(decode_busy);
         }
     }
-    Ok((prefill_rates, decode_rates))
+    prefill_other.extend(decode_other);
+    Ok((prefill_rates, decode_rates, prefill_other))
+}
+
+/// CPU time used by other processes over a region, from `/proc/stat` minus this process's
+/// own (Linux; NaN elsewhere). Clock ticks are assumed to be 100 Hz, as on every Linux build
+/// this runs on.
+struct Meter {
+    start: Instant,
+    machine_s: f64,
+    own_s: f64,
+}
+
+impl Meter {
+    fn start() -> Self {
+        Self { start: Instant::now(), machine_s: machine_busy_s(), own_s: own_cpu_s() }
+    }
+
+    fn other_cores(&self) -> f64 {
+        let wall = self.start.elapsed().as_secs_f64();
+        let other = (machine_busy_s() - self.machine_s) - (own_cpu_s() - self.own_s);
+        ((other.max(0.0) / wall) * 1000.0).round() / 1000.0
+    }
+}
+
+const CLOCK_TICKS_PER_S: f64 = 100.0;
+
+fn machine_busy_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<f64> = stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal: everything but idle and iowait.
+    let busy: f64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| fields.get(i)).sum();
+    if fields.is_empty() { f64::NAN } else { busy / CLOCK_TICKS_PER_S }
+}
+
+fn own_cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    match (field(11), field(12)) {
+        (Some(u), Some(s)) => (u + s) / CLOCK_TICKS_PER_S,
+        _ => f64::NAN,
+    }
 }
 
 fn argmax_of(logits: burn::tensor::Tensor<2>) -> Result<u32, EngineError> {

@@ -440,68 +440,56 @@ mod avx2 {
         dot_u8_i8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
     }
 
+    /// `Σ_i d[i] · x.d[i] · block(i)` with two accumulators, two blocks per iteration.
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub fn dot_q4(d: &[f32], qs: &[u8], x: &ActivationsQ8) -> f32 {
+    fn scaled_sum(d: &[f32], x: &ActivationsQ8, block: impl Fn(usize) -> __m256) -> f32 {
         let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let nb = d.len();
         let mut i = 0;
         while i + 1 < nb {
-            let p0 = dot_u8_i8(unpack_nibbles(&qs[i * 16..]), activations(&x.blocks[i]));
-            let p1 = dot_u8_i8(unpack_nibbles(&qs[(i + 1) * 16..]), activations(&x.blocks[i + 1]));
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d[i] * x.d[i]), p0, acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d[i + 1] * x.d[i + 1]), p1, acc1);
+            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d[i] * x.d[i]), block(i), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d[i + 1] * x.d[i + 1]), block(i + 1), acc1);
             i += 2;
         }
         if i < nb {
-            let p = dot_u8_i8(unpack_nibbles(&qs[i * 16..]), activations(&x.blocks[i]));
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d[i] * x.d[i]), p, acc0);
+            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d[i] * x.d[i]), block(i), acc0);
         }
         hsum(_mm256_add_ps(acc0, acc1))
+    }
+
+    /// The same for four rows, one accumulator each, sharing each activation load.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn scaled_sum_x4(d: [&[f32]; 4], x: &ActivationsQ8, block: impl Fn(usize, usize, __m256i) -> __m256) -> [f32; 4] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for i in 0..x.d.len() {
+            let a = activations(&x.blocks[i]);
+            for r in 0..4 {
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d[r][i] * x.d[i]), block(r, i, a), acc[r]);
+            }
+        }
+        [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub fn dot_q4(d: &[f32], qs: &[u8], x: &ActivationsQ8) -> f32 {
+        scaled_sum(d, x, |i| dot_u8_i8(unpack_nibbles(&qs[i * 16..]), activations(&x.blocks[i])))
     }
 
     #[target_feature(enable = "avx2,fma")]
     pub fn dot_q8(d: &[f32], qs: &[i8], x: &ActivationsQ8) -> f32 {
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let nb = d.len();
-        let mut i = 0;
-        while i + 1 < nb {
-            let p0 = dot_i8_i8(load32(&qs[i * 32..]), activations(&x.blocks[i]));
-            let p1 = dot_i8_i8(load32(&qs[(i + 1) * 32..]), activations(&x.blocks[i + 1]));
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d[i] * x.d[i]), p0, acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d[i + 1] * x.d[i + 1]), p1, acc1);
-            i += 2;
-        }
-        if i < nb {
-            let p = dot_i8_i8(load32(&qs[i * 32..]), activations(&x.blocks[i]));
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d[i] * x.d[i]), p, acc0);
-        }
-        hsum(_mm256_add_ps(acc0, acc1))
+        scaled_sum(d, x, |i| dot_i8_i8(load32(&qs[i * 32..]), activations(&x.blocks[i])))
     }
 
     #[target_feature(enable = "avx2,fma")]
     pub fn dot_q4_x4(d: [&[f32]; 4], qs: [&[u8]; 4], x: &ActivationsQ8) -> [f32; 4] {
-        let mut acc = [_mm256_setzero_ps(); 4];
-        for i in 0..x.d.len() {
-            let a = activations(&x.blocks[i]);
-            for r in 0..4 {
-                let p = dot_u8_i8(unpack_nibbles(&qs[r][i * 16..]), a);
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d[r][i] * x.d[i]), p, acc[r]);
-            }
-        }
-        [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
+        scaled_sum_x4(d, x, |r, i, a| dot_u8_i8(unpack_nibbles(&qs[r][i * 16..]), a))
     }
 
     #[target_feature(enable = "avx2,fma")]
     pub fn dot_q8_x4(d: [&[f32]; 4], qs: [&[i8]; 4], x: &ActivationsQ8) -> [f32; 4] {
-        let mut acc = [_mm256_setzero_ps(); 4];
-        for i in 0..x.d.len() {
-            let a = activations(&x.blocks[i]);
-            for r in 0..4 {
-                let p = dot_i8_i8(load32(&qs[r][i * 32..]), a);
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d[r][i] * x.d[i]), p, acc[r]);
-            }
-        }
-        [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
+        scaled_sum_x4(d, x, |r, i, a| dot_i8_i8(load32(&qs[r][i * 32..]), a))
     }
 }
 
@@ -536,24 +524,23 @@ mod avx512 {
         w.zip(x).map(|(a, &b)| a * i32::from(b)).sum()
     }
 
+    /// `Σ_i scale_i · pair(r, i, activations)` over pairs of blocks for four rows, then the
+    /// odd tail block (if any) through `tail(r, i)`, which returns its integer dot product.
+    #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub fn dot_q4_x4(d: [&[f32]; 4], qs: [&[u8]; 4], x: &ActivationsQ8) -> [f32; 4] {
+    fn scaled_sum_x4(
+        d: [&[f32]; 4],
+        x: &ActivationsQ8,
+        pair: impl Fn(usize, usize, __m512i) -> __m512i,
+        tail: impl Fn(usize, usize) -> i32,
+    ) -> [f32; 4] {
         let nb = x.d.len();
-        let mask = _mm256_set1_epi8(0x0f);
         let mut acc = [_mm512_setzero_ps(); 4];
         let mut i = 0;
         while i + 2 <= nb {
             let a = activations2(x, i);
             for r in 0..4 {
-                let bytes = &qs[r][i * 16..i * 16 + 32];
-                // SAFETY: 32 readable bytes.
-                let q = unsafe { _mm256_loadu_si256(bytes.as_ptr() as *const __m256i) };
-                let lo = _mm256_and_si256(q, mask); // low nibbles of blocks i, i+1
-                let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask); // high nibbles
-                let w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-                // [lo_i, lo_i+1, hi_i, hi_i+1] → [lo_i, hi_i, lo_i+1, hi_i+1], the activations' order.
-                let w = _mm512_shuffle_i64x2(w, w, 0b11_01_10_00);
-                let p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, a));
+                let p = _mm512_cvtepi32_ps(pair(r, i, a));
                 acc[r] = _mm512_fmadd_ps(p, scales2(d[r][i] * x.d[i], d[r][i + 1] * x.d[i + 1]), acc[r]);
             }
             i += 2;
@@ -562,43 +549,51 @@ mod avx512 {
         for r in 0..4 {
             out[r] = _mm512_reduce_add_ps(acc[r]);
             if i < nb {
-                let q = &qs[r][i * 16..i * 16 + 16];
-                let w = q.iter().map(|&b| i32::from(b & 0x0f)).chain(q.iter().map(|&b| i32::from(b >> 4)));
-                out[r] += d[r][i] * x.d[i] * tail_dot(w, &x.blocks[i].qs) as f32;
+                out[r] += d[r][i] * x.d[i] * tail(r, i) as f32;
             }
         }
         out
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub fn dot_q4_x4(d: [&[f32]; 4], qs: [&[u8]; 4], x: &ActivationsQ8) -> [f32; 4] {
+        let mask = _mm256_set1_epi8(0x0f);
+        let pair = |r: usize, i: usize, a: __m512i| {
+            let bytes = &qs[r][i * 16..i * 16 + 32];
+            // SAFETY: 32 readable bytes.
+            let q = unsafe { _mm256_loadu_si256(bytes.as_ptr() as *const __m256i) };
+            let lo = _mm256_and_si256(q, mask); // low nibbles of blocks i, i+1
+            let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask); // high nibbles
+            let w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+            // [lo_i, lo_i+1, hi_i, hi_i+1] → [lo_i, hi_i, lo_i+1, hi_i+1], the activations' order.
+            let w = _mm512_shuffle_i64x2(w, w, 0b11_01_10_00);
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, a)
+        };
+        let tail = |r: usize, i: usize| {
+            let q = &qs[r][i * 16..i * 16 + 16];
+            let w = q.iter().map(|&b| i32::from(b & 0x0f)).chain(q.iter().map(|&b| i32::from(b >> 4)));
+            tail_dot(w, &x.blocks[i].qs)
+        };
+        scaled_sum_x4(d, x, pair, tail)
     }
 
     /// Q8 weights are signed but `vpdpbusd` wants unsigned ones: it multiplies `q + 128`
     /// instead, and the caller subtracts `128 · Σ d_w · sum_x` (see `matmul_quantized`).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     pub fn dot_q8_x4(d: [&[f32]; 4], qs: [&[i8]; 4], x: &ActivationsQ8) -> [f32; 4] {
-        let nb = x.d.len();
         let flip = _mm512_set1_epi8(-128);
-        let mut acc = [_mm512_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 2 <= nb {
-            let a = activations2(x, i);
-            for r in 0..4 {
-                let bytes = &qs[r][i * 32..i * 32 + 64];
-                // SAFETY: 64 readable bytes.
-                let w = unsafe { _mm512_loadu_si512(bytes.as_ptr() as *const __m512i) };
-                let w = _mm512_xor_si512(w, flip); // q + 128 as an unsigned byte
-                let p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, a));
-                acc[r] = _mm512_fmadd_ps(p, scales2(d[r][i] * x.d[i], d[r][i + 1] * x.d[i + 1]), acc[r]);
-            }
-            i += 2;
-        }
-        let mut out = [0.0f32; 4];
-        for r in 0..4 {
-            out[r] = _mm512_reduce_add_ps(acc[r]);
-            if i < nb {
-                let w = qs[r][i * 32..i * 32 + 32].iter().map(|&q| i32::from(q) + 128);
-                out[r] += d[r][i] * x.d[i] * tail_dot(w, &x.blocks[i].qs) as f32;
-            }
-        }
-        out
+        let pair = |r: usize, i: usize, a: __m512i| {
+            let bytes = &qs[r][i * 32..i * 32 + 64];
+            // SAFETY: 64 readable bytes.
+            let w = unsafe { _mm512_loadu_si512(bytes.as_ptr() as *const __m512i) };
+            let w = _mm512_xor_si512(w, flip); // q + 128 as an unsigned byte
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, a)
+        };
+        let tail = |r: usize, i: usize| {
+            let w = qs[r][i * 32..i * 32 + 32].iter().map(|&q| i32::from(q) + 128);
+            tail_dot(w, &x.blocks[i].qs)
+        };
+        scaled_sum_x4(d, x, pair, tail)
     }
 }
 
