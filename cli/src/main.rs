@@ -53,6 +53,12 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Count the SmolLM2 tokens of each FILE (or of stdin), one line per input:
+    /// `<tokens>\t<characters>\t<name>`. Control-token text is counted as plain text.
+    Tokens {
+        /// Text files to count (none: stdin).
+        files: Vec<PathBuf>,
+    },
     /// Measure prefill and decode speed (tokens/s) on the same workload as scripts/bench.sh.
     Bench {
         /// Prompt length for the prefill measurement.
@@ -92,6 +98,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         )
         .into());
     }
+    if let Command::Tokens { files } = &cli.command {
+        return count_tokens(&cli.model, files);
+    }
     let loaded = Instant::now();
     let model = Model::load(&cli.model, cli.backend)?;
     let load_s = loaded.elapsed().as_secs_f64();
@@ -119,6 +128,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             }
             writeln!(out)?;
         }
+        Command::Tokens { .. } => unreachable!("handled before loading the model"),
         Command::Bench { prefill, decode, reps, json } => {
             let threads = rayon::current_num_threads();
             let result = bench(&model, prefill, decode, reps)?;
@@ -142,6 +152,26 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 println!("decode {decode}: median {:.1} tok/s  {:?}", median(&result.1), result.1);
             }
         }
+    }
+    Ok(())
+}
+
+/// Counts tokens with the tokenizer alone (no network weights are loaded).
+fn count_tokens(model: &std::path::Path, files: &[PathBuf]) -> Result<(), Box<dyn std::error::Error>> {
+    let bytes = std::fs::read(model)?;
+    let gguf = kindling_engine::gguf::Gguf::parse(&bytes)?;
+    let tokenizer = kindling_engine::Tokenizer::from_gguf(&gguf)?;
+    let mut out = std::io::stdout().lock();
+    let mut count = |name: &str, text: &str| -> std::io::Result<()> {
+        writeln!(out, "{}\t{}\t{name}", tokenizer.encode(text, false).len(), text.chars().count())
+    };
+    if files.is_empty() {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)?;
+        count("-", &text)?;
+    }
+    for file in files {
+        count(&file.display().to_string(), &std::fs::read_to_string(file)?)?;
     }
     Ok(())
 }

@@ -56,3 +56,18 @@ fn missing_model_and_bad_backend_are_clear_errors() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown backend"));
 }
+
+#[test]
+fn tokens_counts_with_the_model_tokenizer() {
+    use std::io::Write;
+    let mut child = kindling()
+        .args(["tokens"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // tests/fixtures: "Hello, how are you doing today?" is 8 tokens, 31 characters.
+    child.stdin.take().unwrap().write_all(b"Hello, how are you doing today?").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "8\t31\t-\n");
+}
