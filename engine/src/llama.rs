@@ -291,14 +291,12 @@ impl Attention {
     fn forward(&self, x: Tensor<2>, layer: usize, start: usize, rope: &Rope, cache: &mut KvCache) -> Tensor<2> {
         let [seq, _] = x.dims();
         let (h, hkv, d) = (self.n_head, self.n_head_kv, self.head_dim);
-        let qkv = self.attn_qkv.forward(x); // [seq, (h + 2 hkv) d]
-        let heads = |from: usize, n: usize| qkv.clone().slice([0..seq, from * d..(from + n) * d]).reshape([seq, n, d]).swap_dims(0, 1);
-        let q = heads(0, h); // [h, seq, d]
-        let k = heads(h, hkv); // [hkv, seq, d]
-        let v = heads(h + hkv, hkv);
-        let positions = start..start + seq;
-        let q = rope.apply(q, positions.clone());
-        let k = rope.apply(k, positions);
+        let qkv = self.attn_qkv.forward(x).reshape([seq, h + 2 * hkv, d]).swap_dims(0, 1); // [h + 2 hkv, seq, d]
+        // Rotate the query and key heads in one go (they sit next to each other).
+        let qk = rope.apply(qkv.clone().slice([0..h + hkv]), start..start + seq);
+        let q = qk.clone().slice([0..h]); // [h, seq, d]
+        let k = qk.slice([h..h + hkv]); // [hkv, seq, d]
+        let v = qkv.slice([h + hkv..h + 2 * hkv]);
         let (k, v) = cache.update(layer, start, k, v); // [hkv, total, d]
         let total = start + seq;
 

@@ -209,7 +209,6 @@ impl QMatrix {
     fn matmul_quantized(&self, x: &[f32], n: usize) -> Vec<f32> {
         let xq: Vec<ActivationsQ8> = x.chunks_exact(self.cols).map(quantize_q8).collect();
         let kernels = kernels();
-        let q8_offset = q8x4_is_offset();
         let nb = self.blocks_per_row();
         let rows = self.rows;
         // Threads over output rows; every thread walks all `n` activation rows so that each
@@ -227,8 +226,12 @@ impl QMatrix {
                         Blocks::Q4 { d, m, qs } => {
                             let mins = |r: usize| dot_f32(&m[r * nb..(r + 1) * nb], &xq.sum);
                             if group == 4 {
-                                let dots = (kernels.q4x4)(rows.map(|r| &d[r * nb..(r + 1) * nb]), rows.map(|r| &qs[r * nb * 16..(r + 1) * nb * 16]), xq);
-                                std::array::from_fn(|k| dots[k] + mins(rows[k]))
+                                (kernels.q4x4)(
+                                    rows.map(|r| &d[r * nb..(r + 1) * nb]),
+                                    rows.map(|r| &m[r * nb..(r + 1) * nb]),
+                                    rows.map(|r| &qs[r * nb * 16..(r + 1) * nb * 16]),
+                                    xq,
+                                )
                             } else {
                                 let r = rows[0];
                                 [(kernels.q4)(&d[r * nb..(r + 1) * nb], &qs[r * nb * 16..(r + 1) * nb * 16], xq) + mins(r); 4]
@@ -236,12 +239,7 @@ impl QMatrix {
                         }
                         Blocks::Q8 { d, qs } => {
                             if group == 4 {
-                                let dots = (kernels.q8x4)(rows.map(|r| &d[r * nb..(r + 1) * nb]), rows.map(|r| &qs[r * nb * 32..(r + 1) * nb * 32]), xq);
-                                if q8_offset {
-                                    std::array::from_fn(|k| dots[k] - 128.0 * dot_f32(&d[rows[k] * nb..(rows[k] + 1) * nb], &xq.sum))
-                                } else {
-                                    dots
-                                }
+                                (kernels.q8x4)(rows.map(|r| &d[r * nb..(r + 1) * nb]), rows.map(|r| &qs[r * nb * 32..(r + 1) * nb * 32]), xq)
                             } else {
                                 let r = rows[0];
                                 [(kernels.q8)(&d[r * nb..(r + 1) * nb], &qs[r * nb * 32..(r + 1) * nb * 32], xq); 4]
@@ -309,9 +307,10 @@ fn quantize_q8(x: &[f32]) -> ActivationsQ8 {
 type Q4Kernel = fn(&[f32], &[u8], &ActivationsQ8) -> f32;
 type Q8Kernel = fn(&[f32], &[i8], &ActivationsQ8) -> f32;
 
-/// The same for four rows at once: each activation block is loaded once for four weight
-/// rows, and the four accumulation chains run side by side.
-type Q4Kernel4 = fn([&[f32]; 4], [&[u8]; 4], &ActivationsQ8) -> [f32; 4];
+/// Whole dot products of four rows at once (minimums included: `d`, `m`, `qs` per row): each
+/// activation block is loaded once for four weight rows, and the four accumulation chains run
+/// side by side.
+type Q4Kernel4 = fn([&[f32]; 4], [&[f32]; 4], [&[u8]; 4], &ActivationsQ8) -> [f32; 4];
 type Q8Kernel4 = fn([&[f32]; 4], [&[i8]; 4], &ActivationsQ8) -> [f32; 4];
 
 struct Kernels {
@@ -331,7 +330,7 @@ fn kernels() -> Kernels {
             return Kernels {
                 q4: |d, q, x| unsafe { avx2::dot_q4(d, q, x) },
                 q8: |d, q, x| unsafe { avx2::dot_q8(d, q, x) },
-                q4x4: |d, q, x| unsafe { avx512::dot_q4_x4(d, q, x) },
+                q4x4: |d, m, q, x| unsafe { avx512::dot_q4_x4(d, m, q, x) },
                 q8x4: |d, q, x| unsafe { avx512::dot_q8_x4(d, q, x) },
             };
         }
@@ -340,7 +339,10 @@ fn kernels() -> Kernels {
             return Kernels {
                 q4: |d, q, x| unsafe { avx2::dot_q4(d, q, x) },
                 q8: |d, q, x| unsafe { avx2::dot_q8(d, q, x) },
-                q4x4: |d, q, x| unsafe { avx2::dot_q4_x4(d, q, x) },
+                q4x4: |d, m, q, x| {
+                    let dots = unsafe { avx2::dot_q4_x4(d, q, x) };
+                    std::array::from_fn(|r| dots[r] + dot_f32(m[r], &x.sum))
+                },
                 q8x4: |d, q, x| unsafe { avx2::dot_q8_x4(d, q, x) },
             };
         }
@@ -348,7 +350,7 @@ fn kernels() -> Kernels {
     Kernels {
         q4: scalar::dot_q4,
         q8: scalar::dot_q8,
-        q4x4: |d, q, x| std::array::from_fn(|r| scalar::dot_q4(d[r], q[r], x)),
+        q4x4: |d, m, q, x| std::array::from_fn(|r| scalar::dot_q4(d[r], q[r], x) + dot_f32(m[r], &x.sum)),
         q8x4: |d, q, x| std::array::from_fn(|r| scalar::dot_q8(d[r], q[r], x)),
     }
 }
@@ -524,24 +526,30 @@ mod avx512 {
         w.zip(x).map(|(a, &b)| a * i32::from(b)).sum()
     }
 
-    /// `Σ_i scale_i · pair(r, i, activations)` over pairs of blocks for four rows, then the
-    /// odd tail block (if any) through `tail(r, i)`, which returns its integer dot product.
+    /// `Σ_i d_i · x.d_i · pair(r, i, activations) + offset_scale · offsets_i · x.sum_i` over
+    /// pairs of blocks for four rows, then the odd tail block (if any) through `tail(r, i)`,
+    /// which returns its integer dot product. The offset term carries Q4_1's block minimums
+    /// (`offsets = m`, scale 1) or undoes the `+128` of unsigned Q8 weights (`offsets = d`,
+    /// scale −128); its four scalar chains overlap with the vector work.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     fn scaled_sum_x4(
         d: [&[f32]; 4],
+        (offsets, offset_scale): ([&[f32]; 4], f32),
         x: &ActivationsQ8,
         pair: impl Fn(usize, usize, __m512i) -> __m512i,
         tail: impl Fn(usize, usize) -> i32,
     ) -> [f32; 4] {
         let nb = x.d.len();
         let mut acc = [_mm512_setzero_ps(); 4];
+        let mut off = [0.0f32; 4];
         let mut i = 0;
         while i + 2 <= nb {
             let a = activations2(x, i);
             for r in 0..4 {
                 let p = _mm512_cvtepi32_ps(pair(r, i, a));
                 acc[r] = _mm512_fmadd_ps(p, scales2(d[r][i] * x.d[i], d[r][i + 1] * x.d[i + 1]), acc[r]);
+                off[r] += offsets[r][i] * x.sum[i] + offsets[r][i + 1] * x.sum[i + 1];
             }
             i += 2;
         }
@@ -550,13 +558,15 @@ mod avx512 {
             out[r] = _mm512_reduce_add_ps(acc[r]);
             if i < nb {
                 out[r] += d[r][i] * x.d[i] * tail(r, i) as f32;
+                off[r] += offsets[r][i] * x.sum[i];
             }
+            out[r] += offset_scale * off[r];
         }
         out
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub fn dot_q4_x4(d: [&[f32]; 4], qs: [&[u8]; 4], x: &ActivationsQ8) -> [f32; 4] {
+    pub fn dot_q4_x4(d: [&[f32]; 4], m: [&[f32]; 4], qs: [&[u8]; 4], x: &ActivationsQ8) -> [f32; 4] {
         let mask = _mm256_set1_epi8(0x0f);
         let pair = |r: usize, i: usize, a: __m512i| {
             let bytes = &qs[r][i * 16..i * 16 + 32];
@@ -574,11 +584,11 @@ mod avx512 {
             let w = q.iter().map(|&b| i32::from(b & 0x0f)).chain(q.iter().map(|&b| i32::from(b >> 4)));
             tail_dot(w, &x.blocks[i].qs)
         };
-        scaled_sum_x4(d, x, pair, tail)
+        scaled_sum_x4(d, (m, 1.0), x, pair, tail)
     }
 
     /// Q8 weights are signed but `vpdpbusd` wants unsigned ones: it multiplies `q + 128`
-    /// instead, and the caller subtracts `128 · Σ d_w · sum_x` (see `matmul_quantized`).
+    /// instead and subtracts `128 · Σ d_w · sum_x` afterwards.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     pub fn dot_q8_x4(d: [&[f32]; 4], qs: [&[i8]; 4], x: &ActivationsQ8) -> [f32; 4] {
         let flip = _mm512_set1_epi8(-128);
@@ -593,20 +603,8 @@ mod avx512 {
             let w = qs[r][i * 32..i * 32 + 32].iter().map(|&q| i32::from(q) + 128);
             tail_dot(w, &x.blocks[i].qs)
         };
-        scaled_sum_x4(d, x, pair, tail)
+        scaled_sum_x4(d, (d, -128.0), x, pair, tail)
     }
-}
-
-/// Whether the 4-row Q8 kernel in use computes `Σ (q + 128) x` (AVX-512 VNNI) and needs the
-/// `-128 Σ d sum_x` correction.
-fn q8x4_is_offset() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::is_x86_feature_detected as has;
-        return has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni");
-    }
-    #[allow(unreachable_code)]
-    false
 }
 
 /// `y[n, rows] = x[n, k] · w[rows, k]ᵀ` in f32 with the `gemm` crate (the GEMM burn-flex uses).
@@ -764,18 +762,16 @@ mod tests {
         let cols = 288; // 9 blocks: exercises the odd tail
         let x = quantize_q8(&pseudo_random(cols, 3));
         let raw = pseudo_random(cols, 4);
-        let Blocks::Q4 { d, qs, .. } = &*QMatrix::from_gguf(TensorType::Q4_1, 1, cols, &encode_q4_1(&raw)).blocks else { unreachable!() };
+        let Blocks::Q4 { d, m, qs } = &*QMatrix::from_gguf(TensorType::Q4_1, 1, cols, &encode_q4_1(&raw)).blocks else { unreachable!() };
         let (a, b) = ((kernels().q4)(d, qs, &x), scalar::dot_q4(d, qs, &x));
         assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "q4: {a} vs {b}");
-        let four = (kernels().q4x4)([d; 4], [qs; 4], &x);
-        assert!(four.iter().all(|&f| (f - b).abs() <= 1e-4 * b.abs().max(1.0)), "q4x4: {four:?} vs {b}");
+        let whole = b + dot_f32(m, &x.sum);
+        let four = (kernels().q4x4)([d; 4], [m; 4], [qs; 4], &x);
+        assert!(four.iter().all(|&f| (f - whole).abs() <= 1e-4 * whole.abs().max(1.0)), "q4x4: {four:?} vs {whole}");
         let Blocks::Q8 { d, qs } = &*QMatrix::from_gguf(TensorType::Q8_0, 1, cols, &encode_q8_0(&raw)).blocks else { unreachable!() };
         let (a, b) = ((kernels().q8)(d, qs, &x), scalar::dot_q8(d, qs, &x));
         assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "q8: {a} vs {b}");
-        let mut four = (kernels().q8x4)([d; 4], [qs; 4], &x);
-        if q8x4_is_offset() {
-            four = four.map(|f| f - 128.0 * dot_f32(d, &x.sum));
-        }
+        let four = (kernels().q8x4)([d; 4], [qs; 4], &x);
         assert!(four.iter().all(|&f| (f - b).abs() <= 1e-4 * b.abs().max(1.0)), "q8x4: {four:?} vs {b}");
     }
 }
