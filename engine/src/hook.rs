@@ -22,55 +22,74 @@ pub trait ResidualHook: Send {
     fn after_block(&mut self, layer: usize, positions: Range<usize>, residual: Tensor<2>) -> Tensor<2>;
 }
 
-/// Records the residual stream after one block, for every position it passes.
+/// Records the residual stream after one or more blocks, for every position it passes
+/// (several layers in one pass: harvesting candidate SAE layers costs one forward pass).
 #[derive(Debug, Default)]
 pub struct CaptureResidual {
-    layer: usize,
-    rows: Vec<f32>,
+    /// Per captured layer, in ascending order: the rows captured so far.
+    layers: std::collections::BTreeMap<usize, Vec<f32>>,
     width: usize,
 }
 
 impl CaptureResidual {
     /// Captures after block `layer`.
     pub fn new(layer: usize) -> Self {
-        Self { layer, rows: Vec::new(), width: 0 }
+        Self::layers(&[layer])
     }
 
-    /// The captured rows, one per position in order, each `n_embd` wide.
+    /// Captures after each of `layers`.
+    pub fn layers(layers: &[usize]) -> Self {
+        Self { layers: layers.iter().map(|&l| (l, Vec::new())).collect(), width: 0 }
+    }
+
+    fn first(&self) -> &[f32] {
+        self.layers.values().next().map_or(&[], Vec::as_slice)
+    }
+
+    /// The rows captured at the first (lowest) layer, one per position in order, each
+    /// `n_embd` wide.
     pub fn rows(&self) -> impl Iterator<Item = &[f32]> {
-        self.rows.chunks_exact(self.width.max(1))
+        self.first().chunks_exact(self.width.max(1))
     }
 
     /// Number of positions captured.
     pub fn len(&self) -> usize {
-        if self.width == 0 { 0 } else { self.rows.len() / self.width }
+        if self.width == 0 { 0 } else { self.first().len() / self.width }
     }
 
     /// Whether nothing was captured.
     pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
+        self.first().is_empty()
     }
 
-    /// Takes the captured values (row-major `[positions, n_embd]`).
+    /// Takes the values captured at the first layer (row-major `[positions, n_embd]`).
     pub fn take(&mut self) -> Vec<f32> {
-        std::mem::take(&mut self.rows)
+        let first = self.layers.keys().next().copied();
+        first.map_or_else(Vec::new, |l| self.take_layer(l))
+    }
+
+    /// Takes the values captured after block `layer` (empty if it is not captured).
+    pub fn take_layer(&mut self, layer: usize) -> Vec<f32> {
+        self.layers.get_mut(&layer).map(std::mem::take).unwrap_or_default()
     }
 }
 
 impl ResidualHook for CaptureResidual {
     fn wants(&self, layer: usize) -> bool {
-        layer == self.layer
+        self.layers.contains_key(&layer)
     }
 
     fn last_layer(&self) -> Option<usize> {
-        Some(self.layer)
+        self.layers.keys().next_back().copied()
     }
 
-    fn after_block(&mut self, _layer: usize, _positions: Range<usize>, residual: Tensor<2>) -> Tensor<2> {
+    fn after_block(&mut self, layer: usize, _positions: Range<usize>, residual: Tensor<2>) -> Tensor<2> {
         let [_, width] = residual.dims();
         self.width = width;
         let data = residual.to_data();
-        self.rows.extend_from_slice(data.as_slice::<f32>().expect("f32 residual"));
+        if let Some(rows) = self.layers.get_mut(&layer) {
+            rows.extend_from_slice(data.as_slice::<f32>().expect("f32 residual"));
+        }
         residual
     }
 }

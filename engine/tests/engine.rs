@@ -61,6 +61,21 @@ fn early_stop_capture_matches_the_full_forward() {
 }
 
 #[test]
+fn one_pass_captures_several_layers() {
+    let model = model(Backend::Cpu);
+    let tokens = ids(&prompt("C")["ids"]);
+    let mut both = CaptureResidual::layers(&[12, 18]);
+    let mut cache = model.llama.new_cache();
+    model.llama.forward(&tokens, &mut cache, Some(&mut both), Logits::None).unwrap();
+    for layer in [12, 18] {
+        let mut one = CaptureResidual::new(layer);
+        let mut cache = model.llama.new_cache();
+        model.llama.forward(&tokens, &mut cache, Some(&mut one), Logits::None).unwrap();
+        assert_eq!(both.take_layer(layer), one.take(), "layer {layer}");
+    }
+}
+
+#[test]
 fn residual_norm_shows_the_position_zero_outlier() {
     // machine-facts §A.7: at layer 15, position 0 has norm ≈ 25,000 against ≈ 150–250 elsewhere.
     let model = model(Backend::Cpu);
