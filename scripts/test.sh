@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test: the engine on the real model (CPU and wgpu via Mesa lavapipe), the CLI,
-# and a wasm32 build of the engine with both backends.
+# the corpus builder's text cleaning, and a wasm32 build of the engine with both backends.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -11,6 +11,9 @@ echo "== cargo test (release: burn is unusably slow unoptimised)"
 # Tests share one model load per binary; two threads keep wgpu's lavapipe and the CPU
 # backend from fighting over the machine's cores.
 cargo test --release --workspace -- --test-threads=2
+
+echo "== corpus builder unit tests"
+(cd tools/corpus && python3 -m unittest -q test_build_corpus)
 
 echo "== wasm32 build of the engine (cpu + wgpu)"
 RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+simd128" \
