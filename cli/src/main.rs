@@ -73,6 +73,9 @@ enum Command {
         /// Print one JSON line instead of a summary.
         #[arg(long)]
         json: bool,
+        /// Decode this many sequences together (aggregate tok/s; 1 = single stream).
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
     },
 }
 
@@ -129,9 +132,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             writeln!(out)?;
         }
         Command::Tokens { .. } => unreachable!("handled before loading the model"),
-        Command::Bench { prefill, decode, reps, json } => {
+        Command::Bench { prefill, decode, reps, json, batch } => {
             let threads = rayon::current_num_threads();
-            let result = bench(&model, prefill, decode, reps)?;
+            let result = bench(&model, prefill, decode, reps, batch.max(1))?;
             let rss = resident_mib();
             if json {
                 println!(
@@ -140,7 +143,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                         "engine": "kindling", "backend": cli.backend.to_string(), "threads": threads,
                         "prefill_tokens": prefill, "decode_tokens": decode,
                         "prefill_tok_s": result.0, "decode_tok_s": result.1, "other_cores": result.2,
-                        "load_s": load_s, "rss_after_load_mib": rss_after_load, "rss_mib": rss,
+                        "batch": batch, "load_s": load_s, "rss_after_load_mib": rss_after_load, "rss_mib": rss,
                     })
                 );
             } else {
@@ -182,7 +185,7 @@ fn count_tokens(model: &std::path::Path, files: &[PathBuf]) -> Result<(), Box<dy
 /// other processes used, in cores: a busy machine invalidates the comparison.
 type BenchResult = (Vec<f64>, Vec<f64>, Vec<f64>);
 
-fn bench(model: &Model, prefill: usize, decode: usize, reps: usize) -> Result<BenchResult, EngineError> {
+fn bench(model: &Model, prefill: usize, decode: usize, reps: usize, batch: usize) -> Result<BenchResult, EngineError> {
     let text = std::fs::read_to_string("/usr/share/common-licenses/GPL-3")
         .unwrap_or_else(|_| "The quick brown fox jumps over the lazy dog. ".repeat(200));
     let mut tokens = model.tokenizer.encode(&text, false);
@@ -202,20 +205,29 @@ fn bench(model: &Model, prefill: usize, decode: usize, reps: usize) -> Result<Be
         let prefill_s = start.elapsed().as_secs_f64();
         let prefill_busy = meter.other_cores();
 
-        let mut cache = model.llama.new_cache();
-        let logits = model.llama.forward(&chat, &mut cache, None, Logits::Last)?.expect("logits");
-        let mut next = argmax_of(logits)?;
+        let mut caches = vec![model.llama.new_cache(); batch];
+        let mut next = Vec::with_capacity(batch);
+        for cache in &mut caches {
+            let logits = model.llama.forward(&chat, cache, None, Logits::Last)?.expect("logits");
+            next.push(argmax_of(logits)?);
+        }
         let meter = Meter::start();
         let start = Instant::now();
         for _ in 0..decode {
-            let logits = model.llama.forward(&[next], &mut cache, None, Logits::Last)?.expect("logits");
-            next = argmax_of(logits)?;
+            next = if batch == 1 {
+                let logits = model.llama.forward(&next, &mut caches[0], None, Logits::Last)?.expect("logits");
+                vec![argmax_of(logits)?]
+            } else {
+                let logits = model.llama.forward_batch(&next, &mut caches)?;
+                let values = logits.into_data().try_into_vec::<f32>().map_err(|e| EngineError::Backend(format!("{e:?}")))?;
+                values.chunks_exact(values.len() / batch).map(kindling_engine::sampling::argmax).collect()
+            };
         }
         let decode_s = start.elapsed().as_secs_f64();
         let decode_busy = meter.other_cores();
         if rep > 0 {
             prefill_rates.push(round1(tokens.len() as f64 / prefill_s));
-            decode_rates.push(round1(decode as f64 / decode_s));
+            decode_rates.push(round1((decode * batch) as f64 / decode_s));
             prefill_other.push(prefill_busy);
             decode_other.push(decode_busy);
         }

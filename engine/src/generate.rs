@@ -161,3 +161,88 @@ impl Iterator for TokenStream<'_> {
         }
     }
 }
+
+/// One finished sequence of a batch generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchOutput {
+    /// The generated ids (without the final `<|im_end|>`).
+    pub tokens: Vec<TokenId>,
+    /// Their text.
+    pub text: String,
+    pub finish: FinishReason,
+}
+
+/// A sequence still being generated.
+struct Running {
+    index: usize,
+    cache: KvCache,
+    sampler: Sampler,
+    tokens: Vec<TokenId>,
+    next: TokenId,
+}
+
+impl Model {
+    /// Generates continuations of several prompts together: each prompt is prefilled on its
+    /// own, then all unfinished sequences decode in one batched step per token (the weights
+    /// are read once per step instead of once per sequence). Sequence `i` samples with seed
+    /// `params.seed + i`. Outputs come back in the prompts' order.
+    pub fn generate_batch(&self, prompts: &[Vec<TokenId>], params: &SamplingParams) -> Result<Vec<BatchOutput>, EngineError> {
+        let mut outputs: Vec<Option<BatchOutput>> = vec![None; prompts.len()];
+        let mut running = Vec::with_capacity(prompts.len());
+        let eos = self.tokenizer.eos();
+        let limit = self.llama.config().context_length;
+        for (index, prompt) in prompts.iter().enumerate() {
+            if prompt.is_empty() {
+                return Err(EngineError::EmptyInput);
+            }
+            if prompt.len() >= limit {
+                return Err(EngineError::ContextOverflow { needed: prompt.len() + 1, limit });
+            }
+            let mut cache = self.llama.new_cache();
+            let logits = self.llama.forward(prompt, &mut cache, None, Logits::Last)?.expect("Logits::Last returns logits");
+            let mut sampler = Sampler::new(SamplingParams { seed: params.seed.wrapping_add(index as u64), ..params.clone() });
+            let mut logits = logits.into_data().try_into_vec::<f32>().map_err(|e| EngineError::Backend(format!("{e:?}")))?;
+            let next = sampler.sample(&mut logits);
+            running.push(Running { index, cache, sampler, tokens: Vec::new(), next });
+        }
+        loop {
+            // Retire the sequences whose last sample ends them.
+            let mut i = 0;
+            while i < running.len() {
+                let r = &mut running[i];
+                let finish = if r.next == eos {
+                    Some(FinishReason::Stop)
+                } else {
+                    r.tokens.push(r.next);
+                    if r.tokens.len() >= params.max_tokens || r.cache.len() + 1 >= limit {
+                        Some(FinishReason::Length)
+                    } else {
+                        None
+                    }
+                };
+                if let Some(finish) = finish {
+                    let r = running.swap_remove(i);
+                    let text = self.tokenizer.decode(&r.tokens, true)?;
+                    outputs[r.index] = Some(BatchOutput { tokens: r.tokens, text, finish });
+                } else {
+                    i += 1;
+                }
+            }
+            if running.is_empty() {
+                break;
+            }
+            let tokens: Vec<TokenId> = running.iter().map(|r| r.next).collect();
+            let mut caches: Vec<KvCache> = running.iter_mut().map(|r| std::mem::replace(&mut r.cache, KvCache::empty())).collect();
+            let logits = self.llama.forward_batch(&tokens, &mut caches);
+            for (r, cache) in running.iter_mut().zip(caches) {
+                r.cache = cache;
+            }
+            let logits = logits?.into_data().try_into_vec::<f32>().map_err(|e| EngineError::Backend(format!("{e:?}")))?;
+            let vocab = logits.len() / running.len();
+            for (r, row) in running.iter_mut().zip(logits.chunks_exact(vocab)) {
+                r.next = r.sampler.sample(&mut row.to_vec());
+            }
+        }
+        Ok(outputs.into_iter().map(|o| o.expect("every sequence finishes")).collect())
+    }
+}

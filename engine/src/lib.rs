@@ -35,7 +35,7 @@ pub mod tokenizer;
 use std::sync::Arc;
 
 pub use backend::Backend;
-pub use generate::{CancelToken, FinishReason, GeneratedToken, TokenStream};
+pub use generate::{BatchOutput, CancelToken, FinishReason, GeneratedToken, TokenStream};
 pub use hook::{AddToResidual, CaptureResidual, ResidualHook};
 pub use llama::{Config, KvCache, Llama, Logits};
 pub use sampling::{Sampler, SamplingParams};
@@ -67,6 +67,8 @@ pub enum EngineError {
     ContextOverflow { needed: usize, limit: usize },
     #[error("token id {0} is outside the vocabulary")]
     BadToken(TokenId),
+    #[error("a batch needs one token per cache (got {tokens} tokens for {caches} caches)")]
+    BadBatch { tokens: usize, caches: usize },
     #[error("this KV cache was filled by a pass that stopped early and cannot be extended")]
     CacheTruncated,
     #[error("backend error: {0}")]

@@ -144,6 +144,11 @@ impl KvCache {
         }
     }
 
+    /// A placeholder holding nothing (for moving caches in and out of a batch).
+    pub(crate) fn empty() -> Self {
+        Self { layers: Vec::new(), len: 0, capacity: 0, max_len: 0, truncated: false }
+    }
+
     /// Number of positions held.
     pub fn len(&self) -> usize {
         self.len
@@ -289,16 +294,40 @@ impl Attention {
     /// # Shapes
     /// `x`: `[seq, n_embd]` (normalized) → `[seq, n_embd]`
     fn forward(&self, x: Tensor<2>, layer: usize, start: usize, rope: &Rope, cache: &mut KvCache) -> Tensor<2> {
-        let [seq, _] = x.dims();
+        let out = self.attend(self.attn_qkv.forward(x), layer, start, rope, cache);
+        self.attn_output.forward(out)
+    }
+
+    /// One decode step for several sequences: row `b` of `x` is the next token of the
+    /// sequence held in `caches[b]`. The projections run once for all rows; attention runs
+    /// per sequence against its own cache.
+    fn forward_batch(&self, x: Tensor<2>, layer: usize, rope: &Rope, caches: &mut [KvCache]) -> Tensor<2> {
+        let qkv = self.attn_qkv.forward(x);
+        let outs = caches
+            .iter_mut()
+            .enumerate()
+            .map(|(b, cache)| {
+                let start = cache.len();
+                self.attend(qkv.clone().slice([b..b + 1]), layer, start, rope, cache)
+            })
+            .collect();
+        self.attn_output.forward(Tensor::cat(outs, 0))
+    }
+
+    /// Attention of one sequence from its projected Q/K/V.
+    ///
+    /// # Shapes
+    /// `qkv`: `[seq, (n_head + 2 n_head_kv) head_dim]` → `[seq, n_head head_dim]`
+    fn attend(&self, qkv: Tensor<2>, layer: usize, start: usize, rope: &Rope, cache: &mut KvCache) -> Tensor<2> {
+        let [seq, _] = qkv.dims();
         let (h, hkv, d) = (self.n_head, self.n_head_kv, self.head_dim);
-        let qkv = self.attn_qkv.forward(x).reshape([seq, h + 2 * hkv, d]).swap_dims(0, 1); // [h + 2 hkv, seq, d]
+        let qkv = qkv.reshape([seq, h + 2 * hkv, d]).swap_dims(0, 1); // [h + 2 hkv, seq, d]
         // Rotate the query and key heads in one go (they sit next to each other).
         let qk = rope.apply(qkv.clone().slice([0..h + hkv]), start..start + seq);
         let q = qk.clone().slice([0..h]); // [h, seq, d]
         let k = qk.slice([h..h + hkv]); // [hkv, seq, d]
         let v = qkv.slice([h + hkv..h + 2 * hkv]);
-        let (k, v) = cache.update(layer, start, k, v); // [hkv, total, d]
-        let total = start + seq;
+        let (k, v) = cache.update(layer, start, k, v); // [hkv, start + seq, d]
 
         // Grouped-query attention: the `group` query heads that share a KV head are stacked
         // along the sequence axis so that one batched matmul per KV head does the work.
@@ -313,9 +342,7 @@ impl Attention {
         };
         let probs = softmax(scores, 2);
         let out = probs.matmul(v); // [hkv, group*seq, d]
-        let out = out.reshape([h, seq, d]).swap_dims(0, 1).reshape([seq, h * d]);
-        let _ = total;
-        self.attn_output.forward(out)
+        out.reshape([h, seq, d]).swap_dims(0, 1).reshape([seq, h * d])
     }
 }
 
@@ -382,6 +409,13 @@ impl Block {
     fn forward(&self, x: Tensor<2>, layer: usize, start: usize, rope: &Rope, cache: &mut KvCache) -> Tensor<2> {
         let residual = x.clone();
         let x = residual + self.attn.forward(self.attn_norm.forward(x), layer, start, rope, cache);
+        let residual = x.clone();
+        residual + self.mlp.forward(self.ffn_norm.forward(x))
+    }
+
+    fn forward_batch(&self, x: Tensor<2>, layer: usize, rope: &Rope, caches: &mut [KvCache]) -> Tensor<2> {
+        let residual = x.clone();
+        let x = residual + self.attn.forward_batch(self.attn_norm.forward(x), layer, rope, caches);
         let residual = x.clone();
         residual + self.mlp.forward(self.ffn_norm.forward(x))
     }
@@ -525,15 +559,7 @@ impl Llama {
         // keep stealing until it ends (llama.cpp's threads spin the same way).
         #[cfg(not(target_arch = "wasm32"))]
         if self.backend == Backend::Cpu && rayon::current_thread_index().is_none() {
-            let done = std::sync::atomic::AtomicBool::new(false);
-            return rayon::scope(|scope| {
-                for _ in 1..rayon::current_num_threads() {
-                    scope.spawn(|_| steal_until(&done));
-                }
-                let out = self.forward(tokens, cache, hook, logits);
-                done.store(true, std::sync::atomic::Ordering::Release);
-                out
-            });
+            return on_spinning_pool(|| self.forward(tokens, cache, hook, logits));
         }
         if tokens.is_empty() {
             return Err(EngineError::EmptyInput);
@@ -578,11 +604,57 @@ impl Llama {
         Ok(Some(self.output.forward(self.output_norm.forward(x))))
     }
 
+    /// One decode step for several independent sequences at once: `tokens[b]` is appended to
+    /// the sequence in `caches[b]` (each at its own position). Returns the next-token logits,
+    /// `[batch, vocab]`. The weights are read once for the whole batch, which is what makes
+    /// generating many conversations faster than one after another. No residual hook.
+    pub fn forward_batch(&self, tokens: &[TokenId], caches: &mut [KvCache]) -> Result<Tensor<2>, EngineError> {
+        #[cfg(not(target_arch = "wasm32"))]
+        if self.backend == Backend::Cpu && rayon::current_thread_index().is_none() {
+            return on_spinning_pool(|| self.forward_batch(tokens, caches));
+        }
+        if tokens.is_empty() || tokens.len() != caches.len() {
+            return Err(EngineError::BadBatch { tokens: tokens.len(), caches: caches.len() });
+        }
+        for cache in caches.iter() {
+            if cache.truncated {
+                return Err(EngineError::CacheTruncated);
+            }
+            if cache.len() + 1 > self.config.context_length {
+                return Err(EngineError::ContextOverflow { needed: cache.len() + 1, limit: self.config.context_length });
+            }
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            return Err(EngineError::BadToken(bad));
+        }
+        let mut x = self.embed(tokens);
+        for (layer, block) in self.blocks.iter().enumerate() {
+            x = block.forward_batch(x, layer, &self.rope, caches);
+        }
+        caches.iter_mut().for_each(|c| c.len += 1);
+        Ok(self.output.forward(self.output_norm.forward(x)))
+    }
+
     /// Token embeddings, `[seq, n_embd]` (looked up on the host: a row of Q8_0 is 612 bytes).
     fn embed(&self, tokens: &[TokenId]) -> Tensor<2> {
         let rows: Vec<f32> = tokens.iter().flat_map(|&t| self.token_embd.dequantize_row(t as usize)).collect();
         Tensor::from_data(TensorData::new(rows, [tokens.len(), self.config.n_embd]), &self.device)
     }
+}
+
+/// Runs `f` on a rayon worker while the pool's other workers spin, stealing work, until it
+/// returns.
+#[cfg(not(target_arch = "wasm32"))]
+fn on_spinning_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    rayon::scope(|scope| {
+        for _ in 1..rayon::current_num_threads() {
+            scope.spawn(|_| steal_until(&done));
+        }
+        let out = f();
+        done.store(true, std::sync::atomic::Ordering::Release);
+        out
+    })
 }
 
 /// Runs pending rayon jobs on this worker, spinning between them, until `done` is set.

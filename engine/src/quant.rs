@@ -278,8 +278,9 @@ fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Up to this many activation rows the integer kernels beat dequantize + GEMM.
-const QUANTIZED_PATH_MAX_ROWS: usize = 4;
+/// Up to this many activation rows (decode steps, batches of up to 8 sequences) the integer
+/// kernels beat dequantize + GEMM, which pays for dequantizing every weight per call.
+const QUANTIZED_PATH_MAX_ROWS: usize = 8;
 /// Output rows per parallel task in the quantized kernels.
 const ROWS_PER_TASK: usize = 16;
 

@@ -132,6 +132,29 @@ fn same_seed_same_text_and_other_seed_other_text() {
 }
 
 #[test]
+fn batched_generation_equals_one_at_a_time() {
+    let model = model(Backend::Cpu);
+    let prompts: Vec<Vec<u32>> = ["Hi, how are you?", "Name three colours.", "What is 2 + 2?"]
+        .iter()
+        .map(|p| model.tokenizer.encode_chat(&[ChatMessage::user(*p)]).unwrap())
+        .collect();
+    let params = SamplingParams::greedy(12);
+    let batch = model.generate_batch(&prompts, &params).unwrap();
+    for (prompt, out) in prompts.iter().zip(&batch) {
+        let mut alone = model.generate(prompt.clone(), params.clone(), None, CancelToken::new()).unwrap();
+        let ids: Vec<u32> = alone.by_ref().map(|t| t.unwrap().id).collect();
+        assert_eq!(out.tokens, ids);
+        assert_eq!(Some(out.finish), alone.finish_reason());
+        assert_eq!(out.text, model.tokenizer.decode(&ids, true).unwrap());
+    }
+    // Sampled: sequence i uses seed + i, so a batch is reproducible.
+    let sampled = SamplingParams { temperature: 0.8, seed: 5, max_tokens: 10, ..Default::default() };
+    assert_eq!(model.generate_batch(&prompts, &sampled).unwrap(), model.generate_batch(&prompts, &sampled).unwrap());
+    let err = model.llama.forward_batch(&[1, 2], &mut [model.llama.new_cache()]).unwrap_err();
+    assert!(matches!(err, EngineError::BadBatch { tokens: 2, caches: 1 }), "{err}");
+}
+
+#[test]
 fn cancellation_stops_the_stream() {
     let model = model(Backend::Cpu);
     let cancel = CancelToken::new();
