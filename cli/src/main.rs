@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
-use kindling_engine::{Backend, ChatMessage, EngineError, Logits, Model, SamplingParams};
+use kindling_engine::{Backend, ChatMessage, EngineError, Logits, Model, SamplingParams, to_host};
 
 const DEFAULT_MODEL: &str = "public/models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
@@ -219,7 +219,7 @@ fn bench(model: &Model, prefill: usize, decode: usize, reps: usize, batch: usize
                 vec![argmax_of(logits)?]
             } else {
                 let logits = model.llama.forward_batch(&next, &mut caches)?;
-                let values = logits.into_data().try_into_vec::<f32>().map_err(|e| EngineError::Backend(format!("{e:?}")))?;
+                let values = to_host(logits)?;
                 values.chunks_exact(values.len() / batch).map(kindling_engine::sampling::argmax).collect()
             };
         }
@@ -280,8 +280,7 @@ fn own_cpu_s() -> f64 {
 }
 
 fn argmax_of(logits: burn::tensor::Tensor<2>) -> Result<u32, EngineError> {
-    let values = logits.into_data().try_into_vec::<f32>().map_err(|e| EngineError::Backend(format!("{e:?}")))?;
-    Ok(kindling_engine::sampling::argmax(&values))
+    Ok(kindling_engine::sampling::argmax(&to_host(logits)?))
 }
 
 fn round1(x: f64) -> f64 {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::hook::ResidualHook;
-use crate::llama::{KvCache, Logits};
+use crate::llama::{KvCache, Logits, to_host};
 use crate::sampling::Sampler;
 use crate::tokenizer::{StreamDecoder, TokenId};
 use crate::{EngineError, Model, SamplingParams};
@@ -130,8 +130,7 @@ impl<'m> TokenStream<'m> {
             .llama
             .forward(&self.input, &mut self.cache, hook, Logits::Last)?
             .expect("Logits::Last returns logits");
-        let mut logits = logits.into_data().try_into_vec::<f32>().map_err(|e| EngineError::Backend(format!("{e:?}")))?;
-        let token = self.sampler.sample(&mut logits);
+        let token = self.sampler.sample(&mut to_host(logits)?);
         if token == self.model.tokenizer.eos() {
             self.finish = Some(FinishReason::Stop);
             return Ok(None);
@@ -172,10 +171,10 @@ pub struct BatchOutput {
     pub finish: FinishReason,
 }
 
-/// A sequence still being generated.
+/// A sequence still being generated (its cache lives in a parallel vector, the slice that
+/// [`Llama::forward_batch`](crate::Llama::forward_batch) takes).
 struct Running {
     index: usize,
-    cache: KvCache,
     sampler: Sampler,
     tokens: Vec<TokenId>,
     next: TokenId,
@@ -189,21 +188,16 @@ impl Model {
     pub fn generate_batch(&self, prompts: &[Vec<TokenId>], params: &SamplingParams) -> Result<Vec<BatchOutput>, EngineError> {
         let mut outputs: Vec<Option<BatchOutput>> = vec![None; prompts.len()];
         let mut running = Vec::with_capacity(prompts.len());
+        let mut caches = Vec::with_capacity(prompts.len());
         let eos = self.tokenizer.eos();
         let limit = self.llama.config().context_length;
         for (index, prompt) in prompts.iter().enumerate() {
-            if prompt.is_empty() {
-                return Err(EngineError::EmptyInput);
-            }
-            if prompt.len() >= limit {
-                return Err(EngineError::ContextOverflow { needed: prompt.len() + 1, limit });
-            }
             let mut cache = self.llama.new_cache();
             let logits = self.llama.forward(prompt, &mut cache, None, Logits::Last)?.expect("Logits::Last returns logits");
             let mut sampler = Sampler::new(SamplingParams { seed: params.seed.wrapping_add(index as u64), ..params.clone() });
-            let mut logits = logits.into_data().try_into_vec::<f32>().map_err(|e| EngineError::Backend(format!("{e:?}")))?;
-            let next = sampler.sample(&mut logits);
-            running.push(Running { index, cache, sampler, tokens: Vec::new(), next });
+            let next = sampler.sample(&mut to_host(logits)?);
+            running.push(Running { index, sampler, tokens: Vec::new(), next });
+            caches.push(cache);
         }
         loop {
             // Retire the sequences whose last sample ends them.
@@ -214,7 +208,7 @@ impl Model {
                     Some(FinishReason::Stop)
                 } else {
                     r.tokens.push(r.next);
-                    if r.tokens.len() >= params.max_tokens || r.cache.len() + 1 >= limit {
+                    if r.tokens.len() >= params.max_tokens || caches[i].len() + 1 >= limit {
                         Some(FinishReason::Length)
                     } else {
                         None
@@ -222,6 +216,7 @@ impl Model {
                 };
                 if let Some(finish) = finish {
                     let r = running.swap_remove(i);
+                    caches.swap_remove(i);
                     let text = self.tokenizer.decode(&r.tokens, true)?;
                     outputs[r.index] = Some(BatchOutput { tokens: r.tokens, text, finish });
                 } else {
@@ -232,12 +227,7 @@ impl Model {
                 break;
             }
             let tokens: Vec<TokenId> = running.iter().map(|r| r.next).collect();
-            let mut caches: Vec<KvCache> = running.iter_mut().map(|r| std::mem::replace(&mut r.cache, KvCache::empty())).collect();
-            let logits = self.llama.forward_batch(&tokens, &mut caches);
-            for (r, cache) in running.iter_mut().zip(caches) {
-                r.cache = cache;
-            }
-            let logits = logits?.into_data().try_into_vec::<f32>().map_err(|e| EngineError::Backend(format!("{e:?}")))?;
+            let logits = to_host(self.llama.forward_batch(&tokens, &mut caches)?)?;
             let vocab = logits.len() / running.len();
             for (r, row) in running.iter_mut().zip(logits.chunks_exact(vocab)) {
                 r.next = r.sampler.sample(&mut row.to_vec());

@@ -99,12 +99,14 @@ impl ResidualHook for CaptureResidual {
 pub struct AddToResidual {
     layer: usize,
     vector: Vec<f32>,
+    /// `vector` on the model's device, made at the first call and reused every token after.
+    on_device: Option<Tensor<2>>,
 }
 
 impl AddToResidual {
     /// Adds `vector` (`n_embd` wide) after block `layer`.
     pub fn new(layer: usize, vector: Vec<f32>) -> Self {
-        Self { layer, vector }
+        Self { layer, vector, on_device: None }
     }
 }
 
@@ -118,9 +120,11 @@ impl ResidualHook for AddToResidual {
     }
 
     fn after_block(&mut self, _layer: usize, _positions: Range<usize>, residual: Tensor<2>) -> Tensor<2> {
-        let n = self.vector.len();
-        let v = Tensor::<1>::from_data(TensorData::new(self.vector.clone(), [n]), &residual.device());
-        residual + v.unsqueeze::<2>()
+        let vector = self.on_device.get_or_insert_with(|| {
+            let data = TensorData::new(self.vector.clone(), [1, self.vector.len()]);
+            Tensor::from_data(data, &residual.device())
+        });
+        residual + vector.clone()
     }
 }
 

@@ -37,7 +37,7 @@ use std::sync::Arc;
 pub use backend::Backend;
 pub use generate::{BatchOutput, CancelToken, FinishReason, GeneratedToken, TokenStream};
 pub use hook::{AddToResidual, CaptureResidual, ResidualHook};
-pub use llama::{Config, KvCache, Llama, Logits};
+pub use llama::{Config, KvCache, Llama, Logits, to_host};
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{ChatMessage, StreamDecoder, TokenId, Tokenizer};
 

@@ -124,7 +124,6 @@ impl Rope {
 pub struct KvCache {
     layers: Vec<Option<(Tensor<3>, Tensor<3>)>>,
     len: usize,
-    capacity: usize,
     max_len: usize,
     /// Set when a forward pass stopped early: deeper layers lack these positions.
     truncated: bool,
@@ -135,18 +134,7 @@ const CACHE_CHUNK: usize = 256;
 impl KvCache {
     /// An empty cache for `config`'s model.
     pub fn new(config: &Config) -> Self {
-        Self {
-            layers: vec![None; config.n_layer],
-            len: 0,
-            capacity: 0,
-            max_len: config.context_length,
-            truncated: false,
-        }
-    }
-
-    /// A placeholder holding nothing (for moving caches in and out of a batch).
-    pub(crate) fn empty() -> Self {
-        Self { layers: Vec::new(), len: 0, capacity: 0, max_len: 0, truncated: false }
+        Self { layers: vec![None; config.n_layer], len: 0, max_len: config.context_length, truncated: false }
     }
 
     /// Number of positions held.
@@ -163,13 +151,13 @@ impl KvCache {
     pub fn reset(&mut self) {
         self.layers.iter_mut().for_each(|l| *l = None);
         self.len = 0;
-        self.capacity = 0;
         self.truncated = false;
     }
 
-    /// Drops positions from `len` on (to rewind to a shared prefix).
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
+    /// Positions to hold so that `end` fit: whole chunks, at least double what is `held`, at
+    /// most the context.
+    fn capacity_for(&self, end: usize, held: usize) -> usize {
+        end.div_ceil(CACHE_CHUNK).saturating_mul(CACHE_CHUNK).max(held * 2).min(self.max_len.max(end))
     }
 
     /// Stores `k`, `v` (`[n_head_kv, seq, head_dim]`) for positions `start..start + seq` of
@@ -177,22 +165,19 @@ impl KvCache {
     fn update(&mut self, layer: usize, start: usize, k: Tensor<3>, v: Tensor<3>) -> (Tensor<3>, Tensor<3>) {
         let [heads, seq, d] = k.dims();
         let end = start + seq;
+        let device = k.device();
         let (mut ks, mut vs) = match self.layers[layer].take() {
             Some(kv) => kv,
             None => {
-                let device = k.device();
-                let zeros = || Tensor::zeros([heads, self.capacity.max(end), d], &device);
+                let zeros = || Tensor::zeros([heads, self.capacity_for(end, 0), d], &device);
                 (zeros(), zeros())
             }
         };
         let held = ks.dims()[1];
         if end > held {
-            let grown = end.div_ceil(CACHE_CHUNK).saturating_mul(CACHE_CHUNK).max(held * 2).min(self.max_len.max(end));
-            let device = k.device();
-            let pad = || Tensor::zeros([heads, grown - held, d], &device);
+            let pad = || Tensor::zeros([heads, self.capacity_for(end, held) - held, d], &device);
             ks = Tensor::cat(vec![ks, pad()], 1);
             vs = Tensor::cat(vec![vs, pad()], 1);
-            self.capacity = self.capacity.max(grown);
         }
         ks = ks.slice_assign([0..heads, start..end, 0..d], k);
         vs = vs.slice_assign([0..heads, start..end, 0..d], v);
@@ -248,7 +233,8 @@ impl Linear {
             None => {
                 let device = x.device();
                 let [seq, _] = x.dims();
-                let y = self.weight.matmul(&host_f32(x));
+                // Activations are f32 on every backend the engine creates.
+                let y = self.weight.matmul(&to_host(x).expect("f32 activations"));
                 Tensor::from_data(TensorData::new(y, [seq, self.weight.rows]), &device)
             }
         }
@@ -256,8 +242,8 @@ impl Linear {
 }
 
 /// The tensor's values in host memory, row-major.
-fn host_f32<const D: usize>(x: Tensor<D>) -> Vec<f32> {
-    x.into_data().try_into_vec::<f32>().expect("f32 activations")
+pub fn to_host<const D: usize>(x: Tensor<D>) -> Result<Vec<f32>, EngineError> {
+    x.into_data().try_into_vec::<f32>().map_err(|e| EngineError::Backend(format!("reading a tensor back: {e:?}")))
 }
 
 /// RMSNorm: `x / sqrt(mean(x²) + eps) · weight`, over the last dimension.
@@ -561,24 +547,13 @@ impl Llama {
         if self.backend == Backend::Cpu && rayon::current_thread_index().is_none() {
             return on_spinning_pool(|| self.forward(tokens, cache, hook, logits));
         }
-        if tokens.is_empty() {
-            return Err(EngineError::EmptyInput);
-        }
-        if cache.truncated {
-            return Err(EngineError::CacheTruncated);
-        }
+        self.check_input(tokens, cache)?;
         let start = cache.len();
         let end = start + tokens.len();
-        if end > self.config.context_length {
-            return Err(EngineError::ContextOverflow { needed: end, limit: self.config.context_length });
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-            return Err(EngineError::BadToken(bad));
-        }
-        let last_layer = match (logits, hook.as_deref()) {
-            (Logits::None, Some(h)) => h.last_layer().unwrap_or(self.config.n_layer - 1),
-            (Logits::None, None) => self.config.n_layer - 1,
-            _ => self.config.n_layer - 1,
+        let deepest = self.config.n_layer - 1;
+        let last_layer = match (logits, hook.as_deref().and_then(|h| h.last_layer())) {
+            (Logits::None, Some(layer)) => layer.min(deepest),
+            _ => deepest,
         };
         let positions = start..end;
 
@@ -616,16 +591,8 @@ impl Llama {
         if tokens.is_empty() || tokens.len() != caches.len() {
             return Err(EngineError::BadBatch { tokens: tokens.len(), caches: caches.len() });
         }
-        for cache in caches.iter() {
-            if cache.truncated {
-                return Err(EngineError::CacheTruncated);
-            }
-            if cache.len() + 1 > self.config.context_length {
-                return Err(EngineError::ContextOverflow { needed: cache.len() + 1, limit: self.config.context_length });
-            }
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-            return Err(EngineError::BadToken(bad));
+        for (token, cache) in tokens.iter().zip(caches.iter()) {
+            self.check_input(std::slice::from_ref(token), cache)?;
         }
         let mut x = self.embed(tokens);
         for (layer, block) in self.blocks.iter().enumerate() {
@@ -633,6 +600,24 @@ impl Llama {
         }
         caches.iter_mut().for_each(|c| c.len += 1);
         Ok(self.output.forward(self.output_norm.forward(x)))
+    }
+
+    /// Whether `tokens` can be appended to `cache`.
+    fn check_input(&self, tokens: &[TokenId], cache: &KvCache) -> Result<(), EngineError> {
+        if tokens.is_empty() {
+            return Err(EngineError::EmptyInput);
+        }
+        if cache.truncated {
+            return Err(EngineError::CacheTruncated);
+        }
+        let (needed, limit) = (cache.len() + tokens.len(), self.config.context_length);
+        if needed > limit {
+            return Err(EngineError::ContextOverflow { needed, limit });
+        }
+        match tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            Some(&bad) => Err(EngineError::BadToken(bad)),
+            None => Ok(()),
+        }
     }
 
     /// Token embeddings, `[seq, n_embd]` (looked up on the host: a row of Q8_0 is 612 bytes).

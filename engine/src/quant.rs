@@ -217,43 +217,35 @@ impl QMatrix {
         par_chunks_mut(&mut yt, ROWS_PER_TASK * n, |task, chunk| {
             let first_row = task * ROWS_PER_TASK;
             let task_rows = chunk.len() / n;
-            let mut i = 0;
-            while i < task_rows {
-                let group = if task_rows - i >= 4 { 4 } else { 1 };
+            for i in (0..task_rows).step_by(4) {
+                // Rows go four at a time; a short last group repeats its last row (the shipped
+                // model's row counts are all multiples of 16, so this never costs anything).
+                let group = (task_rows - i).min(4);
                 let rows: [usize; 4] = std::array::from_fn(|k| first_row + i + k.min(group - 1));
                 for (t, xq) in xq.iter().enumerate() {
-                    let out: [f32; 4] = match &*self.blocks {
-                        Blocks::Q4 { d, m, qs } => {
-                            let mins = |r: usize| dot_f32(&m[r * nb..(r + 1) * nb], &xq.sum);
-                            if group == 4 {
-                                (kernels.q4x4)(
-                                    rows.map(|r| &d[r * nb..(r + 1) * nb]),
-                                    rows.map(|r| &m[r * nb..(r + 1) * nb]),
-                                    rows.map(|r| &qs[r * nb * 16..(r + 1) * nb * 16]),
-                                    xq,
-                                )
-                            } else {
-                                let r = rows[0];
-                                [(kernels.q4)(&d[r * nb..(r + 1) * nb], &qs[r * nb * 16..(r + 1) * nb * 16], xq) + mins(r); 4]
-                            }
-                        }
-                        Blocks::Q8 { d, qs } => {
-                            if group == 4 {
-                                (kernels.q8x4)(rows.map(|r| &d[r * nb..(r + 1) * nb]), rows.map(|r| &qs[r * nb * 32..(r + 1) * nb * 32]), xq)
-                            } else {
-                                let r = rows[0];
-                                [(kernels.q8)(&d[r * nb..(r + 1) * nb], &qs[r * nb * 32..(r + 1) * nb * 32], xq); 4]
-                            }
-                        }
+                    let out = match &*self.blocks {
+                        Blocks::Q4 { d, m, qs } => (kernels.q4x4)(
+                            rows.map(|r| &d[r * nb..(r + 1) * nb]),
+                            rows.map(|r| &m[r * nb..(r + 1) * nb]),
+                            rows.map(|r| &qs[r * nb * 16..(r + 1) * nb * 16]),
+                            xq,
+                        ),
+                        Blocks::Q8 { d, qs } => (kernels.q8x4)(
+                            rows.map(|r| &d[r * nb..(r + 1) * nb]),
+                            rows.map(|r| &qs[r * nb * 32..(r + 1) * nb * 32]),
+                            xq,
+                        ),
                         Blocks::F32(_) => unreachable!("f32 matrices take the GEMM path"),
                     };
                     for k in 0..group {
                         chunk[(i + k) * n + t] = out[k];
                     }
                 }
-                i += group;
             }
         });
+        if n == 1 {
+            return yt; // [rows, 1] is already [1, rows]
+        }
         let mut y = vec![0.0f32; n * rows];
         for r in 0..rows {
             for t in 0..n {
@@ -304,33 +296,30 @@ fn quantize_q8(x: &[f32]) -> ActivationsQ8 {
     out
 }
 
-/// `Σ_blocks d_w · d_x · (q_w · q_x)` over one row: `d` and `qs` are the row's weight blocks.
-type Q4Kernel = fn(&[f32], &[u8], &ActivationsQ8) -> f32;
-type Q8Kernel = fn(&[f32], &[i8], &ActivationsQ8) -> f32;
-
-/// Whole dot products of four rows at once (minimums included: `d`, `m`, `qs` per row): each
-/// activation block is loaded once for four weight rows, and the four accumulation chains run
-/// side by side.
+/// Whole dot products of four weight rows with one activation row (Q4: `d`, `m`, `qs` per
+/// row, minimums included; Q8: `d`, `qs`): each activation block is loaded once for four
+/// rows, and the four accumulation chains run side by side.
 type Q4Kernel4 = fn([&[f32]; 4], [&[f32]; 4], [&[u8]; 4], &ActivationsQ8) -> [f32; 4];
 type Q8Kernel4 = fn([&[f32]; 4], [&[i8]; 4], &ActivationsQ8) -> [f32; 4];
 
 struct Kernels {
-    q4: Q4Kernel,
-    q8: Q8Kernel,
     q4x4: Q4Kernel4,
     q8x4: Q8Kernel4,
 }
 
-/// The fastest kernels this CPU supports.
-fn kernels() -> Kernels {
+/// The fastest kernels this CPU supports (detected once).
+fn kernels() -> &'static Kernels {
+    static KERNELS: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
+    KERNELS.get_or_init(detect_kernels)
+}
+
+fn detect_kernels() -> Kernels {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
         if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni") {
-            // SAFETY: the CPU has these AVX-512 extensions (checked just above); they imply AVX2.
+            // SAFETY: the CPU has these AVX-512 extensions (checked just above).
             return Kernels {
-                q4: |d, q, x| unsafe { avx2::dot_q4(d, q, x) },
-                q8: |d, q, x| unsafe { avx2::dot_q8(d, q, x) },
                 q4x4: |d, m, q, x| unsafe { avx512::dot_q4_x4(d, m, q, x) },
                 q8x4: |d, q, x| unsafe { avx512::dot_q8_x4(d, q, x) },
             };
@@ -338,8 +327,6 @@ fn kernels() -> Kernels {
         if has!("avx2") && has!("fma") {
             // SAFETY: the CPU has AVX2 and FMA (checked just above).
             return Kernels {
-                q4: |d, q, x| unsafe { avx2::dot_q4(d, q, x) },
-                q8: |d, q, x| unsafe { avx2::dot_q8(d, q, x) },
                 q4x4: |d, m, q, x| {
                     let dots = unsafe { avx2::dot_q4_x4(d, q, x) };
                     std::array::from_fn(|r| dots[r] + dot_f32(m[r], &x.sum))
@@ -349,8 +336,6 @@ fn kernels() -> Kernels {
         }
     }
     Kernels {
-        q4: scalar::dot_q4,
-        q8: scalar::dot_q8,
         q4x4: |d, m, q, x| std::array::from_fn(|r| scalar::dot_q4(d[r], q[r], x) + dot_f32(m[r], &x.sum)),
         q8x4: |d, q, x| std::array::from_fn(|r| scalar::dot_q8(d[r], q[r], x)),
     }
@@ -385,9 +370,8 @@ mod scalar {
 mod avx2 {
     //! The integer dot products of ggml's `ggml_vec_dot_q4_1_q8_1` / `q8_0_q8_0`, in AVX2:
     //! `maddubs` multiplies unsigned weight bytes by signed activation bytes and adds pairs to
-    //! i16, `madd` with ones widens to i32, and one FMA per block applies both scales. Two
-    //! blocks per iteration go to separate accumulators so that the loop is not bound by the
-    //! latency of one FMA chain.
+    //! i16, `madd` with ones widens to i32, and one FMA per block applies both scales. Four
+    //! weight rows share each activation load and keep four independent FMA chains.
     use std::arch::x86_64::*;
 
     use super::{ActivationsQ8, BlockQ8};
@@ -443,25 +427,8 @@ mod avx2 {
         dot_u8_i8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
     }
 
-    /// `Σ_i d[i] · x.d[i] · block(i)` with two accumulators, two blocks per iteration.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn scaled_sum(d: &[f32], x: &ActivationsQ8, block: impl Fn(usize) -> __m256) -> f32 {
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let nb = d.len();
-        let mut i = 0;
-        while i + 1 < nb {
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d[i] * x.d[i]), block(i), acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d[i + 1] * x.d[i + 1]), block(i + 1), acc1);
-            i += 2;
-        }
-        if i < nb {
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d[i] * x.d[i]), block(i), acc0);
-        }
-        hsum(_mm256_add_ps(acc0, acc1))
-    }
-
-    /// The same for four rows, one accumulator each, sharing each activation load.
+    /// `Σ_i d[r][i] · x.d[i] · block(r, i, activations)` for four rows, one accumulator each,
+    /// sharing each activation load.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     fn scaled_sum_x4(d: [&[f32]; 4], x: &ActivationsQ8, block: impl Fn(usize, usize, __m256i) -> __m256) -> [f32; 4] {
@@ -473,16 +440,6 @@ mod avx2 {
             }
         }
         [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub fn dot_q4(d: &[f32], qs: &[u8], x: &ActivationsQ8) -> f32 {
-        scaled_sum(d, x, |i| dot_u8_i8(unpack_nibbles(&qs[i * 16..]), activations(&x.blocks[i])))
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub fn dot_q8(d: &[f32], qs: &[i8], x: &ActivationsQ8) -> f32 {
-        scaled_sum(d, x, |i| dot_i8_i8(load32(&qs[i * 32..]), activations(&x.blocks[i])))
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -764,14 +721,12 @@ mod tests {
         let x = quantize_q8(&pseudo_random(cols, 3));
         let raw = pseudo_random(cols, 4);
         let Blocks::Q4 { d, m, qs } = &*QMatrix::from_gguf(TensorType::Q4_1, 1, cols, &encode_q4_1(&raw)).blocks else { unreachable!() };
-        let (a, b) = ((kernels().q4)(d, qs, &x), scalar::dot_q4(d, qs, &x));
-        assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "q4: {a} vs {b}");
+        let b = scalar::dot_q4(d, qs, &x);
         let whole = b + dot_f32(m, &x.sum);
         let four = (kernels().q4x4)([d; 4], [m; 4], [qs; 4], &x);
         assert!(four.iter().all(|&f| (f - whole).abs() <= 1e-4 * whole.abs().max(1.0)), "q4x4: {four:?} vs {whole}");
         let Blocks::Q8 { d, qs } = &*QMatrix::from_gguf(TensorType::Q8_0, 1, cols, &encode_q8_0(&raw)).blocks else { unreachable!() };
-        let (a, b) = ((kernels().q8)(d, qs, &x), scalar::dot_q8(d, qs, &x));
-        assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "q8: {a} vs {b}");
+        let b = scalar::dot_q8(d, qs, &x);
         let four = (kernels().q8x4)([d; 4], [qs; 4], &x);
         assert!(four.iter().all(|&f| (f - b).abs() <= 1e-4 * b.abs().max(1.0)), "q8x4: {four:?} vs {b}");
     }

@@ -7,6 +7,10 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::tokenizer::TokenId;
 
+/// Tokens whose tempered logit is this far below the best have probability below e⁻³⁰ ≈
+/// 10⁻¹³ relative to it, and are left out of sampling.
+const NEGLIGIBLE: f32 = 30.0;
+
 /// How to pick tokens. `temperature == 0` means greedy (argmax).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -78,8 +82,16 @@ impl Sampler {
     }
 
     fn sample_random(&mut self, logits: &[f32]) -> TokenId {
-        let mut candidates: Vec<(TokenId, f32)> =
-            logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (i as TokenId, l)).collect();
+        // Only tokens within NEGLIGIBLE of the best logit (after temperature) can be drawn in
+        // practice; keeping just those avoids sorting the whole vocabulary every token.
+        let best = logits[argmax(logits) as usize];
+        let floor = best - NEGLIGIBLE * self.params.temperature;
+        let mut candidates: Vec<(TokenId, f32)> = logits
+            .iter()
+            .enumerate()
+            .filter(|&(_, &l)| l.is_finite() && l >= floor)
+            .map(|(i, &l)| (i as TokenId, l))
+            .collect();
         if candidates.is_empty() {
             return argmax(logits);
         }

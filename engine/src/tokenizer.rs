@@ -70,11 +70,14 @@ impl ChatMessage {
 pub struct Tokenizer {
     tokens: Vec<String>,
     token_ids: HashMap<String, TokenId>,
-    merge_ranks: HashMap<(String, String), u32>,
+    /// BPE merges by the ids they join: `(left, right) → (rank, merged id)`.
+    merges: HashMap<(TokenId, TokenId), (u32, TokenId)>,
+    /// The token of each single byte. SmolLM2's vocabulary lacks a few control bytes; like
+    /// the string-based BPE it replaces, encoding drops those bytes.
+    byte_tokens: [Option<TokenId>; 256],
     /// Control tokens sorted longest first, for matching in text.
     control_tokens: Vec<(String, TokenId)>,
     is_control: Vec<bool>,
-    byte_to_char: [char; 256],
     char_to_byte: HashMap<char, u8>,
     digits: Regex,
     words: Regex,
@@ -89,7 +92,7 @@ impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tokenizer")
             .field("vocab_size", &self.tokens.len())
-            .field("merges", &self.merge_ranks.len())
+            .field("merges", &self.merges.len())
             .field("eos", &self.eos)
             .finish_non_exhaustive()
     }
@@ -119,13 +122,20 @@ impl Tokenizer {
         };
         let chat_template = gguf.get_str("tokenizer.chat_template").ok().map(str::to_owned);
 
-        let mut merge_ranks = HashMap::with_capacity(merges.len());
+        let token_ids: HashMap<String, TokenId> =
+            tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as TokenId)).collect();
+        let mut merge_table = HashMap::with_capacity(merges.len());
         for (rank, merge) in merges.iter().enumerate() {
             let (a, b) =
                 merge.split_once(' ').ok_or_else(|| TokenizerError::BadMerge((*merge).to_owned()))?;
-            merge_ranks.insert((a.to_owned(), b.to_owned()), rank as u32);
+            let id = |t: &str| token_ids.get(t).copied();
+            match (id(a), id(b), id(&format!("{a}{b}"))) {
+                (Some(a), Some(b), Some(ab)) => {
+                    merge_table.insert((a, b), (rank as u32, ab));
+                }
+                _ => return Err(TokenizerError::BadMerge((*merge).to_owned())),
+            }
         }
-        let token_ids = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as TokenId)).collect();
         let is_control: Vec<bool> = (0..tokens.len())
             .map(|i| {
                 matches!(types.get(i), Some(&TOKEN_TYPE_CONTROL | &TOKEN_TYPE_USER_DEFINED))
@@ -141,16 +151,17 @@ impl Tokenizer {
 
         let byte_to_char = bytes_to_unicode();
         let char_to_byte = byte_to_char.iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
+        let byte_tokens = byte_to_char.map(|c| token_ids.get(&c.to_string()).copied());
         if (eos as usize) >= tokens.len() {
             return Err(TokenizerError::BadTokenId(eos, tokens.len()));
         }
         Ok(Self {
             tokens,
             token_ids,
-            merge_ranks,
+            merges: merge_table,
+            byte_tokens,
             control_tokens,
             is_control,
-            byte_to_char,
             char_to_byte,
             digits: Regex::new(PRE_TOKENIZER_DIGITS).expect("valid regex"),
             words: Regex::new(PRE_TOKENIZER_WORDS).expect("valid regex"),
@@ -232,31 +243,18 @@ impl Tokenizer {
             ids.extend(cached);
             return;
         }
-        let mut parts: Vec<String> =
-            piece.bytes().map(|b| self.byte_to_char[b as usize].to_string()).collect();
+        let mut piece_ids: Vec<TokenId> = piece.bytes().filter_map(|b| self.byte_tokens[b as usize]).collect();
         // Merge the lowest-ranked adjacent pair until none is in the merge table.
         loop {
-            let best = parts
+            let best = piece_ids
                 .windows(2)
                 .enumerate()
-                .filter_map(|(i, w)| {
-                    self.merge_ranks.get(&(w[0].clone(), w[1].clone())).map(|&r| (r, i))
-                })
+                .filter_map(|(i, w)| self.merges.get(&(w[0], w[1])).map(|&(rank, merged)| (rank, i, merged)))
                 .min();
-            let Some((_, i)) = best else { break };
-            let merged = format!("{}{}", parts[i], parts[i + 1]);
-            parts[i] = merged;
-            parts.remove(i + 1);
+            let Some((_, i, merged)) = best else { break };
+            piece_ids[i] = merged;
+            piece_ids.remove(i + 1);
         }
-        let piece_ids: Vec<TokenId> = parts
-            .iter()
-            .flat_map(|p| match self.token_ids.get(p) {
-                Some(&id) => vec![id],
-                // Every single byte is in a byte-level vocabulary, so this only happens with a
-                // merge whose result is missing: fall back to the bytes.
-                None => p.chars().filter_map(|c| self.token_ids.get(&c.to_string()).copied()).collect(),
-            })
-            .collect();
         if let Ok(mut cache) = self.cache.lock() {
             if cache.len() > 100_000 {
                 cache.clear();
