@@ -187,19 +187,45 @@ impl Model {
     /// `params.seed + i`. Outputs come back in the prompts' order.
     pub fn generate_batch(&self, prompts: &[Vec<TokenId>], params: &SamplingParams) -> Result<Vec<BatchOutput>, EngineError> {
         let mut outputs: Vec<Option<BatchOutput>> = vec![None; prompts.len()];
-        let mut running = Vec::with_capacity(prompts.len());
-        let mut caches = Vec::with_capacity(prompts.len());
+        let requests = prompts.iter().enumerate().map(|(i, p)| (p.clone(), params.seed.wrapping_add(i as u64)));
+        self.generate_many(requests, params, prompts.len().max(1), |i, output| {
+            outputs[i] = Some(output);
+            Ok(true)
+        })?;
+        Ok(outputs.into_iter().map(|o| o.expect("every sequence finishes")).collect())
+    }
+
+    /// Continuous batching over a stream of `(prompt, seed)` requests: up to `max_batch`
+    /// sequences decode together, and a finished one is replaced by the next request at
+    /// once, so the batch stays full instead of draining down to its longest member.
+    /// `on_finish(index, output)` receives each sequence as it ends (index = its position in
+    /// `requests`); returning `false` stops taking new requests (running ones still finish).
+    pub fn generate_many(
+        &self,
+        requests: impl IntoIterator<Item = (Vec<TokenId>, u64)>,
+        params: &SamplingParams,
+        max_batch: usize,
+        mut on_finish: impl FnMut(usize, BatchOutput) -> Result<bool, EngineError>,
+    ) -> Result<(), EngineError> {
+        let mut requests = requests.into_iter().enumerate();
+        let mut accepting = true;
+        let mut running: Vec<Running> = Vec::with_capacity(max_batch);
+        let mut caches = Vec::with_capacity(max_batch);
         let eos = self.tokenizer.eos();
         let limit = self.llama.config().context_length;
-        for (index, prompt) in prompts.iter().enumerate() {
-            let mut cache = self.llama.new_cache();
-            let logits = self.llama.forward(prompt, &mut cache, None, Logits::Last)?.expect("Logits::Last returns logits");
-            let mut sampler = Sampler::new(SamplingParams { seed: params.seed.wrapping_add(index as u64), ..params.clone() });
-            let next = sampler.sample(&mut to_host(logits)?);
-            running.push(Running { index, sampler, tokens: Vec::new(), next });
-            caches.push(cache);
-        }
         loop {
+            while accepting && running.len() < max_batch.max(1) {
+                let Some((index, (prompt, seed))) = requests.next() else {
+                    accepting = false;
+                    break;
+                };
+                let mut cache = self.llama.new_cache();
+                let logits = self.llama.forward(&prompt, &mut cache, None, Logits::Last)?.expect("Logits::Last returns logits");
+                let mut sampler = Sampler::new(SamplingParams { seed, ..params.clone() });
+                let next = sampler.sample(&mut to_host(logits)?);
+                running.push(Running { index, sampler, tokens: Vec::new(), next });
+                caches.push(cache);
+            }
             // Retire the sequences whose last sample ends them.
             let mut i = 0;
             while i < running.len() {
@@ -218,13 +244,16 @@ impl Model {
                     let r = running.swap_remove(i);
                     caches.swap_remove(i);
                     let text = self.tokenizer.decode(&r.tokens, true)?;
-                    outputs[r.index] = Some(BatchOutput { tokens: r.tokens, text, finish });
+                    accepting &= on_finish(r.index, BatchOutput { tokens: r.tokens, text, finish })?;
                 } else {
                     i += 1;
                 }
             }
             if running.is_empty() {
-                break;
+                if accepting {
+                    continue;
+                }
+                return Ok(());
             }
             let tokens: Vec<TokenId> = running.iter().map(|r| r.next).collect();
             let logits = to_host(self.llama.forward_batch(&tokens, &mut caches)?)?;
@@ -233,6 +262,5 @@ impl Model {
                 r.next = r.sampler.sample(&mut row.to_vec());
             }
         }
-        Ok(outputs.into_iter().map(|o| o.expect("every sequence finishes")).collect())
     }
 }

@@ -29,15 +29,19 @@ pub mod gguf;
 pub mod hook;
 pub mod llama;
 pub mod quant;
+pub mod sae;
 pub mod sampling;
 pub mod tokenizer;
 
 use std::sync::Arc;
 
+/// The burn version the engine is built on, for crates that pass tensors to it.
+pub use burn;
 pub use backend::Backend;
 pub use generate::{BatchOutput, CancelToken, FinishReason, GeneratedToken, TokenStream};
 pub use hook::{AddToResidual, CaptureResidual, ResidualHook};
 pub use llama::{Config, KvCache, Llama, Logits, to_host};
+pub use sae::{FeatureCapture, Sae, SaeConfig, SaeError, Splice, SpliceMode};
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{ChatMessage, StreamDecoder, TokenId, Tokenizer};
 
@@ -73,6 +77,8 @@ pub enum EngineError {
     CacheTruncated,
     #[error("backend error: {0}")]
     Backend(String),
+    #[error(transparent)]
+    Sae(#[from] SaeError),
 }
 
 /// A loaded model: tokenizer and network.
