@@ -13,7 +13,7 @@ echo "== cargo test (release: burn is unusably slow unoptimised)"
 cargo test --release --workspace -- --test-threads=2
 
 echo "== corpus builder unit tests"
-(cd tools/corpus && python3 -m unittest -q test_build_corpus)
+(cd tools/corpus && python3 -m unittest -q test_build_corpus test_chat_prompts)
 
 echo "== wasm32 build of the engine (cpu + wgpu)"
 RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+simd128" \

@@ -31,8 +31,9 @@ impl Progress {
         let left = self.total.saturating_sub(done) as f64;
         let eta = if rate > 0.0 { format_duration(left / rate) } else { "?".into() };
         let pct = 100.0 * done as f64 / self.total.max(1) as f64;
+        let rate = if rate < 10.0 { format!("{rate:.2}") } else { format!("{rate:.0}") };
         eprintln!(
-            "[{}] {done}/{} {} ({pct:.1}%) · {rate:.0} {}/s · elapsed {} · ETA {eta}{}{extra}",
+            "[{}] {done}/{} {} ({pct:.1}%) · {rate} {}/s · elapsed {} · ETA {eta}{}{extra}",
             self.what,
             self.total,
             self.unit,
