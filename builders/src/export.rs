@@ -106,7 +106,9 @@ pub fn ship(args: &ShipArgs) -> Result<(), BuildError> {
         "layer_comparison": match &args.layer_comparison { Some(p) => read_json(p)?, None => Value::Null },
         "corpus": corpus_summary,
         "files": files,
-        "regenerate": [
+        "regenerate": {
+            "script": "scripts/build_sae.sh",
+            "steps": [
             "python3 tools/corpus/build_corpus.py --out data/corpus",
             "python3 tools/corpus/chat_prompts.py --corpus data/corpus --out data/corpus/chat-prompts.jsonl",
             "target/release/kindling-build chats",
@@ -114,7 +116,8 @@ pub fn ship(args: &ShipArgs) -> Result<(), BuildError> {
             train["created_by"],
             eval["created_by"],
             args.command,
-        ],
+            ],
+        },
     });
     write_json(&args.out.join("manifest.json"), &manifest)?;
     eprintln!("[ship] wrote {} ({})", args.out.display(), [SAELENS_CFG, SAELENS_WEIGHTS, COMPACT, "manifest.json"].join(", "));
