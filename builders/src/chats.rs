@@ -105,6 +105,17 @@ pub fn run(args: &ChatsArgs) -> Result<(), BuildError> {
         return Err(BuildError::Input(format!("{} lists no general-text tokens; build that part first", args.manifest.display())));
     }
     let target = tokens_needed(text, args.min_fraction, args.min_total_tokens);
+    // Already recorded for exactly this file: leave the manifest (and so every harvest made
+    // from it) untouched.
+    let recorded = manifest["sources"].as_array().and_then(|s| s.iter().find(|x| x["kind"] == "generated-chat")).cloned();
+    if let Some(entry) = recorded
+        && entry["tokens"].as_u64().is_some_and(|t| t >= target)
+        && args.out.exists()
+        && entry["sha256"].as_str() == Some(sha256_file(&args.out)?.as_str())
+    {
+        eprintln!("[chats] complete: {} conversations, {} tokens recorded in {}", entry["documents"], entry["tokens"], args.manifest.display());
+        return Ok(());
+    }
     let prompts = read_prompts(&args.prompts)?;
     let (done, mut tokens) = resume(&args.out)?;
     eprintln!(
