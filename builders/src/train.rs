@@ -132,6 +132,18 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
+/// The gradient that one selected latent of one token contributes.
+struct LatentGrad {
+    latent: u32,
+    token: u32,
+    /// d loss / d pre-activation (= d loss / d activation, the latent being active).
+    d_pre: f32,
+    act: f32,
+    /// d loss / d output = `out_scale ×` the token's error (main) or AuxK error.
+    out_scale: f32,
+    aux: bool,
+}
+
 /// The selected latents of one token: (latent, activation), for the main and AuxK paths.
 struct Selection {
     main: Vec<(u32, f32)>,
@@ -229,50 +241,43 @@ impl Trainer {
         // d/d a = grad_out · dec[j]; d/d dec[j] = a · grad_out; d/d pre = d/d a (a > 0).
         let g_main = -2.0 / variance;
         let g_aux = 2.0 * self.cfg.aux_coef / variance;
-        // Entries (latent, token, d/d pre, activation, output gradient scale, path).
-        let mut entries: Vec<(u32, u32, f32, f32, f32, bool)> = Vec::with_capacity(rows * (k + k_aux));
-        let per_token: Vec<Vec<(u32, u32, f32, f32, f32, bool)>> = selections
+        let per_token: Vec<Vec<LatentGrad>> = selections
             .par_iter()
             .enumerate()
             .map(|(t, sel)| {
-                let mut out = Vec::with_capacity(sel.main.len() + sel.aux.len());
-                for &(j, a) in &sel.main {
-                    let w = &self.dec[j as usize * d..(j as usize + 1) * d];
-                    out.push((j, t as u32, g_main * dot(&errors[t], w), a, g_main, true));
-                }
-                for &(j, a) in &sel.aux {
-                    let w = &self.dec[j as usize * d..(j as usize + 1) * d];
-                    out.push((j, t as u32, g_aux * dot(&aux_errors[t], w), a, g_aux, false));
-                }
-                out
+                let main = sel.main.iter().map(|&(j, a)| (j, a, false));
+                let aux = sel.aux.iter().map(|&(j, a)| (j, a, true));
+                main.chain(aux)
+                    .map(|(latent, act, aux)| {
+                        let (out, out_scale) = if aux { (&aux_errors[t], g_aux) } else { (&errors[t], g_main) };
+                        let w = &self.dec[latent as usize * d..(latent as usize + 1) * d];
+                        LatentGrad { latent, token: t as u32, d_pre: out_scale * dot(out, w), act, out_scale, aux }
+                    })
+                    .collect()
             })
             .collect();
-        for v in per_token {
-            entries.extend(v);
-        }
-        entries.par_sort_unstable_by_key(|e| (e.0, e.1));
+        let mut entries: Vec<LatentGrad> = per_token.into_iter().flatten().collect();
+        entries.par_sort_unstable_by_key(|e| (e.latent, e.token));
 
         // Scatter-add per latent (each latent's rows are written by one task).
         let mut grad_enc = vec![0.0f32; s * d];
         let mut grad_dec = vec![0.0f32; s * d];
         let mut grad_b_enc = vec![0.0f32; s];
-        let starts: Vec<usize> = (0..entries.len()).filter(|&i| i == 0 || entries[i].0 != entries[i - 1].0).collect();
-        let groups: Vec<(usize, usize)> =
-            starts.iter().enumerate().map(|(n, &a)| (a, starts.get(n + 1).copied().unwrap_or(entries.len()))).collect();
+        let groups: Vec<&[LatentGrad]> = entries.chunk_by(|a, b| a.latent == b.latent).collect();
         let touched: Vec<(u32, Vec<f32>, Vec<f32>, f32)> = groups
             .par_iter()
-            .map(|&(a, b)| {
-                let j = entries[a].0;
+            .map(|group| {
+                let j = group[0].latent;
                 let mut ge = vec![0.0f32; d];
                 let mut gd = vec![0.0f32; d];
                 let mut gb = 0.0f32;
-                for &(_, t, dpre, act, scale, main) in &entries[a..b] {
-                    let t = t as usize;
+                for e in group.iter() {
+                    let t = e.token as usize;
                     let xc = &centred[t * d..(t + 1) * d];
-                    ge.iter_mut().zip(xc).for_each(|(g, v)| *g += dpre * v);
-                    gb += dpre;
-                    let out = if main { &errors[t] } else { &aux_errors[t] };
-                    gd.iter_mut().zip(out).for_each(|(g, v)| *g += act * scale * v);
+                    ge.iter_mut().zip(xc).for_each(|(g, v)| *g += e.d_pre * v);
+                    gb += e.d_pre;
+                    let out = if e.aux { &aux_errors[t] } else { &errors[t] };
+                    gd.iter_mut().zip(out).for_each(|(g, v)| *g += e.act * e.out_scale * v);
                 }
                 // Keep decoder rows on the unit sphere: drop the radial gradient component.
                 let w = &self.dec[j as usize * d..(j as usize + 1) * d];
@@ -286,9 +291,9 @@ impl Trainer {
         for e in &errors {
             grad_b_dec.iter_mut().zip(e).for_each(|(g, v)| *g += g_main * v);
         }
-        for &(j, _, dpre, _, _, _) in &entries {
-            let row = &self.enc[j as usize * d..(j as usize + 1) * d];
-            grad_b_dec.iter_mut().zip(row).for_each(|(g, v)| *g -= dpre * v);
+        for e in &entries {
+            let row = &self.enc[e.latent as usize * d..(e.latent as usize + 1) * d];
+            grad_b_dec.iter_mut().zip(row).for_each(|(g, v)| *g -= e.d_pre * v);
         }
         for (j, ge, gd, gb) in touched {
             let j = j as usize;
