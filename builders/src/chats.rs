@@ -25,6 +25,8 @@ pub struct ChatsArgs {
     pub min_fraction: f64,
     pub min_total_tokens: u64,
     pub batch: usize,
+    /// Single-threaded workers generating side by side (0: one per core).
+    pub workers: usize,
     pub params: SamplingParams,
     pub command: String,
 }
@@ -117,7 +119,7 @@ pub fn run(args: &ChatsArgs) -> Result<(), BuildError> {
         return Ok(());
     }
     let prompts = read_prompts(&args.prompts)?;
-    let (done, mut tokens) = resume(&args.out)?;
+    let (done, tokens) = resume(&args.out)?;
     eprintln!(
         "[chats] general text {text} tokens; target {target} generated-chat tokens ({:.0}% of at least {} in all); {} conversations ({tokens} tokens) already done",
         100.0 * args.min_fraction,
@@ -125,12 +127,8 @@ pub fn run(args: &ChatsArgs) -> Result<(), BuildError> {
         done.len()
     );
     let model = Model::load(&args.model_path, kindling_engine::Backend::Cpu)?;
-    let mut out = OpenOptions::new().create(true).append(true).open(&args.out).map_err(|e| BuildError::io(&args.out, e))?;
+    let out = OpenOptions::new().create(true).append(true).open(&args.out).map_err(|e| BuildError::io(&args.out, e))?;
     let todo: Vec<&Prompt> = prompts.iter().filter(|p| !done.contains(&p.id)).collect();
-    let mut progress = Progress::new("chats", "tokens", target, tokens);
-    let mut written = done.len();
-    let mut generated_tokens = 0u64;
-    let started = std::time::Instant::now();
     let conversation = |p: &Prompt| {
         let mut messages = Vec::new();
         if let Some(s) = &p.system {
@@ -139,44 +137,73 @@ pub fn run(args: &ChatsArgs) -> Result<(), BuildError> {
         messages.push(ChatMessage::user(p.user.clone()));
         messages
     };
-    let inputs = todo
-        .iter()
-        .map(|p| Ok((model.tokenizer.encode_chat(&conversation(p))?, args.params.seed.wrapping_add(p.id))))
-        .collect::<Result<Vec<_>, BuildError>>()?;
-    let mut failure = None;
+    /// What the workers share: the output file and the running totals.
+    struct Shared {
+        out: File,
+        tokens: u64,
+        written: usize,
+        generated_tokens: u64,
+        progress: Progress,
+        failure: Option<BuildError>,
+    }
+    let shared = std::sync::Mutex::new(Shared {
+        out,
+        tokens,
+        written: done.len(),
+        generated_tokens: 0,
+        progress: Progress::new("chats", "tokens", target, tokens),
+        failure: None,
+    });
+    let started = std::time::Instant::now();
+    let workers = crate::workers::single_thread_pools(args.workers)?;
+    // Prompts are dealt round-robin to the workers; each decodes its own batch.
+    let shares: Vec<Vec<&Prompt>> =
+        (0..workers.len()).map(|w| todo.iter().copied().skip(w).step_by(workers.len()).collect()).collect();
+    let worker_ids: Vec<usize> = (0..workers.len()).collect();
     if tokens < target {
-        model.generate_many(inputs, &args.params, args.batch, |i, output| {
-            let p = todo[i];
-            let reply = output.text.trim().to_string();
-            generated_tokens += output.tokens.len() as u64;
-            if reply.is_empty() {
-                return Ok(true);
-            }
-            let mut messages = conversation(p);
-            messages.push(ChatMessage::new("assistant", reply.clone()));
-            let chatml = model.tokenizer.apply_chat_template(&messages, false)?;
-            let n = model.tokenizer.encode(&chatml, true).len() as u64;
-            let finish = match output.finish {
-                FinishReason::Stop => "stop",
-                FinishReason::Length => "length",
-                FinishReason::Cancelled => "cancelled",
-            };
-            let line = json!({
-                "id": p.id, "kind": p.kind, "source": "generated-chat", "system": p.system, "user": p.user,
-                "assistant": reply, "finish": finish, "tokens": n, "text": chatml,
-            });
-            // One whole line per write: a kill between writes leaves the file resumable.
-            if let Err(e) = out.write_all(format!("{line}\n").as_bytes()).and_then(|_| out.flush()) {
-                failure = Some(BuildError::io(&args.out, e));
-                return Ok(false);
-            }
-            tokens += n;
-            written += 1;
-            let rate = generated_tokens as f64 / started.elapsed().as_secs_f64();
-            progress.update(tokens, &format!("{written} conversations · {rate:.0} generated tok/s"), false);
-            Ok(tokens < target)
+        crate::workers::run_on_workers(&workers, &worker_ids, |w| {
+            let mine = &shares[w];
+            let inputs = mine
+                .iter()
+                .map(|p| Ok((model.tokenizer.encode_chat(&conversation(p))?, args.params.seed.wrapping_add(p.id))))
+                .collect::<Result<Vec<_>, BuildError>>()?;
+            model.generate_many(inputs, &args.params, args.batch, |i, output| {
+                let p = mine[i];
+                let reply = output.text.trim().to_string();
+                let mut messages = conversation(p);
+                messages.push(ChatMessage::new("assistant", reply.clone()));
+                let chatml = model.tokenizer.apply_chat_template(&messages, false)?;
+                let n = model.tokenizer.encode(&chatml, true).len() as u64;
+                let finish = match output.finish {
+                    FinishReason::Stop => "stop",
+                    FinishReason::Length => "length",
+                    FinishReason::Cancelled => "cancelled",
+                };
+                let line = json!({
+                    "id": p.id, "kind": p.kind, "source": "generated-chat", "system": p.system, "user": p.user,
+                    "assistant": reply, "finish": finish, "tokens": n, "text": chatml,
+                });
+                let mut s = shared.lock().expect("no worker panics while holding the lock");
+                s.generated_tokens += output.tokens.len() as u64;
+                if reply.is_empty() {
+                    return Ok(s.tokens < target);
+                }
+                // One whole line per write: a kill between writes leaves the file resumable.
+                if let Err(e) = s.out.write_all(format!("{line}\n").as_bytes()).and_then(|_| s.out.flush()) {
+                    s.failure = Some(BuildError::io(&args.out, e));
+                    return Ok(false);
+                }
+                s.tokens += n;
+                s.written += 1;
+                let rate = s.generated_tokens as f64 / started.elapsed().as_secs_f64();
+                let (tokens, written) = (s.tokens, s.written);
+                s.progress.update(tokens, &format!("{written} conversations · {rate:.0} generated tok/s"), false);
+                Ok(tokens < target)
+            })?;
+            Ok(())
         })?;
     }
+    let Shared { tokens, written, mut progress, failure, .. } = shared.into_inner().expect("workers are done");
     if let Some(e) = failure {
         return Err(e);
     }
@@ -207,7 +234,7 @@ fn record_in_manifest(manifest: &mut Value, args: &ChatsArgs, documents: usize, 
         "tokens": tokens,
         "prompts": { "file": args.prompts.display().to_string(), "sha256": sha256_file(&args.prompts)? },
         "model_sha256": sha256_file(&args.model_path)?,
-        "sampling": { "temperature": p.temperature, "top_p": p.top_p, "max_tokens": p.max_tokens, "seed": p.seed, "batch": args.batch },
+        "sampling": { "temperature": p.temperature, "top_p": p.top_p, "max_tokens": p.max_tokens, "seed": "base + prompt id", "base_seed": p.seed, "batch_per_worker": args.batch },
         "counted_as": "each conversation's ChatML text encoded with control tokens",
         "created_by": args.command,
     });

@@ -24,6 +24,7 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::{Value, json};
 
 use crate::progress::Progress;
+use crate::workers::run_on_workers;
 use crate::{BuildError, sha256_file};
 
 pub struct HarvestArgs {
@@ -38,6 +39,8 @@ pub struct HarvestArgs {
     /// One window in `heldout_every` is held out for evaluation.
     pub heldout_every: usize,
     pub seed: u64,
+    /// Windows harvested side by side, each on one thread (see `workers`).
+    pub workers: usize,
     pub command: String,
 }
 
@@ -159,6 +162,8 @@ pub fn run(args: &HarvestArgs) -> Result<(), BuildError> {
     let mut heldout: Vec<Value> = state["heldout_windows"].as_array().cloned().unwrap_or_default();
     let mut source_rows: serde_json::Map<String, Value> = state["source_rows"].as_object().cloned().unwrap_or_default();
     let mut pending_sources: std::collections::HashMap<String, u64> = Default::default();
+    let workers = crate::workers::single_thread_pools(args.workers)?;
+    let mut computed: std::collections::HashMap<usize, CaptureResidual> = Default::default();
     let mut i = start_window;
     loop {
         let budget_met = rows_done + buffered_rows as u64 >= budget;
@@ -202,9 +207,21 @@ pub fn run(args: &HarvestArgs) -> Result<(), BuildError> {
             heldout.push(json!({ "source": window.source, "tokens": window.tokens }));
             continue;
         }
-        let mut capture = CaptureResidual::layers(&layers);
-        let mut cache = model.llama.new_cache();
-        model.llama.forward(&window.tokens, &mut cache, Some(&mut capture), Logits::None)?;
+        if !computed.contains_key(&(i - 1)) {
+            // The next windows to harvest, one per worker, run side by side.
+            let batch: Vec<usize> = (i - 1..windows.len())
+                .filter(|&w| !is_heldout(w, args.heldout_every))
+                .take(workers.len())
+                .collect();
+            let results = run_on_workers(&workers, &batch, |w| {
+                let mut capture = CaptureResidual::layers(&layers);
+                let mut cache = model.llama.new_cache();
+                model.llama.forward(&windows[w].tokens, &mut cache, Some(&mut capture), Logits::None)?;
+                Ok(capture)
+            })?;
+            computed.extend(batch.into_iter().zip(results));
+        }
+        let mut capture = computed.remove(&(i - 1)).expect("computed above");
         let keep: Vec<usize> =
             (1..window.tokens.len()).filter(|&p| !model.tokenizer.is_control(window.tokens[p])).collect();
         for (buffer, &l) in buffers.iter_mut().zip(&layers) {

@@ -13,6 +13,7 @@ mod export;
 mod harvest;
 mod progress;
 mod train;
+mod workers;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -53,9 +54,12 @@ enum Command {
         /// The whole corpus must reach at least this many tokens.
         #[arg(long, default_value_t = 4_050_000)]
         min_total_tokens: u64,
-        /// Conversations decoded together.
+        /// Conversations decoded together by each worker.
         #[arg(long, default_value_t = 8)]
         batch: usize,
+        /// Single-threaded workers generating side by side (0: one per core).
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
         #[arg(long, default_value_t = 0.7)]
         temperature: f32,
         #[arg(long, default_value_t = 0.9)]
@@ -89,6 +93,9 @@ enum Command {
         heldout_every: usize,
         #[arg(long, default_value_t = 1234)]
         seed: u64,
+        /// Single-threaded workers harvesting windows side by side (0: one per core).
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
     },
     /// Train a TopK SAE on one layer of a harvest; resumes from OUT/checkpoint.safetensors.
     Train {
@@ -200,7 +207,7 @@ fn main() -> ExitCode {
     }
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let result = match cli.command {
-        Command::Chats { prompts, out, manifest, min_fraction, min_total_tokens, batch, temperature, top_p, max_tokens, seed } => {
+        Command::Chats { prompts, out, manifest, min_fraction, min_total_tokens, batch, workers, temperature, top_p, max_tokens, seed } => {
             chats::run(&chats::ChatsArgs {
                 model_path: cli.model,
                 prompts,
@@ -209,11 +216,12 @@ fn main() -> ExitCode {
                 min_fraction,
                 min_total_tokens,
                 batch,
+                workers,
                 params: SamplingParams { temperature, top_p: Some(top_p), max_tokens, seed, ..SamplingParams::default() },
                 command,
             })
         }
-        Command::Harvest { manifest, out, layers, window, shard_rows, max_tokens, heldout_every, seed } => {
+        Command::Harvest { manifest, out, layers, window, shard_rows, max_tokens, heldout_every, seed, workers } => {
             harvest::run(&harvest::HarvestArgs {
                 model_path: cli.model,
                 manifest,
@@ -224,6 +232,7 @@ fn main() -> ExitCode {
                 max_tokens,
                 heldout_every,
                 seed,
+                workers,
                 command,
             })
         }
