@@ -85,11 +85,12 @@ pub fn run(args: &EvalArgs) -> Result<(), BuildError> {
         let mut cache = model.llama.new_cache();
         let logits = model.llama.forward(tokens, &mut cache, Some(&mut capture), if with_ce { Logits::All } else { Logits::None })?;
         let residual = capture.take();
-        for (p, x) in residual.chunks_exact(d).enumerate() {
+        // One batched encode per window (a gemm over all its rows), not one per token.
+        let encoded = sae.encode(&residual);
+        for (p, (x, features)) in residual.chunks_exact(d).zip(&encoded).enumerate() {
             if leave[p] {
                 continue;
             }
-            let features = &sae.encode(x)[0];
             let recon = sae.decode(features);
             acc.sse += x.iter().zip(&recon).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>();
             acc.sum.iter_mut().zip(x).for_each(|(s, &v)| *s += v as f64);
