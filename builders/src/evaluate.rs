@@ -1,6 +1,6 @@
 //! `kindling-build evaluate`: an SAE's quality on the harvest's held-out windows.
 //!
-//! * FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² over held-out tokens (position 0 and control tokens
+//! * FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² over the first `windows` held-out windows (position 0 and control tokens
 //!   excluded, as in training), L0 = mean active latents per token, dead fraction = share of
 //!   latents that never fire on the held-out tokens.
 //! * Language-model loss on the first `ce_windows` held-out windows, next-token cross-entropy
@@ -22,6 +22,8 @@ pub struct EvalArgs {
     pub model_path: PathBuf,
     pub sae: PathBuf,
     pub harvest: PathBuf,
+    /// Held-out windows measured (FVU, L0, dead); the rest stay for the feature atlas.
+    pub windows: usize,
     pub ce_windows: usize,
     pub examples: usize,
     pub out: PathBuf,
@@ -68,6 +70,7 @@ pub fn run(args: &EvalArgs) -> Result<(), BuildError> {
             let tokens = w["tokens"].as_array().into_iter().flatten().filter_map(|t| t.as_u64().map(|t| t as TokenId)).collect();
             (w["source"].as_str().unwrap_or("?").to_string(), tokens)
         })
+        .take(args.windows)
         .collect();
     if windows.is_empty() {
         return Err(BuildError::Input(format!("{} holds no held-out windows", state_path.display())));

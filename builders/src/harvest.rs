@@ -36,7 +36,7 @@ pub struct HarvestArgs {
     pub shard_rows: usize,
     /// Stop after this many training tokens (rows per layer); `None`: the whole corpus.
     pub max_tokens: Option<u64>,
-    /// One window in `heldout_every` is held out for evaluation.
+    /// One window in `heldout_every` is held out for evaluation and the feature atlas.
     pub heldout_every: usize,
     pub seed: u64,
     /// Windows harvested side by side, each on one thread (see `workers`).

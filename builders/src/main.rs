@@ -88,8 +88,9 @@ enum Command {
         /// Stop after this many rows per layer (a small budget for comparing layers).
         #[arg(long)]
         max_tokens: Option<u64>,
-        /// Hold out one window in this many for evaluation.
-        #[arg(long, default_value_t = 50)]
+        /// Hold out one window in this many: SAE evaluation and the feature atlas read only
+        /// held-out text (one in ten leaves ~400 k tokens, enough for rare features' contexts).
+        #[arg(long, default_value_t = 10)]
         heldout_every: usize,
         #[arg(long, default_value_t = 1234)]
         seed: u64,
@@ -139,6 +140,9 @@ enum Command {
         sae: PathBuf,
         #[arg(long, default_value = "data/harvest")]
         harvest: PathBuf,
+        /// Held-out windows measured for FVU, L0 and the dead fraction (~256 tokens each).
+        #[arg(long, default_value_t = 400)]
+        windows: usize,
         /// Held-out windows used for the language-model loss (three forward passes each).
         #[arg(long, default_value_t = 32)]
         ce_windows: usize,
@@ -249,8 +253,8 @@ fn main() -> ExitCode {
             checkpoint_every_s,
             command,
         }),
-        Command::Evaluate { sae, harvest, ce_windows, examples, out } => {
-            evaluate::run(&evaluate::EvalArgs { model_path: cli.model, sae, harvest, ce_windows, examples, out, command })
+        Command::Evaluate { sae, harvest, windows, ce_windows, examples, out } => {
+            evaluate::run(&evaluate::EvalArgs { model_path: cli.model, sae, harvest, windows, ce_windows, examples, out, command })
         }
         Command::Ship { trained, eval, corpus_manifest, layer_comparison, out } => {
             export::ship(&export::ShipArgs { trained, eval, corpus_manifest, layer_comparison, out, command })
