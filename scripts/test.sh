@@ -6,6 +6,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 scripts/fetch-model.sh
+scripts/fetch-minilm.sh
 
 echo "== cargo test (release: burn is unusably slow unoptimised)"
 # Tests share one model load per binary; two threads keep wgpu's lavapipe and the CPU

@@ -11,6 +11,7 @@ mod chats;
 mod evaluate;
 mod export;
 mod harvest;
+mod minilm;
 mod progress;
 mod train;
 mod workers;

@@ -24,6 +24,7 @@
 //! ```
 
 pub mod backend;
+pub mod embed;
 pub mod generate;
 pub mod gguf;
 pub mod hook;
@@ -38,6 +39,7 @@ use std::sync::Arc;
 /// The burn version the engine is built on, for crates that pass tensors to it.
 pub use burn;
 pub use backend::Backend;
+pub use embed::{EmbedError, StaticEmbedder, WordPiece};
 pub use generate::{BatchOutput, CancelToken, FinishReason, GeneratedToken, TokenStream};
 pub use hook::{AddToResidual, CaptureResidual, ResidualHook};
 pub use llama::{Config, KvCache, Llama, Logits, to_host};
@@ -79,6 +81,8 @@ pub enum EngineError {
     Backend(String),
     #[error(transparent)]
     Sae(#[from] SaeError),
+    #[error(transparent)]
+    Embed(#[from] EmbedError),
 }
 
 /// A loaded model: tokenizer and network.
