@@ -5,9 +5,12 @@
 //! * `harvest`: residual activations of the corpus at one or more blocks.
 //! * `train`: a TopK SAE on one harvested layer (sparse gradients, checkpoints).
 //! * `evaluate`: FVU, L0, dead latents, CE loss recovered and KL on held-out windows.
+//! * `embedder`: the static sentence embedder the atlas searches with, distilled from
+//!   all-MiniLM-L6-v2.
 //! * `ship`: the SAELens and compact files plus their manifest under `public/sae/`.
 
 mod chats;
+mod embedder;
 mod evaluate;
 mod export;
 mod harvest;
@@ -134,6 +137,24 @@ enum Command {
         #[arg(long, default_value_t = 120)]
         checkpoint_every_s: u64,
     },
+    /// Distil all-MiniLM-L6-v2 into the static embedder the atlas searches with.
+    Embedder {
+        /// model.safetensors and vocab.txt (scripts/fetch-minilm.sh).
+        #[arg(long, default_value = "data/models/all-MiniLM-L6-v2")]
+        minilm: PathBuf,
+        /// Token frequencies for the SIF weights come from this corpus.
+        #[arg(long, default_value = "data/corpus/manifest.json")]
+        corpus_manifest: PathBuf,
+        #[arg(long, default_value = "public/atlas/embedder.safetensors")]
+        out: PathBuf,
+        /// PCA components kept.
+        #[arg(long, default_value_t = 256)]
+        dim: usize,
+        #[arg(long, default_value_t = 1e-3)]
+        sif: f64,
+        #[arg(long, default_value_t = 512)]
+        batch: usize,
+    },
     /// Measure an SAE on the harvest's held-out windows; writes a JSON report.
     Evaluate {
         /// The SAE (a trained sae.safetensors or the compact file).
@@ -198,6 +219,17 @@ impl<E: Into<EngineError>> From<E> for BuildError {
     }
 }
 
+/// Writes `bytes` to `path` through a temporary file, so that a cut-off run leaves the old
+/// file or the new one, never half of one.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), BuildError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| BuildError::io(dir, e))?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| BuildError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| BuildError::io(path, e))
+}
+
 pub fn sha256_file(path: &Path) -> Result<String, BuildError> {
     let mut file = std::fs::File::open(path).map_err(|e| BuildError::io(path, e))?;
     let mut hasher = Sha256::new();
@@ -254,6 +286,9 @@ fn main() -> ExitCode {
             checkpoint_every_s,
             command,
         }),
+        Command::Embedder { minilm, corpus_manifest, out, dim, sif, batch } => {
+            embedder::run(&embedder::EmbedderArgs { minilm, corpus_manifest, out, dim, sif, batch })
+        }
         Command::Evaluate { sae, harvest, windows, ce_windows, examples, out } => {
             evaluate::run(&evaluate::EvalArgs { model_path: cli.model, sae, harvest, windows, ce_windows, examples, out, command })
         }
