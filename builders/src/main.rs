@@ -7,8 +7,10 @@
 //! * `evaluate`: FVU, L0, dead latents, CE loss recovered and KL on held-out windows.
 //! * `embedder`: the static sentence embedder the atlas searches with, distilled from
 //!   all-MiniLM-L6-v2.
+//! * `atlas`: the feature atlas (statistics, contexts, logit effects, labels, label quality).
 //! * `ship`: the SAELens and compact files plus their manifest under `public/sae/`.
 
+mod atlas;
 mod chats;
 mod embedder;
 mod evaluate;
@@ -155,6 +157,36 @@ enum Command {
         #[arg(long, default_value_t = 512)]
         batch: usize,
     },
+    /// Build the feature atlas of the shipped SAE under public/atlas/; resumable.
+    Atlas {
+        #[arg(long, default_value = "public/sae")]
+        sae_dir: PathBuf,
+        /// Its held-out windows are the atlas's text.
+        #[arg(long, default_value = "data/harvest")]
+        harvest: PathBuf,
+        #[arg(long, default_value = "data/models/all-MiniLM-L6-v2")]
+        minilm: PathBuf,
+        #[arg(long, default_value = "public/atlas/embedder.safetensors")]
+        embedder: PathBuf,
+        #[arg(long, default_value = "data/atlas")]
+        work: PathBuf,
+        #[arg(long, default_value = "public/atlas")]
+        out: PathBuf,
+        /// Read only the first N held-out windows.
+        #[arg(long)]
+        windows: Option<usize>,
+        /// Label and score only the first N latents (a trial run).
+        #[arg(long)]
+        features: Option<usize>,
+        /// Single-threaded workers side by side (0: one per core).
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
+        /// Push (in max-activation units) used to find the tokens a feature boosts.
+        #[arg(long, default_value_t = 4.0)]
+        amplify: f32,
+        #[arg(long, default_value_t = 1234)]
+        seed: u64,
+    },
     /// Measure an SAE on the harvest's held-out windows; writes a JSON report.
     Evaluate {
         /// The SAE (a trained sae.safetensors or the compact file).
@@ -286,6 +318,23 @@ fn main() -> ExitCode {
             checkpoint_every_s,
             command,
         }),
+        Command::Atlas { sae_dir, harvest, minilm, embedder, work, out, windows, features, workers, amplify, seed } => {
+            atlas::run(&atlas::AtlasArgs {
+                model_path: cli.model,
+                sae_dir,
+                harvest,
+                minilm,
+                embedder,
+                work,
+                out,
+                windows,
+                features,
+                workers,
+                amplify,
+                seed,
+                command,
+            })
+        }
         Command::Embedder { minilm, corpus_manifest, out, dim, sif, batch } => {
             embedder::run(&embedder::EmbedderArgs { minilm, corpus_manifest, out, dim, sif, batch })
         }

@@ -205,6 +205,20 @@ impl Model {
         requests: impl IntoIterator<Item = (Vec<TokenId>, u64)>,
         params: &SamplingParams,
         max_batch: usize,
+        on_finish: impl FnMut(usize, BatchOutput) -> Result<bool, EngineError>,
+    ) -> Result<(), EngineError> {
+        self.generate_many_after(&self.llama.new_cache(), requests, params, max_batch, on_finish)
+    }
+
+    /// [`generate_many`](Self::generate_many) where every prompt continues a shared prefix
+    /// already in `prefix` (prefilled once, e.g. long instructions), so that each request
+    /// pays only for its own tokens.
+    pub fn generate_many_after(
+        &self,
+        prefix: &KvCache,
+        requests: impl IntoIterator<Item = (Vec<TokenId>, u64)>,
+        params: &SamplingParams,
+        max_batch: usize,
         mut on_finish: impl FnMut(usize, BatchOutput) -> Result<bool, EngineError>,
     ) -> Result<(), EngineError> {
         let mut requests = requests.into_iter().enumerate();
@@ -219,7 +233,7 @@ impl Model {
                     accepting = false;
                     break;
                 };
-                let mut cache = self.llama.new_cache();
+                let mut cache = prefix.clone();
                 let logits = self.llama.forward(&prompt, &mut cache, None, Logits::Last)?.expect("Logits::Last returns logits");
                 let mut sampler = Sampler::new(SamplingParams { seed, ..params.clone() });
                 let next = sampler.sample(&mut to_host(logits)?);

@@ -23,6 +23,7 @@
 //! # Ok::<(), kindling_engine::EngineError>(())
 //! ```
 
+pub mod atlas;
 pub mod backend;
 pub mod embed;
 pub mod generate;
@@ -38,6 +39,7 @@ use std::sync::Arc;
 
 /// The burn version the engine is built on, for crates that pass tensors to it.
 pub use burn;
+pub use atlas::{Atlas, AtlasError, Context, FeatureInfo, Hit, LabelSource};
 pub use backend::Backend;
 pub use embed::{EmbedError, StaticEmbedder, WordPiece};
 pub use generate::{BatchOutput, CancelToken, FinishReason, GeneratedToken, TokenStream};
@@ -83,6 +85,8 @@ pub enum EngineError {
     Sae(#[from] SaeError),
     #[error(transparent)]
     Embed(#[from] EmbedError),
+    #[error(transparent)]
+    Atlas(#[from] AtlasError),
 }
 
 /// A loaded model: tokenizer and network.

@@ -602,6 +602,13 @@ impl Llama {
         Ok(self.output.forward(self.output_norm.forward(x)))
     }
 
+    /// The logits that residual-stream `directions` (`[rows, n_embd]`) add through the final
+    /// norm's gain and the unembedding, `[rows, vocab]`: the "logit lens" of SAE decoder rows
+    /// (TransformerLens folds the gain into the unembedding the same way).
+    pub fn logit_lens(&self, directions: Tensor<2>) -> Tensor<2> {
+        self.output.forward(directions * self.output_norm.weight.clone().unsqueeze::<2>())
+    }
+
     /// Whether `tokens` can be appended to `cache`.
     fn check_input(&self, tokens: &[TokenId], cache: &KvCache) -> Result<(), EngineError> {
         if tokens.is_empty() {

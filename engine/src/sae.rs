@@ -101,6 +101,8 @@ pub struct Sae {
     /// `[d_sae, d_in]`.
     w_dec: Vec<f32>,
     b_dec: Vec<f32>,
+    /// SHA-256 of the file bytes it was loaded from (the atlas checks it belongs to this SAE).
+    sha256: Option<String>,
 }
 
 impl Sae {
@@ -117,12 +119,18 @@ impl Sae {
                 return Err(SaeError::NotFinite(name));
             }
         }
-        Ok(Self { cfg, w_enc, b_enc, w_dec, b_dec })
+        Ok(Self { cfg, w_enc, b_enc, w_dec, b_dec, sha256: None })
     }
 
     /// Loads the SAELens layout: `cfg.json` text and `sae_weights.safetensors` bytes.
     pub fn from_saelens(cfg_json: &str, weights: &[u8]) -> Result<Self, SaeError> {
         Self::from_tensors(SaeConfig::from_json(cfg_json)?, weights)
+    }
+
+    /// SHA-256 (hex) of the weights file this SAE was loaded from; `None` when it was built
+    /// from weights in memory.
+    pub fn sha256(&self) -> Option<&str> {
+        self.sha256.as_deref()
     }
 
     /// Loads the compact file (f16 or f32 tensors, config in the metadata).
@@ -151,7 +159,9 @@ impl Sae {
                 other => return Err(SaeError::Dtype { name, dtype: format!("{other:?}") }),
             })
         };
-        Self::new(cfg, read("W_enc", &[d, s])?, read("b_enc", &[s])?, read("W_dec", &[s, d])?, read("b_dec", &[d])?)
+        let mut sae = Self::new(cfg, read("W_enc", &[d, s])?, read("b_enc", &[s])?, read("W_dec", &[s, d])?, read("b_dec", &[d])?)?;
+        sae.sha256 = Some(format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(bytes)));
+        Ok(sae)
     }
 
     /// Fails unless this SAE reads a residual stream that `model` has.

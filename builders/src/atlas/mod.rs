@@ -1,0 +1,355 @@
+//! `kindling-build atlas`: the feature atlas under `public/atlas/` (see `kindling_engine::atlas`).
+//!
+//! Steps, each resumable, with intermediate files in `--work` (default `data/atlas/`):
+//! 1. **activations**: the SAE's latents at every held-out token of the harvest (text the SAE
+//!    never trained on), stored sparse in chunk files;
+//! 2. **statistics** (in memory, seconds): per latent its density, histogram, max activation
+//!    (99th percentile of its nonzero activations: the steering unit) and its contexts: the
+//!    strongest ones, samples from every decile of its activations (both shown in dashboards;
+//!    some are shown to the labeller), and a disjoint decile sample kept back for scoring;
+//! 3. **logits** ([`logits`]): promoted/suppressed tokens through the unembedding, and the
+//!    tokens whose probability rises most when the feature is amplified during generation;
+//! 4. **labels** ([`labels`]): the instruct model names the theme of the words each live
+//!    latent fires on; the words themselves are a candidate label too;
+//! 5. **score** ([`score`]): all-MiniLM-L6-v2 judges each label by detection on contexts the
+//!    labeller never saw (balanced accuracy);
+//! 6. **pack** ([`pack`]): `atlas.json`, `contexts.safetensors` and `manifest.json`.
+
+mod labels;
+mod logits;
+mod pack;
+mod score;
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use kindling_engine::{CaptureResidual, Logits as ModelLogits, Model, Sae, TokenId};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use serde_json::Value;
+
+use crate::BuildError;
+use crate::progress::Progress;
+use crate::workers::{run_on_workers, single_thread_pools};
+
+pub struct AtlasArgs {
+    pub model_path: PathBuf,
+    /// `public/sae`: the compact file, the SAELens files and the manifest.
+    pub sae_dir: PathBuf,
+    pub harvest: PathBuf,
+    pub minilm: PathBuf,
+    pub embedder: PathBuf,
+    pub work: PathBuf,
+    pub out: PathBuf,
+    /// Held-out windows read (all by default).
+    pub windows: Option<usize>,
+    /// Label and score only the first this many latents (a quick trial run).
+    pub features: Option<usize>,
+    pub workers: usize,
+    /// How far the feature is pushed (in max-activation units) to find boosted tokens.
+    pub amplify: f32,
+    pub seed: u64,
+    pub command: String,
+}
+
+/// Tokens shown before and after an activation in a stored context.
+pub const BEFORE: usize = 15;
+pub const AFTER: usize = 4;
+pub const WINDOW: usize = BEFORE + 1 + AFTER;
+/// Contexts per latent: strongest, decile samples (both stored), decile samples for scoring.
+pub const TOP: usize = 10;
+pub const SAMPLED: usize = 10;
+pub const SCORING: usize = 8;
+pub const HISTOGRAM_BINS: usize = 16;
+
+/// The held-out text with every token's active latents.
+pub struct Activations {
+    pub windows: Vec<Vec<TokenId>>,
+    /// Per window, per position: the active latents (none at position 0 and control tokens).
+    pub features: Vec<Vec<Vec<(u32, f32)>>>,
+    /// Positions with features (the denominator of densities).
+    pub tokens: u64,
+}
+
+impl Activations {
+    /// The activation of `latent` at each position of `window[range]`.
+    pub fn latent_in(&self, latent: u32, window: usize, range: std::ops::Range<usize>) -> Vec<f32> {
+        range.map(|p| self.features[window][p].iter().find(|(j, _)| *j == latent).map_or(0.0, |(_, a)| *a)).collect()
+    }
+}
+
+/// One occurrence of a latent: where it fired and how strongly.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Occurrence {
+    pub act: f32,
+    pub window: u32,
+    pub pos: u32,
+}
+
+/// What the statistics step knows about one latent.
+#[derive(Debug, Clone, Default)]
+pub struct LatentStats {
+    pub count: u64,
+    pub max_activation: f32,
+    pub max_observed: f32,
+    pub histogram: Vec<u32>,
+    /// Strongest first, non-overlapping.
+    pub top: Vec<Occurrence>,
+    /// One per decile band, strongest band first.
+    pub sampled: Vec<Occurrence>,
+    /// Held back from the labeller; one per decile band.
+    pub scoring: Vec<Occurrence>,
+    /// The tokens it fires on most in its contexts (id, count).
+    pub top_tokens: Vec<(TokenId, u32)>,
+}
+
+impl LatentStats {
+    pub fn is_live(&self) -> bool {
+        self.count > 0
+    }
+}
+
+/// The context window (token range) around an occurrence.
+pub fn context_range(acts: &Activations, o: &Occurrence) -> std::ops::Range<usize> {
+    let len = acts.windows[o.window as usize].len();
+    let p = o.pos as usize;
+    p.saturating_sub(BEFORE)..(p + AFTER + 1).min(len)
+}
+
+pub fn run(args: &AtlasArgs) -> Result<(), BuildError> {
+    let model = Model::load(&args.model_path, kindling_engine::Backend::Cpu)?;
+    let compact = args.sae_dir.join("kindling-sae.f16.safetensors");
+    let sae = Sae::from_compact(&fs::read(&compact).map_err(|e| BuildError::io(&compact, e))?)?;
+    sae.check_model(model.llama.config(), None)?;
+    fs::create_dir_all(&args.work).map_err(|e| BuildError::io(&args.work, e))?;
+
+    let acts = collect_activations(args, &model, &sae)?;
+    eprintln!("[atlas] statistics over {} held-out tokens", acts.tokens);
+    let stats = statistics(&acts, sae.config().d_sae, args.seed);
+    let live = stats.iter().filter(|s| s.is_live()).count();
+    eprintln!("[atlas] {live} of {} latents fire on held-out text", stats.len());
+
+    let effects = logits::run(args, &model, &sae, &stats)?;
+    let labels = labels::run(args, &model, &acts, &stats)?;
+    let scores = score::run(args, &model, &acts, &stats, &labels)?;
+    pack::run(args, &model, &sae, &acts, &stats, &effects, &scores)
+}
+
+/// Held-out windows of the harvest (token ids), in the harvest's order.
+fn heldout_windows(harvest: &Path, limit: Option<usize>) -> Result<Vec<Vec<TokenId>>, BuildError> {
+    let path = harvest.join("harvest.json");
+    let text = fs::read_to_string(&path).map_err(|e| BuildError::io(&path, e))?;
+    let state: Value = serde_json::from_str(&text).map_err(|e| BuildError::Input(format!("{}: {e}", path.display())))?;
+    let windows: Vec<Vec<TokenId>> = state["heldout_windows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| w["tokens"].as_array().into_iter().flatten().filter_map(|t| t.as_u64().map(|t| t as TokenId)).collect())
+        .take(limit.unwrap_or(usize::MAX))
+        .collect();
+    if windows.is_empty() {
+        return Err(BuildError::Input(format!("{} holds no held-out windows", path.display())));
+    }
+    Ok(windows)
+}
+
+const CHUNK_WINDOWS: usize = 16;
+
+/// Step 1: latents at every held-out token, in chunk files of 16 windows
+/// (`activations/chunk-NNNNN.bin`: per position a u16 count, then (u32 latent, f32 value)
+/// pairs, little-endian); finished chunks are reused.
+fn collect_activations(args: &AtlasArgs, model: &Model, sae: &Sae) -> Result<Activations, BuildError> {
+    let windows = heldout_windows(&args.harvest, args.windows)?;
+    let dir = args.work.join("activations");
+    fs::create_dir_all(&dir).map_err(|e| BuildError::io(&dir, e))?;
+    let stamp = dir.join("sae.sha256");
+    let sha = sae.sha256().unwrap_or("").to_string();
+    if fs::read_to_string(&stamp).ok().is_some_and(|s| s.trim() != sha) {
+        // Activations of another SAE: start over.
+        fs::remove_dir_all(&dir).map_err(|e| BuildError::io(&dir, e))?;
+        fs::create_dir_all(&dir).map_err(|e| BuildError::io(&dir, e))?;
+    }
+    fs::write(&stamp, &sha).map_err(|e| BuildError::io(&stamp, e))?;
+    let total: u64 = windows.iter().map(|w| w.len() as u64).sum();
+    let mut progress = Progress::new("atlas activations", "tokens", total, 0);
+    let workers = single_thread_pools(args.workers)?;
+    let mut features: Vec<Vec<Vec<(u32, f32)>>> = Vec::with_capacity(windows.len());
+    let mut done = 0u64;
+    for (c, chunk) in windows.chunks(CHUNK_WINDOWS).enumerate() {
+        let path = dir.join(format!("chunk-{c:05}.bin"));
+        let chunk_features = match read_chunk(&path, chunk) {
+            Some(f) => f,
+            None => {
+                let mut out = Vec::with_capacity(chunk.len());
+                for group in (0..chunk.len()).collect::<Vec<_>>().chunks(workers.len()) {
+                    out.extend(run_on_workers(&workers, group, |i| {
+                        let tokens = &chunk[i];
+                        let mut capture = CaptureResidual::new(sae.config().layer);
+                        let mut cache = model.llama.new_cache();
+                        model.llama.forward(tokens, &mut cache, Some(&mut capture), ModelLogits::None)?;
+                        let mut encoded = sae.encode(&capture.take());
+                        for (p, f) in encoded.iter_mut().enumerate() {
+                            if p == 0 || model.tokenizer.is_control(tokens[p]) {
+                                f.clear();
+                            }
+                        }
+                        Ok(encoded)
+                    })?);
+                }
+                write_chunk(&path, &out)?;
+                out
+            }
+        };
+        done += chunk.iter().map(|w| w.len() as u64).sum::<u64>();
+        features.extend(chunk_features);
+        progress.update(done, &format!("chunk {}", c + 1), false);
+    }
+    progress.update(done, "done", true);
+    let tokens = features.iter().flatten().filter(|f| !f.is_empty()).count() as u64;
+    Ok(Activations { windows, features, tokens })
+}
+
+fn write_chunk(path: &Path, windows: &[Vec<Vec<(u32, f32)>>]) -> Result<(), BuildError> {
+    let mut bytes = Vec::new();
+    for position in windows.iter().flatten() {
+        bytes.extend((position.len() as u16).to_le_bytes());
+        for &(j, a) in position {
+            bytes.extend(j.to_le_bytes());
+            bytes.extend(a.to_le_bytes());
+        }
+    }
+    crate::write_atomically(path, &bytes)
+}
+
+/// A finished chunk for these windows, or `None` (missing or not matching).
+fn read_chunk(path: &Path, windows: &[Vec<TokenId>]) -> Option<Vec<Vec<Vec<(u32, f32)>>>> {
+    let mut bytes = Vec::new();
+    fs::File::open(path).ok()?.read_to_end(&mut bytes).ok()?;
+    let mut at = 0;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let s = bytes.get(at..at + n)?;
+        at += n;
+        Some(s)
+    };
+    let mut out = Vec::with_capacity(windows.len());
+    for w in windows {
+        let mut positions = Vec::with_capacity(w.len());
+        for _ in 0..w.len() {
+            let n = u16::from_le_bytes(take(2)?.try_into().ok()?) as usize;
+            let mut f = Vec::with_capacity(n);
+            for _ in 0..n {
+                let pair = take(8)?;
+                f.push((u32::from_le_bytes(pair[..4].try_into().ok()?), f32::from_le_bytes(pair[4..].try_into().ok()?)));
+            }
+            positions.push(f);
+        }
+        out.push(positions);
+    }
+    (at == bytes.len()).then_some(out)
+}
+
+/// Step 2: per-latent statistics and context choices (deterministic for a seed).
+pub fn statistics(acts: &Activations, d_sae: usize, seed: u64) -> Vec<LatentStats> {
+    let mut occurrences: Vec<Vec<Occurrence>> = vec![Vec::new(); d_sae];
+    for (w, window) in acts.features.iter().enumerate() {
+        for (p, features) in window.iter().enumerate() {
+            for &(j, act) in features {
+                occurrences[j as usize].push(Occurrence { act, window: w as u32, pos: p as u32 });
+            }
+        }
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    occurrences
+        .into_iter()
+        .map(|mut occ| {
+            if occ.is_empty() {
+                return LatentStats::default();
+            }
+            occ.sort_by(|a, b| b.act.total_cmp(&a.act));
+            let n = occ.len();
+            let max_observed = occ[0].act;
+            // The 99th percentile: rank 1% from the top.
+            let max_activation = occ[((n as f64 * 0.01).floor() as usize).min(n - 1)].act;
+            let mut histogram = vec![0u32; HISTOGRAM_BINS];
+            for o in &occ {
+                let bin = ((o.act / max_observed) * HISTOGRAM_BINS as f32).ceil() as usize;
+                histogram[bin.clamp(1, HISTOGRAM_BINS) - 1] += 1;
+            }
+            let mut taken: Vec<Occurrence> = Vec::new();
+            let overlaps = |taken: &[Occurrence], o: &Occurrence| {
+                taken.iter().any(|t| t.window == o.window && (t.pos as i64 - o.pos as i64).unsigned_abs() < WINDOW as u64)
+            };
+            let mut top = Vec::new();
+            for o in &occ {
+                if top.len() == TOP {
+                    break;
+                }
+                if !overlaps(&taken, o) {
+                    top.push(*o);
+                    taken.push(*o);
+                }
+            }
+            // Decile bands by rank; from each, one sample to show and one kept for scoring.
+            let mut sampled = Vec::new();
+            let mut scoring = Vec::new();
+            for band in 0..SAMPLED {
+                let range = band * n / SAMPLED..(band + 1) * n / SAMPLED;
+                let mut candidates: Vec<Occurrence> = occ[range].to_vec();
+                candidates.shuffle(&mut rng);
+                for o in candidates {
+                    if overlaps(&taken, &o) {
+                        continue;
+                    }
+                    if sampled.len() <= band && sampled.len() < SAMPLED {
+                        sampled.push(o);
+                        taken.push(o);
+                    } else if scoring.len() < SCORING && scoring.len() * SAMPLED < (band + 1) * SCORING {
+                        scoring.push(o);
+                        taken.push(o);
+                    } else {
+                        break;
+                    }
+                }
+            }
+            let mut token_counts: HashMap<TokenId, u32> = HashMap::new();
+            for o in top.iter().chain(&sampled) {
+                *token_counts.entry(acts.windows[o.window as usize][o.pos as usize]).or_default() += 1;
+            }
+            let mut top_tokens: Vec<(TokenId, u32)> = token_counts.into_iter().collect();
+            top_tokens.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            top_tokens.truncate(8);
+            LatentStats { count: n as u64, max_activation, max_observed, histogram, top, sampled, scoring, top_tokens }
+        })
+        .collect()
+}
+
+/// The text of a token range, with the token at `mark` (if any) between `<<` and `>>`.
+pub fn context_text(model: &Model, tokens: &[TokenId], mark: Option<usize>) -> String {
+    let mut text = String::new();
+    for (i, &t) in tokens.iter().enumerate() {
+        let piece = model.tokenizer.decode(&[t], true).unwrap_or_default();
+        if Some(i) == mark {
+            let trimmed = piece.trim_start();
+            text.push_str(&piece[..piece.len() - trimmed.len()]);
+            text.push_str("<<");
+            text.push_str(trimmed);
+            text.push_str(">>");
+        } else {
+            text.push_str(&piece);
+        }
+    }
+    text.replace('\n', " ")
+}
+
+/// Appends one JSON line and flushes (resumable steps write their results this way).
+pub fn append_line(file: &mut fs::File, value: &Value) -> Result<(), BuildError> {
+    writeln!(file, "{value}").and_then(|_| file.flush()).map_err(|e| BuildError::Input(format!("writing: {e}")))
+}
+
+/// The JSON lines of a resumable step's file (a torn last line is ignored).
+pub fn read_lines(path: &Path) -> Vec<Value> {
+    fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
