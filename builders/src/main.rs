@@ -8,6 +8,7 @@
 //! * `embedder`: the static sentence embedder the atlas searches with, distilled from
 //!   all-MiniLM-L6-v2.
 //! * `atlas`: the feature atlas (statistics, contexts, logit effects, labels, label quality).
+//! * `search-eval`: precision@10 of atlas search on the repository's query set.
 //! * `ship`: the SAELens and compact files plus their manifest under `public/sae/`.
 
 mod atlas;
@@ -18,6 +19,7 @@ mod export;
 mod harvest;
 mod minilm;
 mod progress;
+mod search_eval;
 mod train;
 mod workers;
 
@@ -187,6 +189,17 @@ enum Command {
         #[arg(long, default_value_t = 1234)]
         seed: u64,
     },
+    /// Precision@10 of atlas search on a query set (prints a table, optionally writes JSON).
+    SearchEval {
+        #[arg(long, default_value = "public/sae")]
+        sae_dir: PathBuf,
+        #[arg(long, default_value = "public/atlas")]
+        atlas_dir: PathBuf,
+        #[arg(long, default_value = "tools/atlas/search-queries.json")]
+        queries: PathBuf,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Measure an SAE on the harvest's held-out windows; writes a JSON report.
     Evaluate {
         /// The SAE (a trained sae.safetensors or the compact file).
@@ -334,6 +347,9 @@ fn main() -> ExitCode {
                 seed,
                 command,
             })
+        }
+        Command::SearchEval { sae_dir, atlas_dir, queries, out } => {
+            search_eval::run(&search_eval::SearchEvalArgs { model_path: cli.model, sae_dir, atlas_dir, queries, out })
         }
         Command::Embedder { minilm, corpus_manifest, out, dim, sif, batch } => {
             embedder::run(&embedder::EmbedderArgs { minilm, corpus_manifest, out, dim, sif, batch })
