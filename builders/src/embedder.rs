@@ -18,13 +18,24 @@ use crate::minilm::{MiniLm, WIDTH};
 use crate::progress::Progress;
 use crate::{BuildError, sha256_file};
 
+#[derive(clap::Args)]
 pub struct EmbedderArgs {
+    /// model.safetensors and vocab.txt (scripts/fetch-minilm.sh).
+    #[arg(long, default_value = "data/models/all-MiniLM-L6-v2")]
     pub minilm: PathBuf,
+    /// Token frequencies for the SIF weights come from this corpus.
+    #[arg(long, default_value = "data/corpus/manifest.json")]
     pub corpus_manifest: PathBuf,
+    #[arg(long, default_value = "public/atlas/embedder.safetensors")]
     pub out: PathBuf,
+    /// PCA components kept.
+    #[arg(long, default_value_t = 256)]
     pub dim: usize,
     /// The SIF constant `a`.
+    #[arg(long, default_value_t = 1e-3)]
     pub sif: f64,
+    /// Tokens per MiniLM batch.
+    #[arg(long, default_value_t = 512)]
     pub batch: usize,
 }
 

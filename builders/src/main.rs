@@ -142,64 +142,11 @@ enum Command {
         checkpoint_every_s: u64,
     },
     /// Distil all-MiniLM-L6-v2 into the static embedder the atlas searches with.
-    Embedder {
-        /// model.safetensors and vocab.txt (scripts/fetch-minilm.sh).
-        #[arg(long, default_value = "data/models/all-MiniLM-L6-v2")]
-        minilm: PathBuf,
-        /// Token frequencies for the SIF weights come from this corpus.
-        #[arg(long, default_value = "data/corpus/manifest.json")]
-        corpus_manifest: PathBuf,
-        #[arg(long, default_value = "public/atlas/embedder.safetensors")]
-        out: PathBuf,
-        /// PCA components kept.
-        #[arg(long, default_value_t = 256)]
-        dim: usize,
-        #[arg(long, default_value_t = 1e-3)]
-        sif: f64,
-        #[arg(long, default_value_t = 512)]
-        batch: usize,
-    },
+    Embedder(embedder::EmbedderArgs),
     /// Build the feature atlas of the shipped SAE under public/atlas/; resumable.
-    Atlas {
-        #[arg(long, default_value = "public/sae")]
-        sae_dir: PathBuf,
-        /// Its held-out windows are the atlas's text.
-        #[arg(long, default_value = "data/harvest")]
-        harvest: PathBuf,
-        #[arg(long, default_value = "data/models/all-MiniLM-L6-v2")]
-        minilm: PathBuf,
-        #[arg(long, default_value = "public/atlas/embedder.safetensors")]
-        embedder: PathBuf,
-        #[arg(long, default_value = "data/atlas")]
-        work: PathBuf,
-        #[arg(long, default_value = "public/atlas")]
-        out: PathBuf,
-        /// Read only the first N held-out windows.
-        #[arg(long)]
-        windows: Option<usize>,
-        /// Label and score only the first N latents (a trial run).
-        #[arg(long)]
-        features: Option<usize>,
-        /// Single-threaded workers side by side (0: one per core).
-        #[arg(long, default_value_t = 0)]
-        workers: usize,
-        /// Push (in max-activation units) used to find the tokens a feature boosts.
-        #[arg(long, default_value_t = 4.0)]
-        amplify: f32,
-        #[arg(long, default_value_t = 1234)]
-        seed: u64,
-    },
+    Atlas(atlas::AtlasArgs),
     /// Precision@10 of atlas search on a query set (prints a table, optionally writes JSON).
-    SearchEval {
-        #[arg(long, default_value = "public/sae")]
-        sae_dir: PathBuf,
-        #[arg(long, default_value = "public/atlas")]
-        atlas_dir: PathBuf,
-        #[arg(long, default_value = "tools/atlas/search-queries.json")]
-        queries: PathBuf,
-        #[arg(long)]
-        out: Option<PathBuf>,
-    },
+    SearchEval(search_eval::SearchEvalArgs),
     /// Measure an SAE on the harvest's held-out windows; writes a JSON report.
     Evaluate {
         /// The SAE (a trained sae.safetensors or the compact file).
@@ -331,29 +278,9 @@ fn main() -> ExitCode {
             checkpoint_every_s,
             command,
         }),
-        Command::Atlas { sae_dir, harvest, minilm, embedder, work, out, windows, features, workers, amplify, seed } => {
-            atlas::run(&atlas::AtlasArgs {
-                model_path: cli.model,
-                sae_dir,
-                harvest,
-                minilm,
-                embedder,
-                work,
-                out,
-                windows,
-                features,
-                workers,
-                amplify,
-                seed,
-                command,
-            })
-        }
-        Command::SearchEval { sae_dir, atlas_dir, queries, out } => {
-            search_eval::run(&search_eval::SearchEvalArgs { model_path: cli.model, sae_dir, atlas_dir, queries, out })
-        }
-        Command::Embedder { minilm, corpus_manifest, out, dim, sif, batch } => {
-            embedder::run(&embedder::EmbedderArgs { minilm, corpus_manifest, out, dim, sif, batch })
-        }
+        Command::Atlas(args) => atlas::run(&atlas::AtlasArgs { model_path: cli.model, command, ..args }),
+        Command::SearchEval(args) => search_eval::run(&search_eval::SearchEvalArgs { model_path: cli.model, ..args }),
+        Command::Embedder(args) => embedder::run(&args),
         Command::Evaluate { sae, harvest, windows, ce_windows, examples, out } => {
             evaluate::run(&evaluate::EvalArgs { model_path: cli.model, sae, harvest, windows, ce_windows, examples, out, command })
         }

@@ -12,11 +12,19 @@ use serde_json::{Value, json};
 
 use crate::BuildError;
 
+#[derive(clap::Args)]
 pub struct SearchEvalArgs {
+    /// Set from the global --model.
+    #[arg(skip)]
     pub model_path: PathBuf,
+    #[arg(long, default_value = "public/sae")]
     pub sae_dir: PathBuf,
+    #[arg(long, default_value = "public/atlas")]
     pub atlas_dir: PathBuf,
+    #[arg(long, default_value = "tools/atlas/search-queries.json")]
     pub queries: PathBuf,
+    /// Also write the report as JSON.
+    #[arg(long)]
     pub out: Option<PathBuf>,
 }
 

@@ -35,23 +35,42 @@ use crate::BuildError;
 use crate::progress::Progress;
 use crate::workers::{run_on_workers, single_thread_pools};
 
+#[derive(clap::Args)]
 pub struct AtlasArgs {
+    /// Set from the global --model.
+    #[arg(skip)]
     pub model_path: PathBuf,
     /// `public/sae`: the compact file, the SAELens files and the manifest.
+    #[arg(long, default_value = "public/sae")]
     pub sae_dir: PathBuf,
+    /// Its held-out windows are the atlas's text.
+    #[arg(long, default_value = "data/harvest")]
     pub harvest: PathBuf,
+    #[arg(long, default_value = "data/models/all-MiniLM-L6-v2")]
     pub minilm: PathBuf,
+    #[arg(long, default_value = "public/atlas/embedder.safetensors")]
     pub embedder: PathBuf,
+    /// Intermediate files of every step.
+    #[arg(long, default_value = "data/atlas")]
     pub work: PathBuf,
+    #[arg(long, default_value = "public/atlas")]
     pub out: PathBuf,
-    /// Held-out windows read (all by default).
+    /// Read only the first N held-out windows.
+    #[arg(long)]
     pub windows: Option<usize>,
-    /// Label and score only the first this many latents (a quick trial run).
+    /// Label and score only the first N latents (a trial run).
+    #[arg(long)]
     pub features: Option<usize>,
+    /// Single-threaded workers side by side (0: one per core).
+    #[arg(long, default_value_t = 0)]
     pub workers: usize,
-    /// How far the feature is pushed (in max-activation units) to find boosted tokens.
+    /// Push (in max-activation units) used to find the tokens a feature boosts.
+    #[arg(long, default_value_t = 4.0)]
     pub amplify: f32,
+    #[arg(long, default_value_t = 1234)]
     pub seed: u64,
+    /// The command line, recorded in the manifest.
+    #[arg(skip)]
     pub command: String,
 }
 
