@@ -178,6 +178,7 @@ pub fn run(args: &ChatsArgs) -> Result<(), BuildError> {
                     FinishReason::Stop => "stop",
                     FinishReason::Length => "length",
                     FinishReason::Cancelled => "cancelled",
+                    FinishReason::Aborted => "aborted",
                 };
                 let line = json!({
                     "id": p.id, "kind": p.kind, "source": "generated-chat", "system": p.system, "user": p.user,

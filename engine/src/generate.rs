@@ -40,6 +40,8 @@ pub enum FinishReason {
     Length,
     /// The [`CancelToken`] was cancelled.
     Cancelled,
+    /// A hook interrupted it (a steering `abort_when` fired).
+    Aborted,
 }
 
 /// One generated token and the text it completes.
@@ -130,6 +132,10 @@ impl<'m> TokenStream<'m> {
             .llama
             .forward(&self.input, &mut self.cache, hook, Logits::Last)?
             .expect("Logits::Last returns logits");
+        if let Some(event) = self.hook.as_deref().and_then(|h| h.interrupt()) {
+            self.finish = Some(FinishReason::Aborted);
+            return Err(EngineError::Aborted { event });
+        }
         let token = self.sampler.sample(&mut to_host(logits)?);
         if token == self.model.tokenizer.eos() {
             self.finish = Some(FinishReason::Stop);

@@ -20,6 +20,12 @@ pub trait ResidualHook: Send {
     /// Called with the residual after block `layer` for the token `positions`
     /// (`residual` is `[positions.len(), n_embd]`); returns the residual to continue with.
     fn after_block(&mut self, layer: usize, positions: Range<usize>, residual: Tensor<2>) -> Tensor<2>;
+
+    /// Asks generation to stop, naming why (a steering `abort_when` event); checked after
+    /// every forward pass.
+    fn interrupt(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Records the residual stream after one or more blocks, for every position it passes
@@ -140,5 +146,9 @@ impl<H: ResidualHook + ?Sized> ResidualHook for &mut H {
 
     fn after_block(&mut self, layer: usize, positions: Range<usize>, residual: Tensor<2>) -> Tensor<2> {
         (**self).after_block(layer, positions, residual)
+    }
+
+    fn interrupt(&self) -> Option<String> {
+        (**self).interrupt()
     }
 }

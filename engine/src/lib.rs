@@ -33,6 +33,7 @@ pub mod llama;
 pub mod quant;
 pub mod sae;
 pub mod sampling;
+pub mod steer;
 pub mod tokenizer;
 
 use std::sync::Arc;
@@ -47,6 +48,7 @@ pub use hook::{AddToResidual, CaptureResidual, ResidualHook};
 pub use llama::{Config, KvCache, Llama, Logits, to_host};
 pub use sae::{FeatureCapture, Sae, SaeConfig, SaeError, Splice, SpliceMode};
 pub use sampling::{Sampler, SamplingParams};
+pub use steer::{Steer, Variant, VariantError};
 pub use tokenizer::{ChatMessage, StreamDecoder, TokenId, Tokenizer};
 
 use gguf::{Gguf, GgufError};
@@ -87,6 +89,11 @@ pub enum EngineError {
     Embed(#[from] EmbedError),
     #[error(transparent)]
     Atlas(#[from] AtlasError),
+    #[error(transparent)]
+    Variant(#[from] VariantError),
+    /// An `abort_when` scope's condition held; generation stopped there.
+    #[error("generation aborted by the condition of event {event:?}")]
+    Aborted { event: String },
 }
 
 /// A loaded model: tokenizer and network.

@@ -1,0 +1,455 @@
+//! Steering: a variant is the base model plus feature edits, some of them conditional.
+//!
+//! Edits act in the SAE's latent space at its block, at every position, and keep the SAE's
+//! error term (SAELens `use_error_term`), so only the edited latents change:
+//!
+//! ```text
+//! f = encode(x)                    the token's active latents
+//! f'_j = edit(f_j)                 nudge: f_j + v·u_j    pin: v·u_j    mul: f_j · v
+//! x' = x + Σ_j (f'_j − f_j) · W_dec[j]
+//! ```
+//!
+//! Values are in units `u_j` of each feature's max activation (the atlas's `max_activation`),
+//! so 0.5 enhances and −0.3 ablates whatever the feature's scale, as the Ember docs advise. A
+//! variant without edits or scopes leaves the residual untouched (bit-identical output).
+//!
+//! Conditions compare a feature or a group with a number (in the same units) or with another
+//! feature or group. **A group's value is the largest of its members' values** ("any member
+//! at least this strong"), on both sides of a comparison. Comparisons combine with one
+//! operator, AND or OR, as the Goodfire SDK sends them. They are read at every position the
+//! model processes, prompt included, in order, from the SAE's activations at that token
+//! before any edit. A `set_when` scope fires at the first position where its condition
+//! holds, and its edits apply from that position on (including it) for the rest of the
+//! generation; an `abort_when` scope stops generation there with
+//! [`EngineError::Aborted`](crate::EngineError::Aborted) carrying its event name.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use burn::tensor::{Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use crate::hook::ResidualHook;
+use crate::sae::{Feature, Sae};
+
+/// The most edits, scopes, comparisons and group members a variant may carry: far beyond
+/// any real use, small enough that a hostile file cannot make generation crawl.
+pub const MAX_EDITS: usize = 1024;
+pub const MAX_SCOPES: usize = 64;
+pub const MAX_COMPARISONS: usize = 64;
+pub const MAX_GROUP: usize = 256;
+/// Values beyond this many max activations break the model, not steer it.
+pub const MAX_VALUE: f32 = 100.0;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum VariantError {
+    #[error("feature {feature} does not exist (the SAE has {d_sae} latents)")]
+    UnknownFeature { feature: u32, d_sae: usize },
+    #[error("value {value} for feature {feature} is not a finite number within ±{MAX_VALUE}")]
+    BadValue { feature: u32, value: f32 },
+    #[error("too many {what}: {count} (at most {limit})")]
+    TooMany { what: &'static str, count: usize, limit: usize },
+    #[error("a condition compares an empty group")]
+    EmptyGroup,
+    #[error("invalid variant JSON: {0}")]
+    Json(String),
+    #[error("variant for model {found:?}, but this is {expected:?}")]
+    WrongModel { expected: String, found: String },
+}
+
+/// How an edit changes a latent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Add `value` max activations.
+    Nudge,
+    /// Set to `value` max activations.
+    Pin,
+    /// Multiply by `value`.
+    Mul,
+}
+
+/// One edit of one latent.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Edit {
+    pub feature: u32,
+    pub mode: Mode,
+    pub value: f32,
+}
+
+impl Edit {
+    pub fn nudge(feature: u32, value: f32) -> Self {
+        Self { feature, mode: Mode::Nudge, value }
+    }
+
+    /// The latent's new value (raw activation units) given its current one and its unit.
+    fn apply(&self, current: f32, unit: f32) -> f32 {
+        match self.mode {
+            Mode::Nudge => current + self.value * unit,
+            Mode::Pin => self.value * unit,
+            Mode::Mul => current * self.value,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Operator {
+    #[serde(rename = ">")]
+    Gt,
+    #[serde(rename = "<")]
+    Lt,
+    #[serde(rename = ">=")]
+    Ge,
+    #[serde(rename = "<=")]
+    Le,
+    #[serde(rename = "==")]
+    Eq,
+    #[serde(rename = "!=")]
+    Ne,
+}
+
+impl Operator {
+    fn holds(self, a: f32, b: f32) -> bool {
+        match self {
+            Operator::Gt => a > b,
+            Operator::Lt => a < b,
+            Operator::Ge => a >= b,
+            Operator::Le => a <= b,
+            Operator::Eq => a == b,
+            Operator::Ne => a != b,
+        }
+    }
+}
+
+/// The right-hand side of a comparison.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Operand {
+    Number(f32),
+    Group(Vec<u32>),
+}
+
+/// `max(left) op right`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Comparison {
+    pub left: Vec<u32>,
+    pub op: Operator,
+    pub right: Operand,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Combine {
+    #[serde(rename = "AND")]
+    And,
+    #[serde(rename = "OR")]
+    Or,
+}
+
+/// Comparisons joined by one operator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Condition {
+    pub combine: Combine,
+    pub comparisons: Vec<Comparison>,
+}
+
+impl Condition {
+    /// One comparison.
+    pub fn when(left: Vec<u32>, op: Operator, right: Operand) -> Self {
+        Self { combine: Combine::And, comparisons: vec![Comparison { left, op, right }] }
+    }
+
+    /// Whether it holds for a token whose latent values (in max-activation units) `value`
+    /// returns.
+    pub fn holds(&self, value: impl Fn(u32) -> f32) -> bool {
+        let group = |g: &[u32]| g.iter().map(|&f| value(f)).fold(f32::NEG_INFINITY, f32::max);
+        let check = |c: &Comparison| {
+            let right = match &c.right {
+                Operand::Number(n) => *n,
+                Operand::Group(g) => group(g),
+            };
+            c.op.holds(group(&c.left), right)
+        };
+        match self.combine {
+            Combine::And => self.comparisons.iter().all(check),
+            Combine::Or => self.comparisons.iter().any(check),
+        }
+    }
+}
+
+/// What a scope does once its condition holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Apply these edits from that token on.
+    Set(Vec<Edit>),
+    /// Stop generating, reporting this event name.
+    Abort(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Scope {
+    pub when: Condition,
+    pub then: Action,
+}
+
+/// The base model plus edits and conditional scopes; Kindling's own JSON layout is this
+/// struct's serde form (`{"base_model", "edits": [...], "scopes": [...]}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Variant {
+    pub base_model: String,
+    #[serde(default)]
+    pub edits: Vec<Edit>,
+    #[serde(default)]
+    pub scopes: Vec<Scope>,
+}
+
+impl Variant {
+    pub fn new(base_model: impl Into<String>) -> Self {
+        Self { base_model: base_model.into(), edits: Vec::new(), scopes: Vec::new() }
+    }
+
+    /// Nudges every feature of `group` by `value` (replacing earlier edits of them), as the
+    /// SDK's `variant.set` does; a value of 0 removes the edits.
+    pub fn set(&mut self, group: &[u32], value: f32) {
+        self.edits.retain(|e| !group.contains(&e.feature));
+        if value != 0.0 {
+            self.edits.extend(group.iter().map(|&f| Edit::nudge(f, value)));
+        }
+    }
+
+    /// Removes every edit and scope: the base model again.
+    pub fn reset(&mut self) {
+        self.edits.clear();
+        self.scopes.clear();
+    }
+
+    pub fn set_when(&mut self, when: Condition, edits: Vec<Edit>) {
+        self.scopes.push(Scope { when, then: Action::Set(edits) });
+    }
+
+    pub fn abort_when(&mut self, when: Condition, event: impl Into<String>) {
+        self.scopes.push(Scope { when, then: Action::Abort(event.into()) });
+    }
+
+    /// Whether the variant changes nothing.
+    pub fn is_base(&self) -> bool {
+        self.edits.is_empty() && self.scopes.is_empty()
+    }
+
+    /// Checks every id against an SAE of `d_sae` latents, every value and every size limit.
+    pub fn validate(&self, d_sae: usize) -> Result<(), VariantError> {
+        let feature = |f: u32| if (f as usize) < d_sae { Ok(()) } else { Err(VariantError::UnknownFeature { feature: f, d_sae }) };
+        let limit = |what, count, limit| if count <= limit { Ok(()) } else { Err(VariantError::TooMany { what, count, limit }) };
+        let edits = |edits: &[Edit]| -> Result<(), VariantError> {
+            limit("edits", edits.len(), MAX_EDITS)?;
+            for e in edits {
+                feature(e.feature)?;
+                if !e.value.is_finite() || e.value.abs() > MAX_VALUE {
+                    return Err(VariantError::BadValue { feature: e.feature, value: e.value });
+                }
+            }
+            Ok(())
+        };
+        let group = |g: &[u32]| -> Result<(), VariantError> {
+            if g.is_empty() {
+                return Err(VariantError::EmptyGroup);
+            }
+            limit("group members", g.len(), MAX_GROUP)?;
+            g.iter().try_for_each(|&f| feature(f))
+        };
+        edits(&self.edits)?;
+        limit("scopes", self.scopes.len(), MAX_SCOPES)?;
+        let mut total = self.edits.len();
+        for scope in &self.scopes {
+            limit("comparisons", scope.when.comparisons.len(), MAX_COMPARISONS)?;
+            for c in &scope.when.comparisons {
+                group(&c.left)?;
+                match &c.right {
+                    Operand::Group(g) => group(g)?,
+                    Operand::Number(n) if !n.is_finite() => return Err(VariantError::BadValue { feature: c.left[0], value: *n }),
+                    Operand::Number(_) => {}
+                }
+            }
+            if let Action::Set(e) = &scope.then {
+                edits(e)?;
+                total += e.len();
+            }
+        }
+        limit("edits", total, MAX_EDITS)
+    }
+
+    /// Kindling's JSON layout.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a variant serializes")
+    }
+
+    /// Reads Kindling's JSON layout and validates it for an SAE of `d_sae` latents.
+    pub fn from_json(text: &str, d_sae: usize) -> Result<Self, VariantError> {
+        let v: Variant = serde_json::from_str(text).map_err(|e| VariantError::Json(e.to_string()))?;
+        v.validate(d_sae)?;
+        Ok(v)
+    }
+}
+
+/// The residual hook that runs a variant at the SAE's block.
+pub struct Steer<'s> {
+    sae: &'s Sae,
+    /// `u_j`: each latent's max activation (1.0 without an atlas).
+    units: &'s [f32],
+    variant: Variant,
+    /// Per scope, the position it fired at.
+    fired: Vec<Option<usize>>,
+    /// The abort event, once one fired.
+    aborted: Option<String>,
+    /// Per processed position, its latents before any edit (for inspection).
+    pub features: BTreeMap<usize, Vec<Feature>>,
+    record: bool,
+}
+
+impl<'s> Steer<'s> {
+    /// A hook for `variant` (validated against `sae`); `units` holds one max activation per
+    /// latent.
+    pub fn new(sae: &'s Sae, units: &'s [f32], variant: Variant) -> Result<Self, VariantError> {
+        variant.validate(sae.config().d_sae)?;
+        assert_eq!(units.len(), sae.config().d_sae, "one unit per latent");
+        let fired = vec![None; variant.scopes.len()];
+        Ok(Self { sae, units, variant, fired, aborted: None, features: BTreeMap::new(), record: false })
+    }
+
+    /// Also keeps every processed position's latents in [`features`](Self::features).
+    pub fn recording(mut self) -> Self {
+        self.record = true;
+        self
+    }
+
+    /// The position where each scope fired (`None`: not yet).
+    pub fn fired(&self) -> &[Option<usize>] {
+        &self.fired
+    }
+
+    /// The residual deltas for `rows` (`[n, d_in]`) at `positions`, or `None` when nothing
+    /// changes.
+    fn deltas(&mut self, rows: &[f32], positions: Range<usize>) -> Option<Vec<f32>> {
+        let d = self.sae.config().d_in;
+        let encoded = self.sae.encode(rows);
+        let mut out = vec![0f32; rows.len()];
+        let mut changed = false;
+        for (i, (position, features)) in positions.zip(encoded).enumerate() {
+            let value = |f: u32| {
+                features.iter().find(|(j, _)| *j == f).map_or(0.0, |&(_, a)| a) / self.units[f as usize].max(f32::MIN_POSITIVE)
+            };
+            for (s, scope) in self.variant.scopes.iter().enumerate() {
+                if self.fired[s].is_none() && self.aborted.is_none() && scope.when.holds(value) {
+                    self.fired[s] = Some(position);
+                    if let Action::Abort(event) = &scope.then {
+                        self.aborted = Some(event.clone());
+                    }
+                }
+            }
+            let active = self.variant.edits.iter().chain(self.variant.scopes.iter().zip(&self.fired).filter(|(_, f)| f.is_some()).flat_map(
+                |(scope, _)| match &scope.then {
+                    Action::Set(edits) => edits.as_slice(),
+                    Action::Abort(_) => &[],
+                },
+            ));
+            // Edits of one latent compose in order; the delta is new − original.
+            let mut values: BTreeMap<u32, (f32, f32)> = BTreeMap::new();
+            for edit in active {
+                let original = features.iter().find(|(j, _)| *j == edit.feature).map_or(0.0, |&(_, a)| a);
+                let entry = values.entry(edit.feature).or_insert((original, original));
+                entry.1 = edit.apply(entry.1, self.units[edit.feature as usize]);
+            }
+            let row = &mut out[i * d..(i + 1) * d];
+            for (&j, &(original, new)) in &values {
+                let delta = new - original;
+                if delta != 0.0 {
+                    changed = true;
+                    row.iter_mut().zip(self.sae.decoder_row(j as usize)).for_each(|(o, w)| *o += delta * w);
+                }
+            }
+            if self.record {
+                self.features.insert(position, features);
+            }
+        }
+        changed.then_some(out)
+    }
+}
+
+impl ResidualHook for Steer<'_> {
+    fn wants(&self, layer: usize) -> bool {
+        layer == self.sae.config().layer && (!self.variant.is_base() || self.record)
+    }
+
+    fn last_layer(&self) -> Option<usize> {
+        Some(self.sae.config().layer)
+    }
+
+    fn after_block(&mut self, _layer: usize, positions: Range<usize>, residual: Tensor<2>) -> Tensor<2> {
+        let [n, d] = residual.dims();
+        let rows = crate::sae::residual_rows(&residual);
+        match self.deltas(&rows, positions) {
+            Some(delta) => {
+                let delta = Tensor::from_data(TensorData::new(delta, [n, d]), &residual.device());
+                residual + delta
+            }
+            None => residual,
+        }
+    }
+
+    fn interrupt(&self) -> Option<String> {
+        self.aborted.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_compare_by_their_strongest_member() {
+        let values = |f: u32| [0.2, 0.9, 0.0][f as usize];
+        assert!(Condition::when(vec![0, 1], Operator::Gt, Operand::Number(0.75)).holds(values));
+        assert!(!Condition::when(vec![0, 2], Operator::Gt, Operand::Number(0.75)).holds(values));
+        assert!(Condition::when(vec![1], Operator::Gt, Operand::Group(vec![0, 2])).holds(values));
+        let both = Condition {
+            combine: Combine::And,
+            comparisons: vec![
+                Comparison { left: vec![1], op: Operator::Ge, right: Operand::Number(0.9) },
+                Comparison { left: vec![2], op: Operator::Ne, right: Operand::Number(0.0) },
+            ],
+        };
+        assert!(!both.holds(values));
+        assert!(Condition { combine: Combine::Or, ..both }.holds(values));
+    }
+
+    #[test]
+    fn validation_refuses_bad_ids_values_and_sizes() {
+        let mut v = Variant::new("m");
+        v.set(&[3], 0.5);
+        assert!(v.validate(4).is_ok());
+        assert_eq!(v.validate(3), Err(VariantError::UnknownFeature { feature: 3, d_sae: 3 }));
+        v.set(&[1], f32::NAN);
+        assert!(matches!(v.validate(4), Err(VariantError::BadValue { feature: 1, .. })));
+        v.reset();
+        v.edits = vec![Edit::nudge(0, 0.1); MAX_EDITS + 1];
+        assert!(matches!(v.validate(4), Err(VariantError::TooMany { what: "edits", .. })));
+        v.reset();
+        v.abort_when(Condition::when(vec![], Operator::Gt, Operand::Number(1.0)), "e");
+        assert_eq!(v.validate(4), Err(VariantError::EmptyGroup));
+    }
+
+    #[test]
+    fn json_round_trips_and_reports_errors() {
+        let mut v = Variant::new("SmolLM2-135M-Instruct");
+        v.set(&[5, 6], 0.5);
+        v.edits.push(Edit { feature: 7, mode: Mode::Pin, value: -0.3 });
+        v.set_when(Condition::when(vec![1, 2], Operator::Gt, Operand::Number(0.75)), vec![Edit::nudge(3, 0.7)]);
+        v.abort_when(Condition::when(vec![4], Operator::Ge, Operand::Group(vec![1])), "stop-1");
+        let back = Variant::from_json(&v.to_json(), 10).unwrap();
+        assert_eq!(back, v);
+        assert!(matches!(Variant::from_json("{\"base_model\": 3}", 10), Err(VariantError::Json(_))));
+        assert!(matches!(Variant::from_json(&v.to_json(), 5), Err(VariantError::UnknownFeature { feature: 5, .. })));
+        let absurd = v.to_json().replace("0.7", "1e30");
+        assert!(matches!(Variant::from_json(&absurd, 10), Err(VariantError::BadValue { .. })));
+    }
+}
