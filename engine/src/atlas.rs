@@ -240,6 +240,12 @@ impl Atlas {
         if (feature as usize) < d_sae { Ok(feature as usize) } else { Err(AtlasError::UnknownFeature { feature, d_sae }) }
     }
 
+    /// Every latent's steering unit, its `max_activation` (1.0 for a latent that never fired,
+    /// whose scale is unknown), for [`Steer`](crate::Steer).
+    pub fn units(&self) -> Vec<f32> {
+        self.index.features.iter().map(|f| if f.max_activation > 0.0 { f.max_activation } else { 1.0 }).collect()
+    }
+
     pub fn feature(&self, feature: u32) -> Result<&FeatureInfo, AtlasError> {
         Ok(&self.index.features[self.check(feature)?])
     }

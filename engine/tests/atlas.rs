@@ -94,6 +94,7 @@ fn search_finds_labels_by_meaning_and_skips_dead_latents() {
     let reranked = atlas.rerank(&[1, 2, 3], "jokes", 2).unwrap();
     assert_eq!(reranked.iter().map(|h| h.feature).collect::<Vec<_>>(), [3, 1]);
     assert!(matches!(atlas.rerank(&[9], "x", 1), Err(AtlasError::UnknownFeature { feature: 9, d_sae: 5 })));
+    assert_eq!(atlas.units(), [2.0; 5]);
 }
 
 #[test]
