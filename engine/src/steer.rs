@@ -455,7 +455,7 @@ pub struct Steer<'s> {
     fired: Vec<Option<usize>>,
     /// The abort event, once one fired.
     aborted: Option<String>,
-    /// Per processed position, its latents before any edit (for inspection).
+    /// Per processed position, its latents after the variant's edits (for inspection).
     pub features: BTreeMap<usize, Vec<Feature>>,
     record: bool,
 }
@@ -522,7 +522,11 @@ impl<'s> Steer<'s> {
                 }
             }
             if self.record {
-                self.features.insert(position, features);
+                // Recorded as the variant leaves them: edited latents at their new values.
+                let mut after: Vec<Feature> = features.iter().filter(|(j, _)| !values.contains_key(j)).copied().collect();
+                after.extend(values.iter().filter(|(_, v)| v.1 > 0.0).map(|(&j, v)| (j, v.1)));
+                after.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                self.features.insert(position, after);
             }
         }
         changed.then_some(out)
