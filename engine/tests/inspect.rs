@@ -76,3 +76,29 @@ fn inspection_under_a_variant_shows_the_edited_values() {
         assert!((a - (b + 1.0)).abs() < 1e-4, "{b} + 1.0 vs {a}");
     }
 }
+
+#[test]
+fn next_token_logits_follow_the_variant_and_the_vocabulary_filter() {
+    use kindling_engine::next_tokens;
+    let m = model(Backend::Cpu);
+    let sae = sae();
+    let tokens = m.tokenizer.encode_chat(&[ChatMessage::user("What is the capital of France?")]).unwrap();
+    let base = next_tokens(m, &sae, &tokens, None, 5, None).unwrap();
+    assert_eq!(base.len(), 5);
+    assert!(base.windows(2).all(|w| w[0].logit >= w[1].logit));
+    let p: f32 = base.iter().map(|t| t.probability).sum();
+    assert!(p > 0.0 && p <= 1.0 + 1e-5);
+    // The unsteered pass through a variant without edits gives the same numbers.
+    let units = vec![2.0; sae.config().d_sae];
+    let same = next_tokens(m, &sae, &tokens, Some((&Variant::new("m"), &units)), 5, None).unwrap();
+    assert_eq!(same, base);
+    // A strong edit changes the distribution.
+    let mut v = Variant::new("m");
+    v.edits.push(Edit::nudge(3, 50.0));
+    assert_ne!(next_tokens(m, &sae, &tokens, Some((&v, &units)), 5, None).unwrap(), base);
+    // Only the allowed ids, ranked among themselves; ids outside the vocabulary are refused.
+    let allowed = [base[4].id, base[1].id];
+    let filtered = next_tokens(m, &sae, &tokens, None, 5, Some(&allowed)).unwrap();
+    assert_eq!(filtered.iter().map(|t| t.id).collect::<Vec<_>>(), [base[1].id, base[4].id]);
+    assert!(next_tokens(m, &sae, &tokens, None, 5, Some(&[999_999])).is_err());
+}
