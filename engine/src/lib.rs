@@ -25,6 +25,7 @@
 
 pub mod atlas;
 pub mod backend;
+pub mod contrast;
 pub mod embed;
 pub mod generate;
 pub mod gguf;
@@ -44,6 +45,7 @@ use std::sync::Arc;
 pub use burn;
 pub use atlas::{Atlas, AtlasError, Context, FeatureInfo, Hit, LabelSource};
 pub use backend::Backend;
+pub use contrast::{assistant_mask, contrast};
 pub use embed::{EmbedError, StaticEmbedder, WordPiece};
 pub use generate::{BatchOutput, CancelToken, FinishReason, GeneratedToken, TokenStream};
 pub use inspect::{Aggregate, Inspection};

@@ -102,3 +102,25 @@ fn next_token_logits_follow_the_variant_and_the_vocabulary_filter() {
     assert_eq!(filtered.iter().map(|t| t.id).collect::<Vec<_>>(), [base[1].id, base[4].id]);
     assert!(next_tokens(m, &sae, &tokens, None, 5, Some(&[999_999])).is_err());
 }
+
+#[test]
+fn contrast_reads_assistant_tokens_and_ranks_both_directions() {
+    use kindling_engine::{assistant_mask, contrast};
+    let m = model(Backend::Cpu);
+    let sae = sae();
+    let chat = |user: &str, reply: &str| vec![ChatMessage::user(user), ChatMessage::new("assistant", reply)];
+    let tokens = m.tokenizer.encode(&m.tokenizer.apply_chat_template(&chat("Hi", "Hello there!"), false).unwrap(), true);
+    let masked: Vec<u32> = tokens.iter().zip(assistant_mask(&m.tokenizer, &tokens)).filter(|(_, k)| *k).map(|(t, _)| *t).collect();
+    assert_eq!(m.tokenizer.decode(&masked, false).unwrap(), "Hello there!");
+
+    let plain = [chat("What is 2 + 2?", "2 + 2 is 4."), chat("Name a colour.", "Blue is a colour.")];
+    let jokes = [chat("Tell me a joke.", "Why did the chicken cross the road? To get to the other side!"), chat("Another joke?", "I told my cat a joke. It was not amused.")];
+    let units = vec![1.0; sae.config().d_sae];
+    let (more_plain, more_jokes) = contrast(m, &sae, &plain, &jokes, &units, 5).unwrap();
+    assert_eq!((more_plain.len(), more_jokes.len()), (5, 5));
+    assert!(more_plain.windows(2).all(|w| w[0].1 >= w[1].1) && more_plain.iter().all(|f| f.1 > 0.0));
+    assert!(more_plain.iter().all(|f| !more_jokes.iter().any(|g| g.0 == f.0)));
+    // The same data on both sides separates nothing.
+    let (x, y) = contrast(m, &sae, &plain, &plain, &units, 5).unwrap();
+    assert!(x.is_empty() && y.is_empty());
+}
