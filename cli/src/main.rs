@@ -59,6 +59,20 @@ enum Command {
         /// Text files to count (none: stdin).
         files: Vec<PathBuf>,
     },
+    /// Measure what steering costs: greedy decode with and without a variant at the SAE's block
+    /// (per-token SAE encode, two edits, a set_when and an abort_when that never fires),
+    /// interleaved, medians and their ratio.
+    BenchSteer {
+        /// The SAE (the compact file).
+        #[arg(long, default_value = "public/sae/kindling-sae.f16.safetensors")]
+        sae: PathBuf,
+        /// Tokens decoded per measurement.
+        #[arg(long, default_value_t = 128)]
+        decode: usize,
+        /// Timed repetitions of each (after one warm-up of each).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+    },
     /// Measure prefill and decode speed (tokens/s) on the same workload as scripts/bench.sh.
     Bench {
         /// Prompt length for the prefill measurement.
@@ -132,6 +146,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             writeln!(out)?;
         }
         Command::Tokens { .. } => unreachable!("handled before loading the model"),
+        Command::BenchSteer { sae, decode, reps } => bench_steer(&model, &sae, decode, reps)?,
         Command::Bench { prefill, decode, reps, json, batch } => {
             let threads = rayon::current_num_threads();
             let result = bench(&model, prefill, decode, reps, batch.max(1))?;
@@ -234,6 +249,47 @@ fn bench(model: &Model, prefill: usize, decode: usize, reps: usize, batch: usize
     }
     prefill_other.extend(decode_other);
     Ok((prefill_rates, decode_rates, prefill_other))
+}
+
+/// Greedy decode rates (tok/s) without and with a steering variant, alternating.
+fn bench_steer(model: &Model, sae_path: &std::path::Path, decode: usize, reps: usize) -> Result<(), Box<dyn std::error::Error>> {
+    use kindling_engine::steer::{Condition, Edit, Operand, Operator};
+    use kindling_engine::{CancelToken, ResidualHook, Sae, Steer, Variant};
+    let sae = Sae::from_compact(&std::fs::read(sae_path)?)?;
+    let units = vec![4.0; sae.config().d_sae];
+    let mut variant = Variant::new("SmolLM2-135M-Instruct");
+    variant.set(&[1, 2], 0.5);
+    variant.set_when(Condition::when(vec![3, 4], Operator::Gt, Operand::Number(0.5)), vec![Edit::nudge(5, 0.3)]);
+    variant.abort_when(Condition::when(vec![6], Operator::Gt, Operand::Number(1e9)), "never");
+    let prompt = model.tokenizer.encode_chat(&[ChatMessage::user("Write a long story about a pirate who finds a treasure map.")])?;
+    // Decode only: the clock starts after the prompt's forward pass (the first token).
+    let rate = |steer: bool| -> Result<f64, Box<dyn std::error::Error>> {
+        let hook: Option<Box<dyn ResidualHook>> = if steer { Some(Box::new(Steer::new(&sae, &units, variant.clone())?)) } else { None };
+        let params = SamplingParams { max_tokens: decode + 1, ..SamplingParams::greedy(decode + 1) };
+        let mut stream = model.generate(prompt.clone(), params, hook, CancelToken::new())?;
+        stream.next().transpose()?;
+        let start = Instant::now();
+        let mut n = 0;
+        for token in &mut stream {
+            token?;
+            n += 1;
+        }
+        Ok(n as f64 / start.elapsed().as_secs_f64())
+    };
+    let (mut base, mut steered) = (Vec::new(), Vec::new());
+    for rep in 0..=reps {
+        // Alternate which goes first, so drift on the machine falls on both.
+        let (b, s) = if rep % 2 == 0 { (rate(false)?, rate(true)?) } else { let s = rate(true)?; (rate(false)?, s) };
+        if rep > 0 {
+            base.push(round1(b));
+            steered.push(round1(s));
+        }
+    }
+    let (mb, ms) = (median(&base), median(&steered));
+    println!("decode {decode}, {} threads: base median {mb:.1} tok/s {base:?}", rayon::current_num_threads());
+    println!("steered (SAE encode per token, 2 edits, 2 scopes): median {ms:.1} tok/s {steered:?}");
+    println!("steering adds {:.1}% to decode time", (mb / ms - 1.0) * 100.0);
+    Ok(())
 }
 
 /// CPU time used by other processes over a region, from `/proc/stat` minus this process's
