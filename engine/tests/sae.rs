@@ -175,3 +175,76 @@ fn feature_capture_reports_every_token_in_prefill_and_decode() {
     model.llama.forward(&tokens, &mut cache, Some(&mut residual), Logits::None).unwrap();
     assert_eq!(sae.encode(&residual.take()), capture2.features[..tokens.len()].to_vec());
 }
+
+/// Where the shipped SAE lives (`public/sae/`; `KINDLING_SAE_DIR` points elsewhere).
+fn shipped_dir() -> std::path::PathBuf {
+    std::env::var_os("KINDLING_SAE_DIR").map_or_else(|| common::repo_root().join("public/sae"), std::path::PathBuf::from)
+}
+
+/// The committed SAE and its manifest.
+fn shipped() -> (Sae, serde_json::Value) {
+    let dir = shipped_dir();
+    let bytes = std::fs::read(dir.join("kindling-sae.f16.safetensors")).expect("public/sae/kindling-sae.f16.safetensors");
+    let manifest = serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+    (Sae::from_compact(&bytes).unwrap(), manifest)
+}
+
+#[test]
+fn the_shipped_sae_fits_the_model_and_both_forms_agree() {
+    let (sae, manifest) = shipped();
+    let model = model(Backend::Cpu);
+    sae.check_model(model.llama.config(), Some(kindling_engine::SMOLLM2_SHA256)).unwrap();
+    assert_eq!(manifest["config"]["hook_name"], sae.config().hook_name());
+    let dir = shipped_dir();
+    let saelens = Sae::from_saelens(
+        &std::fs::read_to_string(dir.join("cfg.json")).unwrap(),
+        &std::fs::read(dir.join("sae_weights.safetensors")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(saelens.config(), sae.config());
+    // Every file's sha256 is the one the manifest records.
+    for file in manifest["files"].as_array().unwrap() {
+        let bytes = std::fs::read(dir.join(file["file"].as_str().unwrap())).unwrap();
+        use sha2::Digest;
+        assert_eq!(format!("{:x}", sha2::Sha256::digest(&bytes)), file["sha256"].as_str().unwrap(), "{}", file["file"]);
+    }
+}
+
+#[test]
+fn the_shipped_sae_reconstructs_a_fixed_prompt_as_well_as_reported() {
+    let (sae, manifest) = shipped();
+    let model = model(Backend::Cpu);
+    // A fixed prompt from the SAE's own distribution: the first held-out window of each chat
+    // source (tests/fixtures/sae_heldout_windows.json), each run on its own as in evaluation.
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::repo_root().join("tests/fixtures/sae_heldout_windows.json")).unwrap(),
+    )
+    .unwrap();
+    let d = sae.config().d_in;
+    let mut kept: Vec<f32> = Vec::new();
+    for window in fixture["windows"].as_array().unwrap() {
+        let tokens = ids(&window["tokens"]);
+        let mut capture = kindling_engine::CaptureResidual::new(sae.config().layer);
+        let mut cache = model.llama.new_cache();
+        model.llama.forward(&tokens, &mut cache, Some(&mut capture), Logits::None).unwrap();
+        let rows = capture.take();
+        // As in training and evaluation: position 0 and control tokens are left out.
+        for (p, row) in rows.chunks_exact(d).enumerate() {
+            if p > 0 && !model.tokenizer.is_control(tokens[p]) {
+                kept.extend_from_slice(row);
+            }
+        }
+    }
+    let n = kept.len() / d;
+    let recon = sae.reconstruct(&kept);
+    let mut mean = vec![0.0f64; d];
+    kept.chunks_exact(d).for_each(|r| mean.iter_mut().zip(r).for_each(|(m, &v)| *m += v as f64 / n as f64));
+    let sse: f64 = kept.iter().zip(&recon).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let var: f64 = kept.chunks_exact(d).map(|r| r.iter().zip(&mean).map(|(&a, m)| (a as f64 - m).powi(2)).sum::<f64>()).sum();
+    let fvu = sse / var;
+    let reported = manifest["metrics"]["fvu"].as_f64().unwrap();
+    eprintln!("FVU on the fixed prompt ({n} tokens): {fvu:.4}; held out: {reported:.4}");
+    assert!((fvu - reported).abs() <= 0.25 * reported, "FVU {fvu:.4} on the fixed prompt vs {reported:.4} held out");
+    let l0 = sae.encode(&kept).iter().map(Vec::len).sum::<usize>() as f64 / n as f64;
+    assert!(l0 >= 0.5 * sae.config().k as f64 && l0 <= sae.config().k as f64, "L0 {l0}");
+}
