@@ -59,6 +59,17 @@ enum Command {
         /// Text files to count (none: stdin).
         files: Vec<PathBuf>,
     },
+    /// AutoSteer: find edits that steer replies toward DESCRIPTION (needs the SAE and atlas).
+    Autosteer {
+        description: String,
+        #[arg(long, default_value = "public/sae")]
+        sae_dir: PathBuf,
+        #[arg(long, default_value = "public/atlas")]
+        atlas_dir: PathBuf,
+        /// Then answer this prompt with the chosen edits (and without, for comparison).
+        #[arg(long)]
+        prompt: Option<String>,
+    },
     /// Measure what steering costs: greedy decode with and without a variant at the SAE's block
     /// (per-token SAE encode, two edits, a set_when and an abort_when that never fires),
     /// interleaved, medians and their ratio.
@@ -147,6 +158,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
         Command::Tokens { .. } => unreachable!("handled before loading the model"),
         Command::BenchSteer { sae, decode, reps } => bench_steer(&model, &sae, decode, reps)?,
+        Command::Autosteer { description, sae_dir, atlas_dir, prompt } => autosteer(&model, &sae_dir, &atlas_dir, &description, prompt)?,
         Command::Bench { prefill, decode, reps, json, batch } => {
             let threads = rayon::current_num_threads();
             let result = bench(&model, prefill, decode, reps, batch.max(1))?;
@@ -249,6 +261,33 @@ fn bench(model: &Model, prefill: usize, decode: usize, reps: usize, batch: usize
     }
     prefill_other.extend(decode_other);
     Ok((prefill_rates, decode_rates, prefill_other))
+}
+
+/// Runs AutoSteer and prints its choice and trials.
+fn autosteer(model: &Model, sae_dir: &std::path::Path, atlas_dir: &std::path::Path, description: &str, prompt: Option<String>) -> Result<(), Box<dyn std::error::Error>> {
+    use kindling_engine::autosteer::{AutoSteerOptions, auto_steer};
+    use kindling_engine::{Atlas, CancelToken, Sae, StaticEmbedder, Steer, Variant};
+    let sae = Sae::from_compact(&std::fs::read(sae_dir.join("kindling-sae.f16.safetensors"))?)?;
+    let embedder = StaticEmbedder::from_safetensors(&std::fs::read(atlas_dir.join("embedder.safetensors"))?)?;
+    let atlas = Atlas::from_index(&std::fs::read_to_string(atlas_dir.join("atlas.json"))?, &sae, embedder)?;
+    let result = auto_steer(model, &sae, &atlas, description, &AutoSteerOptions::default())?;
+    println!("base: similarity {:.3}, coherence {:.2}", result.base_similarity, result.base_coherence);
+    for t in &result.trials {
+        let edits: Vec<String> = t.edits.iter().map(|e| format!("#{} {:+.1} ({})", e.feature, e.value, atlas.feature(e.feature).map(|f| f.label.as_str()).unwrap_or("?"))).collect();
+        println!("{} gain {:+.3} coherence {:.2}  {}", if t.accepted { "+" } else { " " }, t.gain, t.coherence, edits.join(" & "));
+    }
+    println!("chosen: {:?}", result.edits);
+    if let Some(prompt) = prompt {
+        let tokens = model.tokenizer.encode_chat(&[ChatMessage::user(prompt)])?;
+        let units = atlas.units();
+        let mut variant = Variant::new("SmolLM2-135M-Instruct");
+        variant.edits = result.edits.clone();
+        for (name, hook) in [("base", None), ("steered", Some(Box::new(Steer::new(&sae, &units, variant)?) as Box<dyn kindling_engine::ResidualHook>))] {
+            let text = model.generate(tokens.clone(), SamplingParams::greedy(64), hook, CancelToken::new())?.collect_text()?;
+            println!("{name}: {text}");
+        }
+    }
+    Ok(())
 }
 
 /// Greedy decode rates (tok/s) without and with a steering variant, alternating.

@@ -24,6 +24,7 @@
 //! ```
 
 pub mod atlas;
+pub mod autosteer;
 pub mod backend;
 pub mod contrast;
 pub mod embed;

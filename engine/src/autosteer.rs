@@ -1,0 +1,151 @@
+//! AutoSteer and AutoConditional: from a short description ("be funny", "pirates") to
+//! edits or a condition, found by project code.
+//!
+//! AutoSteer searches the atlas for candidate features, then tries each at a few strengths on
+//! neutral prompts: greedy continuations are embedded with the atlas's sentence embedder and
+//! compared with the description. A candidate's gain is how much closer to the description
+//! its continuations get than the base model's; it counts only if the text stays coherent
+//! (distinct-token ratio at least 80% of the base's and at least one half: steering too hard
+//! makes a model repeat itself). The best candidate is kept, plus the second best when the
+//! two together still beat the best alone and stay coherent.
+
+use crate::atlas::Atlas;
+use crate::embed::StaticEmbedder;
+use crate::sae::Sae;
+use crate::steer::{Condition, Edit, Operand, Operator, Steer, Variant};
+use crate::{CancelToken, ChatMessage, EngineError, Model, ResidualHook, SamplingParams};
+
+/// How hard AutoSteer looks.
+#[derive(Debug, Clone)]
+pub struct AutoSteerOptions {
+    /// Features from the atlas search to try.
+    pub candidates: usize,
+    /// Nudge strengths to try, in max-activation units.
+    pub values: Vec<f32>,
+    /// Neutral user prompts the continuations answer.
+    pub prompts: Vec<String>,
+    /// Tokens generated per continuation.
+    pub max_tokens: usize,
+}
+
+impl Default for AutoSteerOptions {
+    fn default() -> Self {
+        Self {
+            candidates: 8,
+            values: vec![0.4, 0.8],
+            prompts: vec!["Tell me about your day.".into(), "What should I cook tonight?".into()],
+            max_tokens: 32,
+        }
+    }
+}
+
+/// One tried candidate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Trial {
+    pub edits: Vec<Edit>,
+    /// Mean cosine of the continuations to the description, minus the base model's.
+    pub gain: f32,
+    /// Mean distinct-token ratio of the continuations.
+    pub coherence: f32,
+    pub accepted: bool,
+}
+
+/// What AutoSteer chose, and every trial behind the choice (best first).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AutoSteer {
+    pub edits: Vec<Edit>,
+    pub base_similarity: f32,
+    pub base_coherence: f32,
+    pub trials: Vec<Trial>,
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Unique tokens / tokens (1.0 for an empty text).
+pub fn distinct_ratio(tokens: &[u32]) -> f32 {
+    if tokens.is_empty() {
+        return 1.0;
+    }
+    tokens.iter().collect::<std::collections::BTreeSet<_>>().len() as f32 / tokens.len() as f32
+}
+
+/// Greedy continuations of the prompts under `edits`: (similarity to `target`, coherence).
+fn judge(model: &Model, sae: &Sae, units: &[f32], edits: &[Edit], embedder: &StaticEmbedder, target: &[f32], opts: &AutoSteerOptions) -> Result<(f32, f32), EngineError> {
+    let (mut similarity, mut coherence) = (0.0, 0.0);
+    for prompt in &opts.prompts {
+        let tokens = model.tokenizer.encode_chat(&[ChatMessage::user(prompt.clone())])?;
+        let hook: Option<Box<dyn ResidualHook + '_>> = if edits.is_empty() {
+            None
+        } else {
+            let mut v = Variant::new("");
+            v.edits = edits.to_vec();
+            Some(Box::new(Steer::new(sae, units, v)?))
+        };
+        let mut stream = model.generate(tokens, SamplingParams::greedy(opts.max_tokens), hook, CancelToken::new())?;
+        let text = stream.collect_text()?;
+        similarity += cosine(&embedder.embed(&text), target);
+        coherence += distinct_ratio(stream.generated());
+    }
+    let n = opts.prompts.len().max(1) as f32;
+    Ok((similarity / n, coherence / n))
+}
+
+/// Edits that make the model's replies closer to `description` (see the module docs).
+pub fn auto_steer(model: &Model, sae: &Sae, atlas: &Atlas, description: &str, opts: &AutoSteerOptions) -> Result<AutoSteer, EngineError> {
+    let units = atlas.units();
+    let embedder = atlas.embedder();
+    let target = embedder.embed(description);
+    let (base_similarity, base_coherence) = judge(model, sae, &units, &[], embedder, &target, opts)?;
+    let coherent = |c: f32| c >= 0.5 && c >= 0.8 * base_coherence;
+    let mut trials = Vec::new();
+    for hit in atlas.search(description, opts.candidates) {
+        for &value in &opts.values {
+            let edits = vec![Edit::nudge(hit.feature, value)];
+            let (similarity, coherence) = judge(model, sae, &units, &edits, embedder, &target, opts)?;
+            let gain = similarity - base_similarity;
+            trials.push(Trial { edits, gain, coherence, accepted: coherent(coherence) && gain > 0.0 });
+        }
+    }
+    trials.sort_by(|a, b| b.accepted.cmp(&a.accepted).then(b.gain.total_cmp(&a.gain)));
+    let mut edits = Vec::new();
+    if let Some(best) = trials.first().filter(|t| t.accepted) {
+        edits = best.edits.clone();
+        // The best trial of another feature, tried together with the best.
+        let second = trials.iter().find(|t| t.accepted && t.edits[0].feature != best.edits[0].feature).cloned();
+        if let Some(second) = second {
+            let both: Vec<Edit> = best.edits.iter().chain(&second.edits).copied().collect();
+            let (similarity, coherence) = judge(model, sae, &units, &both, embedder, &target, opts)?;
+            let gain = similarity - base_similarity;
+            let better = coherent(coherence) && gain > best.gain;
+            trials.push(Trial { edits: both.clone(), gain, coherence, accepted: better });
+            if better {
+                edits = both;
+            }
+        }
+    }
+    trials.sort_by(|a, b| b.accepted.cmp(&a.accepted).then(b.gain.total_cmp(&a.gain)));
+    Ok(AutoSteer { edits, base_similarity, base_coherence, trials })
+}
+
+/// A condition that holds when the text is about `description`: the best-matching features
+/// of the atlas (up to `features`, as a group: the strongest member counts) above `threshold`
+/// max activations.
+pub fn auto_conditional(atlas: &Atlas, description: &str, features: usize, threshold: f32) -> Option<Condition> {
+    let group: Vec<u32> = atlas.search(description, features.max(1)).into_iter().map(|h| h.feature).collect();
+    (!group.is_empty()).then(|| Condition::when(group, Operator::Gt, Operand::Number(threshold)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repetition_lowers_the_distinct_ratio() {
+        assert_eq!(distinct_ratio(&[]), 1.0);
+        assert_eq!(distinct_ratio(&[1, 2, 3, 4]), 1.0);
+        assert_eq!(distinct_ratio(&[7, 7, 7, 7]), 0.25);
+        assert_eq!(distinct_ratio(&[1, 2, 1, 2]), 0.5);
+    }
+}
