@@ -1,7 +1,7 @@
 //! Step 5: how well each label picks out its latent's contexts, judged by all-MiniLM-L6-v2.
 //!
 //! Detection (delphi's scorer, with a sentence embedder as the judge, as in its embedding
-//! scorer): a latent's positive contexts (8 tokens around an activation) and as many negatives (random held-out contexts in
+//! scorer): a latent's positive contexts (4 tokens around an activation) and as many negatives (random held-out contexts in
 //! which it never fires) are ranked by cosine similarity to the label; the top half is
 //! predicted "fires". The score is the balanced accuracy of that prediction (0.5 = chance).
 //!
@@ -35,11 +35,13 @@ const NEGATIVE_POOL: usize = 3000;
 const CHOOSE_POSITIVES: usize = super::TOP + super::SAMPLED;
 const MIN_SCORED: usize = 4;
 const BATCH: usize = 64;
-/// The judge reads a short window around the activation (5 tokens before, 2 after), so that
-/// a label about one token is not drowned by the rest of a long context; negatives are
-/// windows of the same size.
-const JUDGE_BEFORE: usize = 5;
-const JUDGE_AFTER: usize = 2;
+/// The judge reads a short window around the activation (2 tokens before, 1 after): the
+/// embedding judge cannot see a highlighted token, so the window is its highlight, and a
+/// label about one word is not drowned by the rest of a long context (on the first 60
+/// latents of the shipped SAE, 37% scored ≥ 0.7 with this window against 27% with 5 + 2).
+/// Negatives are windows of the same size.
+const JUDGE_BEFORE: usize = 2;
+const JUDGE_AFTER: usize = 1;
 
 fn judge_range(acts: &Activations, o: &Occurrence) -> std::ops::Range<usize> {
     let len = acts.windows[o.window as usize].len();
@@ -148,6 +150,8 @@ pub fn run(args: &AtlasArgs, model: &Model, acts: &Activations, stats: &[LatentS
                 &json!({
                     "feature": f, "label": label, "source": if source == LabelSource::Model { "model" } else { "tokens" },
                     "score": score, "choosing": choosing, "candidates": candidates.iter().map(|c| &c.0).collect::<Vec<_>>(),
+                    // The held-back contexts the score is measured on, for auditing.
+                    "scored_on": &texts[choose.len()..choose.len() + s.scoring.len()],
                 }),
             )?;
             scored[f] = Some(Scored { label, source, score });
