@@ -20,7 +20,9 @@ use burn::tensor::{Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
+use crate::gguf::TensorType;
 use crate::hook::ResidualHook;
+use crate::quant::QMatrix;
 use crate::llama::Config;
 
 /// A latent index and its activation.
@@ -103,6 +105,34 @@ pub struct Sae {
     b_dec: Vec<f32>,
     /// SHA-256 of the file bytes it was loaded from (the atlas checks it belongs to this SAE).
     sha256: Option<String>,
+    /// `W_encᵀ` in Q8_0 blocks (`[d_sae, d_in]`) for encoding a few rows at a time (decode
+    /// steps): a per-token encode is memory-bound, and 8 bits read a quarter of the f32 bytes
+    /// (4.7 MB instead of 18.9 MB for 8,192 × 576). Prefill and evaluation use the f32 weights.
+    w_enc_q8: Option<QMatrix>,
+}
+
+/// Rows up to which [`Sae::pre_activations`] takes the 8-bit encoder.
+const Q8_ENCODE_MAX_ROWS: usize = 4;
+
+/// `W_encᵀ` (`w_enc` is `[d_in, d_sae]`) as Q8_0: per block of 32 inputs one f16 scale and 32
+/// signed bytes, as GGUF stores it.
+fn encoder_q8(w_enc: &[f32], d_in: usize, d_sae: usize) -> Option<QMatrix> {
+    if d_in % 32 != 0 {
+        return None;
+    }
+    let mut bytes = Vec::with_capacity(d_sae * d_in / 32 * 34);
+    let mut row = vec![0f32; d_in];
+    for j in 0..d_sae {
+        row.iter_mut().enumerate().for_each(|(i, r)| *r = w_enc[i * d_sae + j]);
+        for block in row.chunks_exact(32) {
+            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = half::f16::from_f32(amax / 127.0);
+            let inv = if d.to_f32() > 0.0 { 1.0 / d.to_f32() } else { 0.0 };
+            bytes.extend(d.to_le_bytes());
+            bytes.extend(block.iter().map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8 as u8));
+        }
+    }
+    Some(QMatrix::from_gguf(TensorType::Q8_0, d_sae, d_in, &bytes))
 }
 
 impl Sae {
@@ -119,7 +149,8 @@ impl Sae {
                 return Err(SaeError::NotFinite(name));
             }
         }
-        Ok(Self { cfg, w_enc, b_enc, w_dec, b_dec, sha256: None })
+        let w_enc_q8 = encoder_q8(&w_enc, d, s);
+        Ok(Self { cfg, w_enc, b_enc, w_dec, b_dec, sha256: None, w_enc_q8 })
     }
 
     /// Loads the SAELens layout: `cfg.json` text and `sae_weights.safetensors` bytes.
@@ -233,6 +264,11 @@ impl Sae {
         let (d, s) = (self.cfg.d_in, self.cfg.d_sae);
         let rows = x.len() / d;
         let centred: Vec<f32> = x.chunks_exact(d).flat_map(|r| r.iter().zip(&self.b_dec).map(|(a, b)| a - b)).collect();
+        if let Some(q8) = self.w_enc_q8.as_ref().filter(|_| rows <= Q8_ENCODE_MAX_ROWS) {
+            let mut out = q8.matmul(&centred);
+            out.iter_mut().zip(self.b_enc.iter().cycle()).for_each(|(o, b)| *o += b);
+            return out;
+        }
         let mut out: Vec<f32> = self.b_enc.iter().copied().cycle().take(rows * s).collect();
         matmul_accumulate(&centred, &self.w_enc, &mut out, rows, d, s);
         out

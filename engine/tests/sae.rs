@@ -248,3 +248,31 @@ fn the_shipped_sae_reconstructs_a_fixed_prompt_as_well_as_reported() {
     let l0 = sae.encode(&kept).iter().map(Vec::len).sum::<usize>() as f64 / n as f64;
     assert!(l0 >= 0.5 * sae.config().k as f64 && l0 <= sae.config().k as f64, "L0 {l0}");
 }
+
+/// Decode steps encode one row with the 8-bit encoder; it must pick (nearly) the latents the
+/// f32 encoder picks, with nearly the same activations.
+#[test]
+fn the_8_bit_encoder_of_decode_steps_agrees_with_the_f32_one() {
+    let (sae, _) = shipped();
+    let model = model(Backend::Cpu);
+    let tokens = model.tokenizer.encode_chat(&[kindling_engine::ChatMessage::user("Tell me a story about a dragon who loves tea.")]).unwrap();
+    let mut capture = kindling_engine::CaptureResidual::new(sae.config().layer);
+    model.llama.forward(&tokens, &mut model.llama.new_cache(), Some(&mut capture), Logits::None).unwrap();
+    let rows = capture.take();
+    let d = sae.config().d_in;
+    let batch = sae.encode(&rows[d..]); // many rows: f32
+    let (mut shared, mut total, mut worst) = (0usize, 0usize, 0f32);
+    for (row, full) in rows[d..].chunks_exact(d).zip(&batch) {
+        let single = &sae.encode(row)[0]; // one row: 8-bit
+        total += full.len();
+        for &(j, a) in full {
+            if let Some(&(_, b)) = single.iter().find(|(i, _)| *i == j) {
+                shared += 1;
+                worst = worst.max((a - b).abs() / a.abs().max(1.0));
+            }
+        }
+    }
+    let overlap = shared as f32 / total as f32;
+    assert!(overlap >= 0.9, "only {:.1}% of the latents agree", overlap * 100.0);
+    assert!(worst <= 0.05, "activations differ by up to {:.1}%", worst * 100.0);
+}
