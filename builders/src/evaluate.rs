@@ -59,22 +59,8 @@ pub fn run(args: &EvalArgs) -> Result<(), BuildError> {
     sae.check_model(model.llama.config(), None)?;
     let layer = sae.config().layer;
     let d = sae.config().d_in;
-    let state_path = args.harvest.join("harvest.json");
-    let state: Value = serde_json::from_str(&std::fs::read_to_string(&state_path).map_err(|e| BuildError::io(&state_path, e))?)
-        .map_err(|e| BuildError::Input(format!("{}: {e}", state_path.display())))?;
-    let windows: Vec<(String, Vec<TokenId>)> = state["heldout_windows"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|w| {
-            let tokens = w["tokens"].as_array().into_iter().flatten().filter_map(|t| t.as_u64().map(|t| t as TokenId)).collect();
-            (w["source"].as_str().unwrap_or("?").to_string(), tokens)
-        })
-        .take(args.windows)
-        .collect();
-    if windows.is_empty() {
-        return Err(BuildError::Input(format!("{} holds no held-out windows", state_path.display())));
-    }
+    let windows: Vec<(String, Vec<TokenId>)> =
+        crate::harvest::heldout_windows(&args.harvest, Some(args.windows))?.into_iter().map(|w| (w.source, w.tokens)).collect();
     let vocab = model.llama.config().vocab_size;
     let mut acc = Running { sse: 0.0, sum: vec![0.0; d], sum_sq: 0.0, rows: 0, active: 0, fired: vec![0; sae.config().d_sae] };
     let (mut ce_clean, mut ce_sae, mut ce_zero, mut kl_sae, mut kl_zero, mut ce_positions) = (0f64, 0f64, 0f64, 0f64, 0f64, 0u64);

@@ -87,6 +87,28 @@ pub fn corpus_windows(model: &Model, manifest_path: &Path, window: usize, seed: 
     Ok(windows)
 }
 
+/// The held-out windows a harvest recorded in `<dir>/harvest.json` (at most `limit`), in
+/// visiting order: the text SAE evaluation and the feature atlas read.
+pub fn heldout_windows(dir: &Path, limit: Option<usize>) -> Result<Vec<Window>, BuildError> {
+    let path = dir.join("harvest.json");
+    let text = fs::read_to_string(&path).map_err(|e| BuildError::io(&path, e))?;
+    let state: Value = serde_json::from_str(&text).map_err(|e| BuildError::Input(format!("{}: {e}", path.display())))?;
+    let windows: Vec<Window> = state["heldout_windows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| Window {
+            source: w["source"].as_str().unwrap_or("?").to_string(),
+            tokens: w["tokens"].as_array().into_iter().flatten().filter_map(|t| t.as_u64().map(|t| t as TokenId)).collect(),
+        })
+        .take(limit.unwrap_or(usize::MAX))
+        .collect();
+    if windows.is_empty() {
+        return Err(BuildError::Input(format!("{} holds no held-out windows", path.display())));
+    }
+    Ok(windows)
+}
+
 /// Whether window `i` (in visiting order) is held out for evaluation.
 pub fn is_heldout(i: usize, every: usize) -> bool {
     every > 0 && i % every == every - 1

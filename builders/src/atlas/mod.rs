@@ -157,31 +157,13 @@ pub fn run(args: &AtlasArgs) -> Result<(), BuildError> {
     pack::run(args, &model, &sae, &acts, &stats, &effects, &scores)
 }
 
-/// Held-out windows of the harvest (token ids), in the harvest's order.
-fn heldout_windows(harvest: &Path, limit: Option<usize>) -> Result<Vec<Vec<TokenId>>, BuildError> {
-    let path = harvest.join("harvest.json");
-    let text = fs::read_to_string(&path).map_err(|e| BuildError::io(&path, e))?;
-    let state: Value = serde_json::from_str(&text).map_err(|e| BuildError::Input(format!("{}: {e}", path.display())))?;
-    let windows: Vec<Vec<TokenId>> = state["heldout_windows"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|w| w["tokens"].as_array().into_iter().flatten().filter_map(|t| t.as_u64().map(|t| t as TokenId)).collect())
-        .take(limit.unwrap_or(usize::MAX))
-        .collect();
-    if windows.is_empty() {
-        return Err(BuildError::Input(format!("{} holds no held-out windows", path.display())));
-    }
-    Ok(windows)
-}
-
 const CHUNK_WINDOWS: usize = 16;
 
 /// Step 1: latents at every held-out token, in chunk files of 16 windows
 /// (`activations/chunk-NNNNN.bin`: per position a u16 count, then (u32 latent, f32 value)
 /// pairs, little-endian); finished chunks are reused.
 fn collect_activations(args: &AtlasArgs, model: &Model, sae: &Sae) -> Result<Activations, BuildError> {
-    let windows = heldout_windows(&args.harvest, args.windows)?;
+    let windows: Vec<Vec<TokenId>> = crate::harvest::heldout_windows(&args.harvest, args.windows)?.into_iter().map(|w| w.tokens).collect();
     let dir = args.work.join("activations");
     fs::create_dir_all(&dir).map_err(|e| BuildError::io(&dir, e))?;
     let stamp = dir.join("sae.sha256");
