@@ -33,26 +33,47 @@ pub struct Label {
     pub model: Option<String>,
     /// The words the latent fires on, most frequent first.
     pub words: Vec<String>,
+    /// The two words ending at each firing token ("trying to"), most frequent first.
+    pub phrases: Vec<String>,
+    /// The firing tokens themselves (a latent on a word piece), most frequent first.
+    pub pieces: Vec<String>,
 }
 
 impl Label {
     /// The label made of the words alone.
     pub fn words_label(&self) -> String {
-        self.words.iter().take(4).cloned().collect::<Vec<_>>().join(", ")
+        self.words
+            .iter()
+            .take(4)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
-    /// The candidate labels: the theme, the theme with its strongest words, the words.
+    /// The candidate labels, the model's first: the theme, the theme with its strongest
+    /// words, then the words, the phrases and the word pieces it fires on (distinct ones).
     pub fn candidates(&self) -> Vec<(String, LabelSource)> {
-        let mut out = Vec::new();
+        let list = |items: &[String], n: usize| {
+            items.iter().take(n).cloned().collect::<Vec<_>>().join(", ")
+        };
+        let mut out: Vec<(String, LabelSource)> = Vec::new();
         if let Some(theme) = &self.model {
             out.push((theme.clone(), LabelSource::Model));
             if !self.words.is_empty() {
-                let words = self.words.iter().take(3).cloned().collect::<Vec<_>>().join(", ");
-                out.push((format!("{theme} ({words})"), LabelSource::Model));
+                out.push((
+                    format!("{theme} ({})", list(&self.words, 3)),
+                    LabelSource::Model,
+                ));
             }
         }
-        if !self.words.is_empty() {
-            out.push((self.words_label(), LabelSource::Tokens));
+        for tokens in [
+            self.words_label(),
+            list(&self.phrases, 3),
+            list(&self.pieces, 4),
+        ] {
+            if !tokens.is_empty() && !out.iter().any(|(c, _)| *c == tokens) {
+                out.push((tokens, LabelSource::Tokens));
+            }
         }
         out
     }
@@ -63,7 +84,10 @@ impl Label {
 /// many and the last is the least catchy.
 const EXAMPLES: [(&str, &str); 5] = [
     ("\".\", \"!\", \"?\"", "punctuation that ends a sentence"),
-    ("laughed, funny, joke, hilarious, comedy", "humor and laughter"),
+    (
+        "laughed, funny, joke, hilarious, comedy",
+        "humor and laughter",
+    ),
     ("he, she, him, her, they", "personal pronouns"),
     ("Monday, Friday, Sunday, weekend", "days of the week"),
     ("ship, boat, sailor, sails, deck", "boats and sailing"),
@@ -75,7 +99,10 @@ fn question(words: &str) -> String {
 
 /// The shared chat prefix: the worked examples as earlier turns.
 fn prefix_messages() -> Vec<ChatMessage> {
-    let mut messages = vec![ChatMessage::new("system", "You name the theme that a list of words shares, in two to five words.")];
+    let mut messages = vec![ChatMessage::new(
+        "system",
+        "You name the theme that a list of words shares, in two to five words.",
+    )];
     for (words, theme) in EXAMPLES {
         messages.push(ChatMessage::user(question(words)));
         messages.push(ChatMessage::new("assistant", format!("{PRIME} {theme}")));
@@ -87,7 +114,12 @@ fn prefix_messages() -> Vec<ChatMessage> {
 /// like `iously` in `Seriously`, gives the word); punctuation and other non-word tokens come
 /// back quoted.
 pub fn firing_word(model: &Model, tokens: &[TokenId], pos: usize) -> Option<String> {
-    let piece = |i: usize| model.tokenizer.decode(&[tokens[i]], true).unwrap_or_default();
+    let piece = |i: usize| {
+        model
+            .tokenizer
+            .decode(&[tokens[i]], true)
+            .unwrap_or_default()
+    };
     let marked = piece(pos);
     let core = marked.trim();
     if core.is_empty() {
@@ -101,7 +133,14 @@ pub fn firing_word(model: &Model, tokens: &[TokenId], pos: usize) -> Option<Stri
     if !marked.starts_with(char::is_whitespace) {
         for i in (pos.saturating_sub(4)..pos).rev() {
             let p = piece(i);
-            let glued: String = p.chars().rev().take_while(|c| c.is_alphanumeric()).collect::<Vec<_>>().into_iter().rev().collect();
+            let glued: String = p
+                .chars()
+                .rev()
+                .take_while(|c| c.is_alphanumeric())
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
             word.insert_str(0, &glued);
             if glued.len() != p.len() {
                 break;
@@ -121,66 +160,187 @@ pub fn firing_word(model: &Model, tokens: &[TokenId], pos: usize) -> Option<Stri
     Some(word)
 }
 
-/// The words a latent fires on in its stored contexts, most frequent first (case folded).
+/// The words a latent fires on in its stored activating contexts, most frequent first.
 pub fn firing_words(model: &Model, acts: &Activations, stats: &LatentStats) -> Vec<String> {
+    most_frequent(acts, stats, |tokens, pos| firing_word(model, tokens, pos))
+}
+
+/// A latent's label candidates made of its text alone (no model answer yet).
+pub fn token_label(model: &Model, acts: &Activations, stats: &LatentStats) -> Label {
+    Label {
+        model: None,
+        words: firing_words(model, acts, stats),
+        phrases: most_frequent(acts, stats, |tokens, pos| firing_phrase(model, tokens, pos)),
+        pieces: most_frequent(acts, stats, |tokens, pos| firing_piece(model, tokens, pos)),
+    }
+}
+
+/// The two words ending at the firing token, as the text reads them ("trying to"), or
+/// `None` at the start of a window.
+pub fn firing_phrase(model: &Model, tokens: &[TokenId], pos: usize) -> Option<String> {
+    let text = model
+        .tokenizer
+        .decode(&tokens[pos.saturating_sub(4)..=pos], true)
+        .ok()?;
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let phrase = words[words.len().saturating_sub(2)..].join(" ");
+    phrase.chars().any(char::is_alphanumeric).then_some(phrase)
+}
+
+/// The firing token itself, trimmed (`None` for whitespace).
+pub fn firing_piece(model: &Model, tokens: &[TokenId], pos: usize) -> Option<String> {
+    let piece = model.tokenizer.decode(&[tokens[pos]], true).ok()?;
+    let piece = piece.trim();
+    (!piece.is_empty()).then(|| piece.to_string())
+}
+
+/// What a latent's activating stored contexts show, read by `read` at each firing token:
+/// distinct values (case folded), most frequent first, ties in context order.
+fn most_frequent(
+    acts: &Activations,
+    stats: &LatentStats,
+    read: impl Fn(&[TokenId], usize) -> Option<String>,
+) -> Vec<String> {
     let mut counts: Vec<(String, usize, usize)> = Vec::new();
-    for (order, o) in stats.top.iter().chain(&stats.sampled).enumerate() {
-        let Some(word) = firing_word(model, &acts.windows[o.window as usize], o.pos as usize) else { continue };
-        match counts.iter_mut().find(|(w, _, _)| w.eq_ignore_ascii_case(&word)) {
+    for (order, o) in stats
+        .top
+        .iter()
+        .chain(&stats.sampled)
+        .filter(|o| stats.is_activating(o))
+        .enumerate()
+    {
+        let Some(value) = read(&acts.windows[o.window as usize], o.pos as usize) else {
+            continue;
+        };
+        match counts
+            .iter_mut()
+            .find(|(v, _, _)| v.eq_ignore_ascii_case(&value))
+        {
             Some(entry) => entry.1 += 1,
-            None => counts.push((word, 1, order)),
+            None => counts.push((value, 1, order)),
         }
     }
     counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.2.cmp(&b.2)));
-    counts.into_iter().map(|(w, _, _)| w).collect()
+    counts.into_iter().map(|(v, _, _)| v).collect()
 }
 
 /// The model's answer as a label, or `None` when it does not read as one.
 pub fn clean_answer(answer: &str) -> Option<String> {
     let first = answer.trim().lines().next()?.trim();
     let first = first.strip_prefix(PRIME).unwrap_or(first).trim();
-    let cut = first.find(['.', ';', '!', '?', '(']).map_or(first, |i| &first[..i]);
-    let label = cut.trim().trim_matches(|c: char| c == '"' || c == '\'' || c == '*' || c == ':').trim();
+    let cut = first
+        .find(['.', ';', '!', '?', '('])
+        .map_or(first, |i| &first[..i]);
+    let label = cut
+        .trim()
+        .trim_matches(|c: char| c == '"' || c == '\'' || c == '*' || c == ':')
+        .trim();
     let words: Vec<&str> = label.split_whitespace().collect();
     let letters = label.chars().filter(|c| c.is_alphabetic()).count();
     let lower = label.to_lowercase();
-    let echoes = ["words:", "theme", "list of words", "<<", ">>"].iter().any(|e| lower.contains(e));
-    let repeats = words.iter().any(|w| words.iter().filter(|x| x.eq_ignore_ascii_case(w)).count() >= 3);
-    if words.is_empty() || words.len() > 8 || letters < 3 || letters * 2 < label.len() || echoes || repeats {
+    let echoes = ["words:", "theme", "list of words", "<<", ">>"]
+        .iter()
+        .any(|e| lower.contains(e));
+    let repeats = words
+        .iter()
+        .any(|w| words.iter().filter(|x| x.eq_ignore_ascii_case(w)).count() >= 3);
+    if words.is_empty()
+        || words.len() > 8
+        || letters < 3
+        || letters * 2 < label.len()
+        || echoes
+        || repeats
+    {
         return None;
     }
     Some(label.to_string())
 }
 
-pub fn run(args: &AtlasArgs, model: &Model, acts: &Activations, stats: &[LatentStats]) -> Result<Vec<Label>, BuildError> {
+pub fn run(
+    args: &AtlasArgs,
+    model: &Model,
+    acts: &Activations,
+    stats: &[LatentStats],
+) -> Result<Vec<Label>, BuildError> {
     let path = args.work.join("labels.jsonl");
     let n = args.features.unwrap_or(stats.len()).min(stats.len());
     let mut labels: Vec<Option<Label>> = vec![None; stats.len()];
     for line in read_lines(&path) {
-        if let Some(f) = line["feature"].as_u64().filter(|&f| (f as usize) < stats.len()) {
-            let words = line["words"].as_array().into_iter().flatten().filter_map(|w| w.as_str().map(str::to_string)).collect();
-            labels[f as usize] = Some(Label { model: line["model_label"].as_str().map(str::to_string), words });
+        if let Some(f) = line["feature"]
+            .as_u64()
+            .filter(|&f| (f as usize) < stats.len())
+        {
+            let text = token_label(model, acts, &stats[f as usize]);
+            labels[f as usize] = Some(Label {
+                model: line["model_label"].as_str().map(str::to_string),
+                ..text
+            });
         }
     }
-    let todo: Vec<usize> = (0..n).filter(|&f| labels[f].is_none() && stats[f].is_live()).collect();
+    let todo: Vec<usize> = (0..n)
+        .filter(|&f| labels[f].is_none() && stats[f].is_live())
+        .collect();
     if !todo.is_empty() {
-        let file = Mutex::new(OpenOptions::new().create(true).append(true).open(&path).map_err(|e| BuildError::io(&path, e))?);
+        let file = Mutex::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| BuildError::io(&path, e))?,
+        );
         // Without the generation prompt: each request opens its own user turn.
-        let prefix_tokens = model.tokenizer.encode(&model.tokenizer.apply_chat_template(&prefix_messages(), false)?, true);
+        let prefix_tokens = model.tokenizer.encode(
+            &model
+                .tokenizer
+                .apply_chat_template(&prefix_messages(), false)?,
+            true,
+        );
         let workers = single_thread_pools(args.workers)?;
-        let progress = Mutex::new(Progress::new("atlas labels", "latents", todo.len() as u64, 0));
+        let progress = Mutex::new(Progress::new(
+            "atlas labels",
+            "latents",
+            todo.len() as u64,
+            0,
+        ));
         let done = Mutex::new(0u64);
-        let shares: Vec<Vec<usize>> = (0..workers.len()).map(|w| todo.iter().copied().skip(w).step_by(workers.len()).collect()).collect();
-        let words: Vec<Vec<String>> = (0..stats.len()).map(|f| if todo.binary_search(&f).is_ok() { firing_words(model, acts, &stats[f]) } else { Vec::new() }).collect();
+        let shares: Vec<Vec<usize>> = (0..workers.len())
+            .map(|w| {
+                todo.iter()
+                    .copied()
+                    .skip(w)
+                    .step_by(workers.len())
+                    .collect()
+            })
+            .collect();
+        let texts: Vec<Label> = (0..stats.len())
+            .map(|f| {
+                if todo.binary_search(&f).is_ok() {
+                    token_label(model, acts, &stats[f])
+                } else {
+                    Label::default()
+                }
+            })
+            .collect();
         let params = SamplingParams::greedy(12);
         let results = run_on_workers(&workers, &(0..workers.len()).collect::<Vec<_>>(), |w| {
             let share = &shares[w];
             let mut prefix = model.llama.new_cache();
-            model.llama.forward(&prefix_tokens, &mut prefix, None, Logits::Last)?;
+            model
+                .llama
+                .forward(&prefix_tokens, &mut prefix, None, Logits::Last)?;
             let requests = share.iter().map(|&f| {
-                let shown = words[f].iter().take(WORDS_SHOWN).cloned().collect::<Vec<_>>().join(", ");
+                let shown = texts[f]
+                    .words
+                    .iter()
+                    .take(WORDS_SHOWN)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 // The turn after the prefix, rendered as the template renders a user turn.
-                let text = format!("<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n{PRIME}", question(&shown));
+                let text = format!(
+                    "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n{PRIME}",
+                    question(&shown)
+                );
                 let mut turn = model.tokenizer.encode(&text, true);
                 turn.truncate(200);
                 (turn, 0)
@@ -188,7 +348,7 @@ pub fn run(args: &AtlasArgs, model: &Model, acts: &Activations, stats: &[LatentS
             let mut out = Vec::new();
             model.generate_many_after(&prefix, requests, &params, 8, |i, output| {
                 let f = share[i];
-                let label = Label { model: clean_answer(&output.text), words: words[f].clone() };
+                let label = Label { model: clean_answer(&output.text), ..texts[f].clone() };
                 let line = json!({ "feature": f, "answer": output.text, "model_label": label.model, "words": label.words });
                 append_line(&mut file.lock().expect("label file"), &line).map_err(|e| kindling_engine::EngineError::Backend(e.to_string()))?;
                 let mut done = done.lock().expect("counter");
@@ -202,7 +362,10 @@ pub fn run(args: &AtlasArgs, model: &Model, acts: &Activations, stats: &[LatentS
         for (f, label) in results.into_iter().flatten() {
             labels[f] = Some(label);
         }
-        progress.lock().expect("progress").update(todo.len() as u64, "done", true);
+        progress
+            .lock()
+            .expect("progress")
+            .update(todo.len() as u64, "done", true);
     }
     Ok(labels.into_iter().map(Option::unwrap_or_default).collect())
 }
@@ -213,21 +376,36 @@ mod tests {
 
     #[test]
     fn keeps_labels_and_rejects_echoes() {
-        assert_eq!(clean_answer(" boats and sailing.\nMore text").as_deref(), Some("boats and sailing"));
+        assert_eq!(
+            clean_answer(" boats and sailing.\nMore text").as_deref(),
+            Some("boats and sailing")
+        );
         assert_eq!(clean_answer("\"Humor\" (jokes)").as_deref(), Some("Humor"));
         assert_eq!(clean_answer("Theme: Words: ship, boat"), None);
         assert_eq!(clean_answer("<<ship>>"), None);
         assert_eq!(clean_answer("  "), None);
         assert_eq!(clean_answer("the the the the"), None);
-        assert_eq!(clean_answer("one two three four five six seven eight nine"), None);
+        assert_eq!(
+            clean_answer("one two three four five six seven eight nine"),
+            None
+        );
         assert_eq!(clean_answer(", , ; ,"), None);
     }
 
     #[test]
     fn candidates_put_the_theme_first() {
-        let label = Label { model: Some("humor".into()), words: vec!["funny".into(), "joke".into()] };
+        let label = Label {
+            model: Some("humor".into()),
+            words: vec!["funny".into(), "joke".into()],
+            phrases: vec!["so funny".into()],
+            pieces: vec!["funny".into(), "joke".into()],
+        };
         let c: Vec<String> = label.candidates().into_iter().map(|c| c.0).collect();
-        assert_eq!(c, ["humor", "humor (funny, joke)", "funny, joke"]);
-        assert_eq!(Label { model: None, words: vec![] }.candidates().len(), 0);
+        // The pieces repeat the words, so they are not a second candidate.
+        assert_eq!(
+            c,
+            ["humor", "humor (funny, joke)", "funny, joke", "so funny"]
+        );
+        assert_eq!(Label::default().candidates().len(), 0);
     }
 }

@@ -52,22 +52,37 @@ fn extremes(row: &[f32], k: usize, sign: f32) -> Vec<(TokenId, f32)> {
 /// assistant reply (without the template's default system prompt) and of a plain sentence.
 fn neutral_prompts(model: &Model) -> Vec<Vec<TokenId>> {
     vec![
-        model.tokenizer.encode("<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n", true),
+        model.tokenizer.encode(
+            "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n",
+            true,
+        ),
         model.tokenizer.encode("I think that the", false),
     ]
 }
 
-pub fn run(args: &AtlasArgs, model: &Model, sae: &Sae, stats: &[LatentStats]) -> Result<Vec<Effects>, BuildError> {
+pub fn run(
+    args: &AtlasArgs,
+    model: &Model,
+    sae: &Sae,
+    stats: &[LatentStats],
+) -> Result<Vec<Effects>, BuildError> {
     let path = args.work.join("logits.jsonl");
     let d_sae = sae.config().d_sae;
     let mut effects: Vec<Option<Effects>> = vec![None; d_sae];
     let pairs = |v: &serde_json::Value| -> Vec<(TokenId, f32)> {
-        v.as_array().into_iter().flatten().filter_map(|p| Some((p[0].as_u64()? as TokenId, p[1].as_f64()? as f32))).collect()
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| Some((p[0].as_u64()? as TokenId, p[1].as_f64()? as f32)))
+            .collect()
     };
     for line in read_lines(&path) {
         if let Some(f) = line["feature"].as_u64().filter(|&f| (f as usize) < d_sae) {
-            effects[f as usize] =
-                Some(Effects { promoted: pairs(&line["promoted"]), suppressed: pairs(&line["suppressed"]), boosted: pairs(&line["boosted"]) });
+            effects[f as usize] = Some(Effects {
+                promoted: pairs(&line["promoted"]),
+                suppressed: pairs(&line["suppressed"]),
+                boosted: pairs(&line["boosted"]),
+            });
         }
     }
     let n = args.features.unwrap_or(d_sae).min(d_sae);
@@ -75,15 +90,28 @@ pub fn run(args: &AtlasArgs, model: &Model, sae: &Sae, stats: &[LatentStats]) ->
     if todo.is_empty() {
         return Ok(effects.into_iter().map(Option::unwrap_or_default).collect());
     }
-    let mut file = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| BuildError::io(&path, e))?;
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| BuildError::io(&path, e))?;
 
     // VocabProj for every latent still to do, a chunk of decoder rows at a time.
-    eprintln!("[atlas logits] projecting {} decoder rows through the unembedding", todo.len());
+    eprintln!(
+        "[atlas logits] projecting {} decoder rows through the unembedding",
+        todo.len()
+    );
     let d = sae.config().d_in;
     let mut lens: HashMap<usize, (Vec<(TokenId, f32)>, Vec<(TokenId, f32)>)> = HashMap::new();
     for chunk in todo.chunks(LENS_CHUNK) {
-        let rows: Vec<f32> = chunk.iter().flat_map(|&f| sae.decoder_row(f).iter().copied()).collect();
-        let directions = Tensor::from_data(TensorData::new(rows, [chunk.len(), d]), model.llama.device());
+        let rows: Vec<f32> = chunk
+            .iter()
+            .flat_map(|&f| sae.decoder_row(f).iter().copied())
+            .collect();
+        let directions = Tensor::from_data(
+            TensorData::new(rows, [chunk.len(), d]),
+            model.llama.device(),
+        );
         let logits = to_host(model.llama.logit_lens(directions))?;
         let vocab = logits.len() / chunk.len();
         for (&f, row) in chunk.iter().zip(logits.chunks_exact(vocab)) {
@@ -94,14 +122,23 @@ pub fn run(args: &AtlasArgs, model: &Model, sae: &Sae, stats: &[LatentStats]) ->
     // TokenChange for live latents, two workers side by side.
     let prompts = neutral_prompts(model);
     let layer = sae.config().layer;
-    let next_token_probs = |prompt: &[TokenId], add: Option<Vec<f32>>| -> Result<Vec<f32>, BuildError> {
-        let mut cache = model.llama.new_cache();
-        let mut hook = add.map(|v| AddToResidual::new(layer, v));
-        let hook = hook.as_mut().map(|h| h as &mut dyn kindling_engine::ResidualHook);
-        let logits = model.llama.forward(prompt, &mut cache, hook, Logits::Last)?.expect("Logits::Last returns logits");
-        Ok(softmax(&to_host(logits)?))
-    };
-    let base: Vec<Vec<f32>> = prompts.iter().map(|p| next_token_probs(p, None)).collect::<Result<_, _>>()?;
+    let next_token_probs =
+        |prompt: &[TokenId], add: Option<Vec<f32>>| -> Result<Vec<f32>, BuildError> {
+            let mut cache = model.llama.new_cache();
+            let mut hook = add.map(|v| AddToResidual::new(layer, v));
+            let hook = hook
+                .as_mut()
+                .map(|h| h as &mut dyn kindling_engine::ResidualHook);
+            let logits = model
+                .llama
+                .forward(prompt, &mut cache, hook, Logits::Last)?
+                .expect("Logits::Last returns logits");
+            Ok(softmax(&to_host(logits)?))
+        };
+    let base: Vec<Vec<f32>> = prompts
+        .iter()
+        .map(|p| next_token_probs(p, None))
+        .collect::<Result<_, _>>()?;
     let workers = single_thread_pools(args.workers)?;
     let mut progress = Progress::new("atlas logits", "latents", todo.len() as u64, 0);
     for (n, group) in todo.chunks(workers.len()).enumerate() {
@@ -114,14 +151,27 @@ pub fn run(args: &AtlasArgs, model: &Model, sae: &Sae, stats: &[LatentStats]) ->
             let mut delta = vec![0f32; base[0].len()];
             for (prompt, p0) in prompts.iter().zip(&base) {
                 let p = next_token_probs(prompt, Some(add.clone()))?;
-                delta.iter_mut().zip(p.iter().zip(p0)).for_each(|(d, (a, b))| *d += (a - b) / prompts.len() as f32);
+                delta
+                    .iter_mut()
+                    .zip(p.iter().zip(p0))
+                    .for_each(|(d, (a, b))| *d += (a - b) / prompts.len() as f32);
             }
-            Ok(extremes(&delta, KEEP, 1.0).into_iter().filter(|&(_, dp)| dp > 0.0).collect())
+            Ok(extremes(&delta, KEEP, 1.0)
+                .into_iter()
+                .filter(|&(_, dp)| dp > 0.0)
+                .collect())
         })?;
         for (&f, boosted) in group.iter().zip(boosted) {
             let (promoted, suppressed) = lens.remove(&f).unwrap_or_default();
-            append_line(&mut file, &json!({ "feature": f, "promoted": promoted, "suppressed": suppressed, "boosted": boosted }))?;
-            effects[f] = Some(Effects { promoted, suppressed, boosted });
+            append_line(
+                &mut file,
+                &json!({ "feature": f, "promoted": promoted, "suppressed": suppressed, "boosted": boosted }),
+            )?;
+            effects[f] = Some(Effects {
+                promoted,
+                suppressed,
+                boosted,
+            });
         }
         progress.update(((n + 1) * workers.len()).min(todo.len()) as u64, "", false);
     }

@@ -8,7 +8,6 @@ use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 use serde_json::{Value, json};
 
-use super::labels::Label;
 use super::logits::Effects;
 use super::score::Scored;
 use super::{Activations, AtlasArgs, LatentStats, WINDOW, context_range};
@@ -33,20 +32,41 @@ fn rounded(list: &[(TokenId, f32)]) -> Vec<(TokenId, f32)> {
     list.iter().map(|&(t, v)| (t, round4(v))).collect()
 }
 
-/// Label-quality figures over the scored live latents.
+/// Label-quality figures of the live latents (`scored` holds one entry per live latent). The
+/// fractions are shares of all live latents: one too rare to score counts as not reaching
+/// the threshold. The median and mean are over the scored ones.
 pub fn label_quality(scored: &[Scored]) -> Value {
     let mut scores: Vec<f32> = scored.iter().filter_map(|s| s.score).collect();
     scores.sort_by(f32::total_cmp);
     let n = scores.len();
-    let at_least = |t: f32| if n == 0 { 0.0 } else { scores.iter().filter(|&&s| s >= t).count() as f64 / n as f64 };
-    let median = if n == 0 { 0.0 } else if n % 2 == 1 { scores[n / 2] } else { (scores[n / 2 - 1] + scores[n / 2]) / 2.0 };
+    let live = scored.len();
+    let at_least = |t: f32| {
+        if live == 0 {
+            0.0
+        } else {
+            scores.iter().filter(|&&s| s >= t).count() as f64 / live as f64
+        }
+    };
+    let median = if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        scores[n / 2]
+    } else {
+        (scores[n / 2 - 1] + scores[n / 2]) / 2.0
+    };
     let mut histogram = vec![0u32; 10];
     for &s in &scores {
         histogram[((s * 10.0) as usize).min(9)] += 1;
     }
-    let by_source = |source: LabelSource| scored.iter().filter(|s| s.source == source && s.score.is_some()).count();
+    let by_source = |source: LabelSource| {
+        scored
+            .iter()
+            .filter(|s| s.source == source && s.score.is_some())
+            .count()
+    };
     json!({
-        "method": "detection balanced accuracy: label vs held-out activating contexts (decile sample) and random non-activating ones, all-MiniLM-L6-v2 cosine as judge, top half predicted active",
+        "method": "detection balanced accuracy: label vs 20 held-out activating contexts (activation >= 0.25 of the latent's unit, spread over their ranks, 4-token window) and as many random non-activating ones, all-MiniLM-L6-v2 cosine as judge, top half predicted active",
+        "live": live,
         "scored": n,
         "fraction_ge_0_7": at_least(0.7),
         "fraction_ge_0_9": at_least(0.9),
@@ -74,19 +94,26 @@ pub fn run(
             let (s, e, l) = (&stats[f], &effects[f], &scored[f]);
             // A latent left out of a trial run (`--features`) gets its words as its label.
             let label = if s.is_live() && l.label.is_empty() {
-                let words = super::labels::firing_words(model, acts, s);
-                Label { model: None, words }.words_label()
+                super::labels::token_label(model, acts, s).words_label()
             } else {
                 l.label.clone()
             };
             FeatureInfo {
                 label,
-                label_source: if s.is_live() { l.source } else { LabelSource::Dead },
+                label_source: if s.is_live() {
+                    l.source
+                } else {
+                    LabelSource::Dead
+                },
                 label_score: l.score.map(round4),
                 max_activation: round4(s.max_activation),
                 max_observed: round4(s.max_observed),
                 density: round4(s.count as f32 / acts.tokens.max(1) as f32),
-                histogram: if s.is_live() { s.histogram.clone() } else { Vec::new() },
+                histogram: if s.is_live() {
+                    s.histogram.clone()
+                } else {
+                    Vec::new()
+                },
                 promoted: rounded(&e.promoted),
                 suppressed: rounded(&e.suppressed),
                 boosted: rounded(&e.boosted),
@@ -122,7 +149,11 @@ pub fn run(
             let peak = values.iter().copied().fold(0f32, f32::max);
             peaks[f * STORED + slot] = peak;
             let at = (f * STORED + slot) * WINDOW;
-            for (i, (&t, &v)) in acts.windows[o.window as usize][range].iter().zip(&values).enumerate() {
+            for (i, (&t, &v)) in acts.windows[o.window as usize][range]
+                .iter()
+                .zip(&values)
+                .enumerate()
+            {
                 tokens[at + i] = t as u16;
                 activations[at + i] = (v / peak * 255.0).round().clamp(0.0, 255.0) as u8;
             }
@@ -132,24 +163,43 @@ pub fn run(
     let peak_bytes: Vec<u8> = peaks.iter().flat_map(|p| p.to_le_bytes()).collect();
     let shape = vec![d_sae, STORED, WINDOW];
     let views = [
-        ("tokens", TensorView::new(Dtype::U16, shape.clone(), &token_bytes).expect("shape matches")),
-        ("activations", TensorView::new(Dtype::U8, shape, &activations).expect("shape matches")),
-        ("peaks", TensorView::new(Dtype::F32, vec![d_sae, STORED], &peak_bytes).expect("shape matches")),
+        (
+            "tokens",
+            TensorView::new(Dtype::U16, shape.clone(), &token_bytes).expect("shape matches"),
+        ),
+        (
+            "activations",
+            TensorView::new(Dtype::U8, shape, &activations).expect("shape matches"),
+        ),
+        (
+            "peaks",
+            TensorView::new(Dtype::F32, vec![d_sae, STORED], &peak_bytes).expect("shape matches"),
+        ),
     ];
     let meta: HashMap<String, String> = [(
         "kindling_atlas_contexts".to_string(),
         json!({ "version": ATLAS_VERSION, "compact_sha256": index.sae.compact_sha256 }).to_string(),
     )]
     .into();
-    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| BuildError::Input(format!("serializing contexts: {e}")))?;
+    let bytes = safetensors::serialize(views, Some(meta))
+        .map_err(|e| BuildError::Input(format!("serializing contexts: {e}")))?;
     write_atomically(&args.out.join(CONTEXTS), &bytes)?;
 
     let file_entry = |name: &str| -> Result<Value, BuildError> {
-        let path = if name == EMBEDDER { args.embedder.clone() } else { args.out.join(name) };
-        let size = std::fs::metadata(&path).map_err(|e| BuildError::io(&path, e))?.len();
+        let path = if name == EMBEDDER {
+            args.embedder.clone()
+        } else {
+            args.out.join(name)
+        };
+        let size = std::fs::metadata(&path)
+            .map_err(|e| BuildError::io(&path, e))?
+            .len();
         Ok(json!({ "file": name, "bytes": size, "sha256": sha256_file(&path)? }))
     };
-    let files: Vec<Value> = [INDEX, CONTEXTS, EMBEDDER].iter().map(|f| file_entry(f)).collect::<Result<_, _>>()?;
+    let files: Vec<Value> = [INDEX, CONTEXTS, EMBEDDER]
+        .iter()
+        .map(|f| file_entry(f))
+        .collect::<Result<_, _>>()?;
     let total_bytes: u64 = files.iter().filter_map(|f| f["bytes"].as_u64()).sum();
     let live = stats.iter().filter(|s| s.is_live()).count();
     let manifest = json!({
@@ -160,7 +210,8 @@ pub fn run(
         "latents": { "total": d_sae, "live": live, "dead": d_sae - live },
         "heldout_tokens": acts.tokens,
         "heldout_windows": acts.windows.len(),
-        "label_quality": label_quality(&scored.iter().zip(stats).filter(|(_, s)| s.is_live()).map(|(l, _)| l.clone()).collect::<Vec<_>>()),
+        // A trial run (--features N) labels only the first N latents.
+        "label_quality": label_quality(&scored.iter().zip(stats).take(args.features.unwrap_or(d_sae)).filter(|(_, s)| s.is_live()).map(|(l, _)| l.clone()).collect::<Vec<_>>()),
         "steering_unit": "max_activation = 99th percentile of the latent's nonzero activations on held-out tokens",
         "contexts": { "per_latent": STORED, "window": WINDOW, "before": super::BEFORE, "after": super::AFTER },
         "boosted_tokens": { "amplify": args.amplify, "prompts": 2 },
@@ -169,7 +220,10 @@ pub fn run(
         "created_by": args.command,
         "regenerate": { "script": "scripts/build_atlas.sh" },
     });
-    write_atomically(&args.out.join("manifest.json"), (serde_json::to_string_pretty(&manifest).expect("JSON") + "\n").as_bytes())?;
+    write_atomically(
+        &args.out.join("manifest.json"),
+        (serde_json::to_string_pretty(&manifest).expect("JSON") + "\n").as_bytes(),
+    )?;
     eprintln!(
         "[atlas] wrote {} ({} bytes in all); label quality: {}",
         args.out.display(),

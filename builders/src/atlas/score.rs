@@ -6,11 +6,12 @@
 //! predicted "fires". The score is the balanced accuracy of that prediction (0.5 = chance).
 //!
 //! * Choosing: every candidate (see [`Label::candidates`]) is scored on the latent's top
-//!   and sampled contexts (whose words the labeller saw) against as many negatives, by
+//!   and activating sampled contexts (whose words the labeller saw) against as many negatives, by
 //!   ROC AUC (finer than balanced accuracy on a few contexts); the best is kept (a tie keeps
 //!   the earlier, the model's theme first).
-//! * Reporting: the kept label is scored on the scoring contexts, a decile sample the
-//!   labeller never saw, against other negatives. Latents with fewer than four scoring
+//! * Reporting: the kept label is scored on the scoring contexts, activating occurrences
+//!   (at least [`super::ACTIVATING_FRACTION`] of the unit) spread over their ranks that the
+//!   labeller never saw, against as many other negatives. Latents with fewer than four scoring
 //!   contexts get no score.
 //!
 //! Results go to `scores.jsonl` (one line per latent), so a cut-off run resumes.
@@ -24,7 +25,9 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
 use super::labels::Label;
-use super::{Activations, AtlasArgs, LatentStats, Occurrence, append_line, context_text, read_lines};
+use super::{
+    Activations, AtlasArgs, LatentStats, Occurrence, append_line, context_text, read_lines,
+};
 use crate::BuildError;
 use crate::minilm::MiniLm;
 use crate::progress::Progress;
@@ -65,7 +68,18 @@ pub fn detection_auc(label: &[f32], positives: &[Vec<f32>], negatives: &[Vec<f32
     let neg: Vec<f32> = negatives.iter().map(sim).collect();
     let mut wins = 0.0;
     for p in positives.iter().map(sim) {
-        wins += neg.iter().map(|&n| if p > n { 1.0 } else if p == n { 0.5 } else { 0.0 }).sum::<f32>();
+        wins += neg
+            .iter()
+            .map(|&n| {
+                if p > n {
+                    1.0
+                } else if p == n {
+                    0.5
+                } else {
+                    0.0
+                }
+            })
+            .sum::<f32>();
     }
     wins / (positives.len() * negatives.len()).max(1) as f32
 }
@@ -74,7 +88,11 @@ pub fn detection_auc(label: &[f32], positives: &[Vec<f32>], negatives: &[Vec<f32
 /// "fires" (all vectors unit length).
 pub fn detection_score(label: &[f32], positives: &[Vec<f32>], negatives: &[Vec<f32>]) -> f32 {
     let sim = |v: &Vec<f32>| v.iter().zip(label).map(|(a, b)| a * b).sum::<f32>();
-    let mut ranked: Vec<(f32, bool)> = positives.iter().map(|v| (sim(v), true)).chain(negatives.iter().map(|v| (sim(v), false))).collect();
+    let mut ranked: Vec<(f32, bool)> = positives
+        .iter()
+        .map(|v| (sim(v), true))
+        .chain(negatives.iter().map(|v| (sim(v), false)))
+        .collect();
     ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
     let (p, n) = (positives.len() as f32, negatives.len() as f32);
     let tp = ranked.iter().take(positives.len()).filter(|r| r.1).count() as f32;
@@ -91,12 +109,25 @@ fn embed_all(judge: &MiniLm, texts: &[String]) -> Result<Vec<Vec<f32>>, BuildErr
     Ok(out)
 }
 
-pub fn run(args: &AtlasArgs, model: &Model, acts: &Activations, stats: &[LatentStats], labels: &[Label]) -> Result<Vec<Scored>, BuildError> {
+pub fn run(
+    args: &AtlasArgs,
+    model: &Model,
+    acts: &Activations,
+    stats: &[LatentStats],
+    labels: &[Label],
+) -> Result<Vec<Scored>, BuildError> {
     let path = args.work.join("scores.jsonl");
     let mut scored: Vec<Option<Scored>> = vec![None; stats.len()];
     for line in read_lines(&path) {
-        if let Some(f) = line["feature"].as_u64().filter(|&f| (f as usize) < stats.len()) {
-            let source = if line["source"] == "model" { LabelSource::Model } else { LabelSource::Tokens };
+        if let Some(f) = line["feature"]
+            .as_u64()
+            .filter(|&f| (f as usize) < stats.len())
+        {
+            let source = if line["source"] == "model" {
+                LabelSource::Model
+            } else {
+                LabelSource::Tokens
+            };
             scored[f as usize] = Some(Scored {
                 label: line["label"].as_str().unwrap_or_default().to_string(),
                 source,
@@ -105,10 +136,20 @@ pub fn run(args: &AtlasArgs, model: &Model, acts: &Activations, stats: &[LatentS
         }
     }
     let n = args.features.unwrap_or(stats.len()).min(stats.len());
-    let todo: Vec<usize> = (0..n).filter(|&f| scored[f].is_none() && stats[f].is_live() && !labels[f].candidates().is_empty()).collect();
+    let todo: Vec<usize> = (0..n)
+        .filter(|&f| {
+            scored[f].is_none() && stats[f].is_live() && !labels[f].candidates().is_empty()
+        })
+        .collect();
     if !todo.is_empty() {
         let judge = MiniLm::load(&args.minilm, &kindling_engine::Backend::Cpu.device()?)?;
-        let text_of = |o: &Occurrence| context_text(model, &acts.windows[o.window as usize][judge_range(acts, o)], None);
+        let text_of = |o: &Occurrence| {
+            context_text(
+                model,
+                &acts.windows[o.window as usize][judge_range(acts, o)],
+                None,
+            )
+        };
 
         // A pool of random held-out contexts, embedded once.
         let mut rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x6e67);
@@ -116,34 +157,72 @@ pub fn run(args: &AtlasArgs, model: &Model, acts: &Activations, stats: &[LatentS
             .features
             .iter()
             .enumerate()
-            .flat_map(|(w, f)| f.iter().enumerate().filter(|(_, x)| !x.is_empty()).map(move |(p, _)| Occurrence { act: 0.0, window: w as u32, pos: p as u32 }))
+            .flat_map(|(w, f)| {
+                f.iter()
+                    .enumerate()
+                    .filter(|(_, x)| !x.is_empty())
+                    .map(move |(p, _)| Occurrence {
+                        act: 0.0,
+                        window: w as u32,
+                        pos: p as u32,
+                    })
+            })
             .collect();
         pool.shuffle(&mut rng);
         pool.truncate(NEGATIVE_POOL);
         eprintln!("[atlas score] embedding {} negative contexts", pool.len());
         let pool_vectors = embed_all(&judge, &pool.iter().map(text_of).collect::<Vec<_>>())?;
 
-        let mut file = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| BuildError::io(&path, e))?;
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| BuildError::io(&path, e))?;
         let mut progress = Progress::new("atlas score", "latents", todo.len() as u64, 0);
         for (done, &f) in todo.iter().enumerate() {
             let s = &stats[f];
-            let fires_in = |o: &Occurrence| acts.latent_in(f as u32, o.window as usize, judge_range(acts, o)).iter().any(|&a| a > 0.0);
+            let fires_in = |o: &Occurrence| {
+                acts.latent_in(f as u32, o.window as usize, judge_range(acts, o))
+                    .iter()
+                    .any(|&a| a > 0.0)
+            };
             let mut order: Vec<usize> = (0..pool.len()).collect();
             order.shuffle(&mut ChaCha8Rng::seed_from_u64(args.seed ^ f as u64));
-            let clean: Vec<usize> = order.into_iter().filter(|&i| !fires_in(&pool[i])).take(CHOOSE_POSITIVES + s.scoring.len()).collect();
-            let (choose_negatives, score_negatives) = clean.split_at(CHOOSE_POSITIVES.min(clean.len()));
-            let negatives = |idx: &[usize]| idx.iter().map(|&i| pool_vectors[i].clone()).collect::<Vec<_>>();
+            let clean: Vec<usize> = order
+                .into_iter()
+                .filter(|&i| !fires_in(&pool[i]))
+                .take(CHOOSE_POSITIVES + s.scoring.len())
+                .collect();
+            let (choose_negatives, score_negatives) =
+                clean.split_at(CHOOSE_POSITIVES.min(clean.len()));
+            let negatives = |idx: &[usize]| {
+                idx.iter()
+                    .map(|&i| pool_vectors[i].clone())
+                    .collect::<Vec<_>>()
+            };
 
-            let choose: Vec<Occurrence> = s.top.iter().chain(&s.sampled).copied().collect();
+            let choose: Vec<Occurrence> = s
+                .top
+                .iter()
+                .chain(&s.sampled)
+                .filter(|o| s.is_activating(o))
+                .copied()
+                .collect();
             let mut texts: Vec<String> = choose.iter().chain(&s.scoring).map(text_of).collect();
             let candidates = labels[f].candidates();
             texts.extend(candidates.iter().map(|c| c.0.clone()));
             let vectors = embed_all(&judge, &texts)?;
             let (choose_v, rest) = vectors.split_at(choose.len());
             let (score_v, label_v) = rest.split_at(s.scoring.len());
-            let choosing: Vec<f32> = label_v.iter().map(|l| detection_auc(l, choose_v, &negatives(choose_negatives))).collect();
-            let best = (0..candidates.len()).max_by(|&a, &b| choosing[a].total_cmp(&choosing[b]).then(b.cmp(&a))).expect("a candidate");
-            let score = (score_v.len() >= MIN_SCORED).then(|| detection_score(&label_v[best], score_v, &negatives(score_negatives)));
+            let choosing: Vec<f32> = label_v
+                .iter()
+                .map(|l| detection_auc(l, choose_v, &negatives(choose_negatives)))
+                .collect();
+            let best = (0..candidates.len())
+                .max_by(|&a, &b| choosing[a].total_cmp(&choosing[b]).then(b.cmp(&a)))
+                .expect("a candidate");
+            let score = (score_v.len() >= MIN_SCORED)
+                .then(|| detection_score(&label_v[best], score_v, &negatives(score_negatives)));
             let (label, source) = candidates[best].clone();
             append_line(
                 &mut file,
@@ -154,8 +233,19 @@ pub fn run(args: &AtlasArgs, model: &Model, acts: &Activations, stats: &[LatentS
                     "scored_on": &texts[choose.len()..choose.len() + s.scoring.len()],
                 }),
             )?;
-            scored[f] = Some(Scored { label, source, score });
-            progress.update(done as u64 + 1, &format!("#{f}: {}", scored[f].as_ref().map_or("", |s| s.label.as_str())), false);
+            scored[f] = Some(Scored {
+                label,
+                source,
+                score,
+            });
+            progress.update(
+                done as u64 + 1,
+                &format!(
+                    "#{f}: {}",
+                    scored[f].as_ref().map_or("", |s| s.label.as_str())
+                ),
+                false,
+            );
         }
         progress.update(todo.len() as u64, "done", true);
     }
@@ -164,8 +254,16 @@ pub fn run(args: &AtlasArgs, model: &Model, acts: &Activations, stats: &[LatentS
         .zip(stats)
         .map(|(s, st)| {
             s.unwrap_or_else(|| Scored {
-                label: if st.is_live() { String::new() } else { "dead latent".into() },
-                source: if st.is_live() { LabelSource::Tokens } else { LabelSource::Dead },
+                label: if st.is_live() {
+                    String::new()
+                } else {
+                    "dead latent".into()
+                },
+                source: if st.is_live() {
+                    LabelSource::Tokens
+                } else {
+                    LabelSource::Dead
+                },
                 score: None,
             })
         })
@@ -185,9 +283,15 @@ mod tests {
         assert_eq!(detection_score(&label, &far, &near), 0.0);
         // One positive ranked among the negatives: half the positives found, half the negatives.
         let mixed = vec![vec![0.9, 0.1], vec![0.0, 1.0]];
-        assert_eq!(detection_score(&label, &mixed, &[vec![0.8, 0.2], vec![0.1, 0.9]]), 0.5);
+        assert_eq!(
+            detection_score(&label, &mixed, &[vec![0.8, 0.2], vec![0.1, 0.9]]),
+            0.5
+        );
         // AUC: 0.9 beats both negatives, 0.0 beats neither.
-        assert_eq!(detection_auc(&label, &mixed, &[vec![0.8, 0.2], vec![0.1, 0.9]]), 0.5);
+        assert_eq!(
+            detection_auc(&label, &mixed, &[vec![0.8, 0.2], vec![0.1, 0.9]]),
+            0.5
+        );
         assert_eq!(detection_auc(&label, &near, &far), 1.0);
     }
 }
