@@ -63,10 +63,14 @@ fn read_prompts(path: &Path) -> Result<Vec<Prompt>, BuildError> {
 fn resume(out: &Path) -> Result<(HashSet<u64>, u64), BuildError> {
     let mut done = HashSet::new();
     let mut tokens = 0;
-    let Ok(text) = fs::read_to_string(out) else { return Ok((done, tokens)) };
+    let Ok(text) = fs::read_to_string(out) else {
+        return Ok((done, tokens));
+    };
     let mut good_len = 0;
     for line in text.split_inclusive('\n') {
-        let Ok(v) = serde_json::from_str::<Value>(line) else { break };
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            break;
+        };
         if !line.ends_with('\n') {
             break;
         }
@@ -100,22 +104,33 @@ pub fn tokens_needed(text: u64, fraction: f64, min_total: u64) -> u64 {
 
 pub fn run(args: &ChatsArgs) -> Result<(), BuildError> {
     let manifest_text = fs::read_to_string(&args.manifest).map_err(|e| BuildError::io(&args.manifest, e))?;
-    let mut manifest: Value = serde_json::from_str(&manifest_text)
-        .map_err(|e| BuildError::Input(format!("{}: {e}", args.manifest.display())))?;
+    let mut manifest: Value =
+        serde_json::from_str(&manifest_text).map_err(|e| BuildError::Input(format!("{}: {e}", args.manifest.display())))?;
     let text = text_tokens(&manifest);
     if text == 0 {
-        return Err(BuildError::Input(format!("{} lists no general-text tokens; build that part first", args.manifest.display())));
+        return Err(BuildError::Input(format!(
+            "{} lists no general-text tokens; build that part first",
+            args.manifest.display()
+        )));
     }
     let target = tokens_needed(text, args.min_fraction, args.min_total_tokens);
     // Already recorded for exactly this file: leave the manifest (and so every harvest made
     // from it) untouched.
-    let recorded = manifest["sources"].as_array().and_then(|s| s.iter().find(|x| x["kind"] == "generated-chat")).cloned();
+    let recorded = manifest["sources"]
+        .as_array()
+        .and_then(|s| s.iter().find(|x| x["kind"] == "generated-chat"))
+        .cloned();
     if let Some(entry) = recorded
         && entry["tokens"].as_u64().is_some_and(|t| t >= target)
         && args.out.exists()
         && entry["sha256"].as_str() == Some(sha256_file(&args.out)?.as_str())
     {
-        eprintln!("[chats] complete: {} conversations, {} tokens recorded in {}", entry["documents"], entry["tokens"], args.manifest.display());
+        eprintln!(
+            "[chats] complete: {} conversations, {} tokens recorded in {}",
+            entry["documents"],
+            entry["tokens"],
+            args.manifest.display()
+        );
         return Ok(());
     }
     let prompts = read_prompts(&args.prompts)?;
@@ -127,7 +142,11 @@ pub fn run(args: &ChatsArgs) -> Result<(), BuildError> {
         done.len()
     );
     let model = Model::load(&args.model_path, kindling_engine::Backend::Cpu)?;
-    let out = OpenOptions::new().create(true).append(true).open(&args.out).map_err(|e| BuildError::io(&args.out, e))?;
+    let out = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&args.out)
+        .map_err(|e| BuildError::io(&args.out, e))?;
     let todo: Vec<&Prompt> = prompts.iter().filter(|p| !done.contains(&p.id)).collect();
     let conversation = |p: &Prompt| {
         let mut messages = Vec::new();
@@ -157,8 +176,9 @@ pub fn run(args: &ChatsArgs) -> Result<(), BuildError> {
     let started = std::time::Instant::now();
     let workers = crate::workers::single_thread_pools(args.workers)?;
     // Prompts are dealt round-robin to the workers; each decodes its own batch.
-    let shares: Vec<Vec<&Prompt>> =
-        (0..workers.len()).map(|w| todo.iter().copied().skip(w).step_by(workers.len()).collect()).collect();
+    let shares: Vec<Vec<&Prompt>> = (0..workers.len())
+        .map(|w| todo.iter().copied().skip(w).step_by(workers.len()).collect())
+        .collect();
     let worker_ids: Vec<usize> = (0..workers.len()).collect();
     if tokens < target {
         crate::workers::run_on_workers(&workers, &worker_ids, |w| {
@@ -198,13 +218,20 @@ pub fn run(args: &ChatsArgs) -> Result<(), BuildError> {
                 s.written += 1;
                 let rate = s.generated_tokens as f64 / started.elapsed().as_secs_f64();
                 let (tokens, written) = (s.tokens, s.written);
-                s.progress.update(tokens, &format!("{written} conversations · {rate:.0} generated tok/s"), false);
+                s.progress
+                    .update(tokens, &format!("{written} conversations · {rate:.0} generated tok/s"), false);
                 Ok(tokens < target)
             })?;
             Ok(())
         })?;
     }
-    let Shared { tokens, written, mut progress, failure, .. } = shared.into_inner().expect("workers are done");
+    let Shared {
+        tokens,
+        written,
+        mut progress,
+        failure,
+        ..
+    } = shared.into_inner().expect("workers are done");
     if let Some(e) = failure {
         return Err(e);
     }
@@ -218,7 +245,10 @@ pub fn run(args: &ChatsArgs) -> Result<(), BuildError> {
     let tmp = args.manifest.with_extension("json.tmp");
     fs::write(&tmp, serde_json::to_string_pretty(&manifest).expect("JSON") + "\n").map_err(|e| BuildError::io(&tmp, e))?;
     fs::rename(&tmp, &args.manifest).map_err(|e| BuildError::io(&args.manifest, e))?;
-    eprintln!("[chats] recorded {written} conversations, {tokens} tokens in {}", args.manifest.display());
+    eprintln!(
+        "[chats] recorded {written} conversations, {tokens} tokens in {}",
+        args.manifest.display()
+    );
     Ok(())
 }
 
@@ -239,7 +269,9 @@ fn record_in_manifest(manifest: &mut Value, args: &ChatsArgs, documents: usize, 
         "counted_as": "each conversation's ChatML text encoded with control tokens",
         "created_by": args.command,
     });
-    let sources = manifest["sources"].as_array_mut().ok_or_else(|| BuildError::Input("manifest has no sources list".into()))?;
+    let sources = manifest["sources"]
+        .as_array_mut()
+        .ok_or_else(|| BuildError::Input("manifest has no sources list".into()))?;
     sources.retain(|s| s["kind"] != "generated-chat");
     sources.push(entry);
     let total = text + tokens;

@@ -47,7 +47,9 @@ fn corpus_texts(manifest: &Path) -> Result<Vec<String>, BuildError> {
     let dir = manifest.parent().unwrap_or(Path::new("."));
     let mut texts = Vec::new();
     for source in manifest_json["sources"].as_array().into_iter().flatten() {
-        let Some(file) = source["file"].as_str() else { continue };
+        let Some(file) = source["file"].as_str() else {
+            continue;
+        };
         let path = dir.join(file);
         let body = std::fs::read_to_string(&path).map_err(|e| BuildError::io(&path, e))?;
         for line in body.lines().filter(|l| !l.trim().is_empty()) {
@@ -81,7 +83,10 @@ pub fn run(args: &EmbedderArgs) -> Result<(), BuildError> {
     let mut raw = Vec::with_capacity(vocab * WIDTH);
     let ids: Vec<u32> = (0..vocab as u32).collect();
     for chunk in ids.chunks(args.batch.max(1)) {
-        let batch: Vec<Vec<u32>> = chunk.iter().map(|&t| vec![model.wordpiece.cls(), t, model.wordpiece.sep()]).collect();
+        let batch: Vec<Vec<u32>> = chunk
+            .iter()
+            .map(|&t| vec![model.wordpiece.cls(), t, model.wordpiece.sep()])
+            .collect();
         raw.extend(model.pooled(&batch)?);
         progress.update((raw.len() / WIDTH) as u64, "embedding every token alone", false);
     }
@@ -92,12 +97,18 @@ pub fn run(args: &EmbedderArgs) -> Result<(), BuildError> {
     for row in raw.chunks_exact(WIDTH) {
         mean.iter_mut().zip(row).for_each(|(m, &v)| *m += v as f64 / vocab as f64);
     }
-    let centred: Vec<f64> = raw.chunks_exact(WIDTH).flat_map(|row| row.iter().zip(&mean).map(|(&v, m)| v as f64 - m)).collect();
+    let centred: Vec<f64> = raw
+        .chunks_exact(WIDTH)
+        .flat_map(|row| row.iter().zip(&mean).map(|(&v, m)| v as f64 - m))
+        .collect();
     let mut covariance = vec![0f64; WIDTH * WIDTH];
     for row in centred.chunks_exact(WIDTH) {
         for i in 0..WIDTH {
             let ri = row[i] / (vocab as f64 - 1.0);
-            covariance[i * WIDTH..(i + 1) * WIDTH].iter_mut().zip(row).for_each(|(c, &rj)| *c += ri * rj);
+            covariance[i * WIDTH..(i + 1) * WIDTH]
+                .iter_mut()
+                .zip(row)
+                .for_each(|(c, &rj)| *c += ri * rj);
         }
     }
     let (eigenvalues, eigenvectors) = symmetric_eigen(covariance, WIDTH);
@@ -105,7 +116,10 @@ pub fn run(args: &EmbedderArgs) -> Result<(), BuildError> {
     order.sort_by(|&a, &b| eigenvalues[b].total_cmp(&eigenvalues[a]));
     let explained = order[..args.dim].iter().map(|&i| eigenvalues[i]).sum::<f64>() / eigenvalues.iter().sum::<f64>();
     let project = |row: &[f64]| -> Vec<f64> {
-        order[..args.dim].iter().map(|&c| (0..WIDTH).map(|r| row[r] * eigenvectors[r * WIDTH + c]).sum()).collect()
+        order[..args.dim]
+            .iter()
+            .map(|&c| (0..WIDTH).map(|r| row[r] * eigenvectors[r * WIDTH + c]).sum())
+            .collect()
     };
 
     let mut quantized = Vec::with_capacity(vocab * args.dim);
@@ -131,8 +145,14 @@ pub fn run(args: &EmbedderArgs) -> Result<(), BuildError> {
         "vocab": model.wordpiece.tokens(),
     });
     let tensors = [
-        ("embeddings", TensorView::new(Dtype::I8, vec![vocab, args.dim], &quantized).expect("shape matches")),
-        ("scales", TensorView::new(Dtype::F32, vec![vocab], &scale_bytes).expect("shape matches")),
+        (
+            "embeddings",
+            TensorView::new(Dtype::I8, vec![vocab, args.dim], &quantized).expect("shape matches"),
+        ),
+        (
+            "scales",
+            TensorView::new(Dtype::F32, vec![vocab], &scale_bytes).expect("shape matches"),
+        ),
     ];
     let meta: HashMap<String, String> = [("kindling_embedder".to_string(), metadata.to_string())].into();
     let bytes = safetensors::serialize(tensors, Some(meta)).map_err(|e| BuildError::Input(format!("serializing: {e}")))?;
@@ -153,7 +173,10 @@ fn symmetric_eigen(mut a: Vec<f64>, n: usize) -> (Vec<f64>, Vec<f64>) {
     let mut v: Vec<f64> = (0..n * n).map(|i| if i / n == i % n { 1.0 } else { 0.0 }).collect();
     let scale: f64 = a.iter().map(|x| x * x).sum::<f64>().max(f64::MIN_POSITIVE);
     for _sweep in 0..50 {
-        let off: f64 = (0..n).flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j))).map(|(i, j)| a[i * n + j].powi(2)).sum();
+        let off: f64 = (0..n)
+            .flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j)))
+            .map(|(i, j)| a[i * n + j].powi(2))
+            .sum();
         if off <= 1e-22 * scale {
             break;
         }

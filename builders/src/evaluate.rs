@@ -59,20 +59,38 @@ pub fn run(args: &EvalArgs) -> Result<(), BuildError> {
     sae.check_model(model.llama.config(), None)?;
     let layer = sae.config().layer;
     let d = sae.config().d_in;
-    let windows: Vec<(String, Vec<TokenId>)> =
-        crate::harvest::heldout_windows(&args.harvest, Some(args.windows))?.into_iter().map(|w| (w.source, w.tokens)).collect();
+    let windows: Vec<(String, Vec<TokenId>)> = crate::harvest::heldout_windows(&args.harvest, Some(args.windows))?
+        .into_iter()
+        .map(|w| (w.source, w.tokens))
+        .collect();
     let vocab = model.llama.config().vocab_size;
-    let mut acc = Running { sse: 0.0, sum: vec![0.0; d], sum_sq: 0.0, rows: 0, active: 0, fired: vec![0; sae.config().d_sae] };
+    let mut acc = Running {
+        sse: 0.0,
+        sum: vec![0.0; d],
+        sum_sq: 0.0,
+        rows: 0,
+        active: 0,
+        fired: vec![0; sae.config().d_sae],
+    };
     let (mut ce_clean, mut ce_sae, mut ce_zero, mut kl_sae, mut kl_zero, mut ce_positions) = (0f64, 0f64, 0f64, 0f64, 0f64, 0u64);
     // The five strongest (activation, window, position) of every latent.
     let mut strongest: Vec<Vec<(f32, usize, usize)>> = vec![Vec::new(); sae.config().d_sae];
     let mut progress = Progress::new("evaluate", "windows", windows.len() as u64, 0);
     for (w, (_, tokens)) in windows.iter().enumerate() {
-        let leave: Vec<bool> = tokens.iter().enumerate().map(|(p, &t)| p == 0 || model.tokenizer.is_control(t)).collect();
+        let leave: Vec<bool> = tokens
+            .iter()
+            .enumerate()
+            .map(|(p, &t)| p == 0 || model.tokenizer.is_control(t))
+            .collect();
         let with_ce = w < args.ce_windows;
         let mut capture = CaptureResidual::new(layer);
         let mut cache = model.llama.new_cache();
-        let logits = model.llama.forward(tokens, &mut cache, Some(&mut capture), if with_ce { Logits::All } else { Logits::None })?;
+        let logits = model.llama.forward(
+            tokens,
+            &mut cache,
+            Some(&mut capture),
+            if with_ce { Logits::All } else { Logits::None },
+        )?;
         let residual = capture.take();
         // One batched encode per window (a gemm over all its rows), not one per token.
         let encoded = sae.encode(&residual);
@@ -101,7 +119,10 @@ pub fn run(args: &EvalArgs) -> Result<(), BuildError> {
             let run_with = |mode| -> Result<Vec<Vec<f32>>, BuildError> {
                 let mut splice = Splice::new(&sae, mode).leaving(leave.clone());
                 let mut cache = model.llama.new_cache();
-                let logits = model.llama.forward(tokens, &mut cache, Some(&mut splice), Logits::All)?.expect("logits");
+                let logits = model
+                    .llama
+                    .forward(tokens, &mut cache, Some(&mut splice), Logits::All)?
+                    .expect("logits");
                 Ok(log_softmax_rows(&to_host(logits)?, vocab))
             };
             let spliced = run_with(SpliceMode::Reconstruction)?;
@@ -134,7 +155,10 @@ pub fn run(args: &EvalArgs) -> Result<(), BuildError> {
         let tokens = &windows[w].1;
         let before = model.tokenizer.decode(&tokens[p.saturating_sub(12)..p], false).unwrap_or_default();
         let at = model.tokenizer.decode(&tokens[p..=p], false).unwrap_or_default();
-        let after = model.tokenizer.decode(&tokens[p + 1..(p + 4).min(tokens.len())], false).unwrap_or_default();
+        let after = model
+            .tokenizer
+            .decode(&tokens[p + 1..(p + 4).min(tokens.len())], false)
+            .unwrap_or_default();
         format!("{before}[[{at}]]{after}").replace('\n', "⏎")
     };
     // Example latents: a seeded random sample of those that fired.
@@ -148,8 +172,10 @@ pub fn run(args: &EvalArgs) -> Result<(), BuildError> {
         .iter()
         .take(args.examples)
         .map(|&latent| {
-            let top: Vec<Value> =
-                strongest[latent].iter().map(|&(a, w, p)| json!({ "activation": a, "context": context(w, p) })).collect();
+            let top: Vec<Value> = strongest[latent]
+                .iter()
+                .map(|&(a, w, p)| json!({ "activation": a, "context": context(w, p) }))
+                .collect();
             json!({ "latent": latent, "density": acc.fired[latent] as f64 / n, "top": top })
         })
         .collect();
@@ -192,7 +218,11 @@ pub fn run(args: &EvalArgs) -> Result<(), BuildError> {
     for e in &example_json {
         eprintln!("  latent {} (density {:.4}):", e["latent"], e["density"].as_f64().unwrap_or(0.0));
         for t in e["top"].as_array().into_iter().flatten().take(3) {
-            eprintln!("    {:.2}  {}", t["activation"].as_f64().unwrap_or(0.0), t["context"].as_str().unwrap_or(""));
+            eprintln!(
+                "    {:.2}  {}",
+                t["activation"].as_f64().unwrap_or(0.0),
+                t["context"].as_str().unwrap_or("")
+            );
         }
     }
     Ok(())

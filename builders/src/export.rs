@@ -60,7 +60,10 @@ pub fn ship(args: &ShipArgs) -> Result<(), BuildError> {
     let corpus = read_json(&args.corpus_manifest)?;
     std::fs::create_dir_all(&args.out).map_err(|e| BuildError::io(&args.out, e))?;
     let mut extra = HashMap::new();
-    extra.insert("dataset_path".to_string(), json!("Kindling SAE corpus (tools/corpus, kindling-build chats)"));
+    extra.insert(
+        "dataset_path".to_string(),
+        json!("Kindling SAE corpus (tools/corpus, kindling-build chats)"),
+    );
     extra.insert("context_size".to_string(), train["harvest_window"].clone());
     extra.insert(
         "normalization".to_string(),
@@ -120,6 +123,10 @@ pub fn ship(args: &ShipArgs) -> Result<(), BuildError> {
         },
     });
     write_json(&args.out.join("manifest.json"), &manifest)?;
-    eprintln!("[ship] wrote {} ({})", args.out.display(), [SAELENS_CFG, SAELENS_WEIGHTS, COMPACT, "manifest.json"].join(", "));
+    eprintln!(
+        "[ship] wrote {} ({})",
+        args.out.display(),
+        [SAELENS_CFG, SAELENS_WEIGHTS, COMPACT, "manifest.json"].join(", ")
+    );
     Ok(())
 }

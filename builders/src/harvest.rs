@@ -55,18 +55,24 @@ pub fn corpus_windows(model: &Model, manifest_path: &Path, window: usize, seed: 
     let text = fs::read_to_string(manifest_path).map_err(|e| BuildError::io(manifest_path, e))?;
     let manifest: Value = serde_json::from_str(&text).map_err(|e| BuildError::Input(format!("{}: {e}", manifest_path.display())))?;
     let dir = manifest_path.parent().unwrap_or(Path::new("."));
-    let sources = manifest["sources"].as_array().ok_or_else(|| BuildError::Input("manifest has no sources".into()))?;
+    let sources = manifest["sources"]
+        .as_array()
+        .ok_or_else(|| BuildError::Input("manifest has no sources".into()))?;
     let mut windows = Vec::new();
     for source in sources {
         let name = source["name"].as_str().unwrap_or("?").to_string();
-        let file = source["file"].as_str().ok_or_else(|| BuildError::Input(format!("source {name} has no file")))?;
+        let file = source["file"]
+            .as_str()
+            .ok_or_else(|| BuildError::Input(format!("source {name} has no file")))?;
         let chat = source["kind"] == "generated-chat";
         let path = dir.join(file);
         let body = fs::read_to_string(&path).map_err(|e| BuildError::io(&path, e))?;
         let mut stream: Vec<TokenId> = Vec::new();
         for line in body.lines().filter(|l| !l.trim().is_empty()) {
             let doc: Value = serde_json::from_str(line).map_err(|e| BuildError::Input(format!("{}: {e}", path.display())))?;
-            let text = doc["text"].as_str().ok_or_else(|| BuildError::Input(format!("{}: a line has no text", path.display())))?;
+            let text = doc["text"]
+                .as_str()
+                .ok_or_else(|| BuildError::Input(format!("{}: a line has no text", path.display())))?;
             if chat {
                 // ChatML conversations follow each other directly, as in a chat log.
                 stream.extend(model.tokenizer.encode(text, true));
@@ -79,7 +85,10 @@ pub fn corpus_windows(model: &Model, manifest_path: &Path, window: usize, seed: 
         }
         for chunk in stream.chunks(window) {
             if chunk.len() >= 16 {
-                windows.push(Window { source: name.clone(), tokens: chunk.to_vec() });
+                windows.push(Window {
+                    source: name.clone(),
+                    tokens: chunk.to_vec(),
+                });
             }
         }
     }
@@ -99,7 +108,12 @@ pub fn heldout_windows(dir: &Path, limit: Option<usize>) -> Result<Vec<Window>, 
         .flatten()
         .map(|w| Window {
             source: w["source"].as_str().unwrap_or("?").to_string(),
-            tokens: w["tokens"].as_array().into_iter().flatten().filter_map(|t| t.as_u64().map(|t| t as TokenId)).collect(),
+            tokens: w["tokens"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|t| t.as_u64().map(|t| t as TokenId))
+                .collect(),
         })
         .take(limit.unwrap_or(usize::MAX))
         .collect();
@@ -134,7 +148,9 @@ pub fn run(args: &HarvestArgs) -> Result<(), BuildError> {
     let d = model.llama.config().n_embd;
     let n_layer = model.llama.config().n_layer;
     if let Some(&bad) = args.layers.iter().find(|&&l| l >= n_layer) {
-        return Err(BuildError::Input(format!("layer {bad} does not exist (the model has {n_layer} blocks)")));
+        return Err(BuildError::Input(format!(
+            "layer {bad} does not exist (the model has {n_layer} blocks)"
+        )));
     }
     let mut layers = args.layers.clone();
     layers.sort_unstable();
@@ -155,7 +171,10 @@ pub fn run(args: &HarvestArgs) -> Result<(), BuildError> {
     });
     // Resume only a harvest made with the same settings from the same corpus and model.
     let state_path = args.out.join("harvest.json");
-    let mut state = match fs::read_to_string(&state_path).ok().and_then(|t| serde_json::from_str::<Value>(&t).ok()) {
+    let mut state = match fs::read_to_string(&state_path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+    {
         Some(old) if old["config"] == config => old,
         Some(_) => {
             return Err(BuildError::Input(format!(
@@ -163,7 +182,9 @@ pub fn run(args: &HarvestArgs) -> Result<(), BuildError> {
                 args.out.display()
             )));
         }
-        None => json!({ "config": config, "shards": [], "windows_done": 0, "rows": 0, "tokens_seen": 0, "complete": false }),
+        None => {
+            json!({ "config": config, "shards": [], "windows_done": 0, "rows": 0, "tokens_seen": 0, "complete": false })
+        }
     };
     if state["complete"] == true {
         eprintln!("[harvest] {} is complete", args.out.display());
@@ -202,7 +223,10 @@ pub fn run(args: &HarvestArgs) -> Result<(), BuildError> {
                 buffer.clear();
             }
             rows_done += buffered_rows as u64;
-            state["shards"].as_array_mut().expect("shards list").push(json!({ "file": name, "rows": buffered_rows }));
+            state["shards"]
+                .as_array_mut()
+                .expect("shards list")
+                .push(json!({ "file": name, "rows": buffered_rows }));
             buffered_rows = 0;
             for (source, n) in pending_sources.drain() {
                 let entry = source_rows.entry(source).or_insert(json!(0));
@@ -238,14 +262,17 @@ pub fn run(args: &HarvestArgs) -> Result<(), BuildError> {
             let results = run_on_workers(&workers, &batch, |w| {
                 let mut capture = CaptureResidual::layers(&layers);
                 let mut cache = model.llama.new_cache();
-                model.llama.forward(&windows[w].tokens, &mut cache, Some(&mut capture), Logits::None)?;
+                model
+                    .llama
+                    .forward(&windows[w].tokens, &mut cache, Some(&mut capture), Logits::None)?;
                 Ok(capture)
             })?;
             computed.extend(batch.into_iter().zip(results));
         }
         let mut capture = computed.remove(&(i - 1)).expect("computed above");
-        let keep: Vec<usize> =
-            (1..window.tokens.len()).filter(|&p| !model.tokenizer.is_control(window.tokens[p])).collect();
+        let keep: Vec<usize> = (1..window.tokens.len())
+            .filter(|&p| !model.tokenizer.is_control(window.tokens[p]))
+            .collect();
         for (buffer, &l) in buffers.iter_mut().zip(&layers) {
             let rows = capture.take_layer(l);
             for &p in &keep {
@@ -258,8 +285,11 @@ pub fn run(args: &HarvestArgs) -> Result<(), BuildError> {
     }
     progress.update(rows_done, "done", true);
     let heldout_tokens: usize = heldout.iter().map(|w| w["tokens"].as_array().map_or(0, Vec::len)).sum();
-    eprintln!("[harvest] {rows_done} rows per layer in {} shards; {} held-out windows ({heldout_tokens} tokens)",
-        state["shards"].as_array().map_or(0, Vec::len), heldout.len());
+    eprintln!(
+        "[harvest] {rows_done} rows per layer in {} shards; {} held-out windows ({heldout_tokens} tokens)",
+        state["shards"].as_array().map_or(0, Vec::len),
+        heldout.len()
+    );
     std::io::stderr().flush().ok();
     Ok(())
 }

@@ -191,7 +191,10 @@ pub enum BuildError {
 
 impl BuildError {
     pub fn io(path: &Path, source: std::io::Error) -> Self {
-        Self::Io { path: path.to_path_buf(), source }
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }
 
@@ -232,61 +235,145 @@ pub fn sha256_file(path: &Path) -> Result<String, BuildError> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().expect("the global thread pool is set once");
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .expect("the global thread pool is set once");
     }
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let result = match cli.command {
-        Command::Chats { prompts, out, manifest, min_fraction, min_total_tokens, batch, workers, temperature, top_p, max_tokens, seed } => {
-            chats::run(&chats::ChatsArgs {
-                model_path: cli.model,
-                prompts,
-                out,
-                manifest,
-                min_fraction,
-                min_total_tokens,
-                batch,
-                workers,
-                params: SamplingParams { temperature, top_p: Some(top_p), max_tokens, seed, ..SamplingParams::default() },
-                command,
-            })
-        }
-        Command::Harvest { manifest, out, layers, window, shard_rows, max_tokens, heldout_every, seed, workers } => {
-            harvest::run(&harvest::HarvestArgs {
-                model_path: cli.model,
-                manifest,
-                out,
-                layers,
-                window,
-                shard_rows,
+        Command::Chats {
+            prompts,
+            out,
+            manifest,
+            min_fraction,
+            min_total_tokens,
+            batch,
+            workers,
+            temperature,
+            top_p,
+            max_tokens,
+            seed,
+        } => chats::run(&chats::ChatsArgs {
+            model_path: cli.model,
+            prompts,
+            out,
+            manifest,
+            min_fraction,
+            min_total_tokens,
+            batch,
+            workers,
+            params: SamplingParams {
+                temperature,
+                top_p: Some(top_p),
                 max_tokens,
-                heldout_every,
                 seed,
-                workers,
-                command,
-            })
-        }
+                ..SamplingParams::default()
+            },
+            command,
+        }),
+        Command::Harvest {
+            manifest,
+            out,
+            layers,
+            window,
+            shard_rows,
+            max_tokens,
+            heldout_every,
+            seed,
+            workers,
+        } => harvest::run(&harvest::HarvestArgs {
+            model_path: cli.model,
+            manifest,
+            out,
+            layers,
+            window,
+            shard_rows,
+            max_tokens,
+            heldout_every,
+            seed,
+            workers,
+            command,
+        }),
         Command::Train {
-            harvest, layer, out, d_sae, k, k_aux, aux_coef, lr, batch, epochs, dead_after_tokens, seed, backend, checkpoint_every_s,
-        } => train::run(&train::TrainArgs {
             harvest,
             layer,
             out,
-            // d_in comes from the harvest.
-            cfg: train::TrainConfig { d_in: 0, d_sae, k, k_aux, aux_coef, lr, batch, dead_after_tokens, seed },
+            d_sae,
+            k,
+            k_aux,
+            aux_coef,
+            lr,
+            batch,
             epochs,
+            dead_after_tokens,
+            seed,
             backend,
             checkpoint_every_s,
+        } => {
+            train::run(&train::TrainArgs {
+                harvest,
+                layer,
+                out,
+                // d_in comes from the harvest.
+                cfg: train::TrainConfig {
+                    d_in: 0,
+                    d_sae,
+                    k,
+                    k_aux,
+                    aux_coef,
+                    lr,
+                    batch,
+                    dead_after_tokens,
+                    seed,
+                },
+                epochs,
+                backend,
+                checkpoint_every_s,
+                command,
+            })
+        }
+        Command::Atlas(args) => atlas::run(&atlas::AtlasArgs {
+            model_path: cli.model,
+            command,
+            ..args
+        }),
+        Command::SearchEval(args) => search_eval::run(&search_eval::SearchEvalArgs {
+            model_path: cli.model,
+            ..args
+        }),
+        Command::Embedder(args) => embedder::run(&args),
+        Command::Evaluate {
+            sae,
+            harvest,
+            windows,
+            ce_windows,
+            examples,
+            out,
+        } => evaluate::run(&evaluate::EvalArgs {
+            model_path: cli.model,
+            sae,
+            harvest,
+            windows,
+            ce_windows,
+            examples,
+            out,
             command,
         }),
-        Command::Atlas(args) => atlas::run(&atlas::AtlasArgs { model_path: cli.model, command, ..args }),
-        Command::SearchEval(args) => search_eval::run(&search_eval::SearchEvalArgs { model_path: cli.model, ..args }),
-        Command::Embedder(args) => embedder::run(&args),
-        Command::Evaluate { sae, harvest, windows, ce_windows, examples, out } => {
-            evaluate::run(&evaluate::EvalArgs { model_path: cli.model, sae, harvest, windows, ce_windows, examples, out, command })
-        }
-        Command::Ship { trained, eval, corpus_manifest, layer_comparison, out } => {
-            export::ship(&export::ShipArgs { trained, eval, corpus_manifest, layer_comparison, out, command })
-        }
+        Command::Ship {
+            trained,
+            eval,
+            corpus_manifest,
+            layer_comparison,
+            out,
+        } => export::ship(&export::ShipArgs {
+            trained,
+            eval,
+            corpus_manifest,
+            layer_comparison,
+            out,
+            command,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -45,7 +45,11 @@ struct LayerNorm {
 impl LayerNorm {
     fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         let centered = x.clone() - x.mean_dim(1);
-        let inv_std = (centered.clone() * centered.clone()).mean_dim(1).add_scalar(LAYER_NORM_EPS).sqrt().recip();
+        let inv_std = (centered.clone() * centered.clone())
+            .mean_dim(1)
+            .add_scalar(LAYER_NORM_EPS)
+            .sqrt()
+            .recip();
         centered * inv_std * self.weight.clone().unsqueeze::<2>() + self.bias.clone().unsqueeze::<2>()
     }
 }
@@ -82,11 +86,21 @@ impl MiniLm {
         let bytes = std::fs::read(&weights_path).map_err(|e| BuildError::io(&weights_path, e))?;
         let file = SafeTensors::deserialize(&bytes).map_err(|e| BuildError::Input(format!("{}: {e}", weights_path.display())))?;
         let tensor = |name: &str, shape: &[usize]| -> Result<TensorData, BuildError> {
-            let t = file.tensor(name).map_err(|e| BuildError::Input(format!("MiniLM weight {name}: {e}")))?;
+            let t = file
+                .tensor(name)
+                .map_err(|e| BuildError::Input(format!("MiniLM weight {name}: {e}")))?;
             if t.dtype() != Dtype::F32 || t.shape() != shape {
-                return Err(BuildError::Input(format!("MiniLM weight {name} is {:?} {:?}, expected F32 {shape:?}", t.dtype(), t.shape())));
+                return Err(BuildError::Input(format!(
+                    "MiniLM weight {name} is {:?} {:?}, expected F32 {shape:?}",
+                    t.dtype(),
+                    t.shape()
+                )));
             }
-            let values: Vec<f32> = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            let values: Vec<f32> = t
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
             Ok(TensorData::new(values, shape.to_vec()))
         };
         let vector = |name: &str| -> Result<Tensor<1>, BuildError> { Ok(Tensor::from_data(tensor(name, &[WIDTH])?, device)) };
@@ -100,7 +114,10 @@ impl MiniLm {
             })
         };
         let norm = |name: &str| -> Result<LayerNorm, BuildError> {
-            Ok(LayerNorm { weight: vector(&format!("{name}.weight"))?, bias: vector(&format!("{name}.bias"))? })
+            Ok(LayerNorm {
+                weight: vector(&format!("{name}.weight"))?,
+                bias: vector(&format!("{name}.bias"))?,
+            })
         };
         let blocks = (0..LAYERS)
             .map(|l| {
@@ -121,7 +138,9 @@ impl MiniLm {
         Ok(Self {
             word_embeddings: matrix("embeddings.word_embeddings.weight", vocab_size, WIDTH)?,
             position_embeddings: matrix("embeddings.position_embeddings.weight", MAX_POSITIONS, WIDTH)?,
-            token_type: matrix("embeddings.token_type_embeddings.weight", 2, WIDTH)?.slice([0..1]).reshape([WIDTH]),
+            token_type: matrix("embeddings.token_type_embeddings.weight", 2, WIDTH)?
+                .slice([0..1])
+                .reshape([WIDTH]),
             embedding_norm: norm("embeddings.LayerNorm")?,
             blocks,
             wordpiece,
@@ -138,8 +157,14 @@ impl MiniLm {
             return Ok(Vec::new());
         }
         let t = batch.iter().map(Vec::len).max().unwrap_or(1).clamp(1, MAX_POSITIONS);
-        let ids: Vec<i32> = batch.iter().flat_map(|s| (0..t).map(move |i| s.get(i).map_or(0, |&x| x as i32))).collect();
-        let real: Vec<f32> = batch.iter().flat_map(|s| (0..t).map(move |i| if i < s.len() { 1.0 } else { 0.0 })).collect();
+        let ids: Vec<i32> = batch
+            .iter()
+            .flat_map(|s| (0..t).map(move |i| s.get(i).map_or(0, |&x| x as i32)))
+            .collect();
+        let real: Vec<f32> = batch
+            .iter()
+            .flat_map(|s| (0..t).map(move |i| if i < s.len() { 1.0 } else { 0.0 }))
+            .collect();
         let ids = Tensor::<1, burn::tensor::Int>::from_data(TensorData::new(ids, [b * t]), &self.device);
         let positions = self.position_embeddings.clone().slice([0..t]).repeat_dim(0, b);
         let mut x = self.word_embeddings.clone().select(0, ids) + positions + self.token_type.clone().unsqueeze::<2>();
@@ -188,9 +213,9 @@ mod tests {
 
     /// The fetched model (scripts/fetch-minilm.sh, run by scripts/test.sh).
     pub fn load() -> MiniLm {
-        let dir = std::env::var_os("KINDLING_MINILM").map(std::path::PathBuf::from).unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/models/all-MiniLM-L6-v2")
-        });
+        let dir = std::env::var_os("KINDLING_MINILM")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/models/all-MiniLM-L6-v2"));
         MiniLm::load(&dir, &kindling_engine::Backend::Cpu.device().unwrap()).expect("run scripts/fetch-minilm.sh")
     }
 
@@ -209,7 +234,11 @@ mod tests {
         for i in 0..3 {
             for j in 0..3 {
                 let got = cosine(&e[i], &e[j]);
-                assert!((got - expected[i][j]).abs() < 1e-3, "similarity[{i}][{j}] = {got:.4}, expected {:.4}", expected[i][j]);
+                assert!(
+                    (got - expected[i][j]).abs() < 1e-3,
+                    "similarity[{i}][{j}] = {got:.4}, expected {:.4}",
+                    expected[i][j]
+                );
             }
         }
         // Padding must not change an embedding: alone or next to a longer text, the same row.

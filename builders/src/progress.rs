@@ -16,7 +16,15 @@ impl Progress {
     /// `start_done` is what an interrupted earlier run already finished: the rate and ETA
     /// count only this run's work.
     pub fn new(what: &'static str, unit: &'static str, total: u64, start_done: u64) -> Self {
-        Self { what, unit, total, start: Instant::now(), start_done, last_print: None, every: Duration::from_secs(5) }
+        Self {
+            what,
+            unit,
+            total,
+            start: Instant::now(),
+            start_done,
+            last_print: None,
+            every: Duration::from_secs(5),
+        }
     }
 
     /// Prints a line if enough time passed since the last (or if `force`).

@@ -55,12 +55,18 @@ pub fn is_relevant(model: &Model, atlas: &Atlas, feature: u32, related: &[String
         .iter()
         .take(10)
         .filter(|c| {
-            let peak = (0..c.activations.len()).max_by(|&a, &b| c.activations[a].total_cmp(&c.activations[b])).unwrap_or(0);
+            let peak = (0..c.activations.len())
+                .max_by(|&a, &b| c.activations[a].total_cmp(&c.activations[b]))
+                .unwrap_or(0);
             let around: Vec<TokenId> = c.tokens[peak.saturating_sub(judge.near)..(peak + judge.near + 1).min(c.tokens.len())].to_vec();
             let text = model.tokenizer.decode(&around, true).unwrap_or_default().to_lowercase();
             let words: Vec<&str> = text.split(|ch: char| !ch.is_alphanumeric()).filter(|w| !w.is_empty()).collect();
             related.iter().any(|r| {
-                if r.chars().all(char::is_alphanumeric) { words.iter().any(|w| w.starts_with(r.as_str())) } else { text.contains(r.as_str()) }
+                if r.chars().all(char::is_alphanumeric) {
+                    words.iter().any(|w| w.starts_with(r.as_str()))
+                } else {
+                    text.contains(r.as_str())
+                }
             })
         })
         .count();
@@ -70,7 +76,8 @@ pub fn is_relevant(model: &Model, atlas: &Atlas, feature: u32, related: &[String
 pub fn run(args: &SearchEvalArgs) -> Result<(), BuildError> {
     let model = Model::load(&args.model_path, kindling_engine::Backend::Cpu)?;
     let (atlas, _) = load_atlas(&args.sae_dir, &args.atlas_dir)?;
-    let spec: Value = serde_json::from_slice(&read(&args.queries)?).map_err(|e| BuildError::Input(format!("{}: {e}", args.queries.display())))?;
+    let spec: Value =
+        serde_json::from_slice(&read(&args.queries)?).map_err(|e| BuildError::Input(format!("{}: {e}", args.queries.display())))?;
     let judge = Judge {
         min_contexts: spec["min_contexts"].as_u64().unwrap_or(3) as usize,
         near: spec["near"].as_u64().unwrap_or(2) as usize,
@@ -78,8 +85,15 @@ pub fn run(args: &SearchEvalArgs) -> Result<(), BuildError> {
     let mut rows = Vec::new();
     println!("{:<22} {:>6}  top results", "query", "p@10");
     for q in spec["queries"].as_array().into_iter().flatten() {
-        let query = q["query"].as_str().ok_or_else(|| BuildError::Input("a query without \"query\"".into()))?;
-        let related: Vec<String> = q["related"].as_array().into_iter().flatten().filter_map(|w| w.as_str().map(str::to_lowercase)).collect();
+        let query = q["query"]
+            .as_str()
+            .ok_or_else(|| BuildError::Input("a query without \"query\"".into()))?;
+        let related: Vec<String> = q["related"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|w| w.as_str().map(str::to_lowercase))
+            .collect();
         let started = std::time::Instant::now();
         let hits = atlas.search(query, 10);
         let search_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -89,12 +103,21 @@ pub fn run(args: &SearchEvalArgs) -> Result<(), BuildError> {
             results.push(json!({ "feature": h.feature, "label": atlas.feature(h.feature)?.label, "score": h.score, "relevant": relevant }));
         }
         let precision = results.iter().filter(|r| r["relevant"] == true).count() as f64 / 10.0;
-        let shown: Vec<String> = results.iter().take(3).map(|r| format!("#{} {}", r["feature"], r["label"].as_str().unwrap_or(""))).collect();
+        let shown: Vec<String> = results
+            .iter()
+            .take(3)
+            .map(|r| format!("#{} {}", r["feature"], r["label"].as_str().unwrap_or("")))
+            .collect();
         println!("{query:<22} {precision:>6.1}  {}", shown.join(" | "));
-        rows.push(json!({ "query": query, "seed": q["seed"] == true, "precision_at_10": precision, "search_ms": search_ms, "results": results }));
+        rows.push(
+            json!({ "query": query, "seed": q["seed"] == true, "precision_at_10": precision, "search_ms": search_ms, "results": results }),
+        );
     }
     let mean = rows.iter().filter_map(|r| r["precision_at_10"].as_f64()).sum::<f64>() / rows.len().max(1) as f64;
-    let seeds_found = rows.iter().filter(|r| r["seed"] == true).all(|r| r["precision_at_10"].as_f64().unwrap_or(0.0) > 0.0);
+    let seeds_found = rows
+        .iter()
+        .filter(|r| r["seed"] == true)
+        .all(|r| r["precision_at_10"].as_f64().unwrap_or(0.0) > 0.0);
     println!("mean precision@10 {mean:.2}; every seed query finds a related feature: {seeds_found}");
     if let Some(out) = &args.out {
         let report = json!({ "queries": rows, "mean_precision_at_10": mean, "seeds_found": seeds_found, "judge": { "min_contexts": judge.min_contexts, "near": judge.near } });

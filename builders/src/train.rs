@@ -78,7 +78,10 @@ struct Adam {
 
 impl Adam {
     fn new(n: usize) -> Self {
-        Self { m: vec![0.0; n], v: vec![0.0; n] }
+        Self {
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+        }
     }
 
     fn update(&mut self, params: &mut [f32], grads: &[f32], lr: f32, t: u64) {
@@ -167,7 +170,17 @@ impl Trainer {
         let enc = dec.clone();
         let b_dec = geometric_median(sample, d, 20);
         let adam = [Adam::new(s * d), Adam::new(s), Adam::new(s * d), Adam::new(d)];
-        Self { enc, b_enc: vec![0.0; s], dec, b_dec, adam, since_fired: vec![0; s], step: 0, device, cfg }
+        Self {
+            enc,
+            b_enc: vec![0.0; s],
+            dec,
+            b_dec,
+            adam,
+            since_fired: vec![0; s],
+            step: 0,
+            device,
+            cfg,
+        }
     }
 
     /// `(x − b_dec) · encᵀ + b_enc`, `[rows, d_sae]`, computed with burn on the trainer's device.
@@ -184,7 +197,10 @@ impl Trainer {
     pub fn step(&mut self, x: &[f32], lr_scale: f32) -> Result<StepStats, BuildError> {
         let (d, s, k) = (self.cfg.d_in, self.cfg.d_sae, self.cfg.k);
         let rows = x.len() / d;
-        let centred: Vec<f32> = x.par_chunks(d).flat_map_iter(|r| r.iter().zip(&self.b_dec).map(|(a, b)| a - b)).collect();
+        let centred: Vec<f32> = x
+            .par_chunks(d)
+            .flat_map_iter(|r| r.iter().zip(&self.b_dec).map(|(a, b)| a - b))
+            .collect();
         let pre = self.pre_activations(&centred, rows)?;
         let dead: Vec<bool> = self.since_fired.iter().map(|&t| t >= self.cfg.dead_after_tokens).collect();
         let n_dead = dead.iter().filter(|&&x| x).count();
@@ -194,7 +210,11 @@ impl Trainer {
             .map(|row| {
                 let main = top_k_positive(row, k);
                 let aux = if k_aux > 0 {
-                    let masked: Vec<f32> = row.iter().zip(&dead).map(|(&p, &dd)| if dd { p } else { f32::NEG_INFINITY }).collect();
+                    let masked: Vec<f32> = row
+                        .iter()
+                        .zip(&dead)
+                        .map(|(&p, &dd)| if dd { p } else { f32::NEG_INFINITY })
+                        .collect();
                     top_k_positive(&masked, k_aux)
                 } else {
                     Vec::new()
@@ -208,7 +228,11 @@ impl Trainer {
         for r in x.chunks_exact(d) {
             mean.iter_mut().zip(r).for_each(|(m, v)| *m += v / rows as f32);
         }
-        let variance: f32 = x.par_chunks(d).map(|r| r.iter().zip(&mean).map(|(a, b)| (a - b) * (a - b)).sum::<f32>()).sum::<f32>().max(1e-12);
+        let variance: f32 = x
+            .par_chunks(d)
+            .map(|r| r.iter().zip(&mean).map(|(a, b)| (a - b) * (a - b)).sum::<f32>())
+            .sum::<f32>()
+            .max(1e-12);
         // Per token: error e = x − x̂ and AuxK error e_aux = ê_aux − e.
         let (errors, aux_errors): (Vec<Vec<f32>>, Vec<Vec<f32>>) = x
             .par_chunks(d)
@@ -216,7 +240,10 @@ impl Trainer {
             .map(|(xr, sel)| {
                 let mut recon = self.b_dec.clone();
                 for &(j, a) in &sel.main {
-                    recon.iter_mut().zip(&self.dec[j as usize * d..(j as usize + 1) * d]).for_each(|(r, w)| *r += a * w);
+                    recon
+                        .iter_mut()
+                        .zip(&self.dec[j as usize * d..(j as usize + 1) * d])
+                        .for_each(|(r, w)| *r += a * w);
                 }
                 let e: Vec<f32> = xr.iter().zip(&recon).map(|(a, b)| a - b).collect();
                 let aux_e = if sel.aux.is_empty() {
@@ -224,7 +251,9 @@ impl Trainer {
                 } else {
                     let mut ea = vec![0.0f32; d];
                     for &(j, a) in &sel.aux {
-                        ea.iter_mut().zip(&self.dec[j as usize * d..(j as usize + 1) * d]).for_each(|(r, w)| *r += a * w);
+                        ea.iter_mut()
+                            .zip(&self.dec[j as usize * d..(j as usize + 1) * d])
+                            .for_each(|(r, w)| *r += a * w);
                     }
                     ea.iter_mut().zip(&e).for_each(|(a, b)| *a -= b);
                     ea
@@ -251,7 +280,14 @@ impl Trainer {
                     .map(|(latent, act, aux)| {
                         let (out, out_scale) = if aux { (&aux_errors[t], g_aux) } else { (&errors[t], g_main) };
                         let w = &self.dec[latent as usize * d..(latent as usize + 1) * d];
-                        LatentGrad { latent, token: t as u32, d_pre: out_scale * dot(out, w), act, out_scale, aux }
+                        LatentGrad {
+                            latent,
+                            token: t as u32,
+                            d_pre: out_scale * dot(out, w),
+                            act,
+                            out_scale,
+                            aux,
+                        }
                     })
                     .collect()
             })
@@ -323,7 +359,12 @@ impl Trainer {
             *since = if *f { 0 } else { *since + rows as u64 };
         }
         let dead_fraction = self.since_fired.iter().filter(|&&t| t >= self.cfg.dead_after_tokens).count() as f32 / s as f32;
-        Ok(StepStats { fvu, aux_loss, l0: active as f32 / rows as f32, dead_fraction })
+        Ok(StepStats {
+            fvu,
+            aux_loss,
+            l0: active as f32 / rows as f32,
+            dead_fraction,
+        })
     }
 
     /// Saves parameters, optimiser state and counters (atomically: a cut-off run keeps the
@@ -331,15 +372,24 @@ impl Trainer {
     pub fn save(&self, path: &Path, extra: &serde_json::Value) -> Result<(), BuildError> {
         let since: Vec<f32> = self.since_fired.iter().map(|&t| t as f32).collect();
         let named: Vec<(&str, &[f32])> = vec![
-            ("enc", &self.enc), ("b_enc", &self.b_enc), ("dec", &self.dec), ("b_dec", &self.b_dec),
-            ("adam.enc.m", &self.adam[0].m), ("adam.enc.v", &self.adam[0].v),
-            ("adam.b_enc.m", &self.adam[1].m), ("adam.b_enc.v", &self.adam[1].v),
-            ("adam.dec.m", &self.adam[2].m), ("adam.dec.v", &self.adam[2].v),
-            ("adam.b_dec.m", &self.adam[3].m), ("adam.b_dec.v", &self.adam[3].v),
+            ("enc", &self.enc),
+            ("b_enc", &self.b_enc),
+            ("dec", &self.dec),
+            ("b_dec", &self.b_dec),
+            ("adam.enc.m", &self.adam[0].m),
+            ("adam.enc.v", &self.adam[0].v),
+            ("adam.b_enc.m", &self.adam[1].m),
+            ("adam.b_enc.v", &self.adam[1].v),
+            ("adam.dec.m", &self.adam[2].m),
+            ("adam.dec.v", &self.adam[2].v),
+            ("adam.b_dec.m", &self.adam[3].m),
+            ("adam.b_dec.v", &self.adam[3].v),
             ("since_fired", &since),
         ];
-        let bytes: Vec<(String, Vec<u8>, usize)> =
-            named.iter().map(|(n, v)| (n.to_string(), v.iter().flat_map(|x| x.to_le_bytes()).collect(), v.len())).collect();
+        let bytes: Vec<(String, Vec<u8>, usize)> = named
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.iter().flat_map(|x| x.to_le_bytes()).collect(), v.len()))
+            .collect();
         let views = bytes
             .iter()
             .map(|(n, b, len)| Ok((n.clone(), TensorView::new(safetensors::Dtype::F32, vec![*len], b)?)))
@@ -371,7 +421,10 @@ impl Trainer {
             if t.shape() != [len] {
                 return Err(bad(format!("{name} has shape {:?}", t.shape())));
             }
-            Ok(t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+            Ok(t.data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect())
         };
         let (sd, s, d) = (self.cfg.d_sae * self.cfg.d_in, self.cfg.d_sae, self.cfg.d_in);
         self.enc = read("enc", sd)?;
@@ -416,8 +469,15 @@ mod tests {
             x
         };
         let cfg = TrainConfig {
-            d_in: d, d_sae: 48, k: active, k_aux: 16, aux_coef: 1.0 / 32.0, lr: 1e-2, batch: 256,
-            dead_after_tokens: 2048, seed: 1,
+            d_in: d,
+            d_sae: 48,
+            k: active,
+            k_aux: 16,
+            aux_coef: 1.0 / 32.0,
+            lr: 1e-2,
+            batch: 256,
+            dead_after_tokens: 2048,
+            seed: 1,
         };
         let device = kindling_engine::Backend::Cpu.device().unwrap();
         let mut trainer = Trainer::new(cfg.clone(), &sample(&mut rng, 1024), device);
@@ -437,7 +497,15 @@ mod tests {
     #[test]
     fn checkpoints_round_trip() {
         let cfg = TrainConfig {
-            d_in: 8, d_sae: 16, k: 2, k_aux: 4, aux_coef: 0.03, lr: 1e-3, batch: 8, dead_after_tokens: 16, seed: 3,
+            d_in: 8,
+            d_sae: 16,
+            k: 2,
+            k_aux: 4,
+            aux_coef: 0.03,
+            lr: 1e-3,
+            batch: 8,
+            dead_after_tokens: 16,
+            seed: 3,
         };
         let device = kindling_engine::Backend::Cpu.device().unwrap();
         let x: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
@@ -470,7 +538,13 @@ impl Trainer {
                 w_enc[i * s + j] = self.enc[j * d + i] * scale;
             }
         }
-        let cfg = kindling_engine::SaeConfig { d_in: d, d_sae: s, k: self.cfg.k, layer, model_sha256 };
+        let cfg = kindling_engine::SaeConfig {
+            d_in: d,
+            d_sae: s,
+            k: self.cfg.k,
+            layer,
+            model_sha256,
+        };
         let w_dec = self.dec.iter().map(|w| w / scale).collect();
         let b_dec = self.b_dec.iter().map(|b| b / scale).collect();
         Ok(kindling_engine::Sae::new(cfg, w_enc, self.b_enc.clone(), w_dec, b_dec)?)
@@ -499,10 +573,19 @@ impl Rows {
     pub fn load(harvest: &Path, layer: usize) -> Result<(Self, serde_json::Value), BuildError> {
         let state_path = harvest.join("harvest.json");
         let text = std::fs::read_to_string(&state_path).map_err(|e| BuildError::io(&state_path, e))?;
-        let state: serde_json::Value = serde_json::from_str(&text).map_err(|e| BuildError::Input(format!("{}: {e}", state_path.display())))?;
-        let d = state["config"]["d_in"].as_u64().ok_or_else(|| BuildError::Input("harvest.json has no d_in".into()))? as usize;
-        if !state["config"]["layers"].as_array().is_some_and(|l| l.iter().any(|x| x.as_u64() == Some(layer as u64))) {
-            return Err(BuildError::Input(format!("the harvest in {} has no layer {layer}", harvest.display())));
+        let state: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| BuildError::Input(format!("{}: {e}", state_path.display())))?;
+        let d = state["config"]["d_in"]
+            .as_u64()
+            .ok_or_else(|| BuildError::Input("harvest.json has no d_in".into()))? as usize;
+        if !state["config"]["layers"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|x| x.as_u64() == Some(layer as u64)))
+        {
+            return Err(BuildError::Input(format!(
+                "the harvest in {} has no layer {layer}",
+                harvest.display()
+            )));
         }
         let mut data = Vec::new();
         for shard in state["shards"].as_array().into_iter().flatten() {
@@ -552,7 +635,12 @@ struct BatchOrder {
 
 impl BatchOrder {
     fn new(n: usize, batch: usize, seed: u64) -> Self {
-        Self { n, batch: batch.min(n), seed, epoch: None }
+        Self {
+            n,
+            batch: batch.min(n),
+            seed,
+            epoch: None,
+        }
     }
 
     fn indices(&mut self, step: u64) -> &[u32] {
@@ -573,13 +661,19 @@ pub fn run(args: &TrainArgs) -> Result<(), BuildError> {
     let started = std::time::Instant::now();
     let (rows, harvest) = Rows::load(&args.harvest, args.layer)?;
     // The SAE's width is the harvest's.
-    let cfg = TrainConfig { d_in: rows.d, ..args.cfg.clone() };
+    let cfg = TrainConfig {
+        d_in: rows.d,
+        ..args.cfg.clone()
+    };
     let n = rows.len();
     let scale = rows.norm_scale();
     let total_steps = ((n as f64 * args.epochs) / cfg.batch as f64).ceil() as u64;
     eprintln!(
         "[train] layer {}: {n} rows ({:.1} s to load), input scale {scale:.5}, {total_steps} steps of {} ({} epochs)",
-        args.layer, started.elapsed().as_secs_f64(), cfg.batch, args.epochs
+        args.layer,
+        started.elapsed().as_secs_f64(),
+        cfg.batch,
+        args.epochs
     );
     std::fs::create_dir_all(&args.out).map_err(|e| BuildError::io(&args.out, e))?;
     let device = args.backend.device()?;
@@ -599,14 +693,23 @@ pub fn run(args: &TrainArgs) -> Result<(), BuildError> {
         let step = trainer.step;
         // Constant rate, then a linear decay to zero over the last 20% of steps.
         let decay_from = (total_steps as f64 * 0.8) as u64;
-        let lr_scale = if step < decay_from { 1.0 } else { (total_steps - step) as f32 / (total_steps - decay_from).max(1) as f32 };
+        let lr_scale = if step < decay_from {
+            1.0
+        } else {
+            (total_steps - step) as f32 / (total_steps - decay_from).max(1) as f32
+        };
         let x = rows.gather(order.indices(step), scale);
         last = trainer.step(&x, lr_scale)?;
-        let ema = |avg: f32, v: f32| if avg.is_nan() { v } else { 0.95 * avg + 0.05 * v };
+        let ema = |avg: f32, v: f32| {
+            if avg.is_nan() { v } else { 0.95 * avg + 0.05 * v }
+        };
         fvu_avg = ema(fvu_avg, last.fvu);
         l0_avg = if step == 0 { last.l0 } else { 0.95 * l0_avg + 0.05 * last.l0 };
         aux_avg = 0.95 * aux_avg + 0.05 * last.aux_loss;
-        let extra = format!("FVU {fvu_avg:.4} · L0 {l0_avg:.1} · dead {:.1}% · aux {aux_avg:.4}", 100.0 * last.dead_fraction);
+        let extra = format!(
+            "FVU {fvu_avg:.4} · L0 {l0_avg:.1} · dead {:.1}% · aux {aux_avg:.4}",
+            100.0 * last.dead_fraction
+        );
         progress.update(trainer.step, &extra, trainer.step == total_steps);
         if last_checkpoint.elapsed().as_secs() >= args.checkpoint_every_s || trainer.step == total_steps {
             trainer.save(&checkpoint, &serde_json::json!({ "scale": scale }))?;

@@ -11,7 +11,11 @@ use crate::BuildError;
 
 /// `n` rayon pools of one thread each (`n` = 0: one per core).
 pub fn single_thread_pools(n: usize) -> Result<Vec<rayon::ThreadPool>, BuildError> {
-    let n = if n == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { n };
+    let n = if n == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        n
+    };
     (0..n)
         .map(|i| {
             rayon::ThreadPoolBuilder::new()
@@ -33,8 +37,11 @@ pub fn run_on_workers<T: Send>(
     assert!(items.len() <= workers.len(), "one item per worker");
     let job = &job;
     std::thread::scope(|scope| {
-        let handles: Vec<_> =
-            items.iter().zip(workers).map(|(&item, pool)| scope.spawn(move || pool.install(|| job(item)))).collect();
+        let handles: Vec<_> = items
+            .iter()
+            .zip(workers)
+            .map(|(&item, pool)| scope.spawn(move || pool.install(|| job(item))))
+            .collect();
         handles.into_iter().map(|h| h.join().expect("a worker panicked")).collect()
     })
 }

@@ -134,7 +134,15 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let load_s = loaded.elapsed().as_secs_f64();
     let rss_after_load = resident_mib();
     match cli.command {
-        Command::Chat { prompt, system, temperature, top_k, top_p, max_tokens, seed } => {
+        Command::Chat {
+            prompt,
+            system,
+            temperature,
+            top_k,
+            top_p,
+            max_tokens,
+            seed,
+        } => {
             let mut messages = Vec::new();
             if let Some(system) = system {
                 messages.push(ChatMessage::new("system", system));
@@ -158,8 +166,19 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
         Command::Tokens { .. } => unreachable!("handled before loading the model"),
         Command::BenchSteer { sae, decode, reps } => bench_steer(&model, &sae, decode, reps)?,
-        Command::Autosteer { description, sae_dir, atlas_dir, prompt } => autosteer(&model, &sae_dir, &atlas_dir, &description, prompt)?,
-        Command::Bench { prefill, decode, reps, json, batch } => {
+        Command::Autosteer {
+            description,
+            sae_dir,
+            atlas_dir,
+            prompt,
+        } => autosteer(&model, &sae_dir, &atlas_dir, &description, prompt)?,
+        Command::Bench {
+            prefill,
+            decode,
+            reps,
+            json,
+            batch,
+        } => {
             let threads = rayon::current_num_threads();
             let result = bench(&model, prefill, decode, reps, batch.max(1))?;
             let rss = resident_mib();
@@ -247,7 +266,10 @@ fn bench(model: &Model, prefill: usize, decode: usize, reps: usize, batch: usize
             } else {
                 let logits = model.llama.forward_batch(&next, &mut caches)?;
                 let values = to_host(logits)?;
-                values.chunks_exact(values.len() / batch).map(kindling_engine::sampling::argmax).collect()
+                values
+                    .chunks_exact(values.len() / batch)
+                    .map(kindling_engine::sampling::argmax)
+                    .collect()
             };
         }
         let decode_s = start.elapsed().as_secs_f64();
@@ -264,17 +286,43 @@ fn bench(model: &Model, prefill: usize, decode: usize, reps: usize, batch: usize
 }
 
 /// Runs AutoSteer and prints its choice and trials.
-fn autosteer(model: &Model, sae_dir: &std::path::Path, atlas_dir: &std::path::Path, description: &str, prompt: Option<String>) -> Result<(), Box<dyn std::error::Error>> {
+fn autosteer(
+    model: &Model,
+    sae_dir: &std::path::Path,
+    atlas_dir: &std::path::Path,
+    description: &str,
+    prompt: Option<String>,
+) -> Result<(), Box<dyn std::error::Error>> {
     use kindling_engine::autosteer::{AutoSteerOptions, auto_steer};
     use kindling_engine::{Atlas, CancelToken, Sae, StaticEmbedder, Steer, Variant};
     let sae = Sae::from_compact(&std::fs::read(sae_dir.join("kindling-sae.f16.safetensors"))?)?;
     let embedder = StaticEmbedder::from_safetensors(&std::fs::read(atlas_dir.join("embedder.safetensors"))?)?;
     let atlas = Atlas::from_index(&std::fs::read_to_string(atlas_dir.join("atlas.json"))?, &sae, embedder)?;
     let result = auto_steer(model, &sae, &atlas, description, &AutoSteerOptions::default())?;
-    println!("base: similarity {:.3}, coherence {:.2}", result.base_similarity, result.base_coherence);
+    println!(
+        "base: similarity {:.3}, coherence {:.2}",
+        result.base_similarity, result.base_coherence
+    );
     for t in &result.trials {
-        let edits: Vec<String> = t.edits.iter().map(|e| format!("#{} {:+.1} ({})", e.feature, e.value, atlas.feature(e.feature).map(|f| f.label.as_str()).unwrap_or("?"))).collect();
-        println!("{} gain {:+.3} coherence {:.2}  {}", if t.accepted { "+" } else { " " }, t.gain, t.coherence, edits.join(" & "));
+        let edits: Vec<String> = t
+            .edits
+            .iter()
+            .map(|e| {
+                format!(
+                    "#{} {:+.1} ({})",
+                    e.feature,
+                    e.value,
+                    atlas.feature(e.feature).map(|f| f.label.as_str()).unwrap_or("?")
+                )
+            })
+            .collect();
+        println!(
+            "{} gain {:+.3} coherence {:.2}  {}",
+            if t.accepted { "+" } else { " " },
+            t.gain,
+            t.coherence,
+            edits.join(" & ")
+        );
     }
     println!("chosen: {:?}", result.edits);
     if let Some(prompt) = prompt {
@@ -282,8 +330,16 @@ fn autosteer(model: &Model, sae_dir: &std::path::Path, atlas_dir: &std::path::Pa
         let units = atlas.units();
         let mut variant = Variant::new("SmolLM2-135M-Instruct");
         variant.edits = result.edits.clone();
-        for (name, hook) in [("base", None), ("steered", Some(Box::new(Steer::new(&sae, &units, variant)?) as Box<dyn kindling_engine::ResidualHook>))] {
-            let text = model.generate(tokens.clone(), SamplingParams::greedy(64), hook, CancelToken::new())?.collect_text()?;
+        for (name, hook) in [
+            ("base", None),
+            (
+                "steered",
+                Some(Box::new(Steer::new(&sae, &units, variant)?) as Box<dyn kindling_engine::ResidualHook>),
+            ),
+        ] {
+            let text = model
+                .generate(tokens.clone(), SamplingParams::greedy(64), hook, CancelToken::new())?
+                .collect_text()?;
             println!("{name}: {text}");
         }
     }
@@ -298,13 +354,25 @@ fn bench_steer(model: &Model, sae_path: &std::path::Path, decode: usize, reps: u
     let units = vec![4.0; sae.config().d_sae];
     let mut variant = Variant::new("SmolLM2-135M-Instruct");
     variant.set(&[1, 2], 0.5);
-    variant.set_when(Condition::when(vec![3, 4], Operator::Gt, Operand::Number(0.5)), vec![Edit::nudge(5, 0.3)]);
+    variant.set_when(
+        Condition::when(vec![3, 4], Operator::Gt, Operand::Number(0.5)),
+        vec![Edit::nudge(5, 0.3)],
+    );
     variant.abort_when(Condition::when(vec![6], Operator::Gt, Operand::Number(1e9)), "never");
-    let prompt = model.tokenizer.encode_chat(&[ChatMessage::user("Write a long story about a pirate who finds a treasure map.")])?;
+    let prompt = model
+        .tokenizer
+        .encode_chat(&[ChatMessage::user("Write a long story about a pirate who finds a treasure map.")])?;
     // Decode only: the clock starts after the prompt's forward pass (the first token).
     let rate = |steer: bool| -> Result<f64, Box<dyn std::error::Error>> {
-        let hook: Option<Box<dyn ResidualHook>> = if steer { Some(Box::new(Steer::new(&sae, &units, variant.clone())?)) } else { None };
-        let params = SamplingParams { max_tokens: decode + 1, ..SamplingParams::greedy(decode + 1) };
+        let hook: Option<Box<dyn ResidualHook>> = if steer {
+            Some(Box::new(Steer::new(&sae, &units, variant.clone())?))
+        } else {
+            None
+        };
+        let params = SamplingParams {
+            max_tokens: decode + 1,
+            ..SamplingParams::greedy(decode + 1)
+        };
         let mut stream = model.generate(prompt.clone(), params, hook, CancelToken::new())?;
         stream.next().transpose()?;
         let start = Instant::now();
@@ -318,14 +386,22 @@ fn bench_steer(model: &Model, sae_path: &std::path::Path, decode: usize, reps: u
     let (mut base, mut steered) = (Vec::new(), Vec::new());
     for rep in 0..=reps {
         // Alternate which goes first, so drift on the machine falls on both.
-        let (b, s) = if rep % 2 == 0 { (rate(false)?, rate(true)?) } else { let s = rate(true)?; (rate(false)?, s) };
+        let (b, s) = if rep % 2 == 0 {
+            (rate(false)?, rate(true)?)
+        } else {
+            let s = rate(true)?;
+            (rate(false)?, s)
+        };
         if rep > 0 {
             base.push(round1(b));
             steered.push(round1(s));
         }
     }
     let (mb, ms) = (median(&base), median(&steered));
-    println!("decode {decode}, {} threads: base median {mb:.1} tok/s {base:?}", rayon::current_num_threads());
+    println!(
+        "decode {decode}, {} threads: base median {mb:.1} tok/s {base:?}",
+        rayon::current_num_threads()
+    );
     println!("steered (SAE encode per token, 2 edits, 2 scopes): median {ms:.1} tok/s {steered:?}");
     println!("steering adds {:.1}% to decode time", (mb / ms - 1.0) * 100.0);
     Ok(())
@@ -342,7 +418,11 @@ struct Meter {
 
 impl Meter {
     fn start() -> Self {
-        Self { start: Instant::now(), machine_s: machine_busy_s(), own_s: own_cpu_s() }
+        Self {
+            start: Instant::now(),
+            machine_s: machine_busy_s(),
+            own_s: own_cpu_s(),
+        }
     }
 
     fn other_cores(&self) -> f64 {
@@ -356,7 +436,14 @@ const CLOCK_TICKS_PER_S: f64 = 100.0;
 
 fn machine_busy_s() -> f64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let fields: Vec<f64> = stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+    let fields: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
     // user nice system idle iowait irq softirq steal: everything but idle and iowait.
     let busy: f64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| fields.get(i)).sum();
     if fields.is_empty() { f64::NAN } else { busy / CLOCK_TICKS_PER_S }

@@ -29,7 +29,16 @@ fn chat_streams_llama_cpp_greedy_reply() {
 fn same_seed_same_reply() {
     let run = |seed: &str| {
         let out = kindling()
-            .args(["chat", "Tell me a joke.", "--max-tokens", "16", "--temperature", "0.9", "--seed", seed])
+            .args([
+                "chat",
+                "Tell me a joke.",
+                "--max-tokens",
+                "16",
+                "--temperature",
+                "0.9",
+                "--seed",
+                seed,
+            ])
             .output()
             .unwrap();
         assert!(out.status.success());

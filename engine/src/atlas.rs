@@ -169,10 +169,17 @@ impl Atlas {
             && sha != index.sae.compact_sha256
             && sha != index.sae.saelens_sha256
         {
-            return Err(AtlasError::WrongSae(format!("SAE file sha256 {sha}, atlas built for {}", index.sae.compact_sha256)));
+            return Err(AtlasError::WrongSae(format!(
+                "SAE file sha256 {sha}, atlas built for {}",
+                index.sae.compact_sha256
+            )));
         }
         if index.features.len() != cfg.d_sae {
-            return Err(AtlasError::Index(format!("{} feature entries for {} latents", index.features.len(), cfg.d_sae)));
+            return Err(AtlasError::Index(format!(
+                "{} feature entries for {} latents",
+                index.features.len(),
+                cfg.d_sae
+            )));
         }
         let dim = embedder.dim();
         let mut label_vectors = vec![0f32; cfg.d_sae * dim];
@@ -181,7 +188,12 @@ impl Atlas {
                 row.copy_from_slice(&embedder.embed(&f.label));
             }
         }
-        Ok(Self { index, embedder, label_vectors, contexts: None })
+        Ok(Self {
+            index,
+            embedder,
+            label_vectors,
+            contexts: None,
+        })
     }
 
     /// Adds the top contexts (`contexts.safetensors`).
@@ -189,9 +201,8 @@ impl Atlas {
         let bad = |m: String| AtlasError::Contexts(m);
         let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
         let meta = header.metadata().as_ref().and_then(|m| m.get("kindling_atlas_contexts")).cloned();
-        let meta: serde_json::Value =
-            serde_json::from_str(&meta.ok_or_else(|| bad("no kindling_atlas_contexts metadata".into()))?)
-                .map_err(|e| bad(format!("metadata: {e}")))?;
+        let meta: serde_json::Value = serde_json::from_str(&meta.ok_or_else(|| bad("no kindling_atlas_contexts metadata".into()))?)
+            .map_err(|e| bad(format!("metadata: {e}")))?;
         if meta["version"].as_u64() != Some(ATLAS_VERSION) {
             return Err(bad(format!("version {}, this build reads {ATLAS_VERSION}", meta["version"])));
         }
@@ -203,7 +214,12 @@ impl Atlas {
         let tokens = file.tensor("tokens").map_err(|e| bad(format!("tokens: {e}")))?;
         let (per_feature, window) = match tokens.shape() {
             &[d, n, w] if d == d_sae && tokens.dtype() == Dtype::U16 => (n, w),
-            other => return Err(bad(format!("tokens must be u16 [{d_sae}, n, window], found {:?} {other:?}", tokens.dtype()))),
+            other => {
+                return Err(bad(format!(
+                    "tokens must be u16 [{d_sae}, n, window], found {:?} {other:?}",
+                    tokens.dtype()
+                )));
+            }
         };
         let activations = file.tensor("activations").map_err(|e| bad(format!("activations: {e}")))?;
         let peaks = file.tensor("peaks").map_err(|e| bad(format!("peaks: {e}")))?;
@@ -218,7 +234,11 @@ impl Atlas {
             window,
             tokens: tokens.data().chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect(),
             activations: activations.data().to_vec(),
-            peaks: peaks.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            peaks: peaks
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
         });
         Ok(())
     }
@@ -237,13 +257,21 @@ impl Atlas {
 
     fn check(&self, feature: u32) -> Result<usize, AtlasError> {
         let d_sae = self.d_sae();
-        if (feature as usize) < d_sae { Ok(feature as usize) } else { Err(AtlasError::UnknownFeature { feature, d_sae }) }
+        if (feature as usize) < d_sae {
+            Ok(feature as usize)
+        } else {
+            Err(AtlasError::UnknownFeature { feature, d_sae })
+        }
     }
 
     /// Every latent's steering unit, its `max_activation` (1.0 for a latent that never fired,
     /// whose scale is unknown), for [`Steer`](crate::Steer).
     pub fn units(&self) -> Vec<f32> {
-        self.index.features.iter().map(|f| if f.max_activation > 0.0 { f.max_activation } else { 1.0 }).collect()
+        self.index
+            .features
+            .iter()
+            .map(|f| if f.max_activation > 0.0 { f.max_activation } else { 1.0 })
+            .collect()
     }
 
     pub fn feature(&self, feature: u32) -> Result<&FeatureInfo, AtlasError> {
@@ -290,13 +318,13 @@ impl Atlas {
     fn rank(&self, features: &[u32], query: &str, top_k: usize) -> Vec<Hit> {
         let q = self.embedder.embed(query);
         let dim = self.embedder.dim();
-        let hits = features
-            .iter()
-            .filter(|&&f| self.index.features[f as usize].is_live())
-            .map(|&f| {
-                let row = &self.label_vectors[f as usize * dim..(f as usize + 1) * dim];
-                Hit { feature: f, score: row.iter().zip(&q).map(|(a, b)| a * b).sum() }
-            });
+        let hits = features.iter().filter(|&&f| self.index.features[f as usize].is_live()).map(|&f| {
+            let row = &self.label_vectors[f as usize * dim..(f as usize + 1) * dim];
+            Hit {
+                feature: f,
+                score: row.iter().zip(&q).map(|(a, b)| a * b).sum(),
+            }
+        });
         top_hits(hits, top_k)
     }
 
@@ -320,13 +348,19 @@ pub fn decoder_neighbors(sae: &Sae, group: &[u32], top_k: usize) -> Vec<Hit> {
     };
     let mut centroid = vec![0f32; d];
     for &f in group {
-        centroid.iter_mut().zip(unit(sae.decoder_row(f as usize))).for_each(|(c, x)| *c += x);
+        centroid
+            .iter_mut()
+            .zip(unit(sae.decoder_row(f as usize)))
+            .for_each(|(c, x)| *c += x);
     }
     crate::embed::normalize(&mut centroid);
     let hits = (0..sae.config().d_sae as u32).filter(|f| !group.contains(f)).map(|f| {
         let row = sae.decoder_row(f as usize);
         let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
-        Hit { feature: f, score: row.iter().zip(&centroid).map(|(a, b)| a * b).sum::<f32>() / norm }
+        Hit {
+            feature: f,
+            score: row.iter().zip(&centroid).map(|(a, b)| a * b).sum::<f32>() / norm,
+        }
     });
     top_hits(hits, top_k)
 }

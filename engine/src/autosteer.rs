@@ -72,7 +72,15 @@ pub fn distinct_ratio(tokens: &[u32]) -> f32 {
 }
 
 /// Greedy continuations of the prompts under `edits`: (similarity to `target`, coherence).
-fn judge(model: &Model, sae: &Sae, units: &[f32], edits: &[Edit], embedder: &StaticEmbedder, target: &[f32], opts: &AutoSteerOptions) -> Result<(f32, f32), EngineError> {
+fn judge(
+    model: &Model,
+    sae: &Sae,
+    units: &[f32],
+    edits: &[Edit],
+    embedder: &StaticEmbedder,
+    target: &[f32],
+    opts: &AutoSteerOptions,
+) -> Result<(f32, f32), EngineError> {
     let (mut similarity, mut coherence) = (0.0, 0.0);
     for prompt in &opts.prompts {
         let tokens = model.tokenizer.encode_chat(&[ChatMessage::user(prompt.clone())])?;
@@ -105,7 +113,12 @@ pub fn auto_steer(model: &Model, sae: &Sae, atlas: &Atlas, description: &str, op
             let edits = vec![Edit::nudge(hit.feature, value)];
             let (similarity, coherence) = judge(model, sae, &units, &edits, embedder, &target, opts)?;
             let gain = similarity - base_similarity;
-            trials.push(Trial { edits, gain, coherence, accepted: coherent(coherence) && gain > 0.0 });
+            trials.push(Trial {
+                edits,
+                gain,
+                coherence,
+                accepted: coherent(coherence) && gain > 0.0,
+            });
         }
     }
     trials.sort_by(|a, b| b.accepted.cmp(&a.accepted).then(b.gain.total_cmp(&a.gain)));
@@ -113,20 +126,33 @@ pub fn auto_steer(model: &Model, sae: &Sae, atlas: &Atlas, description: &str, op
     if let Some(best) = trials.first().filter(|t| t.accepted) {
         edits = best.edits.clone();
         // The best trial of another feature, tried together with the best.
-        let second = trials.iter().find(|t| t.accepted && t.edits[0].feature != best.edits[0].feature).cloned();
+        let second = trials
+            .iter()
+            .find(|t| t.accepted && t.edits[0].feature != best.edits[0].feature)
+            .cloned();
         if let Some(second) = second {
             let both: Vec<Edit> = best.edits.iter().chain(&second.edits).copied().collect();
             let (similarity, coherence) = judge(model, sae, &units, &both, embedder, &target, opts)?;
             let gain = similarity - base_similarity;
             let better = coherent(coherence) && gain > best.gain;
-            trials.push(Trial { edits: both.clone(), gain, coherence, accepted: better });
+            trials.push(Trial {
+                edits: both.clone(),
+                gain,
+                coherence,
+                accepted: better,
+            });
             if better {
                 edits = both;
             }
         }
     }
     trials.sort_by(|a, b| b.accepted.cmp(&a.accepted).then(b.gain.total_cmp(&a.gain)));
-    Ok(AutoSteer { edits, base_similarity, base_coherence, trials })
+    Ok(AutoSteer {
+        edits,
+        base_similarity,
+        base_coherence,
+        trials,
+    })
 }
 
 /// A condition that holds when the text is about `description`: the best-matching features

@@ -77,7 +77,13 @@ pub fn contrast(
 ) -> Result<(Vec<Feature>, Vec<Feature>), EngineError> {
     let (mean_a, mean_b) = (assistant_means(model, sae, a, units)?, assistant_means(model, sae, b, units)?);
     let ranked = |sign: f64| {
-        let mut scored: Vec<Feature> = mean_a.iter().zip(&mean_b).enumerate().map(|(j, (x, y))| (j as u32, (sign * (x - y)) as f32)).filter(|f| f.1 > 0.0).collect();
+        let mut scored: Vec<Feature> = mean_a
+            .iter()
+            .zip(&mean_b)
+            .enumerate()
+            .map(|(j, (x, y))| (j as u32, (sign * (x - y)) as f32))
+            .filter(|f| f.1 > 0.0)
+            .collect();
         scored.sort_by(|x, y| y.1.total_cmp(&x.1).then(x.0.cmp(&y.0)));
         scored.truncate(top_k);
         scored

@@ -54,7 +54,13 @@ impl WordPiece {
     pub fn from_tokens(tokens: Vec<String>) -> Result<Self, EmbedError> {
         let ids: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let special = |name: &str| ids.get(name).copied().ok_or_else(|| EmbedError::Vocab(format!("no {name} token")));
-        Ok(Self { unk: special("[UNK]")?, cls: special("[CLS]")?, sep: special("[SEP]")?, ids, tokens })
+        Ok(Self {
+            unk: special("[UNK]")?,
+            cls: special("[CLS]")?,
+            sep: special("[SEP]")?,
+            ids,
+            tokens,
+        })
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -106,7 +112,11 @@ impl WordPiece {
             // Longest match first: shrink the end until the piece is in the vocabulary.
             let found = (start + 1..=chars.len()).rev().find_map(|end| {
                 let to = chars.get(end).map_or(word.len(), |c| c.0);
-                let piece = if start == 0 { word[from..to].to_string() } else { format!("##{}", &word[from..to]) };
+                let piece = if start == 0 {
+                    word[from..to].to_string()
+                } else {
+                    format!("##{}", &word[from..to])
+                };
                 self.ids.get(&piece).map(|&id| (id, end))
             });
             match found {
@@ -221,7 +231,11 @@ impl StaticEmbedder {
             .as_array()
             .ok_or_else(|| bad("metadata has no vocab".into()))?
             .iter()
-            .map(|t| t.as_str().map(str::to_string).ok_or_else(|| bad("vocab entries must be strings".into())))
+            .map(|t| {
+                t.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| bad("vocab entries must be strings".into()))
+            })
             .collect::<Result<_, _>>()?;
         let wordpiece = WordPiece::from_tokens(vocab)?;
         let tensors = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("cannot read tensors: {e}")))?;
@@ -240,8 +254,17 @@ impl StaticEmbedder {
                 scales.shape()
             )));
         }
-        let scales: Vec<f32> = scales.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-        let table = rows.data().chunks_exact(*dim).zip(&scales).flat_map(|(row, &s)| row.iter().map(move |&q| q as i8 as f32 * s)).collect();
+        let scales: Vec<f32> = scales
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let table = rows
+            .data()
+            .chunks_exact(*dim)
+            .zip(&scales)
+            .flat_map(|(row, &s)| row.iter().map(move |&q| q as i8 as f32 * s))
+            .collect();
         Self::new(wordpiece, table, *dim)
     }
 
@@ -278,7 +301,9 @@ mod tests {
     use super::*;
 
     fn vocab() -> WordPiece {
-        let tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "talk", "like", "a", "pirate", "un", "##aff", "##able", "!", "cafe", "'", "s"];
+        let tokens = [
+            "[PAD]", "[UNK]", "[CLS]", "[SEP]", "talk", "like", "a", "pirate", "un", "##aff", "##able", "!", "cafe", "'", "s",
+        ];
         WordPiece::from_tokens(tokens.iter().map(|t| t.to_string()).collect()).unwrap()
     }
 

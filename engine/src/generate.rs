@@ -78,7 +78,10 @@ impl<'m> TokenStream<'m> {
         }
         let limit = model.llama.config().context_length;
         if prompt.len() > limit {
-            return Err(EngineError::ContextOverflow { needed: prompt.len(), limit });
+            return Err(EngineError::ContextOverflow {
+                needed: prompt.len(),
+                limit,
+            });
         }
         Ok(Self {
             model,
@@ -193,7 +196,10 @@ impl Model {
     /// `params.seed + i`. Outputs come back in the prompts' order.
     pub fn generate_batch(&self, prompts: &[Vec<TokenId>], params: &SamplingParams) -> Result<Vec<BatchOutput>, EngineError> {
         let mut outputs: Vec<Option<BatchOutput>> = vec![None; prompts.len()];
-        let requests = prompts.iter().enumerate().map(|(i, p)| (p.clone(), params.seed.wrapping_add(i as u64)));
+        let requests = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.clone(), params.seed.wrapping_add(i as u64)));
         self.generate_many(requests, params, prompts.len().max(1), |i, output| {
             outputs[i] = Some(output);
             Ok(true)
@@ -240,10 +246,18 @@ impl Model {
                     break;
                 };
                 let mut cache = prefix.clone();
-                let logits = self.llama.forward(&prompt, &mut cache, None, Logits::Last)?.expect("Logits::Last returns logits");
+                let logits = self
+                    .llama
+                    .forward(&prompt, &mut cache, None, Logits::Last)?
+                    .expect("Logits::Last returns logits");
                 let mut sampler = Sampler::new(SamplingParams { seed, ..params.clone() });
                 let next = sampler.sample(&mut to_host(logits)?);
-                running.push(Running { index, sampler, tokens: Vec::new(), next });
+                running.push(Running {
+                    index,
+                    sampler,
+                    tokens: Vec::new(),
+                    next,
+                });
                 caches.push(cache);
             }
             // Retire the sequences whose last sample ends them.
@@ -264,7 +278,14 @@ impl Model {
                     let r = running.swap_remove(i);
                     caches.swap_remove(i);
                     let text = self.tokenizer.decode(&r.tokens, true)?;
-                    accepting &= on_finish(r.index, BatchOutput { tokens: r.tokens, text, finish })?;
+                    accepting &= on_finish(
+                        r.index,
+                        BatchOutput {
+                            tokens: r.tokens,
+                            text,
+                            finish,
+                        },
+                    )?;
                 } else {
                     i += 1;
                 }

@@ -32,7 +32,11 @@ pub enum GgufError {
     #[error("tensor {name:?} has tensor type {ty} ({type_name}), which is not supported")]
     UnsupportedTensorType { name: String, ty: u32, type_name: &'static str },
     #[error("tensor {name:?} has an invalid shape {dims:?}: {reason}")]
-    BadShape { name: String, dims: Vec<u64>, reason: &'static str },
+    BadShape {
+        name: String,
+        dims: Vec<u64>,
+        reason: &'static str,
+    },
     #[error("tensor {name:?} lies outside the file (bytes {start}..{end} of {len})")]
     TensorOutOfBounds { name: String, start: u64, end: u64, len: u64 },
     #[error("invalid alignment {0} (must be a power of two)")]
@@ -40,7 +44,11 @@ pub enum GgufError {
     #[error("metadata key {0:?} is missing")]
     MissingKey(String),
     #[error("metadata key {key:?} is a {found}, expected {expected}")]
-    WrongType { key: String, expected: &'static str, found: &'static str },
+    WrongType {
+        key: String,
+        expected: &'static str,
+        found: &'static str,
+    },
     #[error("tensor {0:?} is missing")]
     MissingTensor(String),
 }
@@ -243,7 +251,11 @@ impl Gguf {
             let name = r.string(&format!("the name of tensor #{i}"))?;
             let n_dims = r.u32(&format!("the rank of tensor {name:?}"))?;
             if n_dims == 0 || n_dims > 4 {
-                return Err(GgufError::BadShape { name, dims: vec![], reason: "rank must be 1 to 4" });
+                return Err(GgufError::BadShape {
+                    name,
+                    dims: vec![],
+                    reason: "rank must be 1 to 4",
+                });
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
@@ -258,8 +270,10 @@ impl Gguf {
         let file_len = bytes.len() as u64;
         let mut tensors = Vec::with_capacity(raw.len());
         for (name, dims, ty_raw, rel) in raw {
-            let ty = TensorType::from_ggml(ty_raw).map_err(|type_name| {
-                GgufError::UnsupportedTensorType { name: name.clone(), ty: ty_raw, type_name }
+            let ty = TensorType::from_ggml(ty_raw).map_err(|type_name| GgufError::UnsupportedTensorType {
+                name: name.clone(),
+                ty: ty_raw,
+                type_name,
             })?;
             let len = dims
                 .iter()
@@ -280,9 +294,13 @@ impl Gguf {
             let start = data_offset.checked_add(rel);
             let end = start.and_then(|s| s.checked_add(size));
             match (start, end) {
-                (Some(start), Some(end)) if end <= file_len => {
-                    tensors.push(TensorInfo { name, dims, ty, offset: start, size })
-                }
+                (Some(start), Some(end)) if end <= file_len => tensors.push(TensorInfo {
+                    name,
+                    dims,
+                    ty,
+                    offset: start,
+                    size,
+                }),
                 _ => {
                     return Err(GgufError::TensorOutOfBounds {
                         name,
@@ -294,7 +312,13 @@ impl Gguf {
             }
         }
 
-        Ok(Self { version, metadata, tensors, alignment, data_offset })
+        Ok(Self {
+            version,
+            metadata,
+            tensors,
+            alignment,
+            data_offset,
+        })
     }
 
     /// A metadata value, or a [`GgufError::MissingKey`] error.
@@ -304,7 +328,11 @@ impl Gguf {
 
     fn wrong(&self, key: &str, expected: &'static str) -> GgufError {
         let found = self.metadata.get(key).map_or("missing value", Value::kind);
-        GgufError::WrongType { key: key.to_owned(), expected, found }
+        GgufError::WrongType {
+            key: key.to_owned(),
+            expected,
+            found,
+        }
     }
 
     /// An unsigned integer metadata value.
@@ -410,7 +438,10 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: u64, what: &str) -> Result<&'a [u8], GgufError> {
-        let truncated = || GgufError::Truncated { what: what.to_owned(), offset: self.pos };
+        let truncated = || GgufError::Truncated {
+            what: what.to_owned(),
+            offset: self.pos,
+        };
         let end = self.pos.checked_add(n).ok_or_else(truncated)?;
         if end > self.bytes.len() as u64 {
             return Err(truncated());
@@ -425,7 +456,10 @@ impl<'a> Reader<'a> {
     fn ensure_count(&self, count: u64, min_size: u64, what: &str) -> Result<(), GgufError> {
         let remaining = self.bytes.len() as u64 - self.pos;
         if count.saturating_mul(min_size) > remaining {
-            return Err(GgufError::Truncated { what: what.to_owned(), offset: self.pos });
+            return Err(GgufError::Truncated {
+                what: what.to_owned(),
+                offset: self.pos,
+            });
         }
         Ok(())
     }
@@ -446,8 +480,10 @@ impl<'a> Reader<'a> {
         let len = self.u64(what)?;
         let start = self.pos;
         let bytes = self.take(len, what)?;
-        String::from_utf8(bytes.to_vec())
-            .map_err(|_| GgufError::InvalidUtf8 { what: what.to_owned(), offset: start })
+        String::from_utf8(bytes.to_vec()).map_err(|_| GgufError::InvalidUtf8 {
+            what: what.to_owned(),
+            offset: start,
+        })
     }
 
     fn value(&mut self, key: &str, ty: u32, depth: u32) -> Result<Value, GgufError> {
@@ -537,9 +573,7 @@ mod tests {
             assert!(
                 matches!(
                     err,
-                    GgufError::Truncated { .. }
-                        | GgufError::TensorOutOfBounds { .. }
-                        | GgufError::BadMagic(_)
+                    GgufError::Truncated { .. } | GgufError::TensorOutOfBounds { .. } | GgufError::BadMagic(_)
                 ),
                 "{len}: {err}"
             );

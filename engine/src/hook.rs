@@ -45,7 +45,10 @@ impl CaptureResidual {
 
     /// Captures after each of `layers`.
     pub fn layers(layers: &[usize]) -> Self {
-        Self { layers: layers.iter().map(|&l| (l, Vec::new())).collect(), width: 0 }
+        Self {
+            layers: layers.iter().map(|&l| (l, Vec::new())).collect(),
+            width: 0,
+        }
     }
 
     fn first(&self) -> &[f32] {
@@ -112,7 +115,11 @@ pub struct AddToResidual {
 impl AddToResidual {
     /// Adds `vector` (`n_embd` wide) after block `layer`.
     pub fn new(layer: usize, vector: Vec<f32>) -> Self {
-        Self { layer, vector, on_device: None }
+        Self {
+            layer,
+            vector,
+            on_device: None,
+        }
     }
 }
 

@@ -51,7 +51,11 @@ impl Inspection {
         let mut cache = model.llama.new_cache();
         model.llama.forward(tokens, &mut cache, Some(&mut steer), Logits::None)?;
         let features = (0..tokens.len()).map(|p| steer.features.remove(&p).unwrap_or_default()).collect();
-        Ok(Self { tokens: tokens.to_vec(), features, d_sae: sae.config().d_sae })
+        Ok(Self {
+            tokens: tokens.to_vec(),
+            features,
+            d_sae: sae.config().d_sae,
+        })
     }
 
     /// [`run`](Self::run) on a conversation rendered with the chat template (no generation
@@ -62,20 +66,33 @@ impl Inspection {
     }
 
     fn check(&self, feature: u32) -> Result<(), VariantError> {
-        if (feature as usize) < self.d_sae { Ok(()) } else { Err(VariantError::UnknownFeature { feature, d_sae: self.d_sae }) }
+        if (feature as usize) < self.d_sae {
+            Ok(())
+        } else {
+            Err(VariantError::UnknownFeature {
+                feature,
+                d_sae: self.d_sae,
+            })
+        }
     }
 
     /// The activation of `feature` at every token.
     pub fn vector(&self, feature: u32) -> Result<Vec<f32>, VariantError> {
         self.check(feature)?;
-        Ok(self.features.iter().map(|f| f.iter().find(|(j, _)| *j == feature).map_or(0.0, |&(_, a)| a)).collect())
+        Ok(self
+            .features
+            .iter()
+            .map(|f| f.iter().find(|(j, _)| *j == feature).map_or(0.0, |&(_, a)| a))
+            .collect())
     }
 
     /// A group's activation at every token: its strongest member's (the steering semantics
     /// of groups).
     pub fn group_vector(&self, group: &[u32]) -> Result<Vec<f32>, VariantError> {
         let vectors = group.iter().map(|&f| self.vector(f)).collect::<Result<Vec<_>, _>>()?;
-        Ok((0..self.tokens.len()).map(|t| vectors.iter().map(|v| v[t]).fold(0.0, f32::max)).collect())
+        Ok((0..self.tokens.len())
+            .map(|t| vectors.iter().map(|v| v[t]).fold(0.0, f32::max))
+            .collect())
     }
 
     /// Every feature's aggregate over the tokens, as a dense `d_sae` vector.

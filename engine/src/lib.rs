@@ -42,17 +42,17 @@ pub mod tokenizer;
 
 use std::sync::Arc;
 
-/// The burn version the engine is built on, for crates that pass tensors to it.
-pub use burn;
 pub use atlas::{Atlas, AtlasError, Context, FeatureInfo, Hit, LabelSource};
 pub use backend::Backend;
+/// The burn version the engine is built on, for crates that pass tensors to it.
+pub use burn;
 pub use contrast::{assistant_mask, contrast};
 pub use embed::{EmbedError, StaticEmbedder, WordPiece};
 pub use generate::{BatchOutput, CancelToken, FinishReason, GeneratedToken, TokenStream};
-pub use inspect::{Aggregate, Inspection};
-pub use logits::{NextToken, next_tokens};
 pub use hook::{AddToResidual, CaptureResidual, ResidualHook};
+pub use inspect::{Aggregate, Inspection};
 pub use llama::{Config, KvCache, Llama, Logits, to_host};
+pub use logits::{NextToken, next_tokens};
 pub use sae::{FeatureCapture, Sae, SaeConfig, SaeError, Splice, SpliceMode};
 pub use sampling::{Sampler, SamplingParams};
 pub use steer::{Steer, Variant, VariantError};
@@ -115,7 +115,10 @@ impl Model {
     #[cfg(not(target_arch = "wasm32"))]
     pub fn load(path: impl AsRef<std::path::Path>, backend: Backend) -> Result<Self, EngineError> {
         let path = path.as_ref();
-        let io = |source| EngineError::Io { path: path.display().to_string(), source };
+        let io = |source| EngineError::Io {
+            path: path.display().to_string(),
+            source,
+        };
         let file = std::fs::File::open(path).map_err(io)?;
         // SAFETY: the model file is opened read-only and not modified while mapped; the
         // engine treats a file changed underneath it as a user error, as llama.cpp does. The
@@ -130,7 +133,10 @@ impl Model {
         let tokenizer = Tokenizer::from_gguf(&gguf)?;
         let file = ModelFile { gguf, bytes };
         let llama = Llama::load(&file, backend, device)?;
-        Ok(Self { tokenizer: Arc::new(tokenizer), llama })
+        Ok(Self {
+            tokenizer: Arc::new(tokenizer),
+            llama,
+        })
     }
 
     /// Streams the assistant's reply to a conversation (rendered with the chat template).

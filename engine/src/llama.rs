@@ -18,12 +18,12 @@ use std::ops::Range;
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 
+use crate::EngineError;
 use crate::backend::Backend;
 use crate::gguf::{Gguf, TensorType};
 use crate::hook::ResidualHook;
 use crate::quant::QMatrix;
 use crate::tokenizer::TokenId;
-use crate::EngineError;
 
 /// Hyperparameters, resolved from GGUF metadata (`llama.*` keys).
 #[derive(Debug, Clone, PartialEq)]
@@ -134,7 +134,12 @@ const CACHE_CHUNK: usize = 256;
 impl KvCache {
     /// An empty cache for `config`'s model.
     pub fn new(config: &Config) -> Self {
-        Self { layers: vec![None; config.n_layer], len: 0, max_len: config.context_length, truncated: false }
+        Self {
+            layers: vec![None; config.n_layer],
+            len: 0,
+            max_len: config.context_length,
+            truncated: false,
+        }
     }
 
     /// Number of positions held.
@@ -157,7 +162,10 @@ impl KvCache {
     /// Positions to hold so that `end` fit: whole chunks, at least double what is `held`, at
     /// most the context.
     fn capacity_for(&self, end: usize, held: usize) -> usize {
-        end.div_ceil(CACHE_CHUNK).saturating_mul(CACHE_CHUNK).max(held * 2).min(self.max_len.max(end))
+        end.div_ceil(CACHE_CHUNK)
+            .saturating_mul(CACHE_CHUNK)
+            .max(held * 2)
+            .min(self.max_len.max(end))
     }
 
     /// Stores `k`, `v` (`[n_head_kv, seq, head_dim]`) for positions `start..start + seq` of
@@ -181,7 +189,10 @@ impl KvCache {
         }
         ks = ks.slice_assign([0..heads, start..end, 0..d], k);
         vs = vs.slice_assign([0..heads, start..end, 0..d], v);
-        let out = (ks.clone().slice([0..heads, 0..end, 0..d]), vs.clone().slice([0..heads, 0..end, 0..d]));
+        let out = (
+            ks.clone().slice([0..heads, 0..end, 0..d]),
+            vs.clone().slice([0..heads, 0..end, 0..d]),
+        );
         self.layers[layer] = Some((ks, vs));
         out
     }
@@ -209,8 +220,7 @@ impl Linear {
     /// output dimension (fewer, larger kernel launches per token).
     fn load_stacked(file: &ModelFile, names: &[String], backend: Backend, device: &Device) -> Result<Self, EngineError> {
         let parts = names.iter().map(|n| file.matrix(n)).collect::<Result<Vec<_>, _>>()?;
-        let weight = QMatrix::concat_rows(&parts)
-            .ok_or_else(|| EngineError::BadTensor(format!("{names:?} differ in type or width")))?;
+        let weight = QMatrix::concat_rows(&parts).ok_or_else(|| EngineError::BadTensor(format!("{names:?} differ in type or width")))?;
         Self::new(weight, backend, device)
     }
 
@@ -243,7 +253,9 @@ impl Linear {
 
 /// The tensor's values in host memory, row-major.
 pub fn to_host<const D: usize>(x: Tensor<D>) -> Result<Vec<f32>, EngineError> {
-    x.into_data().try_into_vec::<f32>().map_err(|e| EngineError::Backend(format!("reading a tensor back: {e:?}")))
+    x.into_data()
+        .try_into_vec::<f32>()
+        .map_err(|e| EngineError::Backend(format!("reading a tensor back: {e:?}")))
 }
 
 /// RMSNorm: `x / sqrt(mean(x²) + eps) · weight`, over the last dimension.
@@ -257,7 +269,10 @@ impl RmsNorm {
     fn load(file: &ModelFile, name: &str, eps: f32, device: &Device) -> Result<Self, EngineError> {
         let values = file.vector(name)?;
         let n = values.len();
-        Ok(Self { weight: Tensor::from_data(TensorData::new(values, [n]), device), eps })
+        Ok(Self {
+            weight: Tensor::from_data(TensorData::new(values, [n]), device),
+            eps,
+        })
     }
 
     fn forward(&self, x: Tensor<2>) -> Tensor<2> {
@@ -388,7 +403,11 @@ impl Block {
                 head_dim: config.head_dim,
             },
             ffn_norm: norm("ffn_norm")?,
-            mlp: Mlp { ffn_gate_up: stacked(&["ffn_gate", "ffn_up"])?, ffn_down: linear("ffn_down")?, n_ff: config.n_ff },
+            mlp: Mlp {
+                ffn_gate_up: stacked(&["ffn_gate", "ffn_up"])?,
+                ffn_down: linear("ffn_down")?,
+                n_ff: config.n_ff,
+            },
         })
     }
 
@@ -589,7 +608,10 @@ impl Llama {
             return on_spinning_pool(|| self.forward_batch(tokens, caches));
         }
         if tokens.is_empty() || tokens.len() != caches.len() {
-            return Err(EngineError::BadBatch { tokens: tokens.len(), caches: caches.len() });
+            return Err(EngineError::BadBatch {
+                tokens: tokens.len(),
+                caches: caches.len(),
+            });
         }
         for (token, cache) in tokens.iter().zip(caches.iter()) {
             self.check_input(std::slice::from_ref(token), cache)?;

@@ -53,7 +53,12 @@ pub fn next_tokens(
         .map(|id| {
             let logit = logits[id as usize];
             let text = model.tokenizer.decode(&[id], false)?;
-            Ok(NextToken { id, text, logit, probability: (logit - max).exp() / total })
+            Ok(NextToken {
+                id,
+                text,
+                logit,
+                probability: (logit - max).exp() / total,
+            })
         })
         .collect()
 }

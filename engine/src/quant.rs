@@ -69,7 +69,11 @@ impl QMatrix {
     pub fn from_gguf(ty: TensorType, rows: usize, cols: usize, bytes: &[u8]) -> Self {
         assert_eq!(cols % ty.block_len(), 0, "row length must be whole blocks");
         let n_blocks = rows * cols / ty.block_len();
-        assert_eq!(bytes.len(), n_blocks * ty.block_bytes(), "byte length of a {rows}x{cols} {ty:?} matrix");
+        assert_eq!(
+            bytes.len(),
+            n_blocks * ty.block_bytes(),
+            "byte length of a {rows}x{cols} {ty:?} matrix"
+        );
         let f16_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
         let chunks = || bytes.chunks_exact(ty.block_bytes());
         let blocks = match ty {
@@ -89,7 +93,12 @@ impl QMatrix {
             },
             TensorType::F32 | TensorType::F16 => Blocks::F32(dequantize(ty, bytes)),
         };
-        Self { ty, rows, cols, blocks: Arc::new(blocks) }
+        Self {
+            ty,
+            rows,
+            cols,
+            blocks: Arc::new(blocks),
+        }
     }
 
     /// Stacks matrices with the same encoding and width on top of each other, so that one
@@ -103,7 +112,9 @@ impl QMatrix {
             Blocks::Q4 { .. } => {
                 let (mut d, mut m, mut qs) = (Vec::new(), Vec::new(), Vec::new());
                 for p in parts {
-                    let Blocks::Q4 { d: pd, m: pm, qs: pq } = &*p.blocks else { return None };
+                    let Blocks::Q4 { d: pd, m: pm, qs: pq } = &*p.blocks else {
+                        return None;
+                    };
                     d.extend_from_slice(pd);
                     m.extend_from_slice(pm);
                     qs.extend_from_slice(pq);
@@ -129,7 +140,12 @@ impl QMatrix {
             }
         };
         let rows = parts.iter().map(|p| p.rows).sum();
-        Some(Self { ty: first.ty, rows, cols: first.cols, blocks: Arc::new(blocks) })
+        Some(Self {
+            ty: first.ty,
+            rows,
+            cols: first.cols,
+            blocks: Arc::new(blocks),
+        })
     }
 
     fn blocks_per_row(&self) -> usize {
@@ -279,7 +295,11 @@ const ROWS_PER_TASK: usize = 16;
 /// Quantizes one row of activations to 8-bit blocks (`d = max|x| / 127`, round to nearest).
 fn quantize_q8(x: &[f32]) -> ActivationsQ8 {
     let nb = x.len() / BLOCK;
-    let mut out = ActivationsQ8 { blocks: Vec::with_capacity(nb), d: Vec::with_capacity(nb), sum: Vec::with_capacity(nb) };
+    let mut out = ActivationsQ8 {
+        blocks: Vec::with_capacity(nb),
+        d: Vec::with_capacity(nb),
+        sum: Vec::with_capacity(nb),
+    };
     for chunk in x.chunks_exact(BLOCK) {
         let amax = chunk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
@@ -672,7 +692,11 @@ mod tests {
         let w = pseudo_random(rows * cols, 2);
         let q41 = encode_q4_1(&w);
         let q40: Vec<u8> = q41.chunks_exact(20).flat_map(|b| [&b[..2], &b[4..]].concat()).collect();
-        for (ty, bytes) in [(TensorType::Q4_1, q41), (TensorType::Q4_0, q40), (TensorType::Q8_0, encode_q8_0(&w))] {
+        for (ty, bytes) in [
+            (TensorType::Q4_1, q41),
+            (TensorType::Q4_0, q40),
+            (TensorType::Q8_0, encode_q8_0(&w)),
+        ] {
             let m = QMatrix::from_gguf(ty, rows, cols, &bytes);
             assert_eq!(m.dequantize(), dequantize(ty, &bytes), "{ty:?}");
         }
@@ -710,7 +734,10 @@ mod tests {
         let x = pseudo_random(cols, 9);
         let (together, apart) = (ab.matmul(&x), [a.matmul(&x), b.matmul(&x)].concat());
         // Equal up to summation order (rows may go through the 1- or the 4-row kernel).
-        assert!(together.iter().zip(&apart).all(|(t, a)| (t - a).abs() < 1e-4), "{together:?} vs {apart:?}");
+        assert!(
+            together.iter().zip(&apart).all(|(t, a)| (t - a).abs() < 1e-4),
+            "{together:?} vs {apart:?}"
+        );
         let q8 = QMatrix::from_gguf(TensorType::Q8_0, 1, cols, &encode_q8_0(&pseudo_random(cols, 1)));
         assert!(QMatrix::concat_rows(&[a, q8]).is_none());
     }
@@ -720,14 +747,24 @@ mod tests {
         let cols = 288; // 9 blocks: exercises the odd tail
         let x = quantize_q8(&pseudo_random(cols, 3));
         let raw = pseudo_random(cols, 4);
-        let Blocks::Q4 { d, m, qs } = &*QMatrix::from_gguf(TensorType::Q4_1, 1, cols, &encode_q4_1(&raw)).blocks else { unreachable!() };
+        let Blocks::Q4 { d, m, qs } = &*QMatrix::from_gguf(TensorType::Q4_1, 1, cols, &encode_q4_1(&raw)).blocks else {
+            unreachable!()
+        };
         let b = scalar::dot_q4(d, qs, &x);
         let whole = b + dot_f32(m, &x.sum);
         let four = (kernels().q4x4)([d; 4], [m; 4], [qs; 4], &x);
-        assert!(four.iter().all(|&f| (f - whole).abs() <= 1e-4 * whole.abs().max(1.0)), "q4x4: {four:?} vs {whole}");
-        let Blocks::Q8 { d, qs } = &*QMatrix::from_gguf(TensorType::Q8_0, 1, cols, &encode_q8_0(&raw)).blocks else { unreachable!() };
+        assert!(
+            four.iter().all(|&f| (f - whole).abs() <= 1e-4 * whole.abs().max(1.0)),
+            "q4x4: {four:?} vs {whole}"
+        );
+        let Blocks::Q8 { d, qs } = &*QMatrix::from_gguf(TensorType::Q8_0, 1, cols, &encode_q8_0(&raw)).blocks else {
+            unreachable!()
+        };
         let b = scalar::dot_q8(d, qs, &x);
         let four = (kernels().q8x4)([d; 4], [qs; 4], &x);
-        assert!(four.iter().all(|&f| (f - b).abs() <= 1e-4 * b.abs().max(1.0)), "q8x4: {four:?} vs {b}");
+        assert!(
+            four.iter().all(|&f| (f - b).abs() <= 1e-4 * b.abs().max(1.0)),
+            "q8x4: {four:?} vs {b}"
+        );
     }
 }

@@ -22,8 +22,8 @@ use serde_json::Value;
 
 use crate::gguf::TensorType;
 use crate::hook::ResidualHook;
-use crate::quant::QMatrix;
 use crate::llama::Config;
+use crate::quant::QMatrix;
 
 /// A latent index and its activation.
 pub type Feature = (u32, f32);
@@ -52,11 +52,16 @@ impl SaeConfig {
     pub fn from_json(text: &str) -> Result<Self, SaeError> {
         let v: Value = serde_json::from_str(text).map_err(|e| SaeError::Config(format!("not JSON: {e}")))?;
         let int = |key: &str| {
-            v[key].as_u64().map(|n| n as usize).ok_or_else(|| SaeError::Config(format!("\"{key}\" must be a non-negative integer")))
+            v[key]
+                .as_u64()
+                .map(|n| n as usize)
+                .ok_or_else(|| SaeError::Config(format!("\"{key}\" must be a non-negative integer")))
         };
         let architecture = v["architecture"].as_str().unwrap_or("topk");
         if architecture != "topk" {
-            return Err(SaeError::Config(format!("architecture \"{architecture}\" is not supported (only \"topk\")")));
+            return Err(SaeError::Config(format!(
+                "architecture \"{architecture}\" is not supported (only \"topk\")"
+            )));
         }
         let hook = v["metadata"]["hook_name"].as_str().or(v["hook_name"].as_str());
         let hook = hook.ok_or_else(|| SaeError::Config("missing hook_name".into()))?;
@@ -66,10 +71,18 @@ impl SaeConfig {
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| SaeError::Config(format!("hook_name \"{hook}\" is not blocks.<layer>.hook_resid_post")))?;
         if v["normalize_activations"].as_str().is_some_and(|n| n != "none") {
-            return Err(SaeError::Config("normalize_activations must be \"none\" (Kindling folds the scale into the weights)".into()));
+            return Err(SaeError::Config(
+                "normalize_activations must be \"none\" (Kindling folds the scale into the weights)".into(),
+            ));
         }
         let model_sha256 = v["metadata"]["model_sha256"].as_str().map(str::to_string);
-        let cfg = Self { d_in: int("d_in")?, d_sae: int("d_sae")?, k: int("k")?, layer, model_sha256 };
+        let cfg = Self {
+            d_in: int("d_in")?,
+            d_sae: int("d_sae")?,
+            k: int("k")?,
+            layer,
+            model_sha256,
+        };
         if cfg.k == 0 || cfg.k > cfg.d_sae || cfg.d_in == 0 {
             return Err(SaeError::Config(format!("k = {} must be in 1..={} and d_in > 0", cfg.k, cfg.d_sae)));
         }
@@ -84,7 +97,11 @@ pub enum SaeError {
     #[error("SAE weights: {0}")]
     File(String),
     #[error("SAE tensor {name}: expected shape {expected:?}, found {found:?}")]
-    Shape { name: &'static str, expected: Vec<usize>, found: Vec<usize> },
+    Shape {
+        name: &'static str,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
     #[error("SAE tensor {name}: dtype {dtype} is not supported (f32 or f16)")]
     Dtype { name: &'static str, dtype: String },
     #[error("SAE tensor {0} contains a NaN or infinite value")]
@@ -139,18 +156,33 @@ impl Sae {
     /// An SAE from its weights, checked for shape and finiteness.
     pub fn new(cfg: SaeConfig, w_enc: Vec<f32>, b_enc: Vec<f32>, w_dec: Vec<f32>, b_dec: Vec<f32>) -> Result<Self, SaeError> {
         let (d, s) = (cfg.d_in, cfg.d_sae);
-        for (name, data, shape) in
-            [("W_enc", &w_enc, vec![d, s]), ("b_enc", &b_enc, vec![s]), ("W_dec", &w_dec, vec![s, d]), ("b_dec", &b_dec, vec![d])]
-        {
+        for (name, data, shape) in [
+            ("W_enc", &w_enc, vec![d, s]),
+            ("b_enc", &b_enc, vec![s]),
+            ("W_dec", &w_dec, vec![s, d]),
+            ("b_dec", &b_dec, vec![d]),
+        ] {
             if data.len() != shape.iter().product::<usize>() {
-                return Err(SaeError::Shape { name, expected: shape, found: vec![data.len()] });
+                return Err(SaeError::Shape {
+                    name,
+                    expected: shape,
+                    found: vec![data.len()],
+                });
             }
             if data.iter().any(|x| !x.is_finite()) {
                 return Err(SaeError::NotFinite(name));
             }
         }
         let w_enc_q8 = encoder_q8(&w_enc, d, s);
-        Ok(Self { cfg, w_enc, b_enc, w_dec, b_dec, sha256: None, w_enc_q8 })
+        Ok(Self {
+            cfg,
+            w_enc,
+            b_enc,
+            w_dec,
+            b_dec,
+            sha256: None,
+            w_enc_q8,
+        })
     }
 
     /// Loads the SAELens layout: `cfg.json` text and `sae_weights.safetensors` bytes.
@@ -181,16 +213,34 @@ impl Sae {
         let read = |name: &'static str, shape: &[usize]| -> Result<Vec<f32>, SaeError> {
             let t = file.tensor(name).map_err(|_| SaeError::File(format!("tensor {name} is missing")))?;
             if t.shape() != shape {
-                return Err(SaeError::Shape { name, expected: shape.to_vec(), found: t.shape().to_vec() });
+                return Err(SaeError::Shape {
+                    name,
+                    expected: shape.to_vec(),
+                    found: t.shape().to_vec(),
+                });
             }
             let data = t.data();
             Ok(match t.dtype() {
                 Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-                Dtype::F16 => data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-                other => return Err(SaeError::Dtype { name, dtype: format!("{other:?}") }),
+                Dtype::F16 => data
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                other => {
+                    return Err(SaeError::Dtype {
+                        name,
+                        dtype: format!("{other:?}"),
+                    });
+                }
             })
         };
-        let mut sae = Self::new(cfg, read("W_enc", &[d, s])?, read("b_enc", &[s])?, read("W_dec", &[s, d])?, read("b_dec", &[d])?)?;
+        let mut sae = Self::new(
+            cfg,
+            read("W_enc", &[d, s])?,
+            read("b_enc", &[s])?,
+            read("W_dec", &[s, d])?,
+            read("b_dec", &[d])?,
+        )?;
         sae.sha256 = Some(format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(bytes)));
         Ok(sae)
     }
@@ -198,10 +248,16 @@ impl Sae {
     /// Fails unless this SAE reads a residual stream that `model` has.
     pub fn check_model(&self, model: &Config, model_sha256: Option<&str>) -> Result<(), SaeError> {
         if self.cfg.d_in != model.n_embd {
-            return Err(SaeError::Model(format!("d_in {} but the model's residual is {} wide", self.cfg.d_in, model.n_embd)));
+            return Err(SaeError::Model(format!(
+                "d_in {} but the model's residual is {} wide",
+                self.cfg.d_in, model.n_embd
+            )));
         }
         if self.cfg.layer >= model.n_layer {
-            return Err(SaeError::Model(format!("layer {} but the model has {} blocks", self.cfg.layer, model.n_layer)));
+            return Err(SaeError::Model(format!(
+                "layer {} but the model has {} blocks",
+                self.cfg.layer, model.n_layer
+            )));
         }
         if let (Some(want), Some(have)) = (&self.cfg.model_sha256, model_sha256)
             && want != have
@@ -263,7 +319,10 @@ impl Sae {
     pub fn pre_activations(&self, x: &[f32]) -> Vec<f32> {
         let (d, s) = (self.cfg.d_in, self.cfg.d_sae);
         let rows = x.len() / d;
-        let centred: Vec<f32> = x.chunks_exact(d).flat_map(|r| r.iter().zip(&self.b_dec).map(|(a, b)| a - b)).collect();
+        let centred: Vec<f32> = x
+            .chunks_exact(d)
+            .flat_map(|r| r.iter().zip(&self.b_dec).map(|(a, b)| a - b))
+            .collect();
         if let Some(q8) = self.w_enc_q8.as_ref().filter(|_| rows <= Q8_ENCODE_MAX_ROWS) {
             let mut out = q8.matmul(&centred);
             out.iter_mut().zip(self.b_enc.iter().cycle()).for_each(|(o, b)| *o += b);
@@ -279,7 +338,9 @@ impl Sae {
     pub fn encode(&self, x: &[f32]) -> Vec<Vec<Feature>> {
         assert_eq!(x.len() % self.cfg.d_in, 0, "residual rows are d_in wide");
         let pre = self.pre_activations(x);
-        pre.chunks_exact(self.cfg.d_sae).map(|row| top_k_positive(row, self.cfg.k)).collect()
+        pre.chunks_exact(self.cfg.d_sae)
+            .map(|row| top_k_positive(row, self.cfg.k))
+            .collect()
     }
 
     /// The reconstruction `b_dec + Σ f_i · W_dec[i]` of one token's features.
@@ -307,20 +368,35 @@ impl Sae {
 /// `out[rows, n] += a[rows, k] · b[k, n]` (all row-major), with the gemm crate.
 fn matmul_accumulate(a: &[f32], b: &[f32], out: &mut [f32], rows: usize, k: usize, n: usize) {
     #[cfg(not(target_arch = "wasm32"))]
-    let parallelism = if rows * k * n >= 1 << 20 { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+    let parallelism = if rows * k * n >= 1 << 20 {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
     #[cfg(target_arch = "wasm32")]
     let parallelism = gemm::Parallelism::None;
     // SAFETY: the pointers and strides describe the three row-major buffers exactly, whose
     // lengths the callers derive from the same dimensions; `out` does not alias `a` or `b`.
     unsafe {
         gemm::gemm(
-            rows, n, k,
-            out.as_mut_ptr(), 1, n as isize,
+            rows,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
             true,
-            a.as_ptr(), 1, k as isize,
-            b.as_ptr(), 1, n as isize,
-            1.0, 1.0,
-            false, false, false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
             parallelism,
         );
     }
@@ -357,7 +433,11 @@ pub struct FeatureCapture<'s> {
 
 impl<'s> FeatureCapture<'s> {
     pub fn new(sae: &'s Sae) -> Self {
-        Self { sae, features: Vec::new(), positions: Vec::new() }
+        Self {
+            sae,
+            features: Vec::new(),
+            positions: Vec::new(),
+        }
     }
 }
 
@@ -401,7 +481,11 @@ pub struct Splice<'s> {
 
 impl<'s> Splice<'s> {
     pub fn new(sae: &'s Sae, mode: SpliceMode) -> Self {
-        Self { sae, mode, leave: Vec::new() }
+        Self {
+            sae,
+            mode,
+            leave: Vec::new(),
+        }
     }
 
     /// Leaves the positions `p` with `leave[p]` untouched.

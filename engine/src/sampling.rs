@@ -46,7 +46,10 @@ impl Default for SamplingParams {
 impl SamplingParams {
     /// Greedy decoding of at most `max_tokens` tokens.
     pub fn greedy(max_tokens: usize) -> Self {
-        Self { max_tokens, ..Self::default() }
+        Self {
+            max_tokens,
+            ..Self::default()
+        }
     }
 }
 
@@ -61,7 +64,11 @@ pub struct Sampler {
 impl Sampler {
     /// A sampler seeded with `params.seed`.
     pub fn new(params: SamplingParams) -> Self {
-        Self { rng: ChaCha8Rng::seed_from_u64(params.seed), params, counts: HashMap::new() }
+        Self {
+            rng: ChaCha8Rng::seed_from_u64(params.seed),
+            params,
+            counts: HashMap::new(),
+        }
     }
 
     /// The parameters in use.
@@ -76,7 +83,11 @@ impl Sampler {
                 *l -= self.params.frequency_penalty * count as f32 + self.params.presence_penalty;
             }
         }
-        let token = if self.params.temperature <= 0.0 { argmax(logits) } else { self.sample_random(logits) };
+        let token = if self.params.temperature <= 0.0 {
+            argmax(logits)
+        } else {
+            self.sample_random(logits)
+        };
         *self.counts.entry(token).or_insert(0) += 1;
         token
     }
@@ -100,8 +111,10 @@ impl Sampler {
             candidates.truncate(k);
         }
         let max = candidates[0].1;
-        let mut probs: Vec<f32> =
-            candidates.iter().map(|&(_, l)| ((l - max) / self.params.temperature).exp()).collect();
+        let mut probs: Vec<f32> = candidates
+            .iter()
+            .map(|&(_, l)| ((l - max) / self.params.temperature).exp())
+            .collect();
         let total: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
         if let Some(p) = self.params.top_p.filter(|&p| p < 1.0) {
@@ -144,7 +157,10 @@ mod tests {
 
     #[test]
     fn greedy_picks_argmax_and_penalties_apply() {
-        let mut s = Sampler::new(SamplingParams { frequency_penalty: 2.0, ..SamplingParams::greedy(10) });
+        let mut s = Sampler::new(SamplingParams {
+            frequency_penalty: 2.0,
+            ..SamplingParams::greedy(10)
+        });
         assert_eq!(s.sample(&mut [0.0, 3.0, 2.0]), 1);
         // Token 1 now pays 2.0: 1.0 < 2.0.
         assert_eq!(s.sample(&mut [0.0, 3.0, 2.0]), 2);
@@ -153,21 +169,39 @@ mod tests {
     #[test]
     fn top_k_one_is_greedy_and_seeds_repeat() {
         let logits = [0.5, 1.0, 0.9, 0.1];
-        let params = SamplingParams { temperature: 1.0, top_k: Some(1), ..SamplingParams::default() };
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k: Some(1),
+            ..SamplingParams::default()
+        };
         assert_eq!(Sampler::new(params).sample(&mut logits.clone()), 1);
-        let params = SamplingParams { temperature: 1.0, seed: 42, ..SamplingParams::default() };
+        let params = SamplingParams {
+            temperature: 1.0,
+            seed: 42,
+            ..SamplingParams::default()
+        };
         let run = |p: &SamplingParams| {
             let mut s = Sampler::new(p.clone());
             (0..50).map(|_| s.sample(&mut logits.clone())).collect::<Vec<_>>()
         };
         assert_eq!(run(&params), run(&params));
-        assert_ne!(run(&params), run(&SamplingParams { seed: 43, ..params.clone() }));
+        assert_ne!(
+            run(&params),
+            run(&SamplingParams {
+                seed: 43,
+                ..params.clone()
+            })
+        );
     }
 
     #[test]
     fn top_p_cuts_the_tail() {
         // p(token 0) ≈ 0.9999: with top_p 0.5 only token 0 can be drawn.
-        let params = SamplingParams { temperature: 1.0, top_p: Some(0.5), ..SamplingParams::default() };
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: Some(0.5),
+            ..SamplingParams::default()
+        };
         let mut s = Sampler::new(params);
         for _ in 0..100 {
             assert_eq!(s.sample(&mut [10.0, 0.0, 0.0]), 0);

@@ -80,7 +80,11 @@ pub struct Edit {
 
 impl Edit {
     pub fn nudge(feature: u32, value: f32) -> Self {
-        Self { feature, mode: Mode::Nudge, value }
+        Self {
+            feature,
+            mode: Mode::Nudge,
+            value,
+        }
     }
 
     /// The latent's new value (raw activation units) given its current one and its unit.
@@ -156,7 +160,10 @@ pub struct Condition {
 impl Condition {
     /// One comparison.
     pub fn when(left: Vec<u32>, op: Operator, right: Operand) -> Self {
-        Self { combine: Combine::And, comparisons: vec![Comparison { left, op, right }] }
+        Self {
+            combine: Combine::And,
+            comparisons: vec![Comparison { left, op, right }],
+        }
     }
 
     /// Whether it holds for a token whose latent values (in max-activation units) `value`
@@ -206,7 +213,11 @@ pub struct Variant {
 
 impl Variant {
     pub fn new(base_model: impl Into<String>) -> Self {
-        Self { base_model: base_model.into(), edits: Vec::new(), scopes: Vec::new() }
+        Self {
+            base_model: base_model.into(),
+            edits: Vec::new(),
+            scopes: Vec::new(),
+        }
     }
 
     /// Nudges every feature of `group` by `value` (replacing earlier edits of them), as the
@@ -225,11 +236,17 @@ impl Variant {
     }
 
     pub fn set_when(&mut self, when: Condition, edits: Vec<Edit>) {
-        self.scopes.push(Scope { when, then: Action::Set(edits) });
+        self.scopes.push(Scope {
+            when,
+            then: Action::Set(edits),
+        });
     }
 
     pub fn abort_when(&mut self, when: Condition, event: impl Into<String>) {
-        self.scopes.push(Scope { when, then: Action::Abort(event.into()) });
+        self.scopes.push(Scope {
+            when,
+            then: Action::Abort(event.into()),
+        });
     }
 
     /// Whether the variant changes nothing.
@@ -239,14 +256,29 @@ impl Variant {
 
     /// Checks every id against an SAE of `d_sae` latents, every value and every size limit.
     pub fn validate(&self, d_sae: usize) -> Result<(), VariantError> {
-        let feature = |f: u32| if (f as usize) < d_sae { Ok(()) } else { Err(VariantError::UnknownFeature { feature: f, d_sae }) };
-        let limit = |what, count, limit| if count <= limit { Ok(()) } else { Err(VariantError::TooMany { what, count, limit }) };
+        let feature = |f: u32| {
+            if (f as usize) < d_sae {
+                Ok(())
+            } else {
+                Err(VariantError::UnknownFeature { feature: f, d_sae })
+            }
+        };
+        let limit = |what, count, limit| {
+            if count <= limit {
+                Ok(())
+            } else {
+                Err(VariantError::TooMany { what, count, limit })
+            }
+        };
         let edits = |edits: &[Edit]| -> Result<(), VariantError> {
             limit("edits", edits.len(), MAX_EDITS)?;
             for e in edits {
                 feature(e.feature)?;
                 if !e.value.is_finite() || e.value.abs() > MAX_VALUE {
-                    return Err(VariantError::BadValue { feature: e.feature, value: e.value });
+                    return Err(VariantError::BadValue {
+                        feature: e.feature,
+                        value: e.value,
+                    });
                 }
             }
             Ok(())
@@ -267,7 +299,12 @@ impl Variant {
                 group(&c.left)?;
                 match &c.right {
                     Operand::Group(g) => group(g)?,
-                    Operand::Number(n) if !n.is_finite() => return Err(VariantError::BadValue { feature: c.left[0], value: *n }),
+                    Operand::Number(n) if !n.is_finite() => {
+                        return Err(VariantError::BadValue {
+                            feature: c.left[0],
+                            value: *n,
+                        });
+                    }
                     Operand::Number(_) => {}
                 }
             }
@@ -362,7 +399,9 @@ impl Variant {
     /// Reads the SDK's `Variant.json()` (edits only: the SDK cannot serialize scopes).
     pub fn from_goodfire_json(text: &str, d_sae: usize) -> Result<Self, VariantError> {
         let v: Value = serde_json::from_str(text).map_err(|e| VariantError::Json(e.to_string()))?;
-        let base_model = v["base_model"].as_str().ok_or_else(|| VariantError::Json("missing string \"base_model\"".into()))?;
+        let base_model = v["base_model"]
+            .as_str()
+            .ok_or_else(|| VariantError::Json("missing string \"base_model\"".into()))?;
         let mut out = Variant::new(base_model);
         for edit in array(&v, "edits")? {
             let feature = index(&edit["index_in_sae"])?;
@@ -370,7 +409,9 @@ impl Variant {
             out.edits.push(Edit::nudge(feature, value));
         }
         if !array(&v, "scopes")?.is_empty() {
-            return Err(VariantError::Json("Goodfire Variant.json() scopes are not readable (the SDK cannot write them)".into()));
+            return Err(VariantError::Json(
+                "Goodfire Variant.json() scopes are not readable (the SDK cannot write them)".into(),
+            ));
         }
         out.validate(d_sae)?;
         Ok(out)
@@ -402,11 +443,15 @@ fn array<'v>(v: &'v Value, key: &str) -> Result<&'v [Value], VariantError> {
 }
 
 fn number(v: &Value, what: &str) -> Result<f32, VariantError> {
-    v.as_f64().map(|x| x as f32).ok_or_else(|| VariantError::Json(format!("\"{what}\" must be a number, found {v}")))
+    v.as_f64()
+        .map(|x| x as f32)
+        .ok_or_else(|| VariantError::Json(format!("\"{what}\" must be a number, found {v}")))
 }
 
 fn index(v: &Value) -> Result<u32, VariantError> {
-    v.as_u64().and_then(|i| u32::try_from(i).ok()).ok_or_else(|| VariantError::Json(format!("\"index_in_sae\" must be a feature index, found {v}")))
+    v.as_u64()
+        .and_then(|i| u32::try_from(i).ok())
+        .ok_or_else(|| VariantError::Json(format!("\"index_in_sae\" must be a feature index, found {v}")))
 }
 
 /// `{"features": [FeatureJSON, ...]}` → indices.
@@ -436,10 +481,22 @@ fn condition(v: &Value) -> Result<Condition, VariantError> {
     let comparisons = array(v, "conditionals")?
         .iter()
         .map(|c| {
-            let op: Operator = serde_json::from_value(c["operator"].clone())
-                .map_err(|_| VariantError::Json(format!("comparison operator must be one of > < >= <= == !=, found {}", c["operator"])))?;
-            let right = if c["right_hand"].is_object() { Operand::Group(group(&c["right_hand"])?) } else { Operand::Number(number(&c["right_hand"], "right_hand")?) };
-            Ok(Comparison { left: group(&c["left_hand"])?, op, right })
+            let op: Operator = serde_json::from_value(c["operator"].clone()).map_err(|_| {
+                VariantError::Json(format!(
+                    "comparison operator must be one of > < >= <= == !=, found {}",
+                    c["operator"]
+                ))
+            })?;
+            let right = if c["right_hand"].is_object() {
+                Operand::Group(group(&c["right_hand"])?)
+            } else {
+                Operand::Number(number(&c["right_hand"], "right_hand")?)
+            };
+            Ok(Comparison {
+                left: group(&c["left_hand"])?,
+                op,
+                right,
+            })
         })
         .collect::<Result<_, VariantError>>()?;
     Ok(Condition { combine, comparisons })
@@ -467,7 +524,15 @@ impl<'s> Steer<'s> {
         variant.validate(sae.config().d_sae)?;
         assert_eq!(units.len(), sae.config().d_sae, "one unit per latent");
         let fired = vec![None; variant.scopes.len()];
-        Ok(Self { sae, units, variant, fired, aborted: None, features: BTreeMap::new(), record: false })
+        Ok(Self {
+            sae,
+            units,
+            variant,
+            fired,
+            aborted: None,
+            features: BTreeMap::new(),
+            record: false,
+        })
     }
 
     /// Also keeps every processed position's latents in [`features`](Self::features).
@@ -489,9 +554,8 @@ impl<'s> Steer<'s> {
         let mut out = vec![0f32; rows.len()];
         let mut changed = false;
         for (i, (position, features)) in positions.zip(encoded).enumerate() {
-            let value = |f: u32| {
-                features.iter().find(|(j, _)| *j == f).map_or(0.0, |&(_, a)| a) / self.units[f as usize].max(f32::MIN_POSITIVE)
-            };
+            let value =
+                |f: u32| features.iter().find(|(j, _)| *j == f).map_or(0.0, |&(_, a)| a) / self.units[f as usize].max(f32::MIN_POSITIVE);
             for (s, scope) in self.variant.scopes.iter().enumerate() {
                 if self.fired[s].is_none() && self.aborted.is_none() && scope.when.holds(value) {
                     self.fired[s] = Some(position);
@@ -500,12 +564,16 @@ impl<'s> Steer<'s> {
                     }
                 }
             }
-            let active = self.variant.edits.iter().chain(self.variant.scopes.iter().zip(&self.fired).filter(|(_, f)| f.is_some()).flat_map(
-                |(scope, _)| match &scope.then {
-                    Action::Set(edits) => edits.as_slice(),
-                    Action::Abort(_) => &[],
-                },
-            ));
+            let active =
+                self.variant
+                    .edits
+                    .iter()
+                    .chain(self.variant.scopes.iter().zip(&self.fired).filter(|(_, f)| f.is_some()).flat_map(
+                        |(scope, _)| match &scope.then {
+                            Action::Set(edits) => edits.as_slice(),
+                            Action::Abort(_) => &[],
+                        },
+                    ));
             // Edits of one latent compose in order; the delta is new − original.
             let mut values: BTreeMap<u32, (f32, f32)> = BTreeMap::new();
             for edit in active {
@@ -518,7 +586,9 @@ impl<'s> Steer<'s> {
                 let delta = new - original;
                 if delta != 0.0 {
                     changed = true;
-                    row.iter_mut().zip(self.sae.decoder_row(j as usize)).for_each(|(o, w)| *o += delta * w);
+                    row.iter_mut()
+                        .zip(self.sae.decoder_row(j as usize))
+                        .for_each(|(o, w)| *o += delta * w);
                 }
             }
             if self.record {
@@ -572,12 +642,26 @@ mod tests {
         let both = Condition {
             combine: Combine::And,
             comparisons: vec![
-                Comparison { left: vec![1], op: Operator::Ge, right: Operand::Number(0.9) },
-                Comparison { left: vec![2], op: Operator::Ne, right: Operand::Number(0.0) },
+                Comparison {
+                    left: vec![1],
+                    op: Operator::Ge,
+                    right: Operand::Number(0.9),
+                },
+                Comparison {
+                    left: vec![2],
+                    op: Operator::Ne,
+                    right: Operand::Number(0.0),
+                },
             ],
         };
         assert!(!both.holds(values));
-        assert!(Condition { combine: Combine::Or, ..both }.holds(values));
+        assert!(
+            Condition {
+                combine: Combine::Or,
+                ..both
+            }
+            .holds(values)
+        );
     }
 
     #[test]
@@ -600,13 +684,23 @@ mod tests {
     fn json_round_trips_and_reports_errors() {
         let mut v = Variant::new("SmolLM2-135M-Instruct");
         v.set(&[5, 6], 0.5);
-        v.edits.push(Edit { feature: 7, mode: Mode::Pin, value: -0.3 });
-        v.set_when(Condition::when(vec![1, 2], Operator::Gt, Operand::Number(0.75)), vec![Edit::nudge(3, 0.7)]);
+        v.edits.push(Edit {
+            feature: 7,
+            mode: Mode::Pin,
+            value: -0.3,
+        });
+        v.set_when(
+            Condition::when(vec![1, 2], Operator::Gt, Operand::Number(0.75)),
+            vec![Edit::nudge(3, 0.7)],
+        );
         v.abort_when(Condition::when(vec![4], Operator::Ge, Operand::Group(vec![1])), "stop-1");
         let back = Variant::from_json(&v.to_json(), 10).unwrap();
         assert_eq!(back, v);
         assert!(matches!(Variant::from_json("{\"base_model\": 3}", 10), Err(VariantError::Json(_))));
-        assert!(matches!(Variant::from_json(&v.to_json(), 5), Err(VariantError::UnknownFeature { feature: 5, .. })));
+        assert!(matches!(
+            Variant::from_json(&v.to_json(), 5),
+            Err(VariantError::UnknownFeature { feature: 5, .. })
+        ));
         let absurd = v.to_json().replace("0.7", "1e30");
         assert!(matches!(Variant::from_json(&absurd, 10), Err(VariantError::BadValue { .. })));
     }
@@ -632,15 +726,30 @@ mod tests {
         let controller: Value = serde_json::from_str(SDK_CONTROLLER).unwrap();
         let v = Variant::from_controller("meta-llama/Llama-3.3-70B-Instruct", &controller, 8192).unwrap();
         assert!(v.edits.is_empty());
-        assert_eq!(v.scopes[0], Scope { when: Condition::when(vec![0], Operator::Gt, Operand::Number(0.75)), then: Action::Set(vec![Edit::nudge(0, 0.7)]) });
+        assert_eq!(
+            v.scopes[0],
+            Scope {
+                when: Condition::when(vec![0], Operator::Gt, Operand::Number(0.75)),
+                then: Action::Set(vec![Edit::nudge(0, 0.7)])
+            }
+        );
         assert_eq!(v.scopes[1].when.comparisons[0].left, [0, 1]);
         assert_eq!(v.scopes[1].then, Action::Abort("24e31fd7-11a8-45d4-95e0-6873d09da7e4".into()));
         let again = Variant::from_controller(&v.base_model, &v.to_controller(&|i| format!("feature {i}")), 8192).unwrap();
         assert_eq!(again, v);
         // Unknown ids, pins to features and malformed parts are refused.
-        assert!(matches!(Variant::from_controller("m", &controller, 1), Err(VariantError::UnknownFeature { feature: 1, .. })));
-        let pin_to_feature = json!({"interventions": [{"mode": "pin", "features": {"features": [{"index_in_sae": 3}]}, "value": {"index_in_sae": 4}}]});
-        assert!(Variant::from_controller("m", &pin_to_feature, 10).unwrap_err().to_string().contains("another feature"));
+        assert!(matches!(
+            Variant::from_controller("m", &controller, 1),
+            Err(VariantError::UnknownFeature { feature: 1, .. })
+        ));
+        let pin_to_feature =
+            json!({"interventions": [{"mode": "pin", "features": {"features": [{"index_in_sae": 3}]}, "value": {"index_in_sae": 4}}]});
+        assert!(
+            Variant::from_controller("m", &pin_to_feature, 10)
+                .unwrap_err()
+                .to_string()
+                .contains("another feature")
+        );
         let bad_mode = json!({"interventions": [{"mode": "boost", "features": {"features": [{"index_in_sae": 3}]}, "value": 1}]});
         assert!(Variant::from_controller("m", &bad_mode, 10).is_err());
         let bad_scopes = json!({"interventions": [], "scopes": 7});
@@ -656,7 +765,10 @@ mod tests {
         assert_eq!(v.edits, [Edit::nudge(33234, 0.9)]);
         let back = v.to_goodfire_json(&|_| "pirate".into());
         assert_eq!(Variant::from_goodfire_json(&back.to_string(), 65536).unwrap(), v);
-        assert!(matches!(Variant::from_goodfire_json(text, 8192), Err(VariantError::UnknownFeature { feature: 33234, .. })));
+        assert!(matches!(
+            Variant::from_goodfire_json(text, 8192),
+            Err(VariantError::UnknownFeature { feature: 33234, .. })
+        ));
         assert!(Variant::from_goodfire_json("{\"edits\": []}", 10).is_err());
         assert!(Variant::from_goodfire_json(&text.replace("0.9", "\"lots\""), 65536).is_err());
     }

@@ -27,8 +27,7 @@ const TOKEN_TYPE_CONTROL: i64 = 3;
 const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
 const PRE_TOKENIZER_DIGITS: &str = r"\p{N}";
-const PRE_TOKENIZER_WORDS: &str =
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+const PRE_TOKENIZER_WORDS: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
 
 /// Why a tokenizer could not be built or used.
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +56,10 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A message with the given role.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self { role: role.into(), content: content.into() }
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 
     /// A user message.
@@ -109,8 +111,11 @@ impl Tokenizer {
         if pre != "smollm" {
             return Err(TokenizerError::UnsupportedPreTokenizer(pre.to_owned()));
         }
-        let tokens: Vec<String> =
-            gguf.get_str_array("tokenizer.ggml.tokens")?.into_iter().map(str::to_owned).collect();
+        let tokens: Vec<String> = gguf
+            .get_str_array("tokenizer.ggml.tokens")?
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
         let types = gguf.get_i64_array("tokenizer.ggml.token_type")?;
         let merges = gguf.get_str_array("tokenizer.ggml.merges")?;
         let eos = gguf.get_u64("tokenizer.ggml.eos_token_id")? as TokenId;
@@ -122,12 +127,10 @@ impl Tokenizer {
         };
         let chat_template = gguf.get_str("tokenizer.chat_template").ok().map(str::to_owned);
 
-        let token_ids: HashMap<String, TokenId> =
-            tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as TokenId)).collect();
+        let token_ids: HashMap<String, TokenId> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as TokenId)).collect();
         let mut merge_table = HashMap::with_capacity(merges.len());
         for (rank, merge) in merges.iter().enumerate() {
-            let (a, b) =
-                merge.split_once(' ').ok_or_else(|| TokenizerError::BadMerge((*merge).to_owned()))?;
+            let (a, b) = merge.split_once(' ').ok_or_else(|| TokenizerError::BadMerge((*merge).to_owned()))?;
             let id = |t: &str| token_ids.get(t).copied();
             match (id(a), id(b), id(&format!("{a}{b}"))) {
                 (Some(a), Some(b), Some(ab)) => {
@@ -137,9 +140,7 @@ impl Tokenizer {
             }
         }
         let is_control: Vec<bool> = (0..tokens.len())
-            .map(|i| {
-                matches!(types.get(i), Some(&TOKEN_TYPE_CONTROL | &TOKEN_TYPE_USER_DEFINED))
-            })
+            .map(|i| matches!(types.get(i), Some(&TOKEN_TYPE_CONTROL | &TOKEN_TYPE_USER_DEFINED)))
             .collect();
         let mut control_tokens: Vec<(String, TokenId)> = tokens
             .iter()
@@ -299,14 +300,11 @@ impl Tokenizer {
     /// Renders a conversation with the model's embedded chat template (which adds a default
     /// system message when the first message is not one). With `add_generation_prompt`, the
     /// text ends with the opening of an assistant turn.
-    pub fn apply_chat_template(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<String, TokenizerError> {
+    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, TokenizerError> {
         let template = self.chat_template.as_deref().unwrap_or(CHATML_TEMPLATE);
         let mut env = minijinja::Environment::new();
-        env.add_template("chat", template).map_err(|e| TokenizerError::Template(e.to_string()))?;
+        env.add_template("chat", template)
+            .map_err(|e| TokenizerError::Template(e.to_string()))?;
         let messages: Vec<_> = messages
             .iter()
             .map(|m| minijinja::context! { role => m.role.clone(), content => m.content.clone() })

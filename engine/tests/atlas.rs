@@ -21,18 +21,34 @@ fn sae_bytes() -> Vec<u8> {
         0.0, 0.0, 1.0, 0.0, //
         -1.0, 0.0, 0.0, 0.0,
     ];
-    let cfg = SaeConfig { d_in: D_IN, d_sae: D_SAE, k: 2, layer: 3, model_sha256: None };
+    let cfg = SaeConfig {
+        d_in: D_IN,
+        d_sae: D_SAE,
+        k: 2,
+        layer: 3,
+        model_sha256: None,
+    };
     let sae = Sae::new(cfg.clone(), vec![0.1; D_IN * D_SAE], vec![0.0; D_SAE], w_dec, vec![0.0; D_IN]).unwrap();
     sae.to_safetensors(true, &saelens_cfg(&cfg, &HashMap::new())).unwrap()
 }
 
 /// A toy embedder: each word is a direction, "funny" and "jokes" share one.
 fn embedder() -> StaticEmbedder {
-    let vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "funny", "jokes", "pirate", "ships", "french", "the"];
+    let vocab = [
+        "[PAD]", "[UNK]", "[CLS]", "[SEP]", "funny", "jokes", "pirate", "ships", "french", "the",
+    ];
     let wordpiece = WordPiece::from_tokens(vocab.iter().map(|t| t.to_string()).collect()).unwrap();
     let rows: [[f32; 3]; 10] = [
-        [0.0; 3], [0.0; 3], [0.0; 3], [0.0; 3],
-        [1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.0, 1.0, 0.0], [0.1, 0.9, 0.0], [0.0, 0.0, 1.0], [0.01, 0.01, 0.01],
+        [0.0; 3],
+        [0.0; 3],
+        [0.0; 3],
+        [0.0; 3],
+        [1.0, 0.0, 0.0],
+        [0.9, 0.1, 0.0],
+        [0.0, 1.0, 0.0],
+        [0.1, 0.9, 0.0],
+        [0.0, 0.0, 1.0],
+        [0.01, 0.01, 0.01],
     ];
     StaticEmbedder::new(wordpiece, rows.iter().flatten().copied().collect(), 3).unwrap()
 }
@@ -57,7 +73,12 @@ fn index(compact_sha256: &str) -> AtlasIndex {
     AtlasIndex {
         format: "kindling-atlas".into(),
         version: ATLAS_VERSION,
-        sae: AtlasSae { layer: 3, d_sae: D_SAE, compact_sha256: compact_sha256.into(), saelens_sha256: "other".into() },
+        sae: AtlasSae {
+            layer: 3,
+            d_sae: D_SAE,
+            compact_sha256: compact_sha256.into(),
+            saelens_sha256: "other".into(),
+        },
         model_sha256: "m".into(),
         embedder_sha256: "e".into(),
         features: vec![
@@ -93,7 +114,10 @@ fn search_finds_labels_by_meaning_and_skips_dead_latents() {
     assert_eq!(atlas.search("pirate", 1)[0].feature, 1);
     let reranked = atlas.rerank(&[1, 2, 3], "jokes", 2).unwrap();
     assert_eq!(reranked.iter().map(|h| h.feature).collect::<Vec<_>>(), [3, 1]);
-    assert!(matches!(atlas.rerank(&[9], "x", 1), Err(AtlasError::UnknownFeature { feature: 9, d_sae: 5 })));
+    assert!(matches!(
+        atlas.rerank(&[9], "x", 1),
+        Err(AtlasError::UnknownFeature { feature: 9, d_sae: 5 })
+    ));
     assert_eq!(atlas.units(), [2.0; 5]);
 }
 

@@ -51,7 +51,9 @@ fn queries_find_the_label_with_their_meaning() {
     let mut misses = Vec::new();
     for (query, expected) in queries {
         let q = e.embed(query);
-        let best = (0..labels.len()).max_by(|&a, &b| dot(&q, &label_vectors[a]).total_cmp(&dot(&q, &label_vectors[b]))).unwrap();
+        let best = (0..labels.len())
+            .max_by(|&a, &b| dot(&q, &label_vectors[a]).total_cmp(&dot(&q, &label_vectors[b])))
+            .unwrap();
         if best != expected {
             misses.push(format!("{query:?} → {:?} (wanted {:?})", labels[best], labels[expected]));
         }

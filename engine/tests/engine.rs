@@ -8,8 +8,8 @@ use burn::tensor::Tensor;
 use common::{fixture, ids, model, model_path, prompt};
 use kindling_engine::gguf::GgufError;
 use kindling_engine::{
-    AddToResidual, Backend, CancelToken, CaptureResidual, ChatMessage, EngineError, FinishReason, Logits, Model,
-    ResidualHook, SamplingParams, StreamDecoder,
+    AddToResidual, Backend, CancelToken, CaptureResidual, ChatMessage, EngineError, FinishReason, Logits, Model, ResidualHook,
+    SamplingParams, StreamDecoder,
 };
 
 const LAYER: usize = 15;
@@ -81,7 +81,10 @@ fn residual_norm_shows_the_position_zero_outlier() {
     let model = model(Backend::Cpu);
     let mut capture = CaptureResidual::new(LAYER);
     let mut cache = model.llama.new_cache();
-    model.llama.forward(&ids(&prompt("A")["ids"]), &mut cache, Some(&mut capture), Logits::None).unwrap();
+    model
+        .llama
+        .forward(&ids(&prompt("A")["ids"]), &mut cache, Some(&mut capture), Logits::None)
+        .unwrap();
     let norms: Vec<f32> = capture.rows().map(|r| r.iter().map(|v| v * v).sum::<f32>().sqrt()).collect();
     assert!((20_000.0..30_000.0).contains(&norms[0]), "position 0 norm {}", norms[0]);
     assert!(norms[1..].iter().all(|&n| (100.0..600.0).contains(&n)), "{norms:?}");
@@ -109,7 +112,12 @@ fn hook_runs_in_prefill_and_every_decode_step() {
     let prompt_ids = ids(&prompt("C")["ids"]);
     let mut counter = CountPositions(Vec::new());
     let stream = model
-        .generate(prompt_ids.clone(), SamplingParams::greedy(6), Some(Box::new(&mut counter)), CancelToken::new())
+        .generate(
+            prompt_ids.clone(),
+            SamplingParams::greedy(6),
+            Some(Box::new(&mut counter)),
+            CancelToken::new(),
+        )
         .unwrap();
     assert_eq!(stream.count(), 6);
     let n = prompt_ids.len();
@@ -123,7 +131,13 @@ fn same_seed_same_text_and_other_seed_other_text() {
     let model = model(Backend::Cpu);
     let messages = [ChatMessage::user("Tell me a short story about a cat.")];
     let run = |seed| {
-        let params = SamplingParams { temperature: 1.0, top_p: Some(0.95), seed, max_tokens: 24, ..Default::default() };
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: Some(0.95),
+            seed,
+            max_tokens: 24,
+            ..Default::default()
+        };
         model.chat(&messages, params).unwrap().collect_text().unwrap()
     };
     let first = run(7);
@@ -148,8 +162,16 @@ fn batched_generation_equals_one_at_a_time() {
         assert_eq!(out.text, model.tokenizer.decode(&ids, true).unwrap());
     }
     // Sampled: sequence i uses seed + i, so a batch is reproducible.
-    let sampled = SamplingParams { temperature: 0.8, seed: 5, max_tokens: 10, ..Default::default() };
-    assert_eq!(model.generate_batch(&prompts, &sampled).unwrap(), model.generate_batch(&prompts, &sampled).unwrap());
+    let sampled = SamplingParams {
+        temperature: 0.8,
+        seed: 5,
+        max_tokens: 10,
+        ..Default::default()
+    };
+    assert_eq!(
+        model.generate_batch(&prompts, &sampled).unwrap(),
+        model.generate_batch(&prompts, &sampled).unwrap()
+    );
     let err = model.llama.forward_batch(&[1, 2], &mut [model.llama.new_cache()]).unwrap_err();
     assert!(matches!(err, EngineError::BadBatch { tokens: 2, caches: 1 }), "{err}");
 }
@@ -159,7 +181,9 @@ fn cancellation_stops_the_stream() {
     let model = model(Backend::Cpu);
     let cancel = CancelToken::new();
     let prompt_ids = model.tokenizer.encode_chat(&[ChatMessage::user("Count from 1 to 100.")]).unwrap();
-    let mut stream = model.generate(prompt_ids, SamplingParams::greedy(100), None, cancel.clone()).unwrap();
+    let mut stream = model
+        .generate(prompt_ids, SamplingParams::greedy(100), None, cancel.clone())
+        .unwrap();
     let mut n = 0;
     while let Some(token) = stream.next() {
         token.unwrap();
@@ -179,8 +203,14 @@ fn generation_stops_at_im_end_or_max_tokens() {
     let mut stream = model.chat(&[ChatMessage::user("Say hello.")], SamplingParams::greedy(64)).unwrap();
     let ids: Vec<u32> = stream.by_ref().map(|t| t.unwrap().id).collect();
     assert!(!ids.contains(&im_end));
-    assert_eq!(stream.finish_reason(), Some(FinishReason::Stop), "a greeting ends within 64 tokens: {ids:?}");
-    let mut stream = model.chat(&[ChatMessage::user("Write a long essay about rivers.")], SamplingParams::greedy(5)).unwrap();
+    assert_eq!(
+        stream.finish_reason(),
+        Some(FinishReason::Stop),
+        "a greeting ends within 64 tokens: {ids:?}"
+    );
+    let mut stream = model
+        .chat(&[ChatMessage::user("Write a long essay about rivers.")], SamplingParams::greedy(5))
+        .unwrap();
     assert_eq!(stream.by_ref().count(), 5);
     assert_eq!(stream.finish_reason(), Some(FinishReason::Length));
 }
@@ -188,7 +218,12 @@ fn generation_stops_at_im_end_or_max_tokens() {
 #[test]
 fn streaming_never_splits_a_utf8_character() {
     let model = model(Backend::Cpu);
-    let case = fixture()["tokenizer"].as_array().unwrap().iter().find(|c| c["text"].as_str().unwrap().contains('東')).unwrap();
+    let case = fixture()["tokenizer"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["text"].as_str().unwrap().contains('東'))
+        .unwrap();
     let mut decoder = StreamDecoder::new();
     let mut text = String::new();
     for id in ids(&case["ids"]) {
@@ -211,7 +246,10 @@ fn control_tokens_in_user_text_are_plain_text() {
 fn prompt_past_the_context_is_a_clear_error() {
     let model = model(Backend::Cpu);
     let too_long = vec![42u32; 8193];
-    let err = model.generate(too_long.clone(), SamplingParams::greedy(1), None, CancelToken::new()).err().unwrap();
+    let err = model
+        .generate(too_long.clone(), SamplingParams::greedy(1), None, CancelToken::new())
+        .err()
+        .unwrap();
     assert!(matches!(err, EngineError::ContextOverflow { needed: 8193, limit: 8192 }), "{err}");
     let mut cache = model.llama.new_cache();
     let err = model.llama.forward(&too_long, &mut cache, None, Logits::Last).unwrap_err();
@@ -221,7 +259,10 @@ fn prompt_past_the_context_is_a_clear_error() {
 #[test]
 fn empty_prompt_and_bad_token_ids_are_errors() {
     let model = model(Backend::Cpu);
-    let err = model.generate(vec![], SamplingParams::greedy(1), None, CancelToken::new()).err().unwrap();
+    let err = model
+        .generate(vec![], SamplingParams::greedy(1), None, CancelToken::new())
+        .err()
+        .unwrap();
     assert!(matches!(err, EngineError::EmptyInput));
     let mut cache = model.llama.new_cache();
     let err = model.llama.forward(&[49_152], &mut cache, None, Logits::Last).unwrap_err();
@@ -253,9 +294,16 @@ fn unknown_tensor_type_is_named() {
     let gguf = kindling_engine::gguf::Gguf::parse(&bytes).unwrap();
     // Find token_embd.weight's entry in the table and rewrite its type to 12 (Q4_K).
     let name = b"token_embd.weight";
-    let pos = bytes[..gguf.data_offset as usize].windows(name.len()).rposition(|w| w == name).unwrap();
+    let pos = bytes[..gguf.data_offset as usize]
+        .windows(name.len())
+        .rposition(|w| w == name)
+        .unwrap();
     let type_at = pos + name.len() + 4 + 2 * 8; // rank (u32) + two dims (u64)
-    assert_eq!(u32::from_le_bytes(bytes[type_at..type_at + 4].try_into().unwrap()), 8, "Q8_0 expected");
+    assert_eq!(
+        u32::from_le_bytes(bytes[type_at..type_at + 4].try_into().unwrap()),
+        8,
+        "Q8_0 expected"
+    );
     bytes[type_at..type_at + 4].copy_from_slice(&12u32.to_le_bytes());
     let err = load_bytes(bytes).unwrap_err();
     let msg = err.to_string();

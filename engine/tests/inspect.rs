@@ -16,20 +16,40 @@ fn sae() -> Sae {
     let (d, s) = (576, 1024);
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let mut v = |n: usize, scale: f32| (0..n).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale).collect::<Vec<f32>>();
-    Sae::new(SaeConfig { d_in: d, d_sae: s, k: 16, layer: LAYER, model_sha256: None }, v(d * s, 0.05), v(s, 0.1), v(s * d, 0.1), v(d, 0.1)).unwrap()
+    Sae::new(
+        SaeConfig {
+            d_in: d,
+            d_sae: s,
+            k: 16,
+            layer: LAYER,
+            model_sha256: None,
+        },
+        v(d * s, 0.05),
+        v(s, 0.1),
+        v(s * d, 0.1),
+        v(d, 0.1),
+    )
+    .unwrap()
 }
 
 #[test]
 fn every_view_of_an_inspection_agrees_with_a_direct_encode() {
     let m = model(Backend::Cpu);
     let sae = sae();
-    let messages = [ChatMessage::user("What is the capital of France?"), ChatMessage::new("assistant", "Paris is the capital of France.")];
+    let messages = [
+        ChatMessage::user("What is the capital of France?"),
+        ChatMessage::new("assistant", "Paris is the capital of France."),
+    ];
     let inspection = Inspection::chat(m, &sae, &messages, None).unwrap();
-    let tokens = m.tokenizer.encode(&m.tokenizer.apply_chat_template(&messages, false).unwrap(), true);
+    let tokens = m
+        .tokenizer
+        .encode(&m.tokenizer.apply_chat_template(&messages, false).unwrap(), true);
     assert_eq!(inspection.tokens, tokens);
 
     let mut capture = CaptureResidual::new(LAYER);
-    m.llama.forward(&tokens, &mut m.llama.new_cache(), Some(&mut capture), Logits::None).unwrap();
+    m.llama
+        .forward(&tokens, &mut m.llama.new_cache(), Some(&mut capture), Logits::None)
+        .unwrap();
     let direct = sae.encode(&capture.take());
     assert_eq!(inspection.features, direct);
 
@@ -54,7 +74,13 @@ fn every_view_of_an_inspection_agrees_with_a_direct_encode() {
     let g = inspection.group_vector(&group).unwrap();
     let (a, b) = (inspection.vector(group[0]).unwrap(), inspection.vector(group[1]).unwrap());
     assert!(g.iter().zip(a.iter().zip(&b)).all(|(g, (a, b))| *g == a.max(*b)));
-    assert!(inspection.top(10, Aggregate::Max, Some(&group)).unwrap().iter().all(|(j, _)| group.contains(j)));
+    assert!(
+        inspection
+            .top(10, Aggregate::Max, Some(&group))
+            .unwrap()
+            .iter()
+            .all(|(j, _)| group.contains(j))
+    );
     assert!(inspection.lookup(&[d_sae as u32], Aggregate::Sum).is_err(), "unknown feature");
 }
 
@@ -82,7 +108,10 @@ fn next_token_logits_follow_the_variant_and_the_vocabulary_filter() {
     use kindling_engine::next_tokens;
     let m = model(Backend::Cpu);
     let sae = sae();
-    let tokens = m.tokenizer.encode_chat(&[ChatMessage::user("What is the capital of France?")]).unwrap();
+    let tokens = m
+        .tokenizer
+        .encode_chat(&[ChatMessage::user("What is the capital of France?")])
+        .unwrap();
     let base = next_tokens(m, &sae, &tokens, None, 5, None).unwrap();
     assert_eq!(base.len(), 5);
     assert!(base.windows(2).all(|w| w[0].logit >= w[1].logit));
@@ -109,12 +138,22 @@ fn contrast_reads_assistant_tokens_and_ranks_both_directions() {
     let m = model(Backend::Cpu);
     let sae = sae();
     let chat = |user: &str, reply: &str| vec![ChatMessage::user(user), ChatMessage::new("assistant", reply)];
-    let tokens = m.tokenizer.encode(&m.tokenizer.apply_chat_template(&chat("Hi", "Hello there!"), false).unwrap(), true);
-    let masked: Vec<u32> = tokens.iter().zip(assistant_mask(&m.tokenizer, &tokens)).filter(|(_, k)| *k).map(|(t, _)| *t).collect();
+    let tokens = m
+        .tokenizer
+        .encode(&m.tokenizer.apply_chat_template(&chat("Hi", "Hello there!"), false).unwrap(), true);
+    let masked: Vec<u32> = tokens
+        .iter()
+        .zip(assistant_mask(&m.tokenizer, &tokens))
+        .filter(|(_, k)| *k)
+        .map(|(t, _)| *t)
+        .collect();
     assert_eq!(m.tokenizer.decode(&masked, false).unwrap(), "Hello there!");
 
     let plain = [chat("What is 2 + 2?", "2 + 2 is 4."), chat("Name a colour.", "Blue is a colour.")];
-    let jokes = [chat("Tell me a joke.", "Why did the chicken cross the road? To get to the other side!"), chat("Another joke?", "I told my cat a joke. It was not amused.")];
+    let jokes = [
+        chat("Tell me a joke.", "Why did the chicken cross the road? To get to the other side!"),
+        chat("Another joke?", "I told my cat a joke. It was not amused."),
+    ];
     let units = vec![1.0; sae.config().d_sae];
     let (more_plain, more_jokes) = contrast(m, &sae, &plain, &jokes, &units, 5).unwrap();
     assert_eq!((more_plain.len(), more_jokes.len()), (5, 5));

@@ -33,12 +33,18 @@ fn chat_template_inserts_the_default_system_message() {
     let tok = &model(Backend::Cpu).tokenizer;
     let rendered = tok.apply_chat_template(&[ChatMessage::user("Hi, how are you?")], true).unwrap();
     assert_eq!(rendered, prompt("B")["text"].as_str().unwrap());
-    assert_eq!(tok.encode_chat(&[ChatMessage::user("Hi, how are you?")]).unwrap(), ids(&prompt("B")["ids"]));
+    assert_eq!(
+        tok.encode_chat(&[ChatMessage::user("Hi, how are you?")]).unwrap(),
+        ids(&prompt("B")["ids"])
+    );
     // With a system message of its own, no default is added.
     let custom = tok
         .apply_chat_template(&[ChatMessage::new("system", "Be brief."), ChatMessage::user("Hi")], true)
         .unwrap();
-    assert_eq!(custom, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+    assert_eq!(
+        custom,
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
 }
 
 /// Per-position argmax equal to llama.cpp everywhere; last-position top-5 within 0.5.
@@ -54,7 +60,11 @@ fn check_logits(backend: Backend) {
         let rows: Vec<&[f32]> = values.chunks_exact(vocab).collect();
         assert_eq!(seq, tokens.len());
         let argmax: Vec<u32> = rows.iter().map(|r| kindling_engine::sampling::argmax(r)).collect();
-        assert_eq!(argmax, ids(&p["argmax_per_position"]), "{backend} prompt {name}: argmax per position");
+        assert_eq!(
+            argmax,
+            ids(&p["argmax_per_position"]),
+            "{backend} prompt {name}: argmax per position"
+        );
         let last = rows[seq - 1];
         for entry in p["top5"].as_array().unwrap() {
             let (id, want) = (entry[0].as_u64().unwrap() as usize, entry[1].as_f64().unwrap() as f32);
@@ -74,14 +84,23 @@ fn check_greedy(backend: Backend) {
     for name in ["A", "B", "C"] {
         let p = prompt(name);
         let want = ids(&p["greedy"]);
-        let margins: Vec<f64> = p["greedy_margins"].as_array().unwrap().iter().map(|m| m.as_f64().unwrap()).collect();
+        let margins: Vec<f64> = p["greedy_margins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_f64().unwrap())
+            .collect();
         let comparable = margins.iter().position(|&m| m < 0.5).unwrap_or(want.len());
         let params = SamplingParams::greedy(comparable);
         // Prompts A and C are not chats: generate from their raw ids, ignoring `<|im_end|>`
         // would not matter here since llama.cpp's continuations do not contain it.
         let stream = model.generate(ids(&p["ids"]), params, None, CancelToken::new()).unwrap();
         let got: Vec<u32> = stream.map(|t| t.unwrap().id).collect();
-        assert_eq!(got[..], want[..comparable], "{backend} prompt {name}: greedy ids (first {comparable} steps)");
+        assert_eq!(
+            got[..],
+            want[..comparable],
+            "{backend} prompt {name}: greedy ids (first {comparable} steps)"
+        );
     }
 }
 

@@ -14,7 +14,13 @@ const D: usize = 576;
 fn random_sae(d_in: usize, d_sae: usize, k: usize, layer: usize, seed: u64) -> Sae {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut v = |n: usize, scale: f32| (0..n).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale).collect::<Vec<f32>>();
-    let cfg = SaeConfig { d_in, d_sae, k, layer, model_sha256: None };
+    let cfg = SaeConfig {
+        d_in,
+        d_sae,
+        k,
+        layer,
+        model_sha256: None,
+    };
     Sae::new(cfg, v(d_in * d_sae, 0.1), v(d_sae, 0.5), v(d_sae * d_in, 0.2), v(d_in, 0.3)).unwrap()
 }
 
@@ -42,7 +48,9 @@ fn naive_encode(sae: &Sae, x: &[f32]) -> Vec<(u32, f32)> {
 fn naive_decode(sae: &Sae, f: &[(u32, f32)]) -> Vec<f32> {
     let [_, _, (_, w_dec, _), (_, b_dec, _)] = sae.tensors();
     let d = sae.config().d_in;
-    (0..d).map(|i| b_dec[i] + f.iter().map(|&(j, a)| a * w_dec[j as usize * d + i]).sum::<f32>()).collect()
+    (0..d)
+        .map(|i| b_dec[i] + f.iter().map(|&(j, a)| a * w_dec[j as usize * d + i]).sum::<f32>())
+        .collect()
 }
 
 #[test]
@@ -54,7 +62,10 @@ fn encode_and_decode_match_the_straightforward_definition() {
     assert_eq!(encoded.len(), 20);
     for (row, features) in x.chunks_exact(64).zip(&encoded) {
         let expected = naive_encode(&sae, row);
-        assert_eq!(features.iter().map(|f| f.0).collect::<Vec<_>>(), expected.iter().map(|f| f.0).collect::<Vec<_>>());
+        assert_eq!(
+            features.iter().map(|f| f.0).collect::<Vec<_>>(),
+            expected.iter().map(|f| f.0).collect::<Vec<_>>()
+        );
         for (a, b) in features.iter().zip(&expected) {
             assert!((a.1 - b.1).abs() < 1e-4, "activation {} vs {}", a.1, b.1);
         }
@@ -112,11 +123,22 @@ fn bad_files_fail_with_clear_errors() {
     // An architecture the engine does not implement.
     let mut cfg = saelens_cfg(sae.config(), &Default::default());
     cfg["architecture"] = "jumprelu".into();
-    assert!(Sae::from_saelens(&cfg.to_string(), &good).unwrap_err().to_string().contains("jumprelu"));
+    assert!(
+        Sae::from_saelens(&cfg.to_string(), &good)
+            .unwrap_err()
+            .to_string()
+            .contains("jumprelu")
+    );
     // Not JSON at all.
     assert!(matches!(Sae::from_saelens("{", &good), Err(SaeError::Config(_))));
     // NaN weights.
-    let cfg = SaeConfig { d_in: 2, d_sae: 2, k: 1, layer: 0, model_sha256: None };
+    let cfg = SaeConfig {
+        d_in: 2,
+        d_sae: 2,
+        k: 1,
+        layer: 0,
+        model_sha256: None,
+    };
     let err = Sae::new(cfg, vec![f32::NAN, 0.0, 0.0, 0.0], vec![0.0; 2], vec![0.0; 4], vec![0.0; 2]).unwrap_err();
     assert!(matches!(err, SaeError::NotFinite("W_enc")), "{err}");
 }
@@ -127,7 +149,10 @@ fn an_sae_for_another_layer_or_width_does_not_fit_the_model() {
     let config = model.llama.config();
     assert!(random_sae(D, 64, 4, 15, 5).check_model(config, None).is_ok());
     let err = random_sae(D, 64, 4, 30, 5).check_model(config, None).unwrap_err();
-    assert!(err.to_string().contains("layer 30") && err.to_string().contains("30 blocks"), "{err}");
+    assert!(
+        err.to_string().contains("layer 30") && err.to_string().contains("30 blocks"),
+        "{err}"
+    );
     let err = random_sae(512, 64, 4, 15, 5).check_model(config, None).unwrap_err();
     assert!(err.to_string().contains("576"), "{err}");
     let mut sae_cfg = random_sae(D, 64, 4, 15, 5).config().clone();
@@ -168,7 +193,12 @@ fn feature_capture_reports_every_token_in_prefill_and_decode() {
     model.llama.forward(&tokens, &mut cache, Some(&mut capture2), Logits::Last).unwrap();
     model.llama.forward(&[42], &mut cache, Some(&mut capture2), Logits::Last).unwrap();
     assert_eq!(capture2.positions, (0..tokens.len() + 1).collect::<Vec<_>>());
-    assert!(capture2.features.iter().all(|f| f.len() <= 8 && f.windows(2).all(|w| w[0].1 >= w[1].1)));
+    assert!(
+        capture2
+            .features
+            .iter()
+            .all(|f| f.len() <= 8 && f.windows(2).all(|w| w[0].1 >= w[1].1))
+    );
     // The features match encoding the captured residual directly.
     let mut residual = kindling_engine::CaptureResidual::new(9);
     let mut cache = model.llama.new_cache();
@@ -193,7 +223,8 @@ fn shipped() -> (Sae, serde_json::Value) {
 fn the_shipped_sae_fits_the_model_and_both_forms_agree() {
     let (sae, manifest) = shipped();
     let model = model(Backend::Cpu);
-    sae.check_model(model.llama.config(), Some(kindling_engine::SMOLLM2_SHA256)).unwrap();
+    sae.check_model(model.llama.config(), Some(kindling_engine::SMOLLM2_SHA256))
+        .unwrap();
     assert_eq!(manifest["config"]["hook_name"], sae.config().hook_name());
     let dir = shipped_dir();
     let saelens = Sae::from_saelens(
@@ -206,7 +237,12 @@ fn the_shipped_sae_fits_the_model_and_both_forms_agree() {
     for file in manifest["files"].as_array().unwrap() {
         let bytes = std::fs::read(dir.join(file["file"].as_str().unwrap())).unwrap();
         use sha2::Digest;
-        assert_eq!(format!("{:x}", sha2::Sha256::digest(&bytes)), file["sha256"].as_str().unwrap(), "{}", file["file"]);
+        assert_eq!(
+            format!("{:x}", sha2::Sha256::digest(&bytes)),
+            file["sha256"].as_str().unwrap(),
+            "{}",
+            file["file"]
+        );
     }
 }
 
@@ -216,10 +252,9 @@ fn the_shipped_sae_reconstructs_a_fixed_prompt_as_well_as_reported() {
     let model = model(Backend::Cpu);
     // A fixed prompt from the SAE's own distribution: the first held-out window of each chat
     // source (tests/fixtures/sae_heldout_windows.json), each run on its own as in evaluation.
-    let fixture: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(common::repo_root().join("tests/fixtures/sae_heldout_windows.json")).unwrap(),
-    )
-    .unwrap();
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(common::repo_root().join("tests/fixtures/sae_heldout_windows.json")).unwrap())
+            .unwrap();
     let d = sae.config().d_in;
     let mut kept: Vec<f32> = Vec::new();
     for window in fixture["windows"].as_array().unwrap() {
@@ -238,13 +273,20 @@ fn the_shipped_sae_reconstructs_a_fixed_prompt_as_well_as_reported() {
     let n = kept.len() / d;
     let recon = sae.reconstruct(&kept);
     let mut mean = vec![0.0f64; d];
-    kept.chunks_exact(d).for_each(|r| mean.iter_mut().zip(r).for_each(|(m, &v)| *m += v as f64 / n as f64));
+    kept.chunks_exact(d)
+        .for_each(|r| mean.iter_mut().zip(r).for_each(|(m, &v)| *m += v as f64 / n as f64));
     let sse: f64 = kept.iter().zip(&recon).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
-    let var: f64 = kept.chunks_exact(d).map(|r| r.iter().zip(&mean).map(|(&a, m)| (a as f64 - m).powi(2)).sum::<f64>()).sum();
+    let var: f64 = kept
+        .chunks_exact(d)
+        .map(|r| r.iter().zip(&mean).map(|(&a, m)| (a as f64 - m).powi(2)).sum::<f64>())
+        .sum();
     let fvu = sse / var;
     let reported = manifest["metrics"]["fvu"].as_f64().unwrap();
     eprintln!("FVU on the fixed prompt ({n} tokens): {fvu:.4}; held out: {reported:.4}");
-    assert!((fvu - reported).abs() <= 0.25 * reported, "FVU {fvu:.4} on the fixed prompt vs {reported:.4} held out");
+    assert!(
+        (fvu - reported).abs() <= 0.25 * reported,
+        "FVU {fvu:.4} on the fixed prompt vs {reported:.4} held out"
+    );
     let l0 = sae.encode(&kept).iter().map(Vec::len).sum::<usize>() as f64 / n as f64;
     assert!(l0 >= 0.5 * sae.config().k as f64 && l0 <= sae.config().k as f64, "L0 {l0}");
 }
@@ -255,9 +297,15 @@ fn the_shipped_sae_reconstructs_a_fixed_prompt_as_well_as_reported() {
 fn the_8_bit_encoder_of_decode_steps_agrees_with_the_f32_one() {
     let (sae, _) = shipped();
     let model = model(Backend::Cpu);
-    let tokens = model.tokenizer.encode_chat(&[kindling_engine::ChatMessage::user("Tell me a story about a dragon who loves tea.")]).unwrap();
+    let tokens = model
+        .tokenizer
+        .encode_chat(&[kindling_engine::ChatMessage::user("Tell me a story about a dragon who loves tea.")])
+        .unwrap();
     let mut capture = kindling_engine::CaptureResidual::new(sae.config().layer);
-    model.llama.forward(&tokens, &mut model.llama.new_cache(), Some(&mut capture), Logits::None).unwrap();
+    model
+        .llama
+        .forward(&tokens, &mut model.llama.new_cache(), Some(&mut capture), Logits::None)
+        .unwrap();
     let rows = capture.take();
     let d = sae.config().d_in;
     let batch = sae.encode(&rows[d..]); // many rows: f32

@@ -10,8 +10,8 @@ use common::model;
 use kindling_engine::burn::tensor::Tensor;
 use kindling_engine::steer::{Condition, Edit, Mode, Operand, Operator};
 use kindling_engine::{
-    Backend, CancelToken, CaptureResidual, ChatMessage, EngineError, FeatureCapture, Logits, Model, ResidualHook, Sae, SamplingParams, Steer,
-    Variant,
+    Backend, CancelToken, CaptureResidual, ChatMessage, EngineError, FeatureCapture, Logits, Model, ResidualHook, Sae, SamplingParams,
+    Steer, Variant,
 };
 
 fn shipped_dir() -> std::path::PathBuf {
@@ -20,7 +20,9 @@ fn shipped_dir() -> std::path::PathBuf {
 
 fn sae() -> &'static Sae {
     static SAE: OnceLock<Sae> = OnceLock::new();
-    SAE.get_or_init(|| Sae::from_compact(&std::fs::read(shipped_dir().join("kindling-sae.f16.safetensors")).expect("the shipped SAE")).unwrap())
+    SAE.get_or_init(|| {
+        Sae::from_compact(&std::fs::read(shipped_dir().join("kindling-sae.f16.safetensors")).expect("the shipped SAE")).unwrap()
+    })
 }
 
 /// Steering units: every latent's max activation. The engine takes them from the atlas;
@@ -31,7 +33,9 @@ fn units() -> &'static [f32] {
 }
 
 fn prompt(m: &Model) -> Vec<u32> {
-    m.tokenizer.encode_chat(&[ChatMessage::user("Tell me a short story about a pirate ship and its crew.")]).unwrap()
+    m.tokenizer
+        .encode_chat(&[ChatMessage::user("Tell me a short story about a pirate ship and its crew.")])
+        .unwrap()
 }
 
 fn generate(m: &Model, variant: Option<Variant>) -> Result<Vec<u32>, EngineError> {
@@ -63,7 +67,11 @@ fn a_variant_without_edits_is_the_base_model_and_reset_restores_it() {
     let mut v = Variant::new("SmolLM2-135M-Instruct");
     let strongest = base_features(m, &prompt(m)).last().unwrap()[0].0;
     v.set(&[strongest], -1.0);
-    assert_ne!(generate(m, Some(v.clone())).unwrap(), base, "ablating the strongest latent changes the reply");
+    assert_ne!(
+        generate(m, Some(v.clone())).unwrap(),
+        base,
+        "ablating the strongest latent changes the reply"
+    );
     v.reset();
     assert_eq!(generate(m, Some(v)).unwrap(), base);
 }
@@ -79,8 +87,16 @@ impl<A: ResidualHook, B: ResidualHook> ResidualHook for Then<A, B> {
         self.0.last_layer().max(self.1.last_layer())
     }
     fn after_block(&mut self, layer: usize, positions: Range<usize>, residual: Tensor<2>) -> Tensor<2> {
-        let x = if self.0.wants(layer) { self.0.after_block(layer, positions.clone(), residual) } else { residual };
-        if self.1.wants(layer) { self.1.after_block(layer, positions, x) } else { x }
+        let x = if self.0.wants(layer) {
+            self.0.after_block(layer, positions.clone(), residual)
+        } else {
+            residual
+        };
+        if self.1.wants(layer) {
+            self.1.after_block(layer, positions, x)
+        } else {
+            x
+        }
     }
 }
 
@@ -112,9 +128,33 @@ fn edits_move_the_latent_they_target_by_the_requested_amount() {
         assert!((moved - asked).abs() <= 0.3 * asked.abs(), "{what}: {a} → {got}, asked {want}");
     };
     check("nudge +0.5", measured(Edit::nudge(j, 0.5)), a + 0.5 * u);
-    check("pin 1.5", measured(Edit { feature: j, mode: Mode::Pin, value: 1.5 }), 1.5 * u);
-    check("mul 2", measured(Edit { feature: j, mode: Mode::Mul, value: 2.0 }), 2.0 * a);
-    check("pin 0", measured(Edit { feature: j, mode: Mode::Pin, value: 0.0 }), 0.0);
+    check(
+        "pin 1.5",
+        measured(Edit {
+            feature: j,
+            mode: Mode::Pin,
+            value: 1.5,
+        }),
+        1.5 * u,
+    );
+    check(
+        "mul 2",
+        measured(Edit {
+            feature: j,
+            mode: Mode::Mul,
+            value: 2.0,
+        }),
+        2.0 * a,
+    );
+    check(
+        "pin 0",
+        measured(Edit {
+            feature: j,
+            mode: Mode::Pin,
+            value: 0.0,
+        }),
+        0.0,
+    );
 }
 
 #[test]
@@ -131,11 +171,18 @@ fn set_when_fires_from_the_first_token_where_its_condition_holds() {
         .expect("some latent first fires after position 4");
     let mut v = Variant::new("m");
     let other = (j + 1) % sae().config().d_sae as u32;
-    v.set_when(Condition::when(vec![j], Operator::Gt, Operand::Number(threshold)), vec![Edit::nudge(other, 0.8)]);
+    v.set_when(
+        Condition::when(vec![j], Operator::Gt, Operand::Number(threshold)),
+        vec![Edit::nudge(other, 0.8)],
+    );
     let mut steer = Steer::new(sae(), units(), v).unwrap().recording();
     let mut cache = m.llama.new_cache();
     m.llama.forward(&tokens, &mut cache, Some(&mut steer), Logits::Last).unwrap();
-    assert_eq!(steer.fired(), [Some(first)], "latent {j} first exceeds {threshold} units at {first}");
+    assert_eq!(
+        steer.fired(),
+        [Some(first)],
+        "latent {j} first exceeds {threshold} units at {first}"
+    );
 
     // Before `first` the residual stream is the base one; from `first` on it differs.
     let logits = |hook: Option<&mut dyn ResidualHook>| {
@@ -144,7 +191,10 @@ fn set_when_fires_from_the_first_token_where_its_condition_holds() {
     };
     let plain = logits(None);
     let mut v = Variant::new("m");
-    v.set_when(Condition::when(vec![j], Operator::Gt, Operand::Number(threshold)), vec![Edit::nudge(other, 0.8)]);
+    v.set_when(
+        Condition::when(vec![j], Operator::Gt, Operand::Number(threshold)),
+        vec![Edit::nudge(other, 0.8)],
+    );
     let mut steer = Steer::new(sae(), units(), v).unwrap();
     let steered = logits(Some(&mut steer));
     let vocab = plain.len() / tokens.len();
@@ -168,6 +218,9 @@ fn abort_when_stops_with_its_event_and_conditions_that_never_hold_change_nothing
     }
     let mut never = Variant::new("m");
     never.abort_when(Condition::when(vec![j], Operator::Gt, Operand::Number(1e6)), "never");
-    never.set_when(Condition::when(vec![j], Operator::Lt, Operand::Number(-1.0)), vec![Edit::nudge(j, 5.0)]);
+    never.set_when(
+        Condition::when(vec![j], Operator::Lt, Operand::Number(-1.0)),
+        vec![Edit::nudge(j, 5.0)],
+    );
     assert_eq!(generate(m, Some(never)).unwrap(), base);
 }

@@ -42,35 +42,21 @@ pub struct Label {
 impl Label {
     /// The label made of the words alone.
     pub fn words_label(&self) -> String {
-        self.words
-            .iter()
-            .take(4)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join(", ")
+        self.words.iter().take(4).cloned().collect::<Vec<_>>().join(", ")
     }
 
     /// The candidate labels, the model's first: the theme, the theme with its strongest
     /// words, then the words, the phrases and the word pieces it fires on (distinct ones).
     pub fn candidates(&self) -> Vec<(String, LabelSource)> {
-        let list = |items: &[String], n: usize| {
-            items.iter().take(n).cloned().collect::<Vec<_>>().join(", ")
-        };
+        let list = |items: &[String], n: usize| items.iter().take(n).cloned().collect::<Vec<_>>().join(", ");
         let mut out: Vec<(String, LabelSource)> = Vec::new();
         if let Some(theme) = &self.model {
             out.push((theme.clone(), LabelSource::Model));
             if !self.words.is_empty() {
-                out.push((
-                    format!("{theme} ({})", list(&self.words, 3)),
-                    LabelSource::Model,
-                ));
+                out.push((format!("{theme} ({})", list(&self.words, 3)), LabelSource::Model));
             }
         }
-        for tokens in [
-            self.words_label(),
-            list(&self.phrases, 3),
-            list(&self.pieces, 4),
-        ] {
+        for tokens in [self.words_label(), list(&self.phrases, 3), list(&self.pieces, 4)] {
             if !tokens.is_empty() && !out.iter().any(|(c, _)| *c == tokens) {
                 out.push((tokens, LabelSource::Tokens));
             }
@@ -84,10 +70,7 @@ impl Label {
 /// many and the last is the least catchy.
 const EXAMPLES: [(&str, &str); 5] = [
     ("\".\", \"!\", \"?\"", "punctuation that ends a sentence"),
-    (
-        "laughed, funny, joke, hilarious, comedy",
-        "humor and laughter",
-    ),
+    ("laughed, funny, joke, hilarious, comedy", "humor and laughter"),
     ("he, she, him, her, they", "personal pronouns"),
     ("Monday, Friday, Sunday, weekend", "days of the week"),
     ("ship, boat, sailor, sails, deck", "boats and sailing"),
@@ -114,12 +97,7 @@ fn prefix_messages() -> Vec<ChatMessage> {
 /// like `iously` in `Seriously`, gives the word); punctuation and other non-word tokens come
 /// back quoted.
 pub fn firing_word(model: &Model, tokens: &[TokenId], pos: usize) -> Option<String> {
-    let piece = |i: usize| {
-        model
-            .tokenizer
-            .decode(&[tokens[i]], true)
-            .unwrap_or_default()
-    };
+    let piece = |i: usize| model.tokenizer.decode(&[tokens[i]], true).unwrap_or_default();
     let marked = piece(pos);
     let core = marked.trim();
     if core.is_empty() {
@@ -178,10 +156,7 @@ pub fn token_label(model: &Model, acts: &Activations, stats: &LatentStats) -> La
 /// The two words ending at the firing token, as the text reads them ("trying to"), or
 /// `None` at the start of a window.
 pub fn firing_phrase(model: &Model, tokens: &[TokenId], pos: usize) -> Option<String> {
-    let text = model
-        .tokenizer
-        .decode(&tokens[pos.saturating_sub(4)..=pos], true)
-        .ok()?;
+    let text = model.tokenizer.decode(&tokens[pos.saturating_sub(4)..=pos], true).ok()?;
     let words: Vec<&str> = text.split_whitespace().collect();
     let phrase = words[words.len().saturating_sub(2)..].join(" ");
     phrase.chars().any(char::is_alphanumeric).then_some(phrase)
@@ -196,11 +171,7 @@ pub fn firing_piece(model: &Model, tokens: &[TokenId], pos: usize) -> Option<Str
 
 /// What a latent's activating stored contexts show, read by `read` at each firing token:
 /// distinct values (case folded), most frequent first, ties in context order.
-fn most_frequent(
-    acts: &Activations,
-    stats: &LatentStats,
-    read: impl Fn(&[TokenId], usize) -> Option<String>,
-) -> Vec<String> {
+fn most_frequent(acts: &Activations, stats: &LatentStats, read: impl Fn(&[TokenId], usize) -> Option<String>) -> Vec<String> {
     let mut counts: Vec<(String, usize, usize)> = Vec::new();
     for (order, o) in stats
         .top
@@ -212,10 +183,7 @@ fn most_frequent(
         let Some(value) = read(&acts.windows[o.window as usize], o.pos as usize) else {
             continue;
         };
-        match counts
-            .iter_mut()
-            .find(|(v, _, _)| v.eq_ignore_ascii_case(&value))
-        {
+        match counts.iter_mut().find(|(v, _, _)| v.eq_ignore_ascii_case(&value)) {
             Some(entry) => entry.1 += 1,
             None => counts.push((value, 1, order)),
         }
@@ -228,9 +196,7 @@ fn most_frequent(
 pub fn clean_answer(answer: &str) -> Option<String> {
     let first = answer.trim().lines().next()?.trim();
     let first = first.strip_prefix(PRIME).unwrap_or(first).trim();
-    let cut = first
-        .find(['.', ';', '!', '?', '('])
-        .map_or(first, |i| &first[..i]);
+    let cut = first.find(['.', ';', '!', '?', '(']).map_or(first, |i| &first[..i]);
     let label = cut
         .trim()
         .trim_matches(|c: char| c == '"' || c == '\'' || c == '*' || c == ':')
@@ -238,38 +204,22 @@ pub fn clean_answer(answer: &str) -> Option<String> {
     let words: Vec<&str> = label.split_whitespace().collect();
     let letters = label.chars().filter(|c| c.is_alphabetic()).count();
     let lower = label.to_lowercase();
-    let echoes = ["words:", "theme", "list of words", "<<", ">>"]
-        .iter()
-        .any(|e| lower.contains(e));
+    let echoes = ["words:", "theme", "list of words", "<<", ">>"].iter().any(|e| lower.contains(e));
     let repeats = words
         .iter()
         .any(|w| words.iter().filter(|x| x.eq_ignore_ascii_case(w)).count() >= 3);
-    if words.is_empty()
-        || words.len() > 8
-        || letters < 3
-        || letters * 2 < label.len()
-        || echoes
-        || repeats
-    {
+    if words.is_empty() || words.len() > 8 || letters < 3 || letters * 2 < label.len() || echoes || repeats {
         return None;
     }
     Some(label.to_string())
 }
 
-pub fn run(
-    args: &AtlasArgs,
-    model: &Model,
-    acts: &Activations,
-    stats: &[LatentStats],
-) -> Result<Vec<Label>, BuildError> {
+pub fn run(args: &AtlasArgs, model: &Model, acts: &Activations, stats: &[LatentStats]) -> Result<Vec<Label>, BuildError> {
     let path = args.work.join("labels.jsonl");
     let n = args.features.unwrap_or(stats.len()).min(stats.len());
     let mut labels: Vec<Option<Label>> = vec![None; stats.len()];
     for line in read_lines(&path) {
-        if let Some(f) = line["feature"]
-            .as_u64()
-            .filter(|&f| (f as usize) < stats.len())
-        {
+        if let Some(f) = line["feature"].as_u64().filter(|&f| (f as usize) < stats.len()) {
             let text = token_label(model, acts, &stats[f as usize]);
             labels[f as usize] = Some(Label {
                 model: line["model_label"].as_str().map(str::to_string),
@@ -277,9 +227,7 @@ pub fn run(
             });
         }
     }
-    let todo: Vec<usize> = (0..n)
-        .filter(|&f| labels[f].is_none() && stats[f].is_live())
-        .collect();
+    let todo: Vec<usize> = (0..n).filter(|&f| labels[f].is_none() && stats[f].is_live()).collect();
     if !todo.is_empty() {
         let file = Mutex::new(
             OpenOptions::new()
@@ -289,28 +237,14 @@ pub fn run(
                 .map_err(|e| BuildError::io(&path, e))?,
         );
         // Without the generation prompt: each request opens its own user turn.
-        let prefix_tokens = model.tokenizer.encode(
-            &model
-                .tokenizer
-                .apply_chat_template(&prefix_messages(), false)?,
-            true,
-        );
+        let prefix_tokens = model
+            .tokenizer
+            .encode(&model.tokenizer.apply_chat_template(&prefix_messages(), false)?, true);
         let workers = single_thread_pools(args.workers)?;
-        let progress = Mutex::new(Progress::new(
-            "atlas labels",
-            "latents",
-            todo.len() as u64,
-            0,
-        ));
+        let progress = Mutex::new(Progress::new("atlas labels", "latents", todo.len() as u64, 0));
         let done = Mutex::new(0u64);
         let shares: Vec<Vec<usize>> = (0..workers.len())
-            .map(|w| {
-                todo.iter()
-                    .copied()
-                    .skip(w)
-                    .step_by(workers.len())
-                    .collect()
-            })
+            .map(|w| todo.iter().copied().skip(w).step_by(workers.len()).collect())
             .collect();
         let texts: Vec<Label> = (0..stats.len())
             .map(|f| {
@@ -325,22 +259,11 @@ pub fn run(
         let results = run_on_workers(&workers, &(0..workers.len()).collect::<Vec<_>>(), |w| {
             let share = &shares[w];
             let mut prefix = model.llama.new_cache();
-            model
-                .llama
-                .forward(&prefix_tokens, &mut prefix, None, Logits::Last)?;
+            model.llama.forward(&prefix_tokens, &mut prefix, None, Logits::Last)?;
             let requests = share.iter().map(|&f| {
-                let shown = texts[f]
-                    .words
-                    .iter()
-                    .take(WORDS_SHOWN)
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ");
+                let shown = texts[f].words.iter().take(WORDS_SHOWN).cloned().collect::<Vec<_>>().join(", ");
                 // The turn after the prefix, rendered as the template renders a user turn.
-                let text = format!(
-                    "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n{PRIME}",
-                    question(&shown)
-                );
+                let text = format!("<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n{PRIME}", question(&shown));
                 let mut turn = model.tokenizer.encode(&text, true);
                 turn.truncate(200);
                 (turn, 0)
@@ -348,12 +271,19 @@ pub fn run(
             let mut out = Vec::new();
             model.generate_many_after(&prefix, requests, &params, 8, |i, output| {
                 let f = share[i];
-                let label = Label { model: clean_answer(&output.text), ..texts[f].clone() };
+                let label = Label {
+                    model: clean_answer(&output.text),
+                    ..texts[f].clone()
+                };
                 let line = json!({ "feature": f, "answer": output.text, "model_label": label.model, "words": label.words });
-                append_line(&mut file.lock().expect("label file"), &line).map_err(|e| kindling_engine::EngineError::Backend(e.to_string()))?;
+                append_line(&mut file.lock().expect("label file"), &line)
+                    .map_err(|e| kindling_engine::EngineError::Backend(e.to_string()))?;
                 let mut done = done.lock().expect("counter");
                 *done += 1;
-                progress.lock().expect("progress").update(*done, &format!("#{f}: {}", label.model.as_deref().unwrap_or("-")), false);
+                progress
+                    .lock()
+                    .expect("progress")
+                    .update(*done, &format!("#{f}: {}", label.model.as_deref().unwrap_or("-")), false);
                 out.push((f, label));
                 Ok(true)
             })?;
@@ -362,10 +292,7 @@ pub fn run(
         for (f, label) in results.into_iter().flatten() {
             labels[f] = Some(label);
         }
-        progress
-            .lock()
-            .expect("progress")
-            .update(todo.len() as u64, "done", true);
+        progress.lock().expect("progress").update(todo.len() as u64, "done", true);
     }
     Ok(labels.into_iter().map(Option::unwrap_or_default).collect())
 }
@@ -376,19 +303,13 @@ mod tests {
 
     #[test]
     fn keeps_labels_and_rejects_echoes() {
-        assert_eq!(
-            clean_answer(" boats and sailing.\nMore text").as_deref(),
-            Some("boats and sailing")
-        );
+        assert_eq!(clean_answer(" boats and sailing.\nMore text").as_deref(), Some("boats and sailing"));
         assert_eq!(clean_answer("\"Humor\" (jokes)").as_deref(), Some("Humor"));
         assert_eq!(clean_answer("Theme: Words: ship, boat"), None);
         assert_eq!(clean_answer("<<ship>>"), None);
         assert_eq!(clean_answer("  "), None);
         assert_eq!(clean_answer("the the the the"), None);
-        assert_eq!(
-            clean_answer("one two three four five six seven eight nine"),
-            None
-        );
+        assert_eq!(clean_answer("one two three four five six seven eight nine"), None);
         assert_eq!(clean_answer(", , ; ,"), None);
     }
 
@@ -402,10 +323,7 @@ mod tests {
         };
         let c: Vec<String> = label.candidates().into_iter().map(|c| c.0).collect();
         // The pieces repeat the words, so they are not a second candidate.
-        assert_eq!(
-            c,
-            ["humor", "humor (funny, joke)", "funny, joke", "so funny"]
-        );
+        assert_eq!(c, ["humor", "humor (funny, joke)", "funny, joke", "so funny"]);
         assert_eq!(Label::default().candidates().len(), 0);
     }
 }

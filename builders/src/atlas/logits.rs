@@ -52,20 +52,14 @@ fn extremes(row: &[f32], k: usize, sign: f32) -> Vec<(TokenId, f32)> {
 /// assistant reply (without the template's default system prompt) and of a plain sentence.
 fn neutral_prompts(model: &Model) -> Vec<Vec<TokenId>> {
     vec![
-        model.tokenizer.encode(
-            "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n",
-            true,
-        ),
+        model
+            .tokenizer
+            .encode("<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n", true),
         model.tokenizer.encode("I think that the", false),
     ]
 }
 
-pub fn run(
-    args: &AtlasArgs,
-    model: &Model,
-    sae: &Sae,
-    stats: &[LatentStats],
-) -> Result<Vec<Effects>, BuildError> {
+pub fn run(args: &AtlasArgs, model: &Model, sae: &Sae, stats: &[LatentStats]) -> Result<Vec<Effects>, BuildError> {
     let path = args.work.join("logits.jsonl");
     let d_sae = sae.config().d_sae;
     let mut effects: Vec<Option<Effects>> = vec![None; d_sae];
@@ -97,21 +91,12 @@ pub fn run(
         .map_err(|e| BuildError::io(&path, e))?;
 
     // VocabProj for every latent still to do, a chunk of decoder rows at a time.
-    eprintln!(
-        "[atlas logits] projecting {} decoder rows through the unembedding",
-        todo.len()
-    );
+    eprintln!("[atlas logits] projecting {} decoder rows through the unembedding", todo.len());
     let d = sae.config().d_in;
     let mut lens: HashMap<usize, (Vec<(TokenId, f32)>, Vec<(TokenId, f32)>)> = HashMap::new();
     for chunk in todo.chunks(LENS_CHUNK) {
-        let rows: Vec<f32> = chunk
-            .iter()
-            .flat_map(|&f| sae.decoder_row(f).iter().copied())
-            .collect();
-        let directions = Tensor::from_data(
-            TensorData::new(rows, [chunk.len(), d]),
-            model.llama.device(),
-        );
+        let rows: Vec<f32> = chunk.iter().flat_map(|&f| sae.decoder_row(f).iter().copied()).collect();
+        let directions = Tensor::from_data(TensorData::new(rows, [chunk.len(), d]), model.llama.device());
         let logits = to_host(model.llama.logit_lens(directions))?;
         let vocab = logits.len() / chunk.len();
         for (&f, row) in chunk.iter().zip(logits.chunks_exact(vocab)) {
@@ -122,23 +107,17 @@ pub fn run(
     // TokenChange for live latents, two workers side by side.
     let prompts = neutral_prompts(model);
     let layer = sae.config().layer;
-    let next_token_probs =
-        |prompt: &[TokenId], add: Option<Vec<f32>>| -> Result<Vec<f32>, BuildError> {
-            let mut cache = model.llama.new_cache();
-            let mut hook = add.map(|v| AddToResidual::new(layer, v));
-            let hook = hook
-                .as_mut()
-                .map(|h| h as &mut dyn kindling_engine::ResidualHook);
-            let logits = model
-                .llama
-                .forward(prompt, &mut cache, hook, Logits::Last)?
-                .expect("Logits::Last returns logits");
-            Ok(softmax(&to_host(logits)?))
-        };
-    let base: Vec<Vec<f32>> = prompts
-        .iter()
-        .map(|p| next_token_probs(p, None))
-        .collect::<Result<_, _>>()?;
+    let next_token_probs = |prompt: &[TokenId], add: Option<Vec<f32>>| -> Result<Vec<f32>, BuildError> {
+        let mut cache = model.llama.new_cache();
+        let mut hook = add.map(|v| AddToResidual::new(layer, v));
+        let hook = hook.as_mut().map(|h| h as &mut dyn kindling_engine::ResidualHook);
+        let logits = model
+            .llama
+            .forward(prompt, &mut cache, hook, Logits::Last)?
+            .expect("Logits::Last returns logits");
+        Ok(softmax(&to_host(logits)?))
+    };
+    let base: Vec<Vec<f32>> = prompts.iter().map(|p| next_token_probs(p, None)).collect::<Result<_, _>>()?;
     let workers = single_thread_pools(args.workers)?;
     let mut progress = Progress::new("atlas logits", "latents", todo.len() as u64, 0);
     for (n, group) in todo.chunks(workers.len()).enumerate() {
@@ -156,10 +135,7 @@ pub fn run(
                     .zip(p.iter().zip(p0))
                     .for_each(|(d, (a, b))| *d += (a - b) / prompts.len() as f32);
             }
-            Ok(extremes(&delta, KEEP, 1.0)
-                .into_iter()
-                .filter(|&(_, dp)| dp > 0.0)
-                .collect())
+            Ok(extremes(&delta, KEEP, 1.0).into_iter().filter(|&(_, dp)| dp > 0.0).collect())
         })?;
         for (&f, boosted) in group.iter().zip(boosted) {
             let (promoted, suppressed) = lens.remove(&f).unwrap_or_default();

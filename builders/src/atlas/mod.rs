@@ -104,12 +104,7 @@ impl Activations {
     /// The activation of `latent` at each position of `window[range]`.
     pub fn latent_in(&self, latent: u32, window: usize, range: std::ops::Range<usize>) -> Vec<f32> {
         range
-            .map(|p| {
-                self.features[window][p]
-                    .iter()
-                    .find(|(j, _)| *j == latent)
-                    .map_or(0.0, |(_, a)| *a)
-            })
+            .map(|p| self.features[window][p].iter().find(|(j, _)| *j == latent).map_or(0.0, |(_, a)| *a))
             .collect()
     }
 }
@@ -169,10 +164,7 @@ pub fn run(args: &AtlasArgs) -> Result<(), BuildError> {
     eprintln!("[atlas] statistics over {} held-out tokens", acts.tokens);
     let stats = statistics(&acts, sae.config().d_sae, args.seed);
     let live = stats.iter().filter(|s| s.is_live()).count();
-    eprintln!(
-        "[atlas] {live} of {} latents fire on held-out text",
-        stats.len()
-    );
+    eprintln!("[atlas] {live} of {} latents fire on held-out text", stats.len());
 
     let effects = logits::run(args, &model, &sae, &stats)?;
     let labels = labels::run(args, &model, &acts, &stats)?;
@@ -185,11 +177,7 @@ const CHUNK_WINDOWS: usize = 16;
 /// Step 1: latents at every held-out token, in chunk files of 16 windows
 /// (`activations/chunk-NNNNN.bin`: per position a u16 count, then (u32 latent, f32 value)
 /// pairs, little-endian); finished chunks are reused.
-fn collect_activations(
-    args: &AtlasArgs,
-    model: &Model,
-    sae: &Sae,
-) -> Result<Activations, BuildError> {
+fn collect_activations(args: &AtlasArgs, model: &Model, sae: &Sae) -> Result<Activations, BuildError> {
     let windows: Vec<Vec<TokenId>> = crate::harvest::heldout_windows(&args.harvest, args.windows)?
         .into_iter()
         .map(|w| w.tokens)
@@ -198,10 +186,7 @@ fn collect_activations(
     fs::create_dir_all(&dir).map_err(|e| BuildError::io(&dir, e))?;
     let stamp = dir.join("sae.sha256");
     let sha = sae.sha256().unwrap_or("").to_string();
-    if fs::read_to_string(&stamp)
-        .ok()
-        .is_some_and(|s| s.trim() != sha)
-    {
+    if fs::read_to_string(&stamp).ok().is_some_and(|s| s.trim() != sha) {
         // Activations of another SAE: start over.
         fs::remove_dir_all(&dir).map_err(|e| BuildError::io(&dir, e))?;
         fs::create_dir_all(&dir).map_err(|e| BuildError::io(&dir, e))?;
@@ -223,12 +208,7 @@ fn collect_activations(
                         let tokens = &chunk[i];
                         let mut capture = CaptureResidual::new(sae.config().layer);
                         let mut cache = model.llama.new_cache();
-                        model.llama.forward(
-                            tokens,
-                            &mut cache,
-                            Some(&mut capture),
-                            ModelLogits::None,
-                        )?;
+                        model.llama.forward(tokens, &mut cache, Some(&mut capture), ModelLogits::None)?;
                         let mut encoded = sae.encode(&capture.take());
                         for (p, f) in encoded.iter_mut().enumerate() {
                             if p == 0 || model.tokenizer.is_control(tokens[p]) {
@@ -248,11 +228,7 @@ fn collect_activations(
     }
     progress.update(done, "done", true);
     let tokens = features.iter().flatten().filter(|f| !f.is_empty()).count() as u64;
-    Ok(Activations {
-        windows,
-        features,
-        tokens,
-    })
+    Ok(Activations { windows, features, tokens })
 }
 
 fn write_chunk(path: &Path, windows: &[Vec<Vec<(u32, f32)>>]) -> Result<(), BuildError> {
@@ -330,10 +306,9 @@ pub fn statistics(acts: &Activations, d_sae: usize, seed: u64) -> Vec<LatentStat
             }
             let mut taken: Vec<Occurrence> = Vec::new();
             let overlaps = |taken: &[Occurrence], o: &Occurrence| {
-                taken.iter().any(|t| {
-                    t.window == o.window
-                        && (t.pos as i64 - o.pos as i64).unsigned_abs() < WINDOW as u64
-                })
+                taken
+                    .iter()
+                    .any(|t| t.window == o.window && (t.pos as i64 - o.pos as i64).unsigned_abs() < WINDOW as u64)
             };
             let mut top = Vec::new();
             for o in &occ {
@@ -348,8 +323,7 @@ pub fn statistics(acts: &Activations, d_sae: usize, seed: u64) -> Vec<LatentStat
             // Decile bands by rank; from each, one sample to show.
             let mut sampled = Vec::new();
             for band in 0..SAMPLED {
-                let mut candidates: Vec<Occurrence> =
-                    occ[band * n / SAMPLED..(band + 1) * n / SAMPLED].to_vec();
+                let mut candidates: Vec<Occurrence> = occ[band * n / SAMPLED..(band + 1) * n / SAMPLED].to_vec();
                 candidates.shuffle(&mut rng);
                 if let Some(o) = candidates.into_iter().find(|o| !overlaps(&taken, o)) {
                     sampled.push(o);
@@ -360,8 +334,7 @@ pub fn statistics(acts: &Activations, d_sae: usize, seed: u64) -> Vec<LatentStat
             let activating = occ.partition_point(|o| o.act >= ACTIVATING_FRACTION * max_activation);
             let mut scoring = Vec::new();
             for band in 0..SCORING {
-                let mut candidates: Vec<Occurrence> =
-                    occ[band * activating / SCORING..(band + 1) * activating / SCORING].to_vec();
+                let mut candidates: Vec<Occurrence> = occ[band * activating / SCORING..(band + 1) * activating / SCORING].to_vec();
                 candidates.shuffle(&mut rng);
                 if let Some(o) = candidates.into_iter().find(|o| !overlaps(&taken, o)) {
                     scoring.push(o);
@@ -370,9 +343,7 @@ pub fn statistics(acts: &Activations, d_sae: usize, seed: u64) -> Vec<LatentStat
             }
             let mut token_counts: HashMap<TokenId, u32> = HashMap::new();
             for o in top.iter().chain(&sampled) {
-                *token_counts
-                    .entry(acts.windows[o.window as usize][o.pos as usize])
-                    .or_default() += 1;
+                *token_counts.entry(acts.windows[o.window as usize][o.pos as usize]).or_default() += 1;
             }
             let mut top_tokens: Vec<(TokenId, u32)> = token_counts.into_iter().collect();
             top_tokens.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));

@@ -58,12 +58,7 @@ pub fn label_quality(scored: &[Scored]) -> Value {
     for &s in &scores {
         histogram[((s * 10.0) as usize).min(9)] += 1;
     }
-    let by_source = |source: LabelSource| {
-        scored
-            .iter()
-            .filter(|s| s.source == source && s.score.is_some())
-            .count()
-    };
+    let by_source = |source: LabelSource| scored.iter().filter(|s| s.source == source && s.score.is_some()).count();
     json!({
         "method": "detection balanced accuracy: label vs 20 held-out activating contexts (activation >= 0.25 of the latent's unit, spread over their ranks, 4-token window) and as many random non-activating ones, all-MiniLM-L6-v2 cosine as judge, top half predicted active",
         "live": live,
@@ -100,20 +95,12 @@ pub fn run(
             };
             FeatureInfo {
                 label,
-                label_source: if s.is_live() {
-                    l.source
-                } else {
-                    LabelSource::Dead
-                },
+                label_source: if s.is_live() { l.source } else { LabelSource::Dead },
                 label_score: l.score.map(round4),
                 max_activation: round4(s.max_activation),
                 max_observed: round4(s.max_observed),
                 density: round4(s.count as f32 / acts.tokens.max(1) as f32),
-                histogram: if s.is_live() {
-                    s.histogram.clone()
-                } else {
-                    Vec::new()
-                },
+                histogram: if s.is_live() { s.histogram.clone() } else { Vec::new() },
                 promoted: rounded(&e.promoted),
                 suppressed: rounded(&e.suppressed),
                 boosted: rounded(&e.boosted),
@@ -149,11 +136,7 @@ pub fn run(
             let peak = values.iter().copied().fold(0f32, f32::max);
             peaks[f * STORED + slot] = peak;
             let at = (f * STORED + slot) * WINDOW;
-            for (i, (&t, &v)) in acts.windows[o.window as usize][range]
-                .iter()
-                .zip(&values)
-                .enumerate()
-            {
+            for (i, (&t, &v)) in acts.windows[o.window as usize][range].iter().zip(&values).enumerate() {
                 tokens[at + i] = t as u16;
                 activations[at + i] = (v / peak * 255.0).round().clamp(0.0, 255.0) as u8;
             }
@@ -181,8 +164,7 @@ pub fn run(
         json!({ "version": ATLAS_VERSION, "compact_sha256": index.sae.compact_sha256 }).to_string(),
     )]
     .into();
-    let bytes = safetensors::serialize(views, Some(meta))
-        .map_err(|e| BuildError::Input(format!("serializing contexts: {e}")))?;
+    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| BuildError::Input(format!("serializing contexts: {e}")))?;
     write_atomically(&args.out.join(CONTEXTS), &bytes)?;
 
     let file_entry = |name: &str| -> Result<Value, BuildError> {
@@ -191,9 +173,7 @@ pub fn run(
         } else {
             args.out.join(name)
         };
-        let size = std::fs::metadata(&path)
-            .map_err(|e| BuildError::io(&path, e))?
-            .len();
+        let size = std::fs::metadata(&path).map_err(|e| BuildError::io(&path, e))?.len();
         Ok(json!({ "file": name, "bytes": size, "sha256": sha256_file(&path)? }))
     };
     let files: Vec<Value> = [INDEX, CONTEXTS, EMBEDDER]

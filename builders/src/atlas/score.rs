@@ -25,9 +25,7 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
 use super::labels::Label;
-use super::{
-    Activations, AtlasArgs, LatentStats, Occurrence, append_line, context_text, read_lines,
-};
+use super::{Activations, AtlasArgs, LatentStats, Occurrence, append_line, context_text, read_lines};
 use crate::BuildError;
 use crate::minilm::MiniLm;
 use crate::progress::Progress;
@@ -119,10 +117,7 @@ pub fn run(
     let path = args.work.join("scores.jsonl");
     let mut scored: Vec<Option<Scored>> = vec![None; stats.len()];
     for line in read_lines(&path) {
-        if let Some(f) = line["feature"]
-            .as_u64()
-            .filter(|&f| (f as usize) < stats.len())
-        {
+        if let Some(f) = line["feature"].as_u64().filter(|&f| (f as usize) < stats.len()) {
             let source = if line["source"] == "model" {
                 LabelSource::Model
             } else {
@@ -137,19 +132,11 @@ pub fn run(
     }
     let n = args.features.unwrap_or(stats.len()).min(stats.len());
     let todo: Vec<usize> = (0..n)
-        .filter(|&f| {
-            scored[f].is_none() && stats[f].is_live() && !labels[f].candidates().is_empty()
-        })
+        .filter(|&f| scored[f].is_none() && stats[f].is_live() && !labels[f].candidates().is_empty())
         .collect();
     if !todo.is_empty() {
         let judge = MiniLm::load(&args.minilm, &kindling_engine::Backend::Cpu.device()?)?;
-        let text_of = |o: &Occurrence| {
-            context_text(
-                model,
-                &acts.windows[o.window as usize][judge_range(acts, o)],
-                None,
-            )
-        };
+        let text_of = |o: &Occurrence| context_text(model, &acts.windows[o.window as usize][judge_range(acts, o)], None);
 
         // A pool of random held-out contexts, embedded once.
         let mut rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x6e67);
@@ -158,14 +145,11 @@ pub fn run(
             .iter()
             .enumerate()
             .flat_map(|(w, f)| {
-                f.iter()
-                    .enumerate()
-                    .filter(|(_, x)| !x.is_empty())
-                    .map(move |(p, _)| Occurrence {
-                        act: 0.0,
-                        window: w as u32,
-                        pos: p as u32,
-                    })
+                f.iter().enumerate().filter(|(_, x)| !x.is_empty()).map(move |(p, _)| Occurrence {
+                    act: 0.0,
+                    window: w as u32,
+                    pos: p as u32,
+                })
             })
             .collect();
         pool.shuffle(&mut rng);
@@ -193,21 +177,10 @@ pub fn run(
                 .filter(|&i| !fires_in(&pool[i]))
                 .take(CHOOSE_POSITIVES + s.scoring.len())
                 .collect();
-            let (choose_negatives, score_negatives) =
-                clean.split_at(CHOOSE_POSITIVES.min(clean.len()));
-            let negatives = |idx: &[usize]| {
-                idx.iter()
-                    .map(|&i| pool_vectors[i].clone())
-                    .collect::<Vec<_>>()
-            };
+            let (choose_negatives, score_negatives) = clean.split_at(CHOOSE_POSITIVES.min(clean.len()));
+            let negatives = |idx: &[usize]| idx.iter().map(|&i| pool_vectors[i].clone()).collect::<Vec<_>>();
 
-            let choose: Vec<Occurrence> = s
-                .top
-                .iter()
-                .chain(&s.sampled)
-                .filter(|o| s.is_activating(o))
-                .copied()
-                .collect();
+            let choose: Vec<Occurrence> = s.top.iter().chain(&s.sampled).filter(|o| s.is_activating(o)).copied().collect();
             let mut texts: Vec<String> = choose.iter().chain(&s.scoring).map(text_of).collect();
             let candidates = labels[f].candidates();
             texts.extend(candidates.iter().map(|c| c.0.clone()));
@@ -221,8 +194,7 @@ pub fn run(
             let best = (0..candidates.len())
                 .max_by(|&a, &b| choosing[a].total_cmp(&choosing[b]).then(b.cmp(&a)))
                 .expect("a candidate");
-            let score = (score_v.len() >= MIN_SCORED)
-                .then(|| detection_score(&label_v[best], score_v, &negatives(score_negatives)));
+            let score = (score_v.len() >= MIN_SCORED).then(|| detection_score(&label_v[best], score_v, &negatives(score_negatives)));
             let (label, source) = candidates[best].clone();
             append_line(
                 &mut file,
@@ -233,17 +205,10 @@ pub fn run(
                     "scored_on": &texts[choose.len()..choose.len() + s.scoring.len()],
                 }),
             )?;
-            scored[f] = Some(Scored {
-                label,
-                source,
-                score,
-            });
+            scored[f] = Some(Scored { label, source, score });
             progress.update(
                 done as u64 + 1,
-                &format!(
-                    "#{f}: {}",
-                    scored[f].as_ref().map_or("", |s| s.label.as_str())
-                ),
+                &format!("#{f}: {}", scored[f].as_ref().map_or("", |s| s.label.as_str())),
                 false,
             );
         }
@@ -254,16 +219,8 @@ pub fn run(
         .zip(stats)
         .map(|(s, st)| {
             s.unwrap_or_else(|| Scored {
-                label: if st.is_live() {
-                    String::new()
-                } else {
-                    "dead latent".into()
-                },
-                source: if st.is_live() {
-                    LabelSource::Tokens
-                } else {
-                    LabelSource::Dead
-                },
+                label: if st.is_live() { String::new() } else { "dead latent".into() },
+                source: if st.is_live() { LabelSource::Tokens } else { LabelSource::Dead },
                 score: None,
             })
         })
@@ -283,15 +240,9 @@ mod tests {
         assert_eq!(detection_score(&label, &far, &near), 0.0);
         // One positive ranked among the negatives: half the positives found, half the negatives.
         let mixed = vec![vec![0.9, 0.1], vec![0.0, 1.0]];
-        assert_eq!(
-            detection_score(&label, &mixed, &[vec![0.8, 0.2], vec![0.1, 0.9]]),
-            0.5
-        );
+        assert_eq!(detection_score(&label, &mixed, &[vec![0.8, 0.2], vec![0.1, 0.9]]), 0.5);
         // AUC: 0.9 beats both negatives, 0.0 beats neither.
-        assert_eq!(
-            detection_auc(&label, &mixed, &[vec![0.8, 0.2], vec![0.1, 0.9]]),
-            0.5
-        );
+        assert_eq!(detection_auc(&label, &mixed, &[vec![0.8, 0.2], vec![0.1, 0.9]]), 0.5);
         assert_eq!(detection_auc(&label, &near, &far), 1.0);
     }
 }

@@ -45,7 +45,11 @@ pub fn fixture() -> &'static Value {
 }
 
 pub fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
 }
 
 pub fn prompt(name: &str) -> &'static Value {
