@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use kindling_engine::{Atlas, Model, Sae, StaticEmbedder, TokenId};
+use kindling_engine::{Atlas, Model, Sae, TokenId};
 use serde_json::{Value, json};
 
 use crate::BuildError;
@@ -41,10 +41,7 @@ fn read(path: &Path) -> Result<Vec<u8>, BuildError> {
 /// Loads the shipped atlas with its contexts.
 pub fn load_atlas(sae_dir: &Path, atlas_dir: &Path) -> Result<(Atlas, Sae), BuildError> {
     let sae = Sae::from_compact(&read(&sae_dir.join("kindling-sae.f16.safetensors"))?)?;
-    let embedder = StaticEmbedder::from_safetensors(&read(&atlas_dir.join("embedder.safetensors"))?)?;
-    let index = String::from_utf8(read(&atlas_dir.join("atlas.json"))?).map_err(|e| BuildError::Input(format!("atlas.json: {e}")))?;
-    let mut atlas = Atlas::from_index(&index, &sae, embedder)?;
-    atlas.load_contexts(&read(&atlas_dir.join("contexts.safetensors"))?)?;
+    let atlas = Atlas::load_dir(atlas_dir, &sae, true)?;
     Ok((atlas, sae))
 }
 
@@ -124,4 +121,27 @@ pub fn run(args: &SearchEvalArgs) -> Result<(), BuildError> {
         crate::write_atomically(out, (serde_json::to_string_pretty(&report).expect("JSON") + "\n").as_bytes())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The seed queries find a related feature in the top 10 of the shipped atlas, judged by
+    /// its contexts as `search-eval` judges them.
+    #[test]
+    fn seed_queries_find_related_features_in_the_shipped_atlas() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let model = Model::load(root.join("public/models/SmolLM2-135M-Instruct.Q4_1.gguf"), kindling_engine::Backend::Cpu).unwrap();
+        let (atlas, _) = load_atlas(&root.join("public/sae"), &root.join("public/atlas")).unwrap();
+        let spec: Value = serde_json::from_slice(&read(&root.join("tools/atlas/search-queries.json")).unwrap()).unwrap();
+        let judge = Judge { min_contexts: spec["min_contexts"].as_u64().unwrap() as usize, near: spec["near"].as_u64().unwrap() as usize };
+        let seeds: Vec<&Value> = spec["queries"].as_array().unwrap().iter().filter(|q| q["seed"] == true).collect();
+        assert_eq!(seeds.len(), 3);
+        for q in seeds {
+            let related: Vec<String> = q["related"].as_array().unwrap().iter().map(|w| w.as_str().unwrap().to_lowercase()).collect();
+            let found = atlas.search(q["query"].as_str().unwrap(), 10).iter().filter(|h| is_relevant(&model, &atlas, h.feature, &related, &judge).unwrap()).count();
+            assert!(found >= 1, "{}: no related feature in the top 10", q["query"]);
+        }
+    }
 }

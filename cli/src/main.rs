@@ -294,10 +294,9 @@ fn autosteer(
     prompt: Option<String>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     use kindling_engine::autosteer::{AutoSteerOptions, auto_steer};
-    use kindling_engine::{Atlas, CancelToken, Sae, StaticEmbedder, Steer, Variant};
+    use kindling_engine::{Atlas, CancelToken, Sae, Steer, Variant};
     let sae = Sae::from_compact(&std::fs::read(sae_dir.join("kindling-sae.f16.safetensors"))?)?;
-    let embedder = StaticEmbedder::from_safetensors(&std::fs::read(atlas_dir.join("embedder.safetensors"))?)?;
-    let atlas = Atlas::from_index(&std::fs::read_to_string(atlas_dir.join("atlas.json"))?, &sae, embedder)?;
+    let atlas = Atlas::load_dir(atlas_dir, &sae, false)?;
     let result = auto_steer(model, &sae, &atlas, description, &AutoSteerOptions::default())?;
     println!(
         "base: similarity {:.3}, coherence {:.2}",

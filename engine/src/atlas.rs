@@ -196,6 +196,31 @@ impl Atlas {
         })
     }
 
+    /// Loads an atlas directory as `kindling-build atlas` writes it: the index and the
+    /// embedder, and the contexts when `with_contexts`.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn load_dir(dir: &std::path::Path, sae: &Sae, with_contexts: bool) -> Result<Self, crate::EngineError> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read(&path).map_err(|source| crate::EngineError::Io {
+                path: path.display().to_string(),
+                source,
+            })
+        };
+        let index = String::from_utf8(read("atlas.json")?).map_err(|e| AtlasError::Index(e.to_string()))?;
+        let embedder = StaticEmbedder::from_safetensors(&read("embedder.safetensors")?)?;
+        let mut atlas = Self::from_index(&index, sae, embedder)?;
+        if with_contexts {
+            atlas.load_contexts(&read("contexts.safetensors")?)?;
+        }
+        Ok(atlas)
+    }
+
+    /// The UUIDs of this atlas's SAE's features.
+    pub fn feature_ids(&self) -> crate::FeatureIds {
+        crate::FeatureIds::new(&self.index.sae.compact_sha256)
+    }
+
     /// Adds the top contexts (`contexts.safetensors`).
     pub fn load_contexts(&mut self, bytes: &[u8]) -> Result<(), AtlasError> {
         let bad = |m: String| AtlasError::Contexts(m);

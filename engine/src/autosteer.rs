@@ -26,6 +26,9 @@ pub struct AutoSteerOptions {
     pub prompts: Vec<String>,
     /// Tokens generated per continuation.
     pub max_tokens: usize,
+    /// Stop trying further candidates after this long and choose among those tried (the
+    /// Goodfire SDK waits 60 s for an answer). Ignored in wasm, which has no clock here.
+    pub time_budget: Option<std::time::Duration>,
 }
 
 impl Default for AutoSteerOptions {
@@ -35,6 +38,7 @@ impl Default for AutoSteerOptions {
             values: vec![0.4, 0.8],
             prompts: vec!["Tell me about your day.".into(), "What should I cook tonight?".into()],
             max_tokens: 32,
+            time_budget: None,
         }
     }
 }
@@ -61,6 +65,25 @@ pub struct AutoSteer {
 
 fn cosine(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Wall time since a start, where the platform has a clock (zero in wasm).
+struct Clock(#[cfg(not(target_arch = "wasm32"))] std::time::Instant);
+
+impl Clock {
+    fn start() -> Self {
+        #[cfg(not(target_arch = "wasm32"))]
+        return Clock(std::time::Instant::now());
+        #[cfg(target_arch = "wasm32")]
+        Clock()
+    }
+
+    fn elapsed(&self) -> std::time::Duration {
+        #[cfg(not(target_arch = "wasm32"))]
+        return self.0.elapsed();
+        #[cfg(target_arch = "wasm32")]
+        std::time::Duration::ZERO
+    }
 }
 
 /// Unique tokens / tokens (1.0 for an empty text).
@@ -108,7 +131,11 @@ pub fn auto_steer(model: &Model, sae: &Sae, atlas: &Atlas, description: &str, op
     let (base_similarity, base_coherence) = judge(model, sae, &units, &[], embedder, &target, opts)?;
     let coherent = |c: f32| c >= 0.5 && c >= 0.8 * base_coherence;
     let mut trials = Vec::new();
+    let clock = Clock::start();
     for hit in atlas.search(description, opts.candidates) {
+        if opts.time_budget.is_some_and(|budget| clock.elapsed() >= budget) {
+            break;
+        }
         for &value in &opts.values {
             let edits = vec![Edit::nudge(hit.feature, value)];
             let (similarity, coherence) = judge(model, sae, &units, &edits, embedder, &target, opts)?;

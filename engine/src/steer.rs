@@ -333,7 +333,7 @@ impl Variant {
 /// `controller` field of a chat request, and `Variant.json()`.
 ///
 /// Features are keyed by `index_in_sae`; the `uuid` the SDK echoes back is made from the
-/// index ([`feature_uuid`]) and is otherwise ignored, dashed or not. A `pin` whose value is
+/// SAE and index ([`FeatureIds`]) and is otherwise ignored, dashed or not. A `pin` whose value is
 /// another feature, and scopes nested deeper than one level, are refused with a clear
 /// error (the SDK's `Variant` never produces either).
 impl Variant {
@@ -358,8 +358,8 @@ impl Variant {
     }
 
     /// The `controller` object for this variant (`label(i)` names feature `i`).
-    pub fn to_controller(&self, label: &dyn Fn(u32) -> String) -> Value {
-        let feature = |i: u32| json!({ "uuid": feature_uuid(i), "label": label(i), "index_in_sae": i, "max_activation_strength": 1 });
+    pub fn to_controller(&self, ids: &FeatureIds, label: &dyn Fn(u32) -> String) -> Value {
+        let feature = |i: u32| json!({ "uuid": ids.uuid(i), "label": label(i), "index_in_sae": i, "max_activation_strength": 1 });
         let group = |g: &[u32]| json!({ "features": g.iter().map(|&i| feature(i)).collect::<Vec<_>>() });
         let controller = |edits: &[Edit], scopes: Vec<Value>| {
             let interventions: Vec<Value> = edits
@@ -418,20 +418,57 @@ impl Variant {
     }
 
     /// The SDK's `Variant.json()` for the edits (nudges only; scopes have no form there).
-    pub fn to_goodfire_json(&self, label: &dyn Fn(u32) -> String) -> Value {
+    pub fn to_goodfire_json(&self, ids: &FeatureIds, label: &dyn Fn(u32) -> String) -> Value {
         let edits: Vec<Value> = self
             .edits
             .iter()
             .filter(|e| e.mode == Mode::Nudge)
-            .map(|e| json!({ "feature_id": feature_uuid(e.feature), "feature_label": label(e.feature), "index_in_sae": e.feature, "value": e.value }))
+            .map(|e| json!({ "feature_id": ids.uuid(e.feature), "feature_label": label(e.feature), "index_in_sae": e.feature, "value": e.value }))
             .collect();
         json!({ "base_model": self.base_model, "edits": edits, "scopes": [] })
     }
 }
 
-/// The UUID Kindling gives feature `index` (stable, dashed).
-pub fn feature_uuid(index: u32) -> String {
-    format!("00000000-0000-4000-8000-{index:012x}")
+/// Feature UUIDs tied to one SAE: the first 80 bits come from the SAE's SHA-256, the last 48
+/// are the latent's index, so an id names one latent of one SAE (the Goodfire SDK's
+/// `features/?feature_id=` lookup carries no model), is stable across runs, and parses back
+/// without a table. The version and variant nibbles make it a well-formed v4 UUID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeatureIds {
+    /// The 20 hex digits before the index, with the version and variant nibbles set.
+    prefix: String,
+}
+
+impl FeatureIds {
+    /// Ids for the SAE whose file has this SHA-256 (hex; only the first 18 digits are used).
+    pub fn new(sae_sha256: &str) -> Self {
+        let hex: String = sae_sha256
+            .chars()
+            .filter(char::is_ascii_hexdigit)
+            .map(|c| c.to_ascii_lowercase())
+            .chain(std::iter::repeat('0'))
+            .take(18)
+            .collect();
+        Self {
+            prefix: format!("{}4{}8{}", &hex[..12], &hex[12..15], &hex[15..18]),
+        }
+    }
+
+    /// The lowercase dashed UUID of latent `index`.
+    pub fn uuid(&self, index: u32) -> String {
+        let p = &self.prefix;
+        format!("{}-{}-{}-{}-{index:012x}", &p[..8], &p[8..12], &p[12..16], &p[16..20])
+    }
+
+    /// The latent a UUID names, in any form the SDK sends (dashed or 32 hex digits, any
+    /// case); `None` for a malformed id or one of another SAE.
+    pub fn parse(&self, id: &str) -> Option<u32> {
+        let hex: String = id.chars().filter(|&c| c != '-').collect::<String>().to_ascii_lowercase();
+        if hex.len() != 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) || !hex.starts_with(&self.prefix) {
+            return None;
+        }
+        u32::try_from(u64::from_str_radix(&hex[20..], 16).ok()?).ok()
+    }
 }
 
 fn array<'v>(v: &'v Value, key: &str) -> Result<&'v [Value], VariantError> {
@@ -735,7 +772,12 @@ mod tests {
         );
         assert_eq!(v.scopes[1].when.comparisons[0].left, [0, 1]);
         assert_eq!(v.scopes[1].then, Action::Abort("24e31fd7-11a8-45d4-95e0-6873d09da7e4".into()));
-        let again = Variant::from_controller(&v.base_model, &v.to_controller(&|i| format!("feature {i}")), 8192).unwrap();
+        let again = Variant::from_controller(
+            &v.base_model,
+            &v.to_controller(&FeatureIds::new("ab"), &|i| format!("feature {i}")),
+            8192,
+        )
+        .unwrap();
         assert_eq!(again, v);
         // Unknown ids, pins to features and malformed parts are refused.
         assert!(matches!(
@@ -757,13 +799,26 @@ mod tests {
     }
 
     #[test]
+    fn feature_ids_name_one_latent_of_one_sae() {
+        let ids = FeatureIds::new("b179c9523d0e6a0f98a330c7562b682750a6f8c8");
+        let id = ids.uuid(300);
+        assert_eq!(id, "b179c952-3d0e-46a0-8f98-00000000012c");
+        assert_eq!(ids.parse(&id), Some(300));
+        assert_eq!(ids.parse(&id.replace('-', "").to_uppercase()), Some(300));
+        assert_eq!(FeatureIds::new("00ff").parse(&id), None, "another SAE's id");
+        for bad in ["", "not-a-uuid", &id[..35], &format!("{id}0")] {
+            assert_eq!(ids.parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
     fn reads_and_writes_the_goodfire_variant_json() {
         let text = r#"{"base_model": "meta-llama/Llama-3.3-70B-Instruct",
           "edits": [{"feature_id": "a16920eb-459c-4862-9c42-d0711c9c700c", "feature_label": "The assistant should roleplay as a pirate", "index_in_sae": 33234, "value": 0.9}],
           "scopes": []}"#;
         let v = Variant::from_goodfire_json(text, 65536).unwrap();
         assert_eq!(v.edits, [Edit::nudge(33234, 0.9)]);
-        let back = v.to_goodfire_json(&|_| "pirate".into());
+        let back = v.to_goodfire_json(&FeatureIds::new("ab"), &|_| "pirate".into());
         assert_eq!(Variant::from_goodfire_json(&back.to_string(), 65536).unwrap(), v);
         assert!(matches!(
             Variant::from_goodfire_json(text, 8192),

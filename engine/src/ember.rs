@@ -1,0 +1,955 @@
+//! The Ember operations behind one type, speaking the Goodfire SDK's JSON.
+//!
+//! [`Ember`] holds the model, the SAE and the atlas, and answers every request of the
+//! Goodfire API (`../shared/reference/goodfire-api.md` §2) with typed request and response
+//! bodies: chat (streamed token by token through a callback), logits, feature search,
+//! rerank, lookup, listing by id, neighbours, inspection, contrast, AutoSteer and
+//! AutoConditional. The server (`kindling-server`) adds only HTTP around it, and the browser
+//! app calls the same methods in its worker, so both speak one protocol.
+//!
+//! Conventions of this implementation, beyond what the SDK fixes:
+//! * Feature ids are [`FeatureIds`] UUIDs: tied to the SAE's SHA-256 and the latent's index.
+//! * Activations in `compute-features` are in max-activation units (the atlas's
+//!   `max_activation`), the unit of edit values and conditions, so what a user reads in an
+//!   inspection is what a condition compares against.
+//! * Requests that the model cannot serve as sent (unknown feature, bad value, prompt too
+//!   long) are [`EmberError::Invalid`]; an unknown model name is [`EmberError::UnknownModel`].
+//!   `max_completion_tokens` above the limit is lowered to it, not refused, since the SDK
+//!   always sends 2048.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::atlas::{Atlas, Hit};
+use crate::autosteer::{AutoSteerOptions, auto_conditional, auto_steer};
+use crate::inspect::Inspection;
+use crate::logits::next_tokens;
+use crate::sae::Sae;
+use crate::steer::{Comparison, FeatureIds, Operand, Steer, Variant, VariantError};
+use crate::tokenizer::{ChatMessage, TokenId};
+use crate::{CancelToken, EngineError, FinishReason, Model, ResidualHook, SamplingParams};
+
+/// How much one request may ask for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Tokens of a templated conversation (prompt of a chat, input of an inspection).
+    pub max_prompt_tokens: usize,
+    /// Tokens one chat completion may generate (larger requests are lowered to this).
+    pub max_new_tokens: usize,
+    pub max_messages: usize,
+    /// Conversations per contrast dataset.
+    pub max_conversations: usize,
+    /// Features per rerank, list, lookup or neighbours request.
+    pub max_features: usize,
+    /// Results per search, rerank or neighbours request.
+    pub max_top_k: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        // The real API's limits where it had them (goodfire-api.md §2.15); prompts sized for
+        // a 135M model on a CPU.
+        Self {
+            max_prompt_tokens: 4096,
+            max_new_tokens: 1024,
+            max_messages: 128,
+            max_conversations: 64,
+            max_features: 8192,
+            max_top_k: 8192,
+        }
+    }
+}
+
+/// Why a request was not served.
+#[derive(Debug, thiserror::Error)]
+pub enum EmberError {
+    /// The request is well-formed JSON but cannot be served as sent (HTTP 422).
+    #[error("{0}")]
+    Invalid(String),
+    /// The request names a model this service does not run (HTTP 404).
+    #[error("unknown model {found:?}: this server runs {serves:?}")]
+    UnknownModel { found: String, serves: String },
+    /// The engine failed (HTTP 500).
+    #[error(transparent)]
+    Engine(EngineError),
+}
+
+impl EmberError {
+    /// The HTTP status the Goodfire SDK maps this error from.
+    pub fn status(&self) -> u16 {
+        match self {
+            EmberError::Invalid(_) => 422,
+            EmberError::UnknownModel { .. } => 404,
+            EmberError::Engine(_) => 500,
+        }
+    }
+}
+
+impl From<EngineError> for EmberError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Variant(_)
+            | EngineError::EmptyInput
+            | EngineError::ContextOverflow { .. }
+            | EngineError::BadToken(_)
+            | EngineError::Tokenizer(_)
+            | EngineError::Atlas(crate::AtlasError::UnknownFeature { .. }) => EmberError::Invalid(e.to_string()),
+            e => EmberError::Engine(e),
+        }
+    }
+}
+
+impl From<VariantError> for EmberError {
+    fn from(e: VariantError) -> Self {
+        EmberError::Invalid(e.to_string())
+    }
+}
+
+impl From<crate::AtlasError> for EmberError {
+    fn from(e: crate::AtlasError) -> Self {
+        EngineError::from(e).into()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Wire types (goodfire-api.md §2). Unknown request fields are ignored: the OpenAI SDK adds
+// its own (`n`, `stream_options`, ...).
+
+/// A chat message as the SDKs send it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// `stop`: one string or several.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `POST chat/completions` (also the OpenAI-style `/v1/chat/completions`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatRequest {
+    pub messages: Vec<Message>,
+    pub model: String,
+    #[serde(default)]
+    pub stream: bool,
+    pub max_completion_tokens: Option<i64>,
+    /// The OpenAI name of `max_completion_tokens`.
+    pub max_tokens: Option<i64>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub stop: Option<Stop>,
+    pub seed: Option<i64>,
+    pub controller: Option<Value>,
+}
+
+/// `POST chat-attribution/compute-logits`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogitsRequest {
+    pub messages: Vec<Message>,
+    pub model: String,
+    #[serde(default = "ten")]
+    pub top_k: i64,
+    pub filter_vocabulary: Option<Vec<String>>,
+    pub controller: Option<Value>,
+}
+
+fn ten() -> i64 {
+    10
+}
+
+/// `POST features/rerank`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RerankRequest {
+    pub query: String,
+    pub model: String,
+    #[serde(default = "ten")]
+    pub top_k: i64,
+    pub feature_ids: Vec<String>,
+}
+
+/// `POST features/lookup`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LookupRequest {
+    pub indices: Vec<i64>,
+    pub model: String,
+}
+
+/// `POST attributions/neighbors`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct NeighborsRequest {
+    pub feature_indices: Vec<i64>,
+    pub model: String,
+    #[serde(default = "ten")]
+    pub top_k: i64,
+}
+
+/// `POST chat-attribution/compute-features`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ComputeFeaturesRequest {
+    pub messages: Vec<Message>,
+    pub model: String,
+    pub controller: Option<Value>,
+    /// Aggregation happens in the SDK; accepted and ignored.
+    pub aggregate_by: Option<String>,
+    pub include_feature_indexes: Option<Vec<i64>>,
+}
+
+/// `POST chat-attribution/contrast`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContrastRequest {
+    pub dataset_1: Vec<Vec<Message>>,
+    pub dataset_2: Vec<Vec<Message>>,
+    pub model: String,
+    #[serde(default = "five")]
+    pub k_to_add: i64,
+    #[serde(default = "five")]
+    pub k_to_remove: i64,
+}
+
+fn five() -> i64 {
+    5
+}
+
+/// `POST features/auto-edits` and `features/auto-conditional`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SpecificationRequest {
+    pub specification: String,
+    pub model: String,
+}
+
+/// `POST attributions/compute-logit-attribution`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AttributionRequest {
+    pub messages: Vec<Message>,
+    pub model: String,
+    pub start_index: i64,
+    pub end_index: Option<i64>,
+}
+
+/// `POST attributions/generate-contrastive-dataset` (the SDK sends no model).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContrastiveDatasetRequest {
+    pub specification: String,
+}
+
+/// `POST chat/tokenize`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TokenizeRequest {
+    pub messages: Vec<Message>,
+    pub model: String,
+}
+
+/// A feature in a search-style answer (`id`; `lookup` answers use `uuid` instead).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeatureOut {
+    pub id: String,
+    pub label: String,
+    pub index_in_sae: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relevance: Option<f32>,
+}
+
+/// `compute-logits`'s answer: `{"logits": {token: logit}}`, keys in order of logit.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LogitsResponse {
+    pub logits: OrderedMap,
+}
+
+/// A JSON object whose keys keep their order (most likely token first).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OrderedMap(pub Vec<(String, f32)>);
+
+impl Serialize for OrderedMap {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
+/// One streamed piece of a chat reply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatDelta {
+    /// The generated token's position in the reply (0, 1, ...).
+    pub index: usize,
+    pub text: String,
+}
+
+/// How a chat reply ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatEnd {
+    /// `"stop"` (end of turn, stop string or abort) or `"length"`.
+    pub finish_reason: &'static str,
+    /// The `abort_when` event that stopped it, if one did.
+    pub event: Option<String>,
+    /// Generated tokens.
+    pub tokens: usize,
+    /// True when the caller stopped it (client gone).
+    pub cancelled: bool,
+}
+
+/// A validated chat request, ready to run.
+pub struct ChatPlan {
+    pub prompt: Vec<TokenId>,
+    pub params: SamplingParams,
+    pub variant: Variant,
+    pub stop: Vec<String>,
+}
+
+// ---------------------------------------------------------------------------------------
+
+/// The model, SAE and atlas of one service, and the Ember operations on them.
+pub struct Ember {
+    pub model: Model,
+    pub sae: Sae,
+    pub atlas: Atlas,
+    /// The model name requests must carry.
+    pub name: String,
+    pub limits: Limits,
+    units: Vec<f32>,
+    ids: FeatureIds,
+}
+
+impl Ember {
+    pub fn new(model: Model, sae: Sae, atlas: Atlas, name: impl Into<String>) -> Self {
+        let units = atlas.units();
+        let ids = atlas.feature_ids();
+        Self {
+            model,
+            sae,
+            atlas,
+            name: name.into(),
+            limits: Limits::default(),
+            units,
+            ids,
+        }
+    }
+
+    pub fn feature_ids(&self) -> &FeatureIds {
+        &self.ids
+    }
+
+    /// Each latent's steering unit.
+    pub fn units(&self) -> &[f32] {
+        &self.units
+    }
+
+    fn d_sae(&self) -> usize {
+        self.atlas.d_sae()
+    }
+
+    fn check_model(&self, model: &str) -> Result<(), EmberError> {
+        if model == self.name {
+            Ok(())
+        } else {
+            Err(EmberError::UnknownModel {
+                found: model.to_string(),
+                serves: self.name.clone(),
+            })
+        }
+    }
+
+    fn label(&self, feature: u32) -> String {
+        self.atlas.feature(feature).map(|f| f.label.clone()).unwrap_or_default()
+    }
+
+    fn feature_out(&self, feature: u32, relevance: Option<f32>) -> FeatureOut {
+        FeatureOut {
+            id: self.ids.uuid(feature),
+            label: self.label(feature),
+            index_in_sae: feature,
+            relevance,
+        }
+    }
+
+    fn hits_out(&self, hits: Vec<Hit>) -> Vec<FeatureOut> {
+        hits.into_iter().map(|h| self.feature_out(h.feature, Some(h.score))).collect()
+    }
+
+    /// `Feature.json()` as the SDK reads it back (`uuid`, not `id`).
+    fn feature_json(&self, feature: u32) -> Value {
+        json!({ "uuid": self.ids.uuid(feature), "label": self.label(feature), "index_in_sae": feature, "max_activation_strength": 1 })
+    }
+
+    fn index(&self, i: i64) -> Result<u32, EmberError> {
+        u32::try_from(i)
+            .ok()
+            .filter(|&f| (f as usize) < self.d_sae())
+            .ok_or_else(|| EmberError::Invalid(format!("feature index {i} does not exist (the SAE has {} latents)", self.d_sae())))
+    }
+
+    fn indices(&self, list: &[i64]) -> Result<Vec<u32>, EmberError> {
+        if list.len() > self.limits.max_features {
+            return Err(EmberError::Invalid(format!(
+                "{} features, at most {}",
+                list.len(),
+                self.limits.max_features
+            )));
+        }
+        list.iter().map(|&i| self.index(i)).collect()
+    }
+
+    fn top_k(&self, k: i64) -> Result<usize, EmberError> {
+        usize::try_from(k)
+            .ok()
+            .filter(|&k| (1..=self.limits.max_top_k).contains(&k))
+            .ok_or_else(|| EmberError::Invalid(format!("top_k must be between 1 and {}, got {k}", self.limits.max_top_k)))
+    }
+
+    /// The latent a feature id names (dashed or 32-hex UUID of this SAE).
+    pub fn parse_id(&self, id: &str) -> Result<u32, EmberError> {
+        self.ids
+            .parse(id)
+            .filter(|&f| (f as usize) < self.d_sae())
+            .ok_or_else(|| EmberError::Invalid(format!("{id:?} is not a feature id of this SAE")))
+    }
+
+    /// The variant a request's `controller` describes (the base model without one).
+    pub fn variant(&self, controller: Option<&Value>) -> Result<Variant, EmberError> {
+        match controller {
+            None | Some(Value::Null) => Ok(Variant::new(self.name.clone())),
+            Some(c @ Value::Object(_)) => Ok(Variant::from_controller(&self.name, c, self.d_sae())?),
+            Some(other) => Err(EmberError::Invalid(format!("\"controller\" must be an object, found {other}"))),
+        }
+    }
+
+    fn messages(&self, messages: &[Message]) -> Result<Vec<ChatMessage>, EmberError> {
+        if messages.is_empty() || messages.len() > self.limits.max_messages {
+            return Err(EmberError::Invalid(format!(
+                "between 1 and {} messages are needed, got {}",
+                self.limits.max_messages,
+                messages.len()
+            )));
+        }
+        messages
+            .iter()
+            .map(|m| match m.role.as_str() {
+                "system" | "user" | "assistant" => Ok(ChatMessage::new(m.role.clone(), m.content.clone())),
+                other => Err(EmberError::Invalid(format!(
+                    "message role must be system, user or assistant, found {other:?}"
+                ))),
+            })
+            .collect()
+    }
+
+    fn check_length(&self, tokens: &[TokenId]) -> Result<(), EmberError> {
+        if tokens.len() > self.limits.max_prompt_tokens {
+            return Err(EmberError::Invalid(format!(
+                "the conversation is {} tokens long, this server takes at most {}",
+                tokens.len(),
+                self.limits.max_prompt_tokens
+            )));
+        }
+        Ok(())
+    }
+
+    /// A conversation as the model reads it, for a continuation: with the assistant's
+    /// generation prompt, or, when the last message is the assistant's, continuing that text.
+    fn continuation_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<TokenId>, EmberError> {
+        let tokenizer = &self.model.tokenizer;
+        let tokens = if messages.last().is_some_and(|m| m.role == "assistant") {
+            let text = tokenizer.apply_chat_template(messages, false).map_err(EngineError::from)?;
+            let open = text.trim_end().strip_suffix("<|im_end|>").unwrap_or(text.trim_end());
+            tokenizer.encode(open, true)
+        } else {
+            tokenizer.encode_chat(messages).map_err(EngineError::from)?
+        };
+        self.check_length(&tokens)?;
+        Ok(tokens)
+    }
+
+    fn steer(&self, variant: &Variant) -> Result<Option<Box<dyn ResidualHook + '_>>, EmberError> {
+        if variant.is_base() {
+            return Ok(None);
+        }
+        Ok(Some(Box::new(Steer::new(&self.sae, &self.units, variant.clone())?)))
+    }
+
+    // --- chat -----------------------------------------------------------------------------
+
+    /// Checks a chat request and turns it into a plan (every error a request can cause is
+    /// found here, before any reply is streamed).
+    pub fn plan_chat(&self, request: &ChatRequest) -> Result<ChatPlan, EmberError> {
+        self.check_model(&request.model)?;
+        let messages = self.messages(&request.messages)?;
+        let prompt = self.continuation_tokens(&messages)?;
+        let variant = self.variant(request.controller.as_ref())?;
+        let asked = request.max_completion_tokens.or(request.max_tokens);
+        let max_tokens = match asked {
+            None => 512.min(self.limits.max_new_tokens),
+            Some(n) if n < 1 => return Err(EmberError::Invalid(format!("max_completion_tokens must be at least 1, got {n}"))),
+            Some(n) => (n as u64).min(self.limits.max_new_tokens as u64) as usize,
+        };
+        let temperature = request.temperature.unwrap_or(0.6);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(EmberError::Invalid(format!(
+                "temperature must be between 0 and 2, got {temperature}"
+            )));
+        }
+        let top_p = request.top_p.unwrap_or(0.9);
+        if !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
+            return Err(EmberError::Invalid(format!("top_p must be above 0 and at most 1, got {top_p}")));
+        }
+        let seed = match request.seed {
+            None => 42,
+            Some(s) => u64::try_from(s).map_err(|_| EmberError::Invalid(format!("seed must not be negative, got {s}")))?,
+        };
+        let stop = match &request.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(list)) => list.clone(),
+        };
+        let stop: Vec<String> = stop.into_iter().filter(|s| !s.is_empty()).take(16).collect();
+        let params = SamplingParams {
+            temperature,
+            top_p: Some(top_p),
+            seed,
+            max_tokens,
+            ..SamplingParams::default()
+        };
+        Ok(ChatPlan {
+            prompt,
+            params,
+            variant,
+            stop,
+        })
+    }
+
+    /// Generates the reply of a plan, handing each piece of text to `emit` (which returns
+    /// false to stop: the client went away). Text that might be the start of a stop string is
+    /// held back until it is known not to be one.
+    pub fn run_chat(&self, plan: &ChatPlan, cancel: CancelToken, mut emit: impl FnMut(ChatDelta) -> bool) -> Result<ChatEnd, EmberError> {
+        let hook = self.steer(&plan.variant)?;
+        let mut stream = self
+            .model
+            .generate(plan.prompt.clone(), plan.params.clone(), hook, cancel.clone())?;
+        let (mut text, mut sent, mut index) = (String::new(), 0usize, 0usize);
+        let mut end = ChatEnd {
+            finish_reason: "stop",
+            event: None,
+            tokens: 0,
+            cancelled: false,
+        };
+        let mut stopped = false;
+        for token in &mut stream {
+            let token = match token {
+                Ok(t) => t,
+                Err(EngineError::Aborted { event }) => {
+                    end.event = Some(event);
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            end.tokens += 1;
+            text.push_str(&token.text);
+            // The reply ends before the first stop string.
+            if let Some(cut) = plan
+                .stop
+                .iter()
+                .filter_map(|s| text[sent..].find(s.as_str()).map(|i| sent + i))
+                .min()
+            {
+                text.truncate(cut);
+                stopped = true;
+            }
+            let safe = if stopped {
+                text.len()
+            } else {
+                text.len() - held_back(&text[sent..], &plan.stop)
+            };
+            if safe > sent {
+                if !emit(ChatDelta {
+                    index,
+                    text: text[sent..safe].to_string(),
+                }) {
+                    cancel.cancel();
+                    end.cancelled = true;
+                    break;
+                }
+                index += 1;
+                sent = safe;
+            }
+            if stopped {
+                break;
+            }
+        }
+        if !stopped && end.event.is_none() && !end.cancelled && sent < text.len() {
+            end.cancelled = !emit(ChatDelta {
+                index,
+                text: text[sent..].to_string(),
+            });
+        }
+        if stream.finish_reason() == Some(FinishReason::Length) && !stopped {
+            end.finish_reason = "length";
+        }
+        end.cancelled |= stream.finish_reason() == Some(FinishReason::Cancelled);
+        Ok(end)
+    }
+
+    /// A whole (non-streamed) chat completion in the SDK's `ChatCompletion` shape.
+    pub fn chat_completion(&self, request: &ChatRequest, cancel: CancelToken) -> Result<Value, EmberError> {
+        let plan = self.plan_chat(request)?;
+        let mut content = String::new();
+        let end = self.run_chat(&plan, cancel, |d| {
+            content.push_str(&d.text);
+            true
+        })?;
+        Ok(json!({
+            "id": completion_id(), "object": "chat.completion", "created": now(), "model": self.name,
+            "system_fingerprint": "", "gf_event_names": end.event.iter().collect::<Vec<_>>(),
+            "choices": [{ "index": 0, "message": { "role": "assistant", "content": content }, "finish_reason": end.finish_reason }],
+            "usage": { "prompt_tokens": plan.prompt.len(), "completion_tokens": end.tokens, "total_tokens": plan.prompt.len() + end.tokens },
+        }))
+    }
+
+    // --- logits ---------------------------------------------------------------------------
+
+    /// `compute-logits`: the next-token logits after the conversation, under its controller,
+    /// most likely first.
+    pub fn compute_logits(&self, request: &LogitsRequest) -> Result<LogitsResponse, EmberError> {
+        self.check_model(&request.model)?;
+        let tokens = self.continuation_tokens(&self.messages(&request.messages)?)?;
+        let variant = self.variant(request.controller.as_ref())?;
+        let k = self.top_k(request.top_k)?.min(self.model.llama.config().vocab_size);
+        let only = match &request.filter_vocabulary {
+            None => None,
+            Some(words) => Some(
+                words
+                    .iter()
+                    .map(|w| match self.model.tokenizer.encode(w, true).as_slice() {
+                        [id] => Ok(*id),
+                        _ => Err(EmberError::Invalid(format!("{w:?} in filter_vocabulary is not one token"))),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
+        let steered = (!variant.is_base()).then_some((&variant, self.units.as_slice()));
+        let next = next_tokens(&self.model, &self.sae, &tokens, steered, k, only.as_deref())?;
+        let mut logits: Vec<(String, f32)> = Vec::with_capacity(next.len());
+        for t in next {
+            if !logits.iter().any(|(text, _)| *text == t.text) {
+                logits.push((t.text, t.logit));
+            }
+        }
+        Ok(LogitsResponse {
+            logits: OrderedMap(logits),
+        })
+    }
+
+    // --- features -------------------------------------------------------------------------
+
+    /// `GET features/search`.
+    pub fn search(&self, query: &str, model: &str, top_k: i64) -> Result<Value, EmberError> {
+        self.check_model(model)?;
+        let k = self.top_k(top_k)?.min(100);
+        Ok(json!({ "features": self.hits_out(self.atlas.search(query, k)) }))
+    }
+
+    /// `POST features/rerank`.
+    pub fn rerank(&self, request: &RerankRequest) -> Result<Value, EmberError> {
+        self.check_model(&request.model)?;
+        if request.feature_ids.len() > self.limits.max_features {
+            return Err(EmberError::Invalid(format!(
+                "{} feature ids, at most {}",
+                request.feature_ids.len(),
+                self.limits.max_features
+            )));
+        }
+        let features = request
+            .feature_ids
+            .iter()
+            .map(|id| self.parse_id(id))
+            .collect::<Result<Vec<_>, _>>()?;
+        let hits = self.atlas.rerank(&features, &request.query, self.top_k(request.top_k)?)?;
+        Ok(json!({ "features": self.hits_out(hits) }))
+    }
+
+    /// `GET features/?feature_id=...`: the features these ids name (ids of another SAE are
+    /// left out, as the SDK expects; malformed ids are an error).
+    pub fn list(&self, ids: &[String]) -> Result<Value, EmberError> {
+        if ids.len() > self.limits.max_features {
+            return Err(EmberError::Invalid(format!(
+                "{} feature ids, at most {}",
+                ids.len(),
+                self.limits.max_features
+            )));
+        }
+        let mut out = Vec::new();
+        for id in ids {
+            let hex: String = id.chars().filter(|&c| c != '-').collect();
+            if hex.len() != 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(EmberError::Invalid(format!("{id:?} is not a UUID")));
+            }
+            if let Ok(f) = self.parse_id(id) {
+                out.push(self.feature_out(f, None));
+            }
+        }
+        Ok(json!({ "features": out }))
+    }
+
+    /// `POST features/lookup`.
+    pub fn lookup(&self, request: &LookupRequest) -> Result<Value, EmberError> {
+        self.check_model(&request.model)?;
+        let features = self.indices(&request.indices)?;
+        Ok(json!({ "features": features.iter().map(|&f| self.feature_json(f)).collect::<Vec<_>>() }))
+    }
+
+    /// `POST attributions/neighbors`: by decoder cosine to the group's centroid.
+    pub fn neighbors(&self, request: &NeighborsRequest) -> Result<Value, EmberError> {
+        self.check_model(&request.model)?;
+        let group = self.indices(&request.feature_indices)?;
+        if group.is_empty() {
+            return Err(EmberError::Invalid("feature_indices is empty".into()));
+        }
+        let hits = self.atlas.neighbors(&self.sae, &group, self.top_k(request.top_k)?)?;
+        let out: Vec<FeatureOut> = hits.into_iter().map(|h| self.feature_out(h.feature, None)).collect();
+        Ok(json!({ "neighbors": out }))
+    }
+
+    /// `POST chat-attribution/compute-features`: every token of the templated conversation
+    /// with its active features (strongest first, in max-activation units).
+    pub fn compute_features(&self, request: &ComputeFeaturesRequest) -> Result<Value, EmberError> {
+        self.check_model(&request.model)?;
+        let messages = self.messages(&request.messages)?;
+        let variant = self.variant(request.controller.as_ref())?;
+        let only = match &request.include_feature_indexes {
+            Some(list) if list.len() > 512 => {
+                return Err(EmberError::Invalid(format!("{} include_feature_indexes, at most 512", list.len())));
+            }
+            Some(list) => Some(self.indices(list)?),
+            None => None,
+        };
+        let text = self
+            .model
+            .tokenizer
+            .apply_chat_template(&messages, false)
+            .map_err(EngineError::from)?;
+        let tokens = self.model.tokenizer.encode(&text, true);
+        self.check_length(&tokens)?;
+        let steered = (!variant.is_base()).then_some((&variant, self.units.as_slice()));
+        let inspection = Inspection::run(&self.model, &self.sae, &tokens, steered)?;
+        let mut out = Vec::with_capacity(tokens.len());
+        for (&token, features) in inspection.tokens.iter().zip(&inspection.features) {
+            let mut attributions: Vec<(u32, f32)> = features
+                .iter()
+                .filter(|&&(f, _)| only.as_ref().is_none_or(|o| o.contains(&f)))
+                .map(|&(f, a)| (f, a / self.units[f as usize]))
+                .collect();
+            attributions.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            let attributions: Vec<Value> = attributions
+                .into_iter()
+                .map(|(f, a)| json!({ "id": self.ids.uuid(f), "index_in_sae": f, "activation_strength": a }))
+                .collect();
+            out.push(
+                json!({ "token": self.model.tokenizer.decode(&[token], false).map_err(EngineError::from)?, "attributions": attributions }),
+            );
+        }
+        Ok(json!({ "tokens": out }))
+    }
+
+    /// `POST chat-attribution/contrast`: `dataset_1_features` are stronger in dataset 1's
+    /// assistant turns, `dataset_2_features` in dataset 2's.
+    pub fn contrast(&self, request: &ContrastRequest) -> Result<Value, EmberError> {
+        self.check_model(&request.model)?;
+        let (a, b) = (&request.dataset_1, &request.dataset_2);
+        if a.is_empty() || a.len() != b.len() || a.len() > self.limits.max_conversations {
+            return Err(EmberError::Invalid(format!(
+                "the datasets must hold the same number of conversations, 1 to {} (got {} and {})",
+                self.limits.max_conversations,
+                a.len(),
+                b.len()
+            )));
+        }
+        let read = |set: &[Vec<Message>]| -> Result<Vec<Vec<ChatMessage>>, EmberError> {
+            set.iter()
+                .map(|c| {
+                    let messages = self.messages(c)?;
+                    let text = self
+                        .model
+                        .tokenizer
+                        .apply_chat_template(&messages, false)
+                        .map_err(EngineError::from)?;
+                    self.check_length(&self.model.tokenizer.encode(&text, true))?;
+                    Ok(messages)
+                })
+                .collect()
+        };
+        let k = self.top_k(request.k_to_add.max(request.k_to_remove))?;
+        let (ones, twos) = crate::contrast(&self.model, &self.sae, &read(a)?, &read(b)?, &self.units, k)?;
+        let out = |list: Vec<(u32, f32)>, k: i64| -> Vec<FeatureOut> {
+            list.into_iter()
+                .take(k.max(0) as usize)
+                .map(|(f, _)| self.feature_out(f, None))
+                .collect()
+        };
+        Ok(json!({ "dataset_1_features": out(ones, request.k_to_remove), "dataset_2_features": out(twos, request.k_to_add) }))
+    }
+
+    /// `POST features/auto-edits`: AutoSteer.
+    pub fn auto_edits(&self, request: &SpecificationRequest) -> Result<Value, EmberError> {
+        self.check_model(&request.model)?;
+        let spec = specification(&request.specification)?;
+        // Within the SDK's 60 s timeout, on a busy 2-core machine too.
+        let opts = AutoSteerOptions {
+            time_budget: Some(std::time::Duration::from_secs(30)),
+            ..AutoSteerOptions::default()
+        };
+        let found = auto_steer(&self.model, &self.sae, &self.atlas, spec, &opts)?;
+        let edits: Vec<Value> = found
+            .edits
+            .iter()
+            .map(|e| json!([self.feature_out(e.feature, None), e.value]))
+            .collect();
+        Ok(json!({ "edits": edits }))
+    }
+
+    /// `POST features/auto-conditional`.
+    pub fn auto_conditional(&self, request: &SpecificationRequest) -> Result<Value, EmberError> {
+        self.check_model(&request.model)?;
+        let spec = specification(&request.specification)?;
+        let condition =
+            auto_conditional(&self.atlas, spec, 3, 0.5).ok_or_else(|| EmberError::Invalid(format!("no feature matches {spec:?}")))?;
+        let conditionals: Vec<Value> = condition
+            .comparisons
+            .iter()
+            .map(|Comparison { left, op, right }| {
+                let right = match right {
+                    Operand::Number(n) => json!(n),
+                    Operand::Group(g) => self.feature_json(g[0]),
+                };
+                json!({ "left_hand": { "features": left.iter().map(|&f| self.feature_json(f)).collect::<Vec<_>>() }, "right_hand": right, "operator": op })
+            })
+            .collect();
+        Ok(json!({ "conditional": { "conditionals": conditionals, "operator": condition.combine } }))
+    }
+
+    /// `POST attributions/compute-logit-attribution`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AttributionRequest {
+    pub messages: Vec<Message>,
+    pub model: String,
+    pub start_index: i64,
+    pub end_index: Option<i64>,
+}
+
+/// `POST attributions/generate-contrastive-dataset` (the SDK sends no model).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContrastiveDatasetRequest {
+    pub specification: String,
+}
+
+/// `POST chat/tokenize`.
+    pub fn tokenize(&self, request: &TokenizeRequest) -> Result<Value, EmberError> {
+        self.check_model(&request.model)?;
+        let text = self
+            .model
+            .tokenizer
+            .apply_chat_template(&self.messages(&request.messages)?, false)
+            .map_err(EngineError::from)?;
+        let tokens = self.model.tokenizer.encode(&text, true);
+        self.check_length(&tokens)?;
+        let values = tokens
+            .iter()
+            .map(|&t| Ok(json!({ "value": self.model.tokenizer.decode(&[t], false).map_err(EngineError::from)? })))
+            .collect::<Result<Vec<_>, EmberError>>()?;
+        Ok(json!({ "tokens": values }))
+    }
+}
+
+fn specification(spec: &str) -> Result<&str, EmberError> {
+    let spec = spec.trim();
+    if spec.is_empty() || spec.len() > 1000 {
+        return Err(EmberError::Invalid("the specification must be 1 to 1000 characters".into()));
+    }
+    Ok(spec)
+}
+
+/// Bytes at the end of `text` that could begin a stop string.
+fn held_back(text: &str, stops: &[String]) -> usize {
+    let mut hold = 0;
+    for stop in stops {
+        for (i, _) in stop.char_indices().skip(1) {
+            if text.ends_with(&stop[..i]) {
+                hold = hold.max(i);
+            }
+        }
+    }
+    hold
+}
+
+/// Seconds since the Unix epoch (0 where the platform has no clock).
+pub fn now() -> u64 {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    }
+    #[cfg(target_arch = "wasm32")]
+    {
+        0
+    }
+}
+
+/// A completion id unique within the process (`chatcmpl-`, the time, a counter).
+pub fn completion_id() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!(
+        "chatcmpl-{:x}{:06x}",
+        now(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
+/// One SSE chunk of a streamed reply, in the shape the SDK's parser needs (every field in
+/// every chunk; goodfire-api.md §2.1.3).
+pub fn chunk_json(
+    id: &str,
+    created: u64,
+    model: &str,
+    index: usize,
+    content: &str,
+    finish_reason: Option<&str>,
+    events: &[String],
+) -> Value {
+    json!({
+        "object": "chat.completion.chunk", "id": id, "created": created, "model": model, "system_fingerprint": "",
+        "gf_event_names": if events.is_empty() { Value::Null } else { json!(events) },
+        "choices": [{ "index": 0, "delta": { "role": "assistant", "content": content }, "gf_token_index": index, "finish_reason": finish_reason }],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holds_back_what_may_start_a_stop_string() {
+        let stops = vec!["<|eot_id|>".to_string(), "END".to_string()];
+        assert_eq!(held_back("hello <|eo", &stops), 4);
+        assert_eq!(held_back("hello E", &stops), 1);
+        assert_eq!(held_back("hello", &stops), 0);
+        assert_eq!(held_back("é", &["éx".to_string()]), 2, "whole characters only");
+    }
+
+    #[test]
+    fn chunks_carry_every_field_the_sdk_requires() {
+        let c = chunk_json("chatcmpl-1", 7, "m", 3, "Hi", None, &[]);
+        assert_eq!(c["choices"][0]["delta"]["role"], "assistant");
+        assert_eq!(c["choices"][0]["gf_token_index"], 3);
+        assert!(c["choices"][0].as_object().unwrap().contains_key("finish_reason"));
+        assert_eq!(c["system_fingerprint"], "");
+        let c = chunk_json("chatcmpl-1", 7, "m", 3, "", Some("stop"), &["ev".into()]);
+        assert_eq!(c["gf_event_names"], json!(["ev"]));
+    }
+}
