@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: the engine on the real model (CPU and wgpu via Mesa lavapipe), the CLI,
-# the corpus builder's text cleaning, and a wasm32 build of the engine with both backends.
+# the server driven by the real goodfire and openai SDKs, the corpus builder's text cleaning,
+# and a wasm32 build of the engine with both backends.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -12,6 +13,11 @@ echo "== cargo test (release: burn is unusably slow unoptimised)"
 # Tests share one model load per binary; two threads keep wgpu's lavapipe and the CPU
 # backend from fighting over the machine's cores.
 cargo test --release --workspace -- --test-threads=2
+
+echo "== kindling-server with the goodfire and openai SDKs"
+# The workspace's feature set, as cargo test built it: no second build of burn.
+cargo build --release --workspace
+scripts/test-server.sh
 
 echo "== corpus builder unit tests"
 (cd tools/corpus && python3 -m unittest -q test_build_corpus test_chat_prompts)

@@ -12,6 +12,7 @@
 //! * `ship`: the SAELens and compact files plus their manifest under `public/sae/`.
 
 mod atlas;
+mod autosteer_eval;
 mod chats;
 mod embedder;
 mod evaluate;
@@ -147,6 +148,8 @@ enum Command {
     Atlas(atlas::AtlasArgs),
     /// Precision@10 of atlas search on a query set (prints a table, optionally writes JSON).
     SearchEval(search_eval::SearchEvalArgs),
+    /// AutoSteer on a concept set: base vs steered answers, judged by all-MiniLM-L6-v2.
+    AutosteerEval(autosteer_eval::AutoSteerEvalArgs),
     /// Measure an SAE on the harvest's held-out windows; writes a JSON report.
     Evaluate {
         /// The SAE (a trained sae.safetensors or the compact file).
@@ -339,6 +342,10 @@ fn main() -> ExitCode {
             ..args
         }),
         Command::SearchEval(args) => search_eval::run(&search_eval::SearchEvalArgs {
+            model_path: cli.model,
+            ..args
+        }),
+        Command::AutosteerEval(args) => autosteer_eval::run(&autosteer_eval::AutoSteerEvalArgs {
             model_path: cli.model,
             ..args
         }),

@@ -832,23 +832,122 @@ impl Ember {
         Ok(json!({ "conditional": { "conditionals": conditionals, "operator": condition.combine } }))
     }
 
-    /// `POST attributions/compute-logit-attribution`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AttributionRequest {
-    pub messages: Vec<Message>,
-    pub model: String,
-    pub start_index: i64,
-    pub end_index: Option<i64>,
-}
+    /// `POST attributions/compute-logit-attribution`: the features whose ablation at the
+    /// position that predicts the token at `startIndex` (× 0 there, from the SAE's block on)
+    /// lowers that token's logit most, among the strongest features at that position.
+    /// `value` is the logit drop; `tokens` lists where the feature is active before the
+    /// token. The context before the predicting position is run once and its KV cache
+    /// shared, so each candidate costs one token's pass.
+    pub fn attribute(&self, request: &AttributionRequest) -> Result<Value, EmberError> {
+        const CANDIDATES: usize = 16;
+        self.check_model(&request.model)?;
+        let messages = self.messages(&request.messages)?;
+        let text = self
+            .model
+            .tokenizer
+            .apply_chat_template(&messages, false)
+            .map_err(EngineError::from)?;
+        let tokens = self.model.tokenizer.encode(&text, true);
+        self.check_length(&tokens)?;
+        let index = usize::try_from(request.start_index)
+            .ok()
+            .filter(|&i| i >= 2 && i < tokens.len())
+            .ok_or_else(|| {
+                EmberError::Invalid(format!(
+                    "startIndex must be between 2 and {}, got {}",
+                    tokens.len().saturating_sub(1),
+                    request.start_index
+                ))
+            })?;
+        if request.end_index.is_some_and(|e| e != request.start_index) {
+            return Err(EmberError::Invalid(
+                "attribution covers one token: endIndex must equal startIndex".into(),
+            ));
+        }
+        let (context, target) = (&tokens[..index], tokens[index] as usize);
+        let mut before = self.model.llama.new_cache();
+        self.model
+            .llama
+            .forward(&context[..index - 1], &mut before, None, crate::Logits::Last)?;
+        let logit_of = |variant: Option<&Variant>| -> Result<f32, EmberError> {
+            let mut cache = before.clone();
+            let mut steer = variant.map(|v| Steer::new(&self.sae, &self.units, v.clone())).transpose()?;
+            let hook = steer.as_mut().map(|s| s as &mut dyn ResidualHook);
+            let logits = self
+                .model
+                .llama
+                .forward(&context[index - 1..], &mut cache, hook, crate::Logits::Last)?
+                .expect("Logits::Last returns logits");
+            Ok(crate::to_host(logits)?[target])
+        };
+        let base = logit_of(None)?;
+        let inspection = Inspection::run(&self.model, &self.sae, context, None)?;
+        let mut at_last: Vec<(u32, f32)> = inspection.features[index - 1]
+            .iter()
+            .map(|&(f, a)| (f, a / self.units[f as usize]))
+            .collect();
+        at_last.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let mut found = Vec::new();
+        for &(f, _) in at_last.iter().take(CANDIDATES) {
+            let mut ablated = Variant::new(self.name.clone());
+            ablated.edits.push(crate::steer::Edit {
+                feature: f,
+                mode: crate::steer::Mode::Mul,
+                value: 0.0,
+            });
+            let drop = base - logit_of(Some(&ablated))?;
+            if drop > 0.0 {
+                let active: Vec<Value> = inspection
+                    .vector(f)?
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, a)| **a > 0.0)
+                    .map(|(i, a)| json!({ "index": i, "activation_strength": a / self.units[f as usize] }))
+                    .collect();
+                found.push((drop, json!({ "id": self.ids.uuid(f), "value": drop, "tokens": active })));
+            }
+        }
+        found.sort_by(|a, b| b.0.total_cmp(&a.0));
+        Ok(json!({ "to_ablate": found.into_iter().map(|f| f.1).collect::<Vec<_>>(), "num_input_tokens": tokens.len() }))
+    }
 
-/// `POST attributions/generate-contrastive-dataset` (the SDK sends no model).
-#[derive(Debug, Clone, Deserialize)]
-pub struct ContrastiveDatasetRequest {
-    pub specification: String,
-}
+    /// `POST attributions/generate-contrastive-dataset`: `[dataset_1, dataset_2]`, the model's
+    /// replies to a few neutral prompts as it is, and as asked to follow `specification` in a
+    /// system prompt: two paired datasets for [`contrast`](Self::contrast).
+    pub fn contrastive_dataset(&self, request: &ContrastiveDatasetRequest) -> Result<Value, EmberError> {
+        const PROMPTS: [&str; 4] = [
+            "Tell me about your day.",
+            "What should I cook tonight?",
+            "Describe the sea.",
+            "Give me advice about work.",
+        ];
+        let spec = specification(&request.specification)?;
+        let asked = format!("Respond in a way that is: {spec}.");
+        let conversation = |system: Option<&str>, prompt: &str| {
+            let mut messages: Vec<ChatMessage> = system.into_iter().map(|s| ChatMessage::new("system", s)).collect();
+            messages.push(ChatMessage::user(prompt));
+            messages
+        };
+        let sets: Vec<Vec<ChatMessage>> = PROMPTS
+            .iter()
+            .map(|p| conversation(None, p))
+            .chain(PROMPTS.iter().map(|p| conversation(Some(&asked), p)))
+            .collect();
+        let prompts = sets
+            .iter()
+            .map(|m| self.model.tokenizer.encode_chat(m))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(EngineError::from)?;
+        let replies = self.model.generate_batch(&prompts, &SamplingParams::greedy(48))?;
+        let dataset = |half: usize| -> Vec<Value> {
+            (0..PROMPTS.len())
+                .map(|i| json!([{ "role": "user", "content": PROMPTS[i] }, { "role": "assistant", "content": replies[half * PROMPTS.len() + i].text }]))
+                .collect()
+        };
+        Ok(json!([dataset(0), dataset(1)]))
+    }
 
-/// `POST chat/tokenize`.
+    /// `POST chat/tokenize`.
     pub fn tokenize(&self, request: &TokenizeRequest) -> Result<Value, EmberError> {
         self.check_model(&request.model)?;
         let text = self
