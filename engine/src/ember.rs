@@ -452,6 +452,18 @@ impl Ember {
         Ok(())
     }
 
+    /// A conversation as the model reads it as it stands (no generation prompt).
+    fn conversation_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<TokenId>, EmberError> {
+        let text = self
+            .model
+            .tokenizer
+            .apply_chat_template(messages, false)
+            .map_err(EngineError::from)?;
+        let tokens = self.model.tokenizer.encode(&text, true);
+        self.check_length(&tokens)?;
+        Ok(tokens)
+    }
+
     /// A conversation as the model reads it, for a continuation: with the assistant's
     /// generation prompt, or, when the last message is the assistant's, continuing that text.
     fn continuation_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<TokenId>, EmberError> {
@@ -728,13 +740,7 @@ impl Ember {
             Some(list) => Some(self.indices(list)?),
             None => None,
         };
-        let text = self
-            .model
-            .tokenizer
-            .apply_chat_template(&messages, false)
-            .map_err(EngineError::from)?;
-        let tokens = self.model.tokenizer.encode(&text, true);
-        self.check_length(&tokens)?;
+        let tokens = self.conversation_tokens(&messages)?;
         let steered = (!variant.is_base()).then_some((&variant, self.units.as_slice()));
         let inspection = Inspection::run(&self.model, &self.sae, &tokens, steered)?;
         let mut out = Vec::with_capacity(tokens.len());
@@ -773,12 +779,7 @@ impl Ember {
             set.iter()
                 .map(|c| {
                     let messages = self.messages(c)?;
-                    let text = self
-                        .model
-                        .tokenizer
-                        .apply_chat_template(&messages, false)
-                        .map_err(EngineError::from)?;
-                    self.check_length(&self.model.tokenizer.encode(&text, true))?;
+                    self.conversation_tokens(&messages)?;
                     Ok(messages)
                 })
                 .collect()
@@ -842,13 +843,7 @@ impl Ember {
         const CANDIDATES: usize = 16;
         self.check_model(&request.model)?;
         let messages = self.messages(&request.messages)?;
-        let text = self
-            .model
-            .tokenizer
-            .apply_chat_template(&messages, false)
-            .map_err(EngineError::from)?;
-        let tokens = self.model.tokenizer.encode(&text, true);
-        self.check_length(&tokens)?;
+        let tokens = self.conversation_tokens(&messages)?;
         let index = usize::try_from(request.start_index)
             .ok()
             .filter(|&i| i >= 2 && i < tokens.len())
@@ -950,13 +945,7 @@ impl Ember {
     /// `POST chat/tokenize`.
     pub fn tokenize(&self, request: &TokenizeRequest) -> Result<Value, EmberError> {
         self.check_model(&request.model)?;
-        let text = self
-            .model
-            .tokenizer
-            .apply_chat_template(&self.messages(&request.messages)?, false)
-            .map_err(EngineError::from)?;
-        let tokens = self.model.tokenizer.encode(&text, true);
-        self.check_length(&tokens)?;
+        let tokens = self.conversation_tokens(&self.messages(&request.messages)?)?;
         let values = tokens
             .iter()
             .map(|&t| Ok(json!({ "value": self.model.tokenizer.decode(&[t], false).map_err(EngineError::from)? })))

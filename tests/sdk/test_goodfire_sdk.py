@@ -98,6 +98,9 @@ def test_contrast_then_rerank():
     to_remove, to_add = client.features.contrast(dataset_1=plain, dataset_2=jokes, model=MODEL, top_k=20)
     assert len(to_add) == 20 and len(to_remove) == 20
     assert not {f.index_in_sae for f in to_add} & {f.index_in_sae for f in to_remove}
+    # The joke side's features are about what differs: jokes, laughter, exclamations.
+    joke_words = ("joke", "laugh", "fun", "humor", "ha", "!", "comed", "pun")
+    assert any(w in f.label.lower() for f in to_add for w in joke_words), [f.label for f in to_add]
     best = client.features.rerank(features=to_add, query="funny", model=MODEL, top_k=5)
     assert len(best) == 5
     assert {f.index_in_sae for f in best} <= {f.index_in_sae for f in to_add}
