@@ -37,11 +37,14 @@ NO_PROXY=127.0.0.1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/sdk
 kill $SERVER_PID; wait $SERVER_PID 2>/dev/null || true
 
 echo "== kindling-server faults and load"
-run_server "$LOGS/faults.log" --max-running 2 --max-queued 6
+export KINDLING_API_KEY="faults-key-$RANDOM"
+run_server "$LOGS/faults.log" --max-running 2 --max-queued 6 --api-key "$KINDLING_API_KEY"
 NO_PROXY=127.0.0.1 "$VENV/bin/python" -m pytest -q -s -p no:cacheprovider tests/sdk/test_server_faults.py
+# SIGTERM: a graceful shutdown.
+kill -TERM $SERVER_PID; wait $SERVER_PID 2>/dev/null || true
+grep -q "kindling-server: stopped" "$LOGS/faults.log" || { tail "$LOGS/faults.log"; echo "no graceful shutdown" >&2; exit 1; }
 # Request logs carry no prompt text or keys.
-if grep -q "Tell me about\|Say hello\|kindling-test" "$LOGS"/*.log; then
-    echo "server logs contain request text" >&2; exit 1
+if grep -q "Tell me about\|Say hello\|kindling-test\|$KINDLING_API_KEY" "$LOGS"/*.log; then
+    echo "server logs contain request text or keys" >&2; exit 1
 fi
-kill $SERVER_PID; wait $SERVER_PID 2>/dev/null || true
 echo "server tests passed"

@@ -2,20 +2,23 @@
 JSON message, the server keeps serving, concurrency is bounded with 429 beyond the queue,
 clients that leave free their slot, and memory stays bounded.
 
-Started by scripts/test-server.sh with --max-running 2 --max-queued 6 (KINDLING_PID is the
-server's pid, for its resident memory)."""
+Started by scripts/test-server.sh with --max-running 2 --max-queued 6 and an API key
+(KINDLING_API_KEY; KINDLING_PID is the server's pid, for its resident memory)."""
 
 import json
 import os
 import threading
 import time
 
-import httpx
+import httpx as _httpx
 
 URL = os.environ["KINDLING_URL"]
 API = f"{URL}/api/inference/v1"
 MODEL = os.environ.get("KINDLING_MODEL_NAME", "HuggingFaceTB/SmolLM2-135M-Instruct")
 HELLO = [{"role": "user", "content": "Say hello."}]
+KEY = os.environ["KINDLING_API_KEY"]
+# Every request below carries the key, except where a test leaves it out.
+httpx = _httpx.Client(headers={"authorization": f"Bearer {KEY}"}, timeout=300)
 
 
 def rss_mib():
@@ -28,6 +31,15 @@ def rss_mib():
 
 def health():
     return httpx.get(f"{URL}/health").json()
+
+
+def idle_soon(seconds=10):
+    """Whether every generation slot is free within `seconds` (a slot is released just after
+    its stream's last bytes are sent)."""
+    deadline = time.time() + seconds
+    while health()["running"] and time.time() < deadline:
+        time.sleep(0.1)
+    return health()["running"] == 0
 
 
 def still_serving():
@@ -80,7 +92,7 @@ def test_features_list_answers_ids_in_both_forms():
 def stream(max_tokens, results, i, leave_after=None):
     body = {"messages": HELLO, "model": MODEL, "stream": True, "max_completion_tokens": max_tokens, "temperature": 0}
     try:
-        with httpx.stream("POST", f"{API}/chat/completions", json=body, timeout=300) as r:
+        with _httpx.stream("POST", f"{API}/chat/completions", json=body, headers={"authorization": f"Bearer {KEY}"}, timeout=300) as r:
             if r.status_code != 200:
                 r.read()
                 results[i] = r.status_code
@@ -115,7 +127,7 @@ def test_64_concurrent_streams_complete_or_get_429_and_memory_stays_bounded():
     assert done + busy == 64, results
     assert done >= 8  # 2 running + 6 queued at least
     assert after < before + 256
-    assert health()["running"] == 0
+    assert idle_soon()
 
 
 def test_clients_that_leave_free_their_slot():
@@ -126,10 +138,37 @@ def test_clients_that_leave_free_their_slot():
     for t in threads:
         t.join()
     assert results == ["left", "left"], results
-    deadline = time.time() + 10
-    while health()["running"] and time.time() < deadline:
-        time.sleep(0.1)
-    assert health()["running"] == 0, "a departed client's generation kept its slot"
+    assert idle_soon(), "a departed client's generation kept its slot"
     again = [None]
     stream(4, again, 0)
     assert again == ["done"]
+
+
+def test_api_keys_are_checked():
+    body = {"indices": [1], "model": MODEL}
+    missing = _httpx.post(f"{API}/features/lookup", json=body)
+    assert missing.status_code == 401 and "API key" in missing.json()["detail"]
+    wrong = _httpx.post(f"{API}/features/lookup", json=body, headers={"authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    still_serving()
+
+
+def test_cors_preflight_allows_the_sdk_headers():
+    r = _httpx.options(
+        f"{API}/chat/completions",
+        headers={
+            "origin": "http://localhost:9999",
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "authorization,content-type,x-base-url",
+        },
+    )
+    assert r.status_code == 200
+    assert r.headers["access-control-allow-origin"] == "*"
+    allowed = r.headers["access-control-allow-headers"].lower()
+    assert all(h in allowed for h in ("authorization", "content-type", "x-base-url"))
+
+
+def test_static_files_are_served_beside_the_api():
+    manifest = _httpx.get(f"{URL}/sae/manifest.json")
+    assert manifest.status_code == 200 and manifest.json()["files"]
+    assert _httpx.get(f"{URL}/no/such/file").status_code == 404
