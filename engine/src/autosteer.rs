@@ -1,7 +1,8 @@
 //! AutoSteer and AutoConditional: from a short description ("be funny", "pirates") to
 //! edits or a condition, found by project code.
 //!
-//! AutoSteer searches the atlas for candidate features, then tries each at a few strengths on
+//! AutoSteer searches the atlas for candidate features (with the description's topic, see
+//! [`search_phrase`]), then tries each at a few strengths on
 //! neutral prompts: greedy continuations are embedded with the atlas's sentence embedder and
 //! compared with the description. A candidate's gain is how much closer to the description
 //! its continuations get than the base model's; it counts only if the text stays coherent
@@ -65,6 +66,47 @@ pub struct AutoSteer {
 
 fn cosine(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// What to search the atlas for: the description without its instruction frame ("talk about
+/// food" → "food", "talk like a pirate" → "pirate", "be funny" → "funny"). Searched whole, a
+/// description finds the features of its frame: every "talk about …" found a feature of the
+/// word "talking".
+pub fn search_phrase(description: &str) -> &str {
+    const FRAMES: [&str; 16] = [
+        "talk about ",
+        "talk like ",
+        "speak about ",
+        "speak like ",
+        "speak in ",
+        "speak ",
+        "write about ",
+        "write like ",
+        "write in ",
+        "sound like ",
+        "act like ",
+        "respond in ",
+        "answer in ",
+        "be about ",
+        "be ",
+        "sound ",
+    ];
+    const ARTICLES: [&str; 3] = ["a ", "an ", "the "];
+    let trimmed = description.trim();
+    let mut rest = trimmed;
+    for frame in FRAMES {
+        if rest.len() > frame.len() && rest[..frame.len()].eq_ignore_ascii_case(frame) {
+            rest = rest[frame.len()..].trim_start();
+            break;
+        }
+    }
+    for article in ARTICLES {
+        if rest.len() > article.len() && rest[..article.len()].eq_ignore_ascii_case(article) {
+            rest = rest[article.len()..].trim_start();
+            break;
+        }
+    }
+    if rest.is_empty() { trimmed } else { rest }
 }
 
 /// Wall time since a start, where the platform has a clock (zero in wasm).
@@ -132,7 +174,7 @@ pub fn auto_steer(model: &Model, sae: &Sae, atlas: &Atlas, description: &str, op
     let coherent = |c: f32| c >= 0.5 && c >= 0.8 * base_coherence;
     let mut trials = Vec::new();
     let clock = Clock::start();
-    for hit in atlas.search(description, opts.candidates) {
+    for hit in atlas.search(search_phrase(description), opts.candidates) {
         if opts.time_budget.is_some_and(|budget| clock.elapsed() >= budget) {
             break;
         }
@@ -186,13 +228,28 @@ pub fn auto_steer(model: &Model, sae: &Sae, atlas: &Atlas, description: &str, op
 /// of the atlas (up to `features`, as a group: the strongest member counts) above `threshold`
 /// max activations.
 pub fn auto_conditional(atlas: &Atlas, description: &str, features: usize, threshold: f32) -> Option<Condition> {
-    let group: Vec<u32> = atlas.search(description, features.max(1)).into_iter().map(|h| h.feature).collect();
+    let group: Vec<u32> = atlas
+        .search(search_phrase(description), features.max(1))
+        .into_iter()
+        .map(|h| h.feature)
+        .collect();
     (!group.is_empty()).then(|| Condition::when(group, Operator::Gt, Operand::Number(threshold)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_search_phrase_drops_the_instruction_frame() {
+        assert_eq!(search_phrase("talk about food"), "food");
+        assert_eq!(search_phrase("Talk like a pirate"), "pirate");
+        assert_eq!(search_phrase("be funny"), "funny");
+        assert_eq!(search_phrase("speak French"), "French");
+        assert_eq!(search_phrase("pirates"), "pirates");
+        assert_eq!(search_phrase("be"), "be", "a frame alone is searched as it is");
+        assert_eq!(search_phrase("  sadness "), "sadness");
+    }
 
     #[test]
     fn repetition_lowers_the_distinct_ratio() {
