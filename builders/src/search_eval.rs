@@ -132,15 +132,31 @@ mod tests {
     #[test]
     fn seed_queries_find_related_features_in_the_shipped_atlas() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let model = Model::load(root.join("public/models/SmolLM2-135M-Instruct.Q4_1.gguf"), kindling_engine::Backend::Cpu).unwrap();
+        let model = Model::load(
+            root.join("public/models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            kindling_engine::Backend::Cpu,
+        )
+        .unwrap();
         let (atlas, _) = load_atlas(&root.join("public/sae"), &root.join("public/atlas")).unwrap();
         let spec: Value = serde_json::from_slice(&read(&root.join("tools/atlas/search-queries.json")).unwrap()).unwrap();
-        let judge = Judge { min_contexts: spec["min_contexts"].as_u64().unwrap() as usize, near: spec["near"].as_u64().unwrap() as usize };
+        let judge = Judge {
+            min_contexts: spec["min_contexts"].as_u64().unwrap() as usize,
+            near: spec["near"].as_u64().unwrap() as usize,
+        };
         let seeds: Vec<&Value> = spec["queries"].as_array().unwrap().iter().filter(|q| q["seed"] == true).collect();
         assert_eq!(seeds.len(), 3);
         for q in seeds {
-            let related: Vec<String> = q["related"].as_array().unwrap().iter().map(|w| w.as_str().unwrap().to_lowercase()).collect();
-            let found = atlas.search(q["query"].as_str().unwrap(), 10).iter().filter(|h| is_relevant(&model, &atlas, h.feature, &related, &judge).unwrap()).count();
+            let related: Vec<String> = q["related"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|w| w.as_str().unwrap().to_lowercase())
+                .collect();
+            let found = atlas
+                .search(q["query"].as_str().unwrap(), 10)
+                .iter()
+                .filter(|h| is_relevant(&model, &atlas, h.feature, &related, &judge).unwrap())
+                .count();
             assert!(found >= 1, "{}: no related feature in the top 10", q["query"]);
         }
     }
