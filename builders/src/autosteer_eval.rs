@@ -12,7 +12,7 @@
 use std::path::PathBuf;
 
 use kindling_engine::autosteer::{AutoSteerOptions, auto_steer, distinct_ratio};
-use kindling_engine::{Atlas, CancelToken, ChatMessage, Model, Sae, SamplingParams, Steer, Variant};
+use kindling_engine::{CancelToken, ChatMessage, Model, Sae, SamplingParams, Steer, Variant};
 use serde_json::{Value, json};
 
 use crate::BuildError;
@@ -20,13 +20,8 @@ use crate::minilm::MiniLm;
 
 #[derive(clap::Args)]
 pub struct AutoSteerEvalArgs {
-    /// Set from the global --model.
-    #[arg(skip)]
-    pub model_path: PathBuf,
-    #[arg(long, default_value = "public/sae")]
-    pub sae_dir: PathBuf,
-    #[arg(long, default_value = "public/atlas")]
-    pub atlas_dir: PathBuf,
+    #[command(flatten)]
+    pub shipped: crate::search_eval::Shipped,
     #[arg(long, default_value = "data/models/all-MiniLM-L6-v2")]
     pub minilm: PathBuf,
     #[arg(long, default_value = "tools/autosteer/concepts.json")]
@@ -115,9 +110,7 @@ pub fn run(args: &AutoSteerEvalArgs) -> Result<(), BuildError> {
             args.concepts.display()
         )));
     }
-    let model = Model::load(&args.model_path, kindling_engine::Backend::Cpu)?;
-    let sae = Sae::from_compact(&read(&args.sae_dir.join("kindling-sae.f16.safetensors"))?)?;
-    let atlas = Atlas::load_dir(&args.atlas_dir, &sae, false)?;
+    let (model, sae, atlas) = args.shipped.load(false)?;
     let units = atlas.units();
     let judge = MiniLm::load(&args.minilm, &kindling_engine::Backend::Cpu.device()?)?;
     let base_variant = Variant::new("");

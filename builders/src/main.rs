@@ -341,14 +341,14 @@ fn main() -> ExitCode {
             command,
             ..args
         }),
-        Command::SearchEval(args) => search_eval::run(&search_eval::SearchEvalArgs {
-            model_path: cli.model,
-            ..args
-        }),
-        Command::AutosteerEval(args) => autosteer_eval::run(&autosteer_eval::AutoSteerEvalArgs {
-            model_path: cli.model,
-            ..args
-        }),
+        Command::SearchEval(mut args) => {
+            args.shipped.model_path = cli.model;
+            search_eval::run(&args)
+        }
+        Command::AutosteerEval(mut args) => {
+            args.shipped.model_path = cli.model;
+            autosteer_eval::run(&args)
+        }
         Command::Embedder(args) => embedder::run(&args),
         Command::Evaluate {
             sae,

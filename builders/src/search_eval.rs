@@ -12,8 +12,9 @@ use serde_json::{Value, json};
 
 use crate::BuildError;
 
-#[derive(clap::Args)]
-pub struct SearchEvalArgs {
+/// The shipped model, SAE and atlas, as the evaluation commands read them.
+#[derive(clap::Args, Clone)]
+pub struct Shipped {
     /// Set from the global --model.
     #[arg(skip)]
     pub model_path: PathBuf,
@@ -21,6 +22,22 @@ pub struct SearchEvalArgs {
     pub sae_dir: PathBuf,
     #[arg(long, default_value = "public/atlas")]
     pub atlas_dir: PathBuf,
+}
+
+impl Shipped {
+    /// Loads the model, the SAE and its atlas (with the contexts when `contexts`).
+    pub fn load(&self, contexts: bool) -> Result<(Model, Sae, Atlas), BuildError> {
+        let model = Model::load(&self.model_path, kindling_engine::Backend::Cpu)?;
+        let sae = Sae::from_compact(&read(&self.sae_dir.join("kindling-sae.f16.safetensors"))?)?;
+        let atlas = Atlas::load_dir(&self.atlas_dir, &sae, contexts)?;
+        Ok((model, sae, atlas))
+    }
+}
+
+#[derive(clap::Args)]
+pub struct SearchEvalArgs {
+    #[command(flatten)]
+    pub shipped: Shipped,
     #[arg(long, default_value = "tools/atlas/search-queries.json")]
     pub queries: PathBuf,
     /// Also write the report as JSON.
@@ -36,13 +53,6 @@ pub struct Judge {
 
 fn read(path: &Path) -> Result<Vec<u8>, BuildError> {
     std::fs::read(path).map_err(|e| BuildError::io(path, e))
-}
-
-/// Loads the shipped atlas with its contexts.
-pub fn load_atlas(sae_dir: &Path, atlas_dir: &Path) -> Result<(Atlas, Sae), BuildError> {
-    let sae = Sae::from_compact(&read(&sae_dir.join("kindling-sae.f16.safetensors"))?)?;
-    let atlas = Atlas::load_dir(atlas_dir, &sae, true)?;
-    Ok((atlas, sae))
 }
 
 /// Whether `feature`'s strongest contexts mention one of `related` near the activation.
@@ -71,8 +81,7 @@ pub fn is_relevant(model: &Model, atlas: &Atlas, feature: u32, related: &[String
 }
 
 pub fn run(args: &SearchEvalArgs) -> Result<(), BuildError> {
-    let model = Model::load(&args.model_path, kindling_engine::Backend::Cpu)?;
-    let (atlas, _) = load_atlas(&args.sae_dir, &args.atlas_dir)?;
+    let (model, _, atlas) = args.shipped.load(true)?;
     let spec: Value =
         serde_json::from_slice(&read(&args.queries)?).map_err(|e| BuildError::Input(format!("{}: {e}", args.queries.display())))?;
     let judge = Judge {
@@ -132,12 +141,12 @@ mod tests {
     #[test]
     fn seed_queries_find_related_features_in_the_shipped_atlas() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let model = Model::load(
-            root.join("public/models/SmolLM2-135M-Instruct.Q4_1.gguf"),
-            kindling_engine::Backend::Cpu,
-        )
-        .unwrap();
-        let (atlas, _) = load_atlas(&root.join("public/sae"), &root.join("public/atlas")).unwrap();
+        let shipped = Shipped {
+            model_path: root.join("public/models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            sae_dir: root.join("public/sae"),
+            atlas_dir: root.join("public/atlas"),
+        };
+        let (model, _, atlas) = shipped.load(true).unwrap();
         let spec: Value = serde_json::from_slice(&read(&root.join("tools/atlas/search-queries.json")).unwrap()).unwrap();
         let judge = Judge {
             min_contexts: spec["min_contexts"].as_u64().unwrap() as usize,
