@@ -11,8 +11,9 @@
 
 use std::path::PathBuf;
 
-use kindling_engine::autosteer::{AutoSteerOptions, auto_steer, distinct_ratio};
-use kindling_engine::{CancelToken, ChatMessage, Model, Sae, SamplingParams, Steer, Variant};
+use kindling_engine::autosteer::{AutoSteerOptions, auto_steer, distinct_ratio, greedy_replies};
+use kindling_engine::steer::Edit;
+use kindling_engine::{Model, Sae};
 use serde_json::{Value, json};
 
 use crate::BuildError;
@@ -57,26 +58,18 @@ fn answer(
     model: &Model,
     sae: &Sae,
     units: &[f32],
-    variant: &Variant,
+    edits: &[Edit],
     prompts: &[String],
     judge: &MiniLm,
     target: &[f32],
     max_tokens: usize,
 ) -> Result<Scores, BuildError> {
     let (mut similarity, mut distinct, mut run, mut texts) = (0.0, 0.0, 0, Vec::new());
-    for prompt in prompts {
-        let tokens = model.tokenizer.encode_chat(&[ChatMessage::user(prompt.clone())])?;
-        let hook: Option<Box<dyn kindling_engine::ResidualHook + '_>> = if variant.is_base() {
-            None
-        } else {
-            Some(Box::new(Steer::new(sae, units, variant.clone())?))
-        };
-        let mut stream = model.generate(tokens, SamplingParams::greedy(max_tokens), hook, CancelToken::new())?;
-        let text = stream.collect_text()?;
+    for (text, tokens) in greedy_replies(model, sae, units, edits, prompts, max_tokens)? {
         let v = judge.embed(&[text.as_str()])?.remove(0);
         similarity += v.iter().zip(target).map(|(a, b)| a * b).sum::<f32>();
-        distinct += distinct_ratio(stream.generated());
-        run = run.max(longest_run(stream.generated()));
+        distinct += distinct_ratio(&tokens);
+        run = run.max(longest_run(&tokens));
         texts.push(text);
     }
     let n = prompts.len().max(1) as f32;
@@ -113,7 +106,6 @@ pub fn run(args: &AutoSteerEvalArgs) -> Result<(), BuildError> {
     let (model, sae, atlas) = args.shipped.load(false)?;
     let units = atlas.units();
     let judge = MiniLm::load(&args.minilm, &kindling_engine::Backend::Cpu.device()?)?;
-    let base_variant = Variant::new("");
 
     println!(
         "| concept | edits (feature: label, value) | similarity base → steered | distinct tokens base → steered | longest repeat | moved |"
@@ -123,11 +115,9 @@ pub fn run(args: &AutoSteerEvalArgs) -> Result<(), BuildError> {
     let mut moved = 0;
     for concept in &concepts {
         let target = judge.embed(&[concept.as_str()])?.remove(0);
-        let base = answer(&model, &sae, &units, &base_variant, &prompts, &judge, &target, args.max_tokens)?;
+        let base = answer(&model, &sae, &units, &[], &prompts, &judge, &target, args.max_tokens)?;
         let found = auto_steer(&model, &sae, &atlas, concept, &AutoSteerOptions::default())?;
-        let mut variant = Variant::new("");
-        variant.edits = found.edits.clone();
-        let steered = answer(&model, &sae, &units, &variant, &prompts, &judge, &target, args.max_tokens)?;
+        let steered = answer(&model, &sae, &units, &found.edits, &prompts, &judge, &target, args.max_tokens)?;
         // Moved: closer to the description, and still text (no collapse into repetition).
         let coherent = steered.distinct >= 0.5 && steered.distinct >= 0.8 * base.distinct && steered.longest_run <= 4;
         let ok = !found.edits.is_empty() && steered.similarity > base.similarity + 0.02 && coherent;

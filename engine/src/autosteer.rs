@@ -14,6 +14,7 @@ use crate::atlas::Atlas;
 use crate::embed::StaticEmbedder;
 use crate::sae::Sae;
 use crate::steer::{Condition, Edit, Operand, Operator, Steer, Variant};
+use crate::tokenizer::TokenId;
 use crate::{CancelToken, ChatMessage, EngineError, Model, ResidualHook, SamplingParams};
 
 /// How hard AutoSteer looks.
@@ -136,6 +137,33 @@ pub fn distinct_ratio(tokens: &[u32]) -> f32 {
     tokens.iter().collect::<std::collections::BTreeSet<_>>().len() as f32 / tokens.len() as f32
 }
 
+/// Greedy replies to each prompt (as a user turn) under `edits`: (text, token ids). AutoSteer
+/// judges its trials on these, and its evaluation judges the result the same way.
+pub fn greedy_replies(
+    model: &Model,
+    sae: &Sae,
+    units: &[f32],
+    edits: &[Edit],
+    prompts: &[String],
+    max_tokens: usize,
+) -> Result<Vec<(String, Vec<TokenId>)>, EngineError> {
+    let mut out = Vec::with_capacity(prompts.len());
+    for prompt in prompts {
+        let tokens = model.tokenizer.encode_chat(&[ChatMessage::user(prompt.clone())])?;
+        let hook: Option<Box<dyn ResidualHook + '_>> = if edits.is_empty() {
+            None
+        } else {
+            let mut v = Variant::new("");
+            v.edits = edits.to_vec();
+            Some(Box::new(Steer::new(sae, units, v)?))
+        };
+        let mut stream = model.generate(tokens, SamplingParams::greedy(max_tokens), hook, CancelToken::new())?;
+        let text = stream.collect_text()?;
+        out.push((text, stream.generated().to_vec()));
+    }
+    Ok(out)
+}
+
 /// Greedy continuations of the prompts under `edits`: (similarity to `target`, coherence).
 fn judge(
     model: &Model,
@@ -147,19 +175,9 @@ fn judge(
     opts: &AutoSteerOptions,
 ) -> Result<(f32, f32), EngineError> {
     let (mut similarity, mut coherence) = (0.0, 0.0);
-    for prompt in &opts.prompts {
-        let tokens = model.tokenizer.encode_chat(&[ChatMessage::user(prompt.clone())])?;
-        let hook: Option<Box<dyn ResidualHook + '_>> = if edits.is_empty() {
-            None
-        } else {
-            let mut v = Variant::new("");
-            v.edits = edits.to_vec();
-            Some(Box::new(Steer::new(sae, units, v)?))
-        };
-        let mut stream = model.generate(tokens, SamplingParams::greedy(opts.max_tokens), hook, CancelToken::new())?;
-        let text = stream.collect_text()?;
+    for (text, tokens) in greedy_replies(model, sae, units, edits, &opts.prompts, opts.max_tokens)? {
         similarity += cosine(&embedder.embed(&text), target);
-        coherence += distinct_ratio(stream.generated());
+        coherence += distinct_ratio(&tokens);
     }
     let n = opts.prompts.len().max(1) as f32;
     Ok((similarity / n, coherence / n))
