@@ -110,22 +110,17 @@ pub fn search_phrase(description: &str) -> &str {
     if rest.is_empty() { trimmed } else { rest }
 }
 
-/// Wall time since a start, where the platform has a clock (zero in wasm).
-struct Clock(#[cfg(not(target_arch = "wasm32"))] std::time::Instant);
+/// Wall time since a start (`web_time` reads `performance.now()` in the browser, where
+/// `std::time::Instant` panics).
+struct Clock(web_time::Instant);
 
 impl Clock {
     fn start() -> Self {
-        #[cfg(not(target_arch = "wasm32"))]
-        return Clock(std::time::Instant::now());
-        #[cfg(target_arch = "wasm32")]
-        Clock()
+        Clock(web_time::Instant::now())
     }
 
     fn elapsed(&self) -> std::time::Duration {
-        #[cfg(not(target_arch = "wasm32"))]
-        return self.0.elapsed();
-        #[cfg(target_arch = "wasm32")]
-        std::time::Duration::ZERO
+        self.0.elapsed()
     }
 }
 

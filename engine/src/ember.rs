@@ -297,6 +297,95 @@ pub struct ChatEnd {
     pub cancelled: bool,
 }
 
+/// A chat reply being generated. Text that might be the start of a stop string is held back
+/// until it is known not to be one.
+pub struct ChatRun<'e> {
+    stream: crate::TokenStream<'e>,
+    stop: Vec<String>,
+    cancel: CancelToken,
+    text: String,
+    sent: usize,
+    index: usize,
+    stopped: bool,
+    done: bool,
+    end: ChatEnd,
+}
+
+impl ChatRun<'_> {
+    /// The next piece of the reply, or `None` once it has ended.
+    pub fn next_delta(&mut self) -> Result<Option<ChatDelta>, EmberError> {
+        while !self.done {
+            let token = match self.stream.next() {
+                Some(Ok(token)) => token,
+                Some(Err(EngineError::Aborted { event })) => {
+                    self.end.event = Some(event);
+                    self.done = true;
+                    break;
+                }
+                Some(Err(e)) => return Err(e.into()),
+                None => {
+                    self.done = true;
+                    // What was held back as a possible stop string is part of the reply.
+                    if !self.end.cancelled && self.sent < self.text.len() {
+                        return Ok(Some(self.take(self.text.len())));
+                    }
+                    break;
+                }
+            };
+            self.end.tokens += 1;
+            self.text.push_str(&token.text);
+            // The reply ends before the first stop string.
+            let sent = self.sent;
+            if let Some(cut) = self
+                .stop
+                .iter()
+                .filter_map(|s| self.text[sent..].find(s.as_str()).map(|i| sent + i))
+                .min()
+            {
+                self.text.truncate(cut);
+                self.stopped = true;
+                self.done = true;
+            }
+            let safe = if self.stopped {
+                self.text.len()
+            } else {
+                self.text.len() - held_back(&self.text[sent..], &self.stop)
+            };
+            if safe > sent {
+                return Ok(Some(self.take(safe)));
+            }
+        }
+        Ok(None)
+    }
+
+    fn take(&mut self, until: usize) -> ChatDelta {
+        let delta = ChatDelta {
+            index: self.index,
+            text: self.text[self.sent..until].to_string(),
+        };
+        self.index += 1;
+        self.sent = until;
+        delta
+    }
+
+    /// Stops generating (the client went away or pressed stop).
+    pub fn cancel(&mut self) {
+        self.cancel.cancel();
+        self.end.cancelled = true;
+        self.done = true;
+    }
+
+    /// How the reply ended.
+    pub fn end(mut self) -> ChatEnd {
+        let finish = self.stream.finish_reason();
+        if finish == Some(FinishReason::Length) && !self.stopped {
+            self.end.finish_reason = "length";
+        }
+        self.end.cancelled |= finish == Some(FinishReason::Cancelled);
+        self.end
+    }
+}
+
 /// A validated chat request, ready to run.
 pub struct ChatPlan {
     pub prompt: Vec<TokenId>,
@@ -537,74 +626,41 @@ impl Ember {
     }
 
     /// Generates the reply of a plan, handing each piece of text to `emit` (which returns
-    /// false to stop: the client went away). Text that might be the start of a stop string is
-    /// held back until it is known not to be one.
+    /// false to stop: the client went away).
     pub fn run_chat(&self, plan: &ChatPlan, cancel: CancelToken, mut emit: impl FnMut(ChatDelta) -> bool) -> Result<ChatEnd, EmberError> {
-        let hook = self.steer(&plan.variant)?;
-        let mut stream = self
-            .model
-            .generate(plan.prompt.clone(), plan.params.clone(), hook, cancel.clone())?;
-        let (mut text, mut sent, mut index) = (String::new(), 0usize, 0usize);
-        let mut end = ChatEnd {
-            finish_reason: "stop",
-            event: None,
-            tokens: 0,
-            cancelled: false,
-        };
-        let mut stopped = false;
-        for token in &mut stream {
-            let token = match token {
-                Ok(t) => t,
-                Err(EngineError::Aborted { event }) => {
-                    end.event = Some(event);
-                    break;
-                }
-                Err(e) => return Err(e.into()),
-            };
-            end.tokens += 1;
-            text.push_str(&token.text);
-            // The reply ends before the first stop string.
-            if let Some(cut) = plan
-                .stop
-                .iter()
-                .filter_map(|s| text[sent..].find(s.as_str()).map(|i| sent + i))
-                .min()
-            {
-                text.truncate(cut);
-                stopped = true;
-            }
-            let safe = if stopped {
-                text.len()
-            } else {
-                text.len() - held_back(&text[sent..], &plan.stop)
-            };
-            if safe > sent {
-                if !emit(ChatDelta {
-                    index,
-                    text: text[sent..safe].to_string(),
-                }) {
-                    cancel.cancel();
-                    end.cancelled = true;
-                    break;
-                }
-                index += 1;
-                sent = safe;
-            }
-            if stopped {
+        let mut run = self.start_chat(plan, cancel)?;
+        while let Some(delta) = run.next_delta()? {
+            if !emit(delta) {
+                run.cancel();
                 break;
             }
         }
-        if !stopped && end.event.is_none() && !end.cancelled && sent < text.len() {
-            end.cancelled = !emit(ChatDelta {
-                index,
-                text: text[sent..].to_string(),
-            });
-        }
-        if stream.finish_reason() == Some(FinishReason::Length) && !stopped {
-            end.finish_reason = "length";
-        }
-        end.cancelled |= stream.finish_reason() == Some(FinishReason::Cancelled);
-        Ok(end)
+        Ok(run.end())
+    }
+
+    /// Starts the reply of a plan; the caller pulls its pieces with [`ChatRun::next_delta`]
+    /// (the browser worker goes back to its event loop between pieces, so a stop gets through).
+    pub fn start_chat(&self, plan: &ChatPlan, cancel: CancelToken) -> Result<ChatRun<'_>, EmberError> {
+        let hook = self.steer(&plan.variant)?;
+        let stream = self
+            .model
+            .generate(plan.prompt.clone(), plan.params.clone(), hook, cancel.clone())?;
+        Ok(ChatRun {
+            stream,
+            stop: plan.stop.clone(),
+            cancel,
+            text: String::new(),
+            sent: 0,
+            index: 0,
+            stopped: false,
+            done: false,
+            end: ChatEnd {
+                finish_reason: "stop",
+                event: None,
+                tokens: 0,
+                cancelled: false,
+            },
+        })
     }
 
     /// A whole (non-streamed) chat completion in the SDK's `ChatCompletion` shape.
@@ -975,18 +1031,11 @@ fn held_back(text: &str, stops: &[String]) -> usize {
     hold
 }
 
-/// Seconds since the Unix epoch (0 where the platform has no clock).
+/// Seconds since the Unix epoch (`web_time` reads `Date.now()` in the browser).
 pub fn now() -> u64 {
-    #[cfg(not(target_arch = "wasm32"))]
-    {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
-    }
-    #[cfg(target_arch = "wasm32")]
-    {
-        0
-    }
+    web_time::SystemTime::now()
+        .duration_since(web_time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// A completion id unique within the process (`chatcmpl-`, the time, a counter).

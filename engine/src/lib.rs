@@ -38,6 +38,7 @@ pub mod logits;
 pub mod quant;
 pub mod sae;
 pub mod sampling;
+pub mod share;
 pub mod steer;
 pub mod tokenizer;
 
@@ -57,6 +58,7 @@ pub use llama::{Config, KvCache, Llama, Logits, to_host};
 pub use logits::{NextToken, next_tokens};
 pub use sae::{FeatureCapture, Sae, SaeConfig, SaeError, Splice, SpliceMode};
 pub use sampling::{Sampler, SamplingParams};
+pub use share::{SavedVariant, ShareError};
 pub use steer::{FeatureIds, Steer, Variant, VariantError};
 pub use tokenizer::{ChatMessage, StreamDecoder, TokenId, Tokenizer};
 
