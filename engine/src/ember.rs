@@ -188,6 +188,13 @@ pub struct NeighborsRequest {
     pub top_k: i64,
 }
 
+/// `POST features/dashboard` (Kindling's own): everything the atlas knows of one feature.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DashboardRequest {
+    pub feature_id: String,
+    pub model: String,
+}
+
 /// `POST chat-attribution/compute-features`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ComputeFeaturesRequest {
@@ -253,6 +260,12 @@ pub struct FeatureOut {
     pub index_in_sae: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub relevance: Option<f32>,
+    /// Share of tokens it fires on (Kindling's addition; Goodfire clients ignore it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub density: Option<f32>,
+    /// Its activation histogram, for a sparkline (Kindling's addition).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub histogram: Option<Vec<u32>>,
 }
 
 /// `compute-logits`'s answer: `{"logits": {token: logit}}`, keys in order of logit.
@@ -386,6 +399,66 @@ impl ChatRun<'_> {
     }
 }
 
+/// A streamed chat reply as Goodfire chunks (`chat.completion.chunk` objects): one per piece of
+/// text, then a closing chunk that repeats the last token index (the SDK drops it as a
+/// duplicate but still reads its events) with the finish reason and any abort event.
+pub struct ChatChunks<'e> {
+    run: Option<ChatRun<'e>>,
+    id: String,
+    created: u64,
+    name: &'e str,
+    last: usize,
+    cancelled: bool,
+}
+
+impl ChatChunks<'_> {
+    /// The next chunk, or `None` after the closing one (or after [`cancel`](Self::cancel)).
+    pub fn next_chunk(&mut self) -> Result<Option<Value>, EmberError> {
+        let Some(run) = self.run.as_mut() else { return Ok(None) };
+        if let Some(delta) = run.next_delta()? {
+            self.last = delta.index;
+            return Ok(Some(chunk_json(
+                &self.id,
+                self.created,
+                self.name,
+                delta.index,
+                &delta.text,
+                None,
+                &[],
+            )));
+        }
+        let end = self.run.take().expect("checked above").end();
+        if end.cancelled {
+            self.cancelled = true;
+            return Ok(None);
+        }
+        let events: Vec<String> = end.event.into_iter().collect();
+        let index = if end.tokens == 0 { 0 } else { self.last };
+        Ok(Some(chunk_json(
+            &self.id,
+            self.created,
+            self.name,
+            index,
+            "",
+            Some(end.finish_reason),
+            &events,
+        )))
+    }
+
+    /// Stops generating; no closing chunk follows.
+    pub fn cancel(&mut self) {
+        if let Some(mut run) = self.run.take() {
+            run.cancel();
+        }
+        self.cancelled = true;
+    }
+
+    /// True when the reply was stopped rather than finished.
+    pub fn was_cancelled(&self) -> bool {
+        self.cancelled
+    }
+}
+
 /// A validated chat request, ready to run.
 pub struct ChatPlan {
     pub prompt: Vec<TokenId>,
@@ -452,11 +525,14 @@ impl Ember {
     }
 
     fn feature_out(&self, feature: u32, relevance: Option<f32>) -> FeatureOut {
+        let info = self.atlas.feature(feature).ok();
         FeatureOut {
             id: self.ids.uuid(feature),
             label: self.label(feature),
             index_in_sae: feature,
             relevance,
+            density: info.map(|f| f.density),
+            histogram: info.map(|f| f.histogram.clone()),
         }
     }
 
@@ -638,6 +714,18 @@ impl Ember {
         Ok(run.end())
     }
 
+    /// Starts the reply of a plan as Goodfire stream chunks.
+    pub fn start_chat_chunks(&self, plan: &ChatPlan, cancel: CancelToken) -> Result<ChatChunks<'_>, EmberError> {
+        Ok(ChatChunks {
+            run: Some(self.start_chat(plan, cancel)?),
+            id: completion_id(),
+            created: now(),
+            name: &self.name,
+            last: 0,
+            cancelled: false,
+        })
+    }
+
     /// Starts the reply of a plan; the caller pulls its pieces with [`ChatRun::next_delta`]
     /// (the browser worker goes back to its event loop between pieces, so a stop gets through).
     pub fn start_chat(&self, plan: &ChatPlan, cancel: CancelToken) -> Result<ChatRun<'_>, EmberError> {
@@ -722,6 +810,27 @@ impl Ember {
         Ok(json!({ "features": self.hits_out(self.atlas.search(query, k)) }))
     }
 
+    /// `GET features/search?query=&model=&perPage=` from its query pairs (`top_k` is accepted
+    /// for `perPage`; the model defaults to this one).
+    pub fn search_query(&self, pairs: &[(String, String)]) -> Result<Value, EmberError> {
+        let get = |key: &str| pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+        let query = get("query").ok_or_else(|| EmberError::Invalid("missing query parameter \"query\"".into()))?;
+        let model = get("model").unwrap_or(&self.name);
+        let top_k = match get("perPage").or_else(|| get("top_k")) {
+            None => 10,
+            Some(v) => v
+                .parse::<i64>()
+                .map_err(|_| EmberError::Invalid(format!("perPage must be an integer, got {v:?}")))?,
+        };
+        self.search(query, model, top_k)
+    }
+
+    /// `GET features/?feature_id=a&feature_id=b` from its query pairs.
+    pub fn list_query(&self, pairs: &[(String, String)]) -> Result<Value, EmberError> {
+        let ids: Vec<String> = pairs.iter().filter(|(k, _)| k == "feature_id").map(|(_, v)| v.clone()).collect();
+        self.list(&ids)
+    }
+
     /// `POST features/rerank`.
     pub fn rerank(&self, request: &RerankRequest) -> Result<Value, EmberError> {
         self.check_model(&request.model)?;
@@ -781,6 +890,43 @@ impl Ember {
         let hits = self.atlas.neighbors(&self.sae, &group, self.top_k(request.top_k)?)?;
         let out: Vec<FeatureOut> = hits.into_iter().map(|h| self.feature_out(h.feature, None)).collect();
         Ok(json!({ "neighbors": out }))
+    }
+
+    /// `POST features/dashboard`: a feature's card: label and its score, density, histogram,
+    /// the tokens it promotes and suppresses, its top contexts (token texts with activations in
+    /// max-activation units) and its nearest neighbours by decoder direction.
+    pub fn dashboard(&self, request: &DashboardRequest) -> Result<Value, EmberError> {
+        self.check_model(&request.model)?;
+        let feature = self.parse_id(&request.feature_id)?;
+        let info = self.atlas.feature(feature)?;
+        let unit = self.units[feature as usize];
+        let text = |id: TokenId| self.model.tokenizer.decode(&[id], false).unwrap_or_default();
+        let tokens =
+            |list: &[(TokenId, f32)]| -> Vec<Value> { list.iter().map(|&(t, v)| json!({ "token": text(t), "value": v })).collect() };
+        let contexts: Vec<Value> = match self.atlas.contexts(feature) {
+            Ok(list) => list
+                .into_iter()
+                .map(|c| {
+                    let pieces: Vec<String> = c.tokens.iter().map(|&t| text(t)).collect();
+                    let acts: Vec<f32> = c.activations.iter().map(|a| a / unit).collect();
+                    json!({ "tokens": pieces, "activations": acts })
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        let neighbors: Vec<FeatureOut> = self
+            .atlas
+            .neighbors(&self.sae, &[feature], 8)?
+            .into_iter()
+            .map(|h| self.feature_out(h.feature, Some(h.score)))
+            .collect();
+        Ok(json!({
+            "feature": self.feature_out(feature, None),
+            "label_source": info.label_source, "label_score": info.label_score,
+            "density": info.density, "max_activation": info.max_activation, "max_observed": info.max_observed,
+            "histogram": info.histogram, "promoted": tokens(&info.promoted), "suppressed": tokens(&info.suppressed),
+            "contexts": contexts, "neighbors": neighbors,
+        }))
     }
 
     /// `POST chat-attribution/compute-features`: every token of the templated conversation

@@ -184,6 +184,7 @@ pub fn router(state: AppState) -> Router {
         .route("/features/rerank", post(rerank))
         .route("/features/", get(list))
         .route("/features/lookup", post(lookup))
+        .route("/features/dashboard", post(dashboard))
         .route("/features/auto-edits", post(auto_edits))
         .route("/features/auto-conditional", post(auto_conditional))
         .route("/attributions/neighbors", post(neighbors))
@@ -280,24 +281,21 @@ async fn chat_completions(State(state): State<AppState>, ApiJson(request): ApiJs
     let ember = state.ember.clone();
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        let (id, created, name) = (ember::completion_id(), ember::now(), ember.name.clone());
         let send = |value: Value| tx.blocking_send(sse_frame(&value)).is_ok();
-        let mut last = 0;
-        let result = ember.run_chat(&plan, CancelToken::new(), |delta| {
-            last = delta.index;
-            send(ember::chunk_json(&id, created, &name, delta.index, &delta.text, None, &[]))
-        });
-        match result {
-            Ok(end) if end.cancelled => {}
-            Ok(end) => {
-                // The closing chunk repeats the last token index (the SDK drops it as a
-                // duplicate but still handles its events) and carries the finish reason.
-                let events: Vec<String> = end.event.into_iter().collect();
-                let index = if end.tokens == 0 { 0 } else { last };
-                if send(ember::chunk_json(&id, created, &name, index, "", Some(end.finish_reason), &events)) {
-                    let _ = tx.blocking_send(Bytes::from_static(b"data: [DONE]\n\n"));
+        let streamed = (|| {
+            let mut chunks = ember.start_chat_chunks(&plan, CancelToken::new())?;
+            while let Some(chunk) = chunks.next_chunk()? {
+                if !send(chunk) {
+                    chunks.cancel();
                 }
             }
+            Ok::<_, EmberError>(!chunks.was_cancelled())
+        })();
+        match streamed {
+            Ok(true) => {
+                let _ = tx.blocking_send(Bytes::from_static(b"data: [DONE]\n\n"));
+            }
+            Ok(false) => {}
             Err(e) => {
                 // Headers are gone; the error travels as a last event the SDK reports.
                 let _ = tx.blocking_send(sse_frame(&json!({ "error": { "message": e.to_string() } })));
@@ -332,6 +330,7 @@ post_handler!(compute_features, ember::ComputeFeaturesRequest, compute_features)
 post_handler!(contrast, ember::ContrastRequest, contrast);
 post_handler!(rerank, ember::RerankRequest, rerank);
 post_handler!(lookup, ember::LookupRequest, lookup);
+post_handler!(dashboard, ember::DashboardRequest, dashboard);
 post_handler!(neighbors, ember::NeighborsRequest, neighbors);
 post_handler!(auto_edits, ember::SpecificationRequest, auto_edits);
 post_handler!(auto_conditional, ember::SpecificationRequest, auto_conditional);
@@ -346,23 +345,9 @@ fn query_pairs(uri: &axum::http::Uri) -> Vec<(String, String)> {
 
 async fn search(State(state): State<AppState>, uri: axum::http::Uri) -> Result<Json<Value>, ApiError> {
     let pairs = query_pairs(&uri);
-    let get = |key: &str| pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
-    let query = get("query").ok_or_else(|| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "missing query parameter \"query\""))?;
-    let model = get("model").unwrap_or_else(|| state.ember.name.clone());
-    let top_k = match get("perPage").or_else(|| get("top_k")) {
-        None => 10,
-        Some(v) => v
-            .parse::<i64>()
-            .map_err(|_| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("perPage must be an integer, got {v:?}")))?,
-    };
-    Ok(Json(state.run(move |e| e.search(&query, &model, top_k)).await?))
+    Ok(Json(state.run(move |e| e.search_query(&pairs)).await?))
 }
 
 async fn list(State(state): State<AppState>, uri: axum::http::Uri) -> Result<Json<Value>, ApiError> {
-    let ids: Vec<String> = query_pairs(&uri)
-        .into_iter()
-        .filter(|(k, _)| k == "feature_id")
-        .map(|(_, v)| v)
-        .collect();
-    Ok(Json(state.ember.list(&ids)?))
+    Ok(Json(state.ember.list_query(&query_pairs(&uri))?))
 }

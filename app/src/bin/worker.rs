@@ -1,0 +1,331 @@
+//! The engine in a dedicated Web Worker, so the page never freezes while the model runs.
+//!
+//! The page posts JSON messages: `load` (fetch the model, SAE and atlas from beside the page,
+//! through Cache Storage, then build the engine), `call` (one Goodfire API request, answered
+//! exactly as the server would answer it) and `cancel` (stop a streamed reply). The worker
+//! answers with `progress`, `ready`/`load_error`, `chunk` and `result` messages.
+
+#[cfg(not(target_arch = "wasm32"))]
+fn main() {}
+
+#[cfg(target_arch = "wasm32")]
+fn main() {
+    worker::start();
+}
+
+#[cfg(target_arch = "wasm32")]
+mod worker {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    use std::rc::Rc;
+
+    use kindling_engine::ember::{Ember, EmberError};
+    use kindling_engine::{Atlas, Backend, CancelToken, Model, Sae, StaticEmbedder};
+    use serde::de::DeserializeOwned;
+    use serde_json::{Value, json};
+    use sha2::{Digest, Sha256};
+    use wasm_bindgen::prelude::*;
+    use wasm_bindgen_futures::{JsFuture, spawn_local};
+
+    /// The model name requests must carry (as on the server).
+    const MODEL_NAME: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
+    const MODEL_FILE: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+    const SAE_FILE: &str = "kindling-sae.f16.safetensors";
+    /// Cache Storage bucket; entries are keyed by URL plus the file's sha256, so a new file
+    /// never meets a stale copy.
+    const CACHE_NAME: &str = "kindling-assets-v1";
+
+    thread_local! {
+        static EMBER: RefCell<Option<Rc<Ember>>> = const { RefCell::new(None) };
+        static STREAMS: RefCell<HashMap<u64, CancelToken>> = RefCell::new(HashMap::new());
+    }
+
+    fn scope() -> web_sys::DedicatedWorkerGlobalScope {
+        js_sys::global().unchecked_into()
+    }
+
+    fn post(message: Value) {
+        let _ = scope().post_message(&JsValue::from_str(&message.to_string()));
+    }
+
+    pub fn start() {
+        console_error_panic_hook::set_once();
+        let on_message = Closure::<dyn FnMut(web_sys::MessageEvent)>::new(|event: web_sys::MessageEvent| {
+            let Some(text) = event.data().as_string() else { return };
+            let Ok(message) = serde_json::from_str::<Value>(&text) else {
+                return;
+            };
+            match message["type"].as_str() {
+                Some("load") => spawn_local(load(message)),
+                Some("call") => spawn_local(call(message)),
+                Some("cancel") => {
+                    let id = message["id"].as_u64().unwrap_or(0);
+                    STREAMS.with(|s| s.borrow().get(&id).map(CancelToken::cancel));
+                }
+                _ => {}
+            }
+        });
+        scope().set_onmessage(Some(on_message.as_ref().unchecked_ref()));
+        on_message.forget();
+    }
+
+    // --- loading ------------------------------------------------------------------------
+
+    async fn load(message: Value) {
+        let started = js_sys::Date::now();
+        let base = message["base"].as_str().unwrap_or("./").to_string();
+        let backend = message["backend"].as_str().unwrap_or("cpu").to_string();
+        match build(&base, &backend).await {
+            Ok(ember) => {
+                EMBER.with(|e| *e.borrow_mut() = Some(Rc::new(ember)));
+                post(json!({ "type": "ready", "backend": "cpu", "model": MODEL_NAME,
+                             "seconds": (js_sys::Date::now() - started) / 1000.0 }));
+            }
+            Err(e) => post(json!({ "type": "load_error", "message": e })),
+        }
+    }
+
+    async fn build(base: &str, backend: &str) -> Result<Ember, String> {
+        if backend != "cpu" {
+            // The wgpu path needs asynchronous read-back in the browser; until the engine has
+            // it, say so rather than silently running on the CPU.
+            return Err(format!("the {backend} backend is not available in this build; choose CPU"));
+        }
+        // Assets sit beside the page: resolve against the page's directory.
+        let dir = base.rfind('/').map_or("./", |i| &base[..=i]);
+        let url = |file: &str| format!("{dir}{file}");
+        let sae_manifest = fetch_json(&url("sae/manifest.json")).await;
+        let atlas_manifest = fetch_json(&url("atlas/manifest.json")).await;
+        // Offline, the manifests are missing: any cached copy is then the one to use.
+        let sha = |manifest: &Option<Value>, file: &str| -> Option<String> {
+            manifest.as_ref()?["files"].as_array()?.iter().find(|f| f["file"] == file)?["sha256"]
+                .as_str()
+                .map(str::to_string)
+        };
+        let model_sha = sae_manifest
+            .as_ref()
+            .and_then(|m| m["config"]["metadata"]["model_sha256"].as_str().map(str::to_string));
+
+        let model_bytes = fetch_cached("model", &url(MODEL_FILE), model_sha).await?;
+        let sae_bytes = fetch_cached("sae", &url(&format!("sae/{SAE_FILE}")), sha(&sae_manifest, SAE_FILE)).await?;
+        let index = fetch_cached("atlas", &url("atlas/atlas.json"), sha(&atlas_manifest, "atlas.json")).await?;
+        let embedder = fetch_cached(
+            "embedder",
+            &url("atlas/embedder.safetensors"),
+            sha(&atlas_manifest, "embedder.safetensors"),
+        )
+        .await?;
+        let contexts = fetch_cached(
+            "contexts",
+            &url("atlas/contexts.safetensors"),
+            sha(&atlas_manifest, "contexts.safetensors"),
+        )
+        .await?;
+
+        post(json!({ "type": "progress", "file": "building the engine", "loaded": 0, "total": 0 }));
+        let device = Backend::Cpu.device().map_err(|e| e.to_string())?;
+        let model = Model::from_bytes(&model_bytes, Backend::Cpu, &device).map_err(|e| format!("the model file: {e}"))?;
+        drop(model_bytes);
+        let sae = Sae::from_compact(&sae_bytes).map_err(|e| format!("the SAE file: {e}"))?;
+        let index = String::from_utf8(index).map_err(|_| "atlas.json is not UTF-8".to_string())?;
+        let embedder = StaticEmbedder::from_safetensors(&embedder).map_err(|e| format!("the atlas embedder: {e}"))?;
+        let mut atlas = Atlas::from_index(&index, &sae, embedder).map_err(|e| format!("the atlas: {e}"))?;
+        atlas.load_contexts(&contexts).map_err(|e| format!("the atlas contexts: {e}"))?;
+        Ok(Ember::new(model, sae, atlas, MODEL_NAME))
+    }
+
+    async fn fetch_json(url: &str) -> Option<Value> {
+        let init = web_sys::RequestInit::new();
+        init.set_cache(web_sys::RequestCache::NoCache);
+        let response: web_sys::Response = JsFuture::from(scope().fetch_with_str_and_init(url, &init))
+            .await
+            .ok()?
+            .unchecked_into();
+        if !response.ok() {
+            return None;
+        }
+        let text = JsFuture::from(response.text().ok()?).await.ok()?.as_string()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// A file's bytes, from Cache Storage when a copy of this version is there, else
+    /// downloaded with progress, checked against its sha256 and cached.
+    async fn fetch_cached(file: &str, url: &str, sha256: Option<String>) -> Result<Vec<u8>, String> {
+        let cache: Option<web_sys::Cache> = match scope().caches() {
+            Ok(caches) => JsFuture::from(caches.open(CACHE_NAME)).await.ok().map(JsCast::unchecked_into),
+            Err(_) => None,
+        };
+        let key = match &sha256 {
+            Some(sha) => format!("{url}?sha256={sha}"),
+            None => url.to_string(),
+        };
+        if let Some(cache) = &cache {
+            let options = web_sys::CacheQueryOptions::new();
+            // Without a manifest (offline) any version will do.
+            options.set_ignore_search(sha256.is_none());
+            if let Ok(hit) = JsFuture::from(cache.match_with_str_and_options(&key, &options)).await {
+                if let Some(response) = hit.dyn_ref::<web_sys::Response>() {
+                    if let Ok(bytes) = read_all(file, response, true).await {
+                        return Ok(bytes);
+                    }
+                }
+            }
+        }
+        let response: web_sys::Response = JsFuture::from(scope().fetch_with_str(url))
+            .await
+            .map_err(|_| format!("cannot download {url} (offline, and not cached yet?)"))?
+            .unchecked_into();
+        if !response.ok() {
+            return Err(format!(
+                "cannot download {url}: HTTP {} {}",
+                response.status(),
+                response.status_text()
+            ));
+        }
+        let bytes = read_all(file, &response, false).await?;
+        if let Some(expected) = &sha256 {
+            let found: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+            if &found != expected {
+                return Err(format!("{url} is damaged: sha256 {found}, expected {expected}"));
+            }
+        }
+        if let Some(cache) = &cache {
+            let body = js_sys::Uint8Array::from(bytes.as_slice());
+            if let Ok(copy) = web_sys::Response::new_with_opt_buffer_source(Some(&body)) {
+                // A full quota only costs the next load a download.
+                let _ = JsFuture::from(cache.put_with_str(&key, &copy)).await;
+            }
+        }
+        Ok(bytes)
+    }
+
+    /// Reads a response body, posting progress about every megabyte.
+    async fn read_all(file: &str, response: &web_sys::Response, cached: bool) -> Result<Vec<u8>, String> {
+        let total: f64 = response
+            .headers()
+            .get("content-length")
+            .ok()
+            .flatten()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        let progress =
+            |loaded: usize| post(json!({ "type": "progress", "file": file, "loaded": loaded, "total": total, "cached": cached }));
+        let body = response.body().ok_or_else(|| format!("{file}: empty response"))?;
+        let reader: web_sys::ReadableStreamDefaultReader = body.get_reader().unchecked_into();
+        let mut bytes = Vec::with_capacity(total as usize);
+        let mut reported = 0;
+        progress(0);
+        loop {
+            let chunk = JsFuture::from(reader.read())
+                .await
+                .map_err(|_| format!("{file}: the download broke off"))?;
+            if js_sys::Reflect::get(&chunk, &"done".into())
+                .ok()
+                .and_then(|d| d.as_bool())
+                .unwrap_or(true)
+            {
+                break;
+            }
+            let value = js_sys::Reflect::get(&chunk, &"value".into()).unwrap_or(JsValue::UNDEFINED);
+            bytes.extend(js_sys::Uint8Array::new(&value).to_vec());
+            if bytes.len() - reported >= 1 << 20 {
+                reported = bytes.len();
+                progress(reported);
+            }
+        }
+        post(json!({ "type": "progress", "file": file, "loaded": bytes.len(), "total": bytes.len(), "cached": cached }));
+        Ok(bytes)
+    }
+
+    // --- calls --------------------------------------------------------------------------
+
+    async fn call(message: Value) {
+        let id = message["id"].as_u64().unwrap_or(0);
+        let Some(ember) = EMBER.with(|e| e.borrow().clone()) else {
+            post(json!({ "type": "result", "id": id, "ok": false, "status": 503, "message": "the model is still loading" }));
+            return;
+        };
+        let method = message["method"].as_str().unwrap_or("GET");
+        let path = message["path"].as_str().unwrap_or("");
+        let body = &message["body"];
+        let result = if method == "POST" && path == "/chat/completions" && body["stream"] == json!(true) {
+            stream_chat(&ember, id, body).await.map_err(|e| (e.status(), e.to_string()))
+        } else {
+            dispatch(&ember, method, path, body)
+        };
+        post(match result {
+            Ok(value) => json!({ "type": "result", "id": id, "ok": true, "value": value }),
+            Err((status, message)) => json!({ "type": "result", "id": id, "ok": false, "status": status, "message": message }),
+        });
+    }
+
+    fn parse<T: DeserializeOwned>(body: &Value) -> Result<T, EmberError> {
+        serde_json::from_value(body.clone()).map_err(|e| EmberError::Invalid(e.to_string()))
+    }
+
+    fn to_value(value: impl serde::Serialize) -> Result<Value, EmberError> {
+        serde_json::to_value(value).map_err(|e| EmberError::Invalid(e.to_string()))
+    }
+
+    /// One Goodfire API request, routed as the server routes it.
+    fn dispatch(ember: &Ember, method: &str, path: &str, body: &Value) -> Result<Value, (u16, String)> {
+        let (route, query) = path.split_once('?').unwrap_or((path, ""));
+        match serve(ember, method, route, query, body) {
+            Ok(Some(value)) => Ok(value),
+            Ok(None) => Err((404, format!("no such endpoint: {method} {route}"))),
+            Err(e) => Err((e.status(), e.to_string())),
+        }
+    }
+
+    /// The answer of one endpoint, or `None` when there is no such endpoint.
+    fn serve(ember: &Ember, method: &str, route: &str, query: &str, body: &Value) -> Result<Option<Value>, EmberError> {
+        let pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+        Ok(Some(match (method, route) {
+            ("POST", "/chat/completions") => ember.chat_completion(&parse(body)?, CancelToken::new())?,
+            ("POST", "/chat-attribution/compute-logits") => to_value(ember.compute_logits(&parse(body)?)?)?,
+            ("POST", "/chat-attribution/compute-features") => ember.compute_features(&parse(body)?)?,
+            ("POST", "/chat-attribution/contrast") => ember.contrast(&parse(body)?)?,
+            ("GET", "/features/search") => ember.search_query(&pairs)?,
+            ("POST", "/features/rerank") => ember.rerank(&parse(body)?)?,
+            ("GET", "/features/") => ember.list_query(&pairs)?,
+            ("POST", "/features/lookup") => ember.lookup(&parse(body)?)?,
+            ("POST", "/features/dashboard") => ember.dashboard(&parse(body)?)?,
+            ("POST", "/features/auto-edits") => ember.auto_edits(&parse(body)?)?,
+            ("POST", "/features/auto-conditional") => ember.auto_conditional(&parse(body)?)?,
+            ("POST", "/attributions/neighbors") => ember.neighbors(&parse(body)?)?,
+            ("POST", "/attributions/compute-logit-attribution") => ember.attribute(&parse(body)?)?,
+            ("POST", "/attributions/generate-contrastive-dataset") => ember.contrastive_dataset(&parse(body)?)?,
+            ("POST", "/chat/tokenize") => ember.tokenize(&parse(body)?)?,
+            _ => return Ok(None),
+        }))
+    }
+
+    /// Streams a reply chunk by chunk, going back to the event loop between chunks so that a
+    /// `cancel` message (the stop button) is heard.
+    async fn stream_chat(ember: &Ember, id: u64, body: &Value) -> Result<Value, EmberError> {
+        let plan = ember.plan_chat(&parse(body)?)?;
+        let cancel = CancelToken::new();
+        STREAMS.with(|s| s.borrow_mut().insert(id, cancel.clone()));
+        let result = (async {
+            let mut chunks = ember.start_chat_chunks(&plan, cancel.clone())?;
+            while let Some(chunk) = chunks.next_chunk()? {
+                post(json!({ "type": "chunk", "id": id, "chunk": chunk }));
+                yield_to_event_loop().await;
+                if cancel.is_cancelled() {
+                    chunks.cancel();
+                }
+            }
+            Ok(Value::Null)
+        })
+        .await;
+        STREAMS.with(|s| s.borrow_mut().remove(&id));
+        result
+    }
+
+    async fn yield_to_event_loop() {
+        let promise = js_sys::Promise::new(&mut |resolve, _| {
+            let _ = scope().set_timeout_with_callback(&resolve);
+        });
+        let _ = JsFuture::from(promise).await;
+    }
+}

@@ -1,0 +1,438 @@
+//! One way to talk to an Ember endpoint, wherever the model runs: the engine in this page's
+//! Web Worker, or a hosted Ember-compatible server over HTTP. Both speak the Goodfire wire
+//! format (paths under `/api/inference/v1`, the same JSON bodies and stream chunks), so every
+//! panel of the UI is written once.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use futures::channel::{mpsc, oneshot};
+use serde_json::{Value, json};
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::JsFuture;
+
+/// The worker's script, as Trunk's `data-loader-shim` writes it next to the page.
+pub const WORKER_URL: &str = "./kindling-worker_loader.js";
+/// The Goodfire API's path prefix.
+pub const API_PREFIX: &str = "/api/inference/v1";
+
+/// A failed request, as the user should read it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    /// HTTP status (0: no answer at all).
+    pub status: u16,
+    pub message: String,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.status {
+            0 => f.write_str(&self.message),
+            s => write!(f, "{} (HTTP {s})", self.message),
+        }
+    }
+}
+
+impl ApiError {
+    fn new(status: u16, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn from_js(context: &str, e: JsValue) -> Self {
+        let detail = e
+            .dyn_ref::<js_sys::Error>()
+            .map(|e| String::from(e.message()))
+            .or_else(|| e.as_string())
+            .unwrap_or_else(|| "unknown error".into());
+        Self::new(0, format!("{context}: {detail}"))
+    }
+}
+
+/// Where a hosted endpoint is and how to sign in (the key stays in this browser's
+/// localStorage and in the `Authorization` header; never in a URL or a share link).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hosted {
+    pub base_url: String,
+    pub model: String,
+    pub api_key: String,
+}
+
+/// A reply being streamed: its chunks (`chat.completion.chunk` JSON) and a way to stop it.
+pub struct ChatStream {
+    pub chunks: mpsc::UnboundedReceiver<Result<Value, ApiError>>,
+    pub stop: Rc<dyn Fn()>,
+}
+
+/// What the worker tells the page while it loads.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LoadEvent {
+    Progress {
+        file: String,
+        loaded: f64,
+        total: f64,
+        cached: bool,
+    },
+    Ready {
+        backend: String,
+        model: String,
+        seconds: f64,
+    },
+    Failed(String),
+}
+
+enum Pending {
+    Once(oneshot::Sender<Result<Value, ApiError>>),
+    Stream(mpsc::UnboundedSender<Result<Value, ApiError>>),
+}
+
+/// The engine in a dedicated Web Worker.
+pub struct LocalEngine {
+    worker: web_sys::Worker,
+    next_id: Cell<u64>,
+    pending: Rc<RefCell<HashMap<u64, Pending>>>,
+    _on_message: Closure<dyn FnMut(web_sys::MessageEvent)>,
+}
+
+impl LocalEngine {
+    /// Starts the worker and has it load the model, SAE and atlas from beside the page on
+    /// `backend` ("cpu" or "webgpu"); `on_load` hears progress, readiness or failure.
+    pub fn start(backend: &str, on_load: impl Fn(LoadEvent) + 'static) -> Result<Rc<Self>, ApiError> {
+        let options = web_sys::WorkerOptions::new();
+        options.set_type(web_sys::WorkerType::Classic);
+        let worker =
+            web_sys::Worker::new_with_options(WORKER_URL, &options).map_err(|e| ApiError::from_js("cannot start the engine worker", e))?;
+        let pending: Rc<RefCell<HashMap<u64, Pending>>> = Rc::default();
+        let on_message = {
+            let pending = pending.clone();
+            Closure::<dyn FnMut(web_sys::MessageEvent)>::new(move |event: web_sys::MessageEvent| {
+                let Some(text) = event.data().as_string() else { return };
+                let Ok(message) = serde_json::from_str::<Value>(&text) else {
+                    return;
+                };
+                handle_worker_message(&message, &pending, &on_load);
+            })
+        };
+        worker.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
+        let base = web_sys::window()
+            .and_then(|w| w.document())
+            .and_then(|d| d.base_uri().ok().flatten())
+            .unwrap_or_default();
+        let load = json!({ "type": "load", "backend": backend, "base": base });
+        worker
+            .post_message(&JsValue::from_str(&load.to_string()))
+            .map_err(|e| ApiError::from_js("cannot reach the engine worker", e))?;
+        Ok(Rc::new(Self {
+            worker,
+            next_id: Cell::new(1),
+            pending,
+            _on_message: on_message,
+        }))
+    }
+
+    fn send(&self, method: &str, path: &str, body: Option<&Value>, pending: Pending) -> u64 {
+        let id = self.next_id.get();
+        self.next_id.set(id + 1);
+        self.pending.borrow_mut().insert(id, pending);
+        let message = json!({ "type": "call", "id": id, "method": method, "path": path, "body": body });
+        if let Err(e) = self.worker.post_message(&JsValue::from_str(&message.to_string())) {
+            let error = ApiError::from_js("cannot reach the engine worker", e);
+            match self.pending.borrow_mut().remove(&id) {
+                Some(Pending::Once(tx)) => drop(tx.send(Err(error))),
+                Some(Pending::Stream(tx)) => drop(tx.unbounded_send(Err(error))),
+                None => {}
+            }
+        }
+        id
+    }
+
+    fn cancel(&self, id: u64) {
+        let message = json!({ "type": "cancel", "id": id });
+        let _ = self.worker.post_message(&JsValue::from_str(&message.to_string()));
+    }
+}
+
+impl Drop for LocalEngine {
+    fn drop(&mut self) {
+        self.worker.terminate();
+    }
+}
+
+fn handle_worker_message(message: &Value, pending: &Rc<RefCell<HashMap<u64, Pending>>>, on_load: &impl Fn(LoadEvent)) {
+    let number = |key: &str| message[key].as_f64().unwrap_or(0.0);
+    match message["type"].as_str() {
+        Some("progress") => on_load(LoadEvent::Progress {
+            file: message["file"].as_str().unwrap_or_default().to_string(),
+            loaded: number("loaded"),
+            total: number("total"),
+            cached: message["cached"].as_bool().unwrap_or(false),
+        }),
+        Some("ready") => on_load(LoadEvent::Ready {
+            backend: message["backend"].as_str().unwrap_or("cpu").to_string(),
+            model: message["model"].as_str().unwrap_or_default().to_string(),
+            seconds: number("seconds"),
+        }),
+        Some("load_error") => on_load(LoadEvent::Failed(
+            message["message"].as_str().unwrap_or("loading failed").to_string(),
+        )),
+        Some("chunk") => {
+            let id = message["id"].as_u64().unwrap_or(0);
+            if let Some(Pending::Stream(tx)) = pending.borrow().get(&id) {
+                let _ = tx.unbounded_send(Ok(message["chunk"].clone()));
+            }
+        }
+        Some("result") => {
+            let id = message["id"].as_u64().unwrap_or(0);
+            let result = if message["ok"].as_bool() == Some(true) {
+                Ok(message["value"].clone())
+            } else {
+                Err(ApiError::new(
+                    message["status"].as_u64().unwrap_or(500) as u16,
+                    message["message"].as_str().unwrap_or("the engine failed"),
+                ))
+            };
+            match pending.borrow_mut().remove(&id) {
+                Some(Pending::Once(tx)) => drop(tx.send(result)),
+                // A stream ends by closing its channel; only an error needs saying.
+                Some(Pending::Stream(tx)) => {
+                    if let Err(e) = result {
+                        let _ = tx.unbounded_send(Err(e));
+                    }
+                }
+                None => {}
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The endpoint the UI is connected to.
+#[derive(Clone)]
+pub enum Client {
+    Local(Rc<LocalEngine>, String),
+    Hosted(Rc<Hosted>),
+}
+
+impl Client {
+    /// The model name requests carry.
+    pub fn model(&self) -> String {
+        match self {
+            Client::Local(_, model) => model.clone(),
+            Client::Hosted(h) => h.model.clone(),
+        }
+    }
+
+    /// `GET path` (with its query), answered as JSON.
+    pub async fn get(&self, path: &str) -> Result<Value, ApiError> {
+        self.request("GET", path, None).await
+    }
+
+    /// `POST path` with a JSON body.
+    pub async fn post(&self, path: &str, body: Value) -> Result<Value, ApiError> {
+        self.request("POST", path, Some(body)).await
+    }
+
+    async fn request(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, ApiError> {
+        match self {
+            Client::Local(engine, _) => {
+                let (tx, rx) = oneshot::channel();
+                engine.send(method, path, body.as_ref(), Pending::Once(tx));
+                rx.await.unwrap_or_else(|_| Err(ApiError::new(0, "the engine worker went away")))
+            }
+            Client::Hosted(hosted) => {
+                let response = http(hosted, method, path, body.as_ref(), "application/json").await?;
+                let text = JsFuture::from(response.text().map_err(|e| ApiError::from_js("reading the answer", e))?)
+                    .await
+                    .map_err(|e| ApiError::from_js("reading the answer", e))?;
+                let text = text.as_string().unwrap_or_default();
+                serde_json::from_str(&text).map_err(|_| ApiError::new(response.status(), "the endpoint's answer is not JSON"))
+            }
+        }
+    }
+
+    /// Streams a chat completion (`body` without `stream`: it is set here).
+    pub fn chat(&self, mut body: Value) -> ChatStream {
+        body["stream"] = json!(true);
+        let (tx, rx) = mpsc::unbounded();
+        match self {
+            Client::Local(engine, _) => {
+                let id = engine.send("POST", "/chat/completions", Some(&body), Pending::Stream(tx));
+                let engine = engine.clone();
+                ChatStream {
+                    chunks: rx,
+                    stop: Rc::new(move || engine.cancel(id)),
+                }
+            }
+            Client::Hosted(hosted) => {
+                let abort = web_sys::AbortController::new().ok();
+                let signal = abort.as_ref().map(|a| a.signal());
+                let hosted = hosted.clone();
+                wasm_bindgen_futures::spawn_local(async move {
+                    if let Err(e) = stream_sse(&hosted, &body, signal, &tx).await {
+                        let _ = tx.unbounded_send(Err(e));
+                    }
+                });
+                ChatStream {
+                    chunks: rx,
+                    stop: Rc::new(move || {
+                        if let Some(a) = &abort {
+                            a.abort();
+                        }
+                    }),
+                }
+            }
+        }
+    }
+}
+
+async fn http(hosted: &Hosted, method: &str, path: &str, body: Option<&Value>, accept: &str) -> Result<web_sys::Response, ApiError> {
+    http_with_signal(hosted, method, path, body, accept, None).await
+}
+
+async fn http_with_signal(
+    hosted: &Hosted,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    accept: &str,
+    signal: Option<web_sys::AbortSignal>,
+) -> Result<web_sys::Response, ApiError> {
+    let init = web_sys::RequestInit::new();
+    init.set_method(method);
+    let headers = web_sys::Headers::new().map_err(|e| ApiError::from_js("headers", e))?;
+    let _ = headers.set("Accept", accept);
+    if !hosted.api_key.is_empty() {
+        let _ = headers.set("Authorization", &format!("Bearer {}", hosted.api_key));
+    }
+    if let Some(body) = body {
+        let _ = headers.set("Content-Type", "application/json");
+        init.set_body(&JsValue::from_str(&body.to_string()));
+    }
+    init.set_headers(&headers);
+    if let Some(signal) = &signal {
+        init.set_signal(Some(signal));
+    }
+    let url = format!("{}{API_PREFIX}{path}", hosted.base_url.trim_end_matches('/'));
+    let window = web_sys::window().ok_or_else(|| ApiError::new(0, "no window"))?;
+    let response = JsFuture::from(window.fetch_with_str_and_init(&url, &init))
+        .await
+        .map_err(|e| ApiError::from_js(&format!("cannot reach {}", hosted.base_url), e))?;
+    let response: web_sys::Response = response.unchecked_into();
+    if !response.ok() {
+        let status = response.status();
+        let text = match response.text() {
+            Ok(p) => JsFuture::from(p).await.ok().and_then(|t| t.as_string()).unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        return Err(ApiError::new(status, error_message(&text, &response.status_text())));
+    }
+    Ok(response)
+}
+
+/// The message of an error body: Goodfire/Kindling's `{"error": {"message"}}`, `{"detail"}`,
+/// or the status text.
+pub fn error_message(body: &str, status_text: &str) -> String {
+    let value: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    value["error"]["message"]
+        .as_str()
+        .or_else(|| value["detail"].as_str())
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            if status_text.is_empty() {
+                "request failed".into()
+            } else {
+                status_text.into()
+            }
+        })
+}
+
+/// Reads a server-sent-event reply and forwards its `data:` chunks until `[DONE]`.
+async fn stream_sse(
+    hosted: &Hosted,
+    body: &Value,
+    signal: Option<web_sys::AbortSignal>,
+    tx: &mpsc::UnboundedSender<Result<Value, ApiError>>,
+) -> Result<(), ApiError> {
+    let response = http_with_signal(hosted, "POST", "/chat/completions", Some(body), "text/event-stream", signal).await?;
+    let stream = response.body().ok_or_else(|| ApiError::new(0, "the reply has no body"))?;
+    let reader: web_sys::ReadableStreamDefaultReader = stream.get_reader().unchecked_into();
+    let mut decoder = Utf8Decoder::default();
+    let mut frames = SseFrames::default();
+    loop {
+        let Ok(result) = JsFuture::from(reader.read()).await else {
+            // Aborted by the stop button: the stream simply ends.
+            return Ok(());
+        };
+        let done = js_sys::Reflect::get(&result, &"done".into())
+            .ok()
+            .and_then(|d| d.as_bool())
+            .unwrap_or(true);
+        if done {
+            return Ok(());
+        }
+        let value = js_sys::Reflect::get(&result, &"value".into()).unwrap_or(JsValue::UNDEFINED);
+        let bytes = js_sys::Uint8Array::new(&value).to_vec();
+        for data in frames.push(&decoder.decode(&bytes)) {
+            if data == "[DONE]" {
+                return Ok(());
+            }
+            let chunk: Value = serde_json::from_str(&data).map_err(|_| ApiError::new(0, "a stream chunk is not JSON"))?;
+            if let Some(message) = chunk["error"]["message"].as_str() {
+                return Err(ApiError::new(0, message));
+            }
+            if tx.unbounded_send(Ok(chunk)).is_err() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// UTF-8 across chunk boundaries (a character may be split between two reads).
+#[derive(Default)]
+struct Utf8Decoder {
+    tail: Vec<u8>,
+}
+
+impl Utf8Decoder {
+    fn decode(&mut self, bytes: &[u8]) -> String {
+        self.tail.extend_from_slice(bytes);
+        let valid = match std::str::from_utf8(&self.tail) {
+            Ok(_) => self.tail.len(),
+            Err(e) if e.error_len().is_none() => e.valid_up_to(),
+            // Invalid bytes (not just a cut character): decode lossily and move on.
+            Err(_) => self.tail.len(),
+        };
+        let rest = self.tail.split_off(valid);
+        let text = String::from_utf8_lossy(&self.tail).into_owned();
+        self.tail = rest;
+        text
+    }
+}
+
+/// Splits a server-sent-event byte stream into the `data:` payloads of whole frames.
+#[derive(Default)]
+pub struct SseFrames {
+    buffer: String,
+}
+
+impl SseFrames {
+    pub fn push(&mut self, text: &str) -> Vec<String> {
+        self.buffer.push_str(&text.replace("\r\n", "\n"));
+        let mut out = Vec::new();
+        while let Some(end) = self.buffer.find("\n\n") {
+            let frame: String = self.buffer.drain(..end + 2).collect();
+            let data: Vec<&str> = frame
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                .collect();
+            if !data.is_empty() {
+                out.push(data.join("\n"));
+            }
+        }
+        out
+    }
+}

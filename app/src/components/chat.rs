@@ -1,0 +1,290 @@
+//! Chat: streamed replies from the variant, and optionally from the base model beside it
+//! for the same prompts.
+
+use std::rc::Rc;
+
+use futures::StreamExt;
+use leptos::prelude::*;
+use serde_json::{Value, json};
+
+use crate::client::Client;
+
+/// One message in a column.
+#[derive(Debug, Clone, PartialEq)]
+struct Message {
+    role: &'static str,
+    text: String,
+    /// Abort rules that fired, with the token they fired at.
+    events: Vec<String>,
+    error: Option<String>,
+    streaming: bool,
+}
+
+impl Message {
+    fn user(text: String) -> Self {
+        Self {
+            role: "user",
+            text,
+            events: Vec::new(),
+            error: None,
+            streaming: false,
+        }
+    }
+
+    fn assistant() -> Self {
+        Self {
+            role: "assistant",
+            streaming: true,
+            ..Self::user(String::new())
+        }
+    }
+}
+
+/// Sampling settings for a request.
+#[derive(Debug, Clone, Copy)]
+struct Sampling {
+    temperature: f64,
+    max_tokens: u32,
+}
+
+/// The conversation so far as API messages (without the reply being written).
+fn history(column: &[Message]) -> Vec<Value> {
+    column
+        .iter()
+        .filter(|m| !m.streaming && m.error.is_none())
+        .map(|m| json!({ "role": m.role, "content": m.text }))
+        .collect()
+}
+
+/// Streams one reply into the last message of `column`. Returns false when stopped.
+async fn stream_reply(
+    client: Client,
+    column: RwSignal<Vec<Message>>,
+    controller: Option<Value>,
+    sampling: Sampling,
+    stop: StoredValue<Option<Rc<dyn Fn()>>, LocalStorage>,
+) {
+    let messages = history(&column.get_untracked());
+    let mut body = json!({
+        "model": client.model(), "messages": messages,
+        "temperature": sampling.temperature, "max_completion_tokens": sampling.max_tokens,
+    });
+    if let Some(c) = controller {
+        body["controller"] = c;
+    }
+    let mut stream = client.chat(body);
+    stop.set_value(Some(stream.stop.clone()));
+    let edit_last = |f: &dyn Fn(&mut Message)| {
+        column.update(|c| {
+            if let Some(last) = c.last_mut() {
+                f(last)
+            }
+        })
+    };
+    while let Some(item) = stream.chunks.next().await {
+        match item {
+            Ok(chunk) => {
+                let choice = &chunk["choices"][0];
+                let piece = choice["delta"]["content"].as_str().unwrap_or_default().to_string();
+                let at = choice["gf_token_index"].as_u64().unwrap_or(0);
+                let events: Vec<String> = chunk["gf_event_names"]
+                    .as_array()
+                    .map(|list| {
+                        list.iter()
+                            .filter_map(|e| e.as_str())
+                            .map(|e| format!("{e} (at token {at})"))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                edit_last(&|m| {
+                    m.text.push_str(&piece);
+                    m.events.extend(events.iter().cloned());
+                });
+            }
+            Err(e) => {
+                let text = e.to_string();
+                edit_last(&|m| m.error = Some(text.clone()));
+            }
+        }
+    }
+    stop.set_value(None);
+    edit_last(&|m| m.streaming = false);
+}
+
+/// The chat panel.
+#[component]
+pub fn Chat() -> impl IntoView {
+    let session = crate::use_session();
+    let steered = RwSignal::new(Vec::<Message>::new());
+    let base = RwSignal::new(Vec::<Message>::new());
+    let input = RwSignal::new(String::new());
+    let compare = RwSignal::new(true);
+    let temperature = RwSignal::new(String::from("0.7"));
+    let max_tokens = RwSignal::new(String::from("64"));
+    let busy = RwSignal::new(false);
+    let stopped = RwSignal::new(false);
+    let stop = StoredValue::new_local(None::<Rc<dyn Fn()>>);
+
+    let sampling = move || -> Result<Sampling, String> {
+        let temperature: f64 = temperature
+            .get_untracked()
+            .trim()
+            .parse()
+            .ok()
+            .filter(|t| (0.0..=2.0).contains(t))
+            .ok_or("Temperature must be a number from 0 to 2")?;
+        let max_tokens: u32 = max_tokens
+            .get_untracked()
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n| (1..=1024).contains(n))
+            .ok_or("Max tokens must be a whole number from 1 to 1024")?;
+        Ok(Sampling { temperature, max_tokens })
+    };
+
+    let send = move || {
+        let prompt = input.get_untracked().trim().to_string();
+        if prompt.is_empty() || busy.get_untracked() {
+            return;
+        }
+        let Some(client) = session.client() else {
+            session.error("The model is not ready yet");
+            return;
+        };
+        let sampling = match sampling() {
+            Ok(s) => s,
+            Err(e) => return session.error(e),
+        };
+        input.set(String::new());
+        let compare = compare.get_untracked();
+        let controller = session.controller();
+        steered.update(|c| c.push(Message::user(prompt.clone())));
+        steered.update(|c| c.push(Message::assistant()));
+        if compare {
+            base.update(|c| c.push(Message::user(prompt)));
+        }
+        busy.set(true);
+        stopped.set(false);
+        leptos::task::spawn_local(async move {
+            stream_reply(client.clone(), steered, controller, sampling, stop).await;
+            session.conversation.set(
+                steered
+                    .get_untracked()
+                    .iter()
+                    .filter(|m| m.error.is_none())
+                    .map(|m| (m.role.to_string(), m.text.clone()))
+                    .collect(),
+            );
+            if compare && !stopped.get_untracked() {
+                base.update(|c| c.push(Message::assistant()));
+                stream_reply(client, base, None, sampling, stop).await;
+            }
+            busy.set(false);
+        });
+    };
+
+    let column = move |title: &'static str, testid: &'static str, messages: RwSignal<Vec<Message>>| {
+        view! {
+            <div class="column" data-testid=testid>
+                <h2>{title}</h2>
+                <ol class="messages" aria-live="polite">
+                    {move || {
+                        messages
+                            .get()
+                            .into_iter()
+                            .map(|m| {
+                                view! {
+                                    <li class=format!("message {}", m.role) data-testid=format!("{}-message", m.role)>
+                                        <span class="role">{m.role}</span>
+                                        // Model text is always text: never parsed as HTML.
+                                        <p class="text">{m.text}</p>
+                                        {m.streaming.then(|| view! { <span class="typing">"…"</span> })}
+                                        {m
+                                            .events
+                                            .into_iter()
+                                            .map(|e| view! { <p class="event" data-testid="rule-event">"Rule fired: " {e}</p> })
+                                            .collect_view()}
+                                        {m.error.map(|e| view! { <p class="error">{e}</p> })}
+                                    </li>
+                                }
+                            })
+                            .collect_view()
+                    }}
+                </ol>
+            </div>
+        }
+    };
+
+    view! {
+        <div class="chat">
+            <div class="columns" class:compare=move || compare.get()>
+                {column("Variant", "variant-column", steered)}
+                <Show when=move || compare.get()>{column("Base model", "base-column", base)}</Show>
+            </div>
+            <form
+                class="composer"
+                on:submit=move |ev| {
+                    ev.prevent_default();
+                    send();
+                }
+            >
+                <textarea
+                    data-testid="prompt"
+                    aria-label="Message"
+                    placeholder="Say something… (Enter sends, Shift+Enter for a new line)"
+                    prop:value=move || input.get()
+                    on:input=move |ev| input.set(event_target_value(&ev))
+                    on:keydown=move |ev: web_sys::KeyboardEvent| {
+                        if ev.key() == "Enter" && !ev.shift_key() {
+                            ev.prevent_default();
+                            send();
+                        }
+                    }
+                ></textarea>
+                <div class="controls">
+                    <button type="submit" data-testid="send" disabled=move || busy.get() || session.client.get().is_none()>
+                        "Send"
+                    </button>
+                    <button
+                        type="button"
+                        data-testid="stop"
+                        disabled=move || !busy.get()
+                        on:click=move |_| {
+                            stopped.set(true);
+                            if let Some(stop) = stop.get_value() {
+                                stop();
+                            }
+                        }
+                    >
+                        "Stop"
+                    </button>
+                    <button
+                        type="button"
+                        data-testid="clear"
+                        disabled=move || busy.get()
+                        on:click=move |_| {
+                            steered.set(Vec::new());
+                            base.set(Vec::new());
+                            session.conversation.set(Vec::new());
+                        }
+                    >
+                        "Clear"
+                    </button>
+                    <label>
+                        <input type="checkbox" data-testid="compare" bind:checked=compare />
+                        " Base model beside it"
+                    </label>
+                    <label>
+                        "Temperature "
+                        <input class="narrow" data-testid="temperature" inputmode="decimal" bind:value=temperature />
+                    </label>
+                    <label>
+                        "Max tokens "
+                        <input class="narrow" data-testid="max-tokens" inputmode="numeric" bind:value=max_tokens />
+                    </label>
+                </div>
+            </form>
+        </div>
+    }
+}

@@ -1,0 +1,283 @@
+//! Where the model runs: in this page (CPU or WebGPU) or on a hosted endpoint; loading
+//! progress; the backend indicator.
+
+use std::rc::Rc;
+
+use leptos::prelude::*;
+use wasm_bindgen::JsCast;
+use wasm_bindgen_futures::JsFuture;
+
+use crate::client::{Client, Hosted, LoadEvent, LocalEngine};
+
+/// The model the in-browser engine runs (the name requests carry).
+pub const LOCAL_MODEL: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
+const MODE_KEY: &str = "kindling.mode";
+const HOSTED_URL_KEY: &str = "kindling.hosted.url";
+const HOSTED_MODEL_KEY: &str = "kindling.hosted.model";
+/// The API key is kept here, in this browser only.
+const HOSTED_KEY_KEY: &str = "kindling.hosted.key";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Pick WebGPU when an adapter exists, else the CPU.
+    Auto,
+    Cpu,
+    WebGpu,
+    Hosted,
+}
+
+impl Mode {
+    fn key(self) -> &'static str {
+        match self {
+            Mode::Auto => "auto",
+            Mode::Cpu => "cpu",
+            Mode::WebGpu => "webgpu",
+            Mode::Hosted => "hosted",
+        }
+    }
+
+    fn parse(s: &str) -> Mode {
+        match s {
+            "cpu" => Mode::Cpu,
+            "webgpu" => Mode::WebGpu,
+            "hosted" => Mode::Hosted,
+            _ => Mode::Auto,
+        }
+    }
+}
+
+/// One file's download.
+#[derive(Debug, Clone, PartialEq)]
+struct Download {
+    file: String,
+    loaded: f64,
+    total: f64,
+    cached: bool,
+}
+
+fn storage() -> Option<web_sys::Storage> {
+    web_sys::window()?.local_storage().ok().flatten()
+}
+
+fn stored(key: &str) -> Option<String> {
+    storage()?.get_item(key).ok().flatten()
+}
+
+fn store(key: &str, value: &str) {
+    if let Some(s) = storage() {
+        let _ = s.set_item(key, value);
+    }
+}
+
+/// Whether this browser offers a WebGPU adapter (`navigator.gpu.requestAdapter()`, called
+/// through JS reflection: web-sys's WebGPU bindings are behind an unstable cfg).
+async fn webgpu_adapter() -> bool {
+    let Some(window) = web_sys::window() else { return false };
+    let Ok(gpu) = js_sys::Reflect::get(&window.navigator(), &"gpu".into()) else {
+        return false;
+    };
+    if gpu.is_undefined() || gpu.is_null() {
+        return false;
+    }
+    let Ok(request) = js_sys::Reflect::get(&gpu, &"requestAdapter".into()) else {
+        return false;
+    };
+    let Some(request) = request.dyn_ref::<js_sys::Function>() else {
+        return false;
+    };
+    let Ok(promise) = request.call0(&gpu) else { return false };
+    match JsFuture::from(js_sys::Promise::from(promise)).await {
+        Ok(adapter) => !adapter.is_null() && !adapter.is_undefined(),
+        Err(_) => false,
+    }
+}
+
+/// The mode picker, hosted settings, progress bars and the backend indicator.
+#[component]
+pub fn Connection() -> impl IntoView {
+    let session = crate::use_session();
+    let mode = RwSignal::new(Mode::parse(&stored(MODE_KEY).unwrap_or_default()));
+    let url = RwSignal::new(
+        stored(HOSTED_URL_KEY).unwrap_or_else(|| web_sys::window().and_then(|w| w.location().origin().ok()).unwrap_or_default()),
+    );
+    let model = RwSignal::new(stored(HOSTED_MODEL_KEY).unwrap_or_else(|| LOCAL_MODEL.to_string()));
+    let key = RwSignal::new(stored(HOSTED_KEY_KEY).unwrap_or_default());
+    let downloads = RwSignal::new(Vec::<Download>::new());
+    // What runs now, for the indicator: "CPU", "WebGPU", "hosted", or a state.
+    let running = RwSignal::new(String::from("not started"));
+    let gpu_found = RwSignal::new(None::<bool>);
+    let engine = StoredValue::new_local(None::<Rc<LocalEngine>>);
+
+    let on_load = move |event: LoadEvent| match event {
+        LoadEvent::Progress {
+            file,
+            loaded,
+            total,
+            cached,
+        } => downloads.update(|list| match list.iter_mut().find(|d| d.file == file) {
+            Some(d) => {
+                *d = Download {
+                    file,
+                    loaded,
+                    total,
+                    cached,
+                }
+            }
+            None => list.push(Download {
+                file,
+                loaded,
+                total,
+                cached,
+            }),
+        }),
+        LoadEvent::Ready { backend, model, seconds } => {
+            running.set(format!("{} (in this page)", backend.to_uppercase()));
+            if let Some(engine) = engine.get_value() {
+                session.client.set(Some(Client::Local(engine, model.clone())));
+            }
+            session.variant.update(|v| v.base_model = model);
+            downloads.set(Vec::new());
+            session.info(format!("Model ready in {seconds:.1} s"));
+        }
+        LoadEvent::Failed(message) => {
+            running.set("failed".into());
+            session.error(format!("Loading failed: {message}"));
+        }
+    };
+
+    let start_local = move |backend: &'static str| {
+        session.client.set(None);
+        engine.set_value(None);
+        downloads.set(Vec::new());
+        running.set(format!("loading ({backend})"));
+        match LocalEngine::start(backend, on_load) {
+            Ok(e) => engine.set_value(Some(e)),
+            Err(e) => {
+                running.set("failed".into());
+                session.error(e);
+            }
+        }
+    };
+
+    let connect_hosted = move || {
+        session.client.set(None);
+        engine.set_value(None);
+        let hosted = Hosted {
+            base_url: url.get_untracked().trim().to_string(),
+            model: model.get_untracked().trim().to_string(),
+            api_key: key.get_untracked().trim().to_string(),
+        };
+        store(HOSTED_URL_KEY, &hosted.base_url);
+        store(HOSTED_MODEL_KEY, &hosted.model);
+        store(HOSTED_KEY_KEY, &hosted.api_key);
+        running.set("connecting".into());
+        let client = Client::Hosted(Rc::new(hosted.clone()));
+        leptos::task::spawn_local(async move {
+            // A one-result search proves the URL, the key and the model name at once.
+            let probe = format!(
+                "/features/search?query=hello&perPage=1&model={}",
+                js_sys::encode_uri_component(&hosted.model)
+            );
+            match client.get(&probe).await {
+                Ok(_) => {
+                    running.set(format!("hosted: {}", hosted.base_url));
+                    session.variant.update(|v| v.base_model = hosted.model.clone());
+                    session.client.set(Some(client));
+                    session.info(format!("Connected to {}", hosted.base_url));
+                }
+                Err(e) => {
+                    running.set("not connected".into());
+                    session.error(format!("Cannot use {}: {e}", hosted.base_url));
+                }
+            }
+        });
+    };
+
+    let apply = move || match mode.get_untracked() {
+        Mode::Hosted => connect_hosted(),
+        Mode::Cpu => start_local("cpu"),
+        Mode::WebGpu => start_local("webgpu"),
+        Mode::Auto => leptos::task::spawn_local(async move {
+            let found = webgpu_adapter().await;
+            gpu_found.set(Some(found));
+            // The in-page WebGPU engine is not in this build yet (see the worker): auto
+            // stays on the CPU and says what it found.
+            start_local("cpu");
+        }),
+    };
+
+    // Start at once with the remembered choice (hosted waits for the user to press Connect
+    // unless it was the last choice).
+    apply();
+
+    view! {
+        <div class="connection">
+            <label>
+                "Run on "
+                <select
+                    data-testid="mode"
+                    prop:value=move || mode.get().key()
+                    on:change=move |ev| {
+                        let m = Mode::parse(&event_target_value(&ev));
+                        mode.set(m);
+                        store(MODE_KEY, m.key());
+                        if m != Mode::Hosted {
+                            apply();
+                        }
+                    }
+                >
+                    <option value="auto">"Auto (this page)"</option>
+                    <option value="cpu">"CPU (this page)"</option>
+                    <option value="webgpu">"WebGPU (this page)"</option>
+                    <option value="hosted">"Hosted endpoint"</option>
+                </select>
+            </label>
+            <span class="indicator" data-testid="backend" title="Where the model runs now">
+                {move || running.get()}
+            </span>
+            {move || {
+                gpu_found
+                    .get()
+                    .map(|found| {
+                        view! {
+                            <span class="hint">
+                                {if found { "WebGPU adapter found" } else { "no WebGPU adapter" }}
+                            </span>
+                        }
+                    })
+            }}
+            <Show when=move || mode.get() == Mode::Hosted>
+                <form
+                    class="hosted"
+                    on:submit=move |ev| {
+                        ev.prevent_default();
+                        connect_hosted();
+                    }
+                >
+                    <input aria-label="Endpoint URL" data-testid="hosted-url" placeholder="https://…" bind:value=url />
+                    <input aria-label="Model" data-testid="hosted-model" bind:value=model />
+                    <input
+                        aria-label="API key"
+                        data-testid="hosted-key"
+                        type="password"
+                        autocomplete="off"
+                        placeholder="API key (kept in this browser)"
+                        bind:value=key
+                    />
+                    <button type="submit" data-testid="hosted-connect">
+                        "Connect"
+                    </button>
+                </form>
+            </Show>
+        </div>
+        <div class="downloads">
+            <For each=move || downloads.get() key=|d| (d.file.clone(), d.loaded as u64, d.cached) let:d>
+                <div class="download" data-testid="download">
+                    <span>{format!("{}{}", d.file, if d.cached { " (cached)" } else { "" })}</span>
+                    <progress max=d.total.max(1.0) value=d.loaded></progress>
+                    <span>{format!("{:.1} / {:.1} MB", d.loaded / 1e6, d.total / 1e6)}</span>
+                </div>
+            </For>
+        </div>
+    }
+}

@@ -1,0 +1,251 @@
+//! Edits: a slider per edited feature, AutoSteer from a description, and Contrast between
+//! two chat datasets.
+
+use kindling_engine::share::{EditMode, SavedEdit};
+use leptos::prelude::*;
+use serde_json::{Value, json};
+
+use super::features::add_edit;
+
+/// The sliders of the variant's edits.
+#[component]
+pub fn Edits() -> impl IntoView {
+    let session = crate::use_session();
+    let edits = move || session.variant.with(|v| v.edits.clone());
+    let set = move |uuid: String, f: Box<dyn Fn(&mut SavedEdit)>| {
+        session.variant.update(|v| {
+            if let Some(e) = v.edits.iter_mut().find(|e| e.feature_id == uuid) {
+                f(e)
+            }
+        })
+    };
+
+    view! {
+        <section class="edits" aria-label="Edits">
+            <h2>"Edits"</h2>
+            <Show when=move || session.variant.with(|v| v.edits.is_empty())>
+                <p class="hint">"No edits: search features and press “+ Edit”, or use AutoSteer below."</p>
+            </Show>
+            <ul class="sliders">
+                <For each=edits key=|e| e.feature_id.clone() let:edit>
+                    {
+                        let (id_value, id_mode, id_remove) = (edit.feature_id.clone(), edit.feature_id.clone(), edit.feature_id.clone());
+                        let watched = edit.feature_id.clone();
+                        let current = Memo::new(move |_| session.variant.with(|v| v.edits.iter().find(|e| e.feature_id == watched).map(|e| (e.value, e.mode))));
+                        let value = move || current.get().map_or(0.0, |c| c.0);
+                        view! {
+                            <li class="slider" data-testid="edit">
+                                <label>
+                                    <span class="label">{edit.feature_label.clone()}</span>
+                                    <input
+                                        type="range"
+                                        min="-1"
+                                        max="1"
+                                        step="0.05"
+                                        data-testid="edit-slider"
+                                        prop:value=move || value().to_string()
+                                        on:input=move |ev| {
+                                            if let Ok(x) = event_target_value(&ev).parse::<f32>() {
+                                                set(id_value.clone(), Box::new(move |e| e.value = x));
+                                            }
+                                        }
+                                    />
+                                </label>
+                                <output data-testid="edit-value">{move || format!("{:+.2}", value())}</output>
+                                <select
+                                    aria-label="Mode"
+                                    prop:value=move || if current.get().is_some_and(|c| c.1 == EditMode::Pin) { "pin" } else { "nudge" }
+                                    on:change=move |ev| {
+                                        let mode = if event_target_value(&ev) == "pin" { EditMode::Pin } else { EditMode::Nudge };
+                                        set(id_mode.clone(), Box::new(move |e| e.mode = mode));
+                                    }
+                                >
+                                    <option value="nudge">"nudge"</option>
+                                    <option value="pin">"pin"</option>
+                                </select>
+                                <button
+                                    aria-label="Remove edit"
+                                    on:click=move |_| session.variant.update(|v| v.edits.retain(|e| e.feature_id != id_remove))
+                                >
+                                    "Remove"
+                                </button>
+                            </li>
+                        }
+                    }
+                </For>
+            </ul>
+            <button data-testid="reset-edits" on:click=move |_| session.variant.update(|v| v.edits.clear())>
+                "Reset edits"
+            </button>
+        </section>
+        <AutoSteer />
+        <Contrast />
+    }
+}
+
+/// AutoSteer: a description of the behaviour → edits.
+#[component]
+fn AutoSteer() -> impl IntoView {
+    let session = crate::use_session();
+    let spec = RwSignal::new(String::new());
+    let running = RwSignal::new(false);
+    let run = move || {
+        let specification = spec.get_untracked().trim().to_string();
+        let Some(client) = session.client() else {
+            return session.error("The model is not ready yet");
+        };
+        if specification.is_empty() {
+            return;
+        }
+        running.set(true);
+        session.info("AutoSteer is trying edits (this takes a while)…");
+        leptos::task::spawn_local(async move {
+            let body = json!({ "specification": specification, "model": client.model() });
+            match client.post("/features/auto-edits", body).await {
+                Ok(answer) => {
+                    let pairs: Vec<(Value, f32)> = answer["edits"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|pair| Some((pair[0].clone(), pair[1].as_f64()? as f32)))
+                        .collect();
+                    if pairs.is_empty() {
+                        session.info("AutoSteer found no edits for that description");
+                    }
+                    for (feature, value) in pairs {
+                        if let Some(f) = crate::feature_ref(&feature) {
+                            session.variant.update(|v| v.edits.retain(|e| e.feature_id != f.uuid));
+                            add_edit(session, &f, value.clamp(-1.0, 1.0));
+                        }
+                    }
+                }
+                Err(e) => session.error(format!("AutoSteer failed: {e}")),
+            }
+            running.set(false);
+        });
+    };
+    view! {
+        <section class="autosteer" aria-label="AutoSteer">
+            <h2>"AutoSteer"</h2>
+            <form on:submit=move |ev| {
+                ev.prevent_default();
+                run();
+            }>
+                <input data-testid="autosteer" placeholder="Describe the behaviour: talk like a pirate" bind:value=spec />
+                <button type="submit" disabled=move || running.get()>
+                    {move || if running.get() { "Working…" } else { "AutoSteer" }}
+                </button>
+            </form>
+        </section>
+    }
+}
+
+/// Reads a chat dataset: conversations separated by blank lines, each line `user: …` or
+/// `assistant: …` (a line without a role continues the previous message).
+fn parse_dataset(text: &str) -> Result<Vec<Vec<Value>>, String> {
+    let mut conversations = Vec::new();
+    for (n, block) in text.split("\n\n").map(str::trim).filter(|b| !b.is_empty()).enumerate() {
+        let mut messages: Vec<(String, String)> = Vec::new();
+        for line in block.lines() {
+            let (role, rest) = match line.split_once(':') {
+                Some((r, rest)) if ["user", "assistant", "system"].contains(&r.trim().to_lowercase().as_str()) => {
+                    (r.trim().to_lowercase(), rest.trim())
+                }
+                _ => match messages.last_mut() {
+                    Some(last) => {
+                        last.1.push('\n');
+                        last.1.push_str(line);
+                        continue;
+                    }
+                    None => return Err(format!("conversation {}: start each message with “user:” or “assistant:”", n + 1)),
+                },
+            };
+            messages.push((role, rest.to_string()));
+        }
+        conversations.push(
+            messages
+                .into_iter()
+                .map(|(role, content)| json!({ "role": role, "content": content }))
+                .collect(),
+        );
+    }
+    Ok(conversations)
+}
+
+/// Contrast: features that tell two chat datasets apart.
+#[component]
+fn Contrast() -> impl IntoView {
+    let session = crate::use_session();
+    let first = RwSignal::new(String::from("user: Tell me about the sea.\nassistant: The sea is vast and deep."));
+    let second = RwSignal::new(String::from(
+        "user: Tell me about the sea.\nassistant: Arr, the sea be me home, matey!",
+    ));
+    let found = RwSignal::new(Vec::<(String, Value)>::new());
+    let running = RwSignal::new(false);
+    let run = move || {
+        let Some(client) = session.client() else {
+            return session.error("The model is not ready yet");
+        };
+        let (a, b) = match (parse_dataset(&first.get_untracked()), parse_dataset(&second.get_untracked())) {
+            (Ok(a), Ok(b)) if a.len() == b.len() && !a.is_empty() => (a, b),
+            (Ok(_), Ok(_)) => return session.error("Both datasets need the same number of conversations (at least one)"),
+            (Err(e), _) | (_, Err(e)) => return session.error(e),
+        };
+        running.set(true);
+        leptos::task::spawn_local(async move {
+            let body = json!({ "dataset_1": a, "dataset_2": b, "model": client.model(), "k_to_add": 5, "k_to_remove": 5 });
+            match client.post("/chat-attribution/contrast", body).await {
+                Ok(answer) => {
+                    let mut list = Vec::new();
+                    for (key, side) in [("dataset_2_features", "add"), ("dataset_1_features", "remove")] {
+                        for f in answer[key].as_array().into_iter().flatten() {
+                            list.push((side.to_string(), f.clone()));
+                        }
+                    }
+                    found.set(list);
+                }
+                Err(e) => session.error(format!("Contrast failed: {e}")),
+            }
+            running.set(false);
+        });
+    };
+    view! {
+        <section class="contrast" aria-label="Contrast">
+            <h2>"Contrast"</h2>
+            <p class="hint">"Conversations separated by blank lines; lines start with “user:” or “assistant:”."</p>
+            <div class="datasets">
+                <label>
+                    "Dataset 1 (less of this)"
+                    <textarea data-testid="contrast-1" prop:value=move || first.get() on:input=move |ev| first.set(event_target_value(&ev))></textarea>
+                </label>
+                <label>
+                    "Dataset 2 (more of this)"
+                    <textarea data-testid="contrast-2" prop:value=move || second.get() on:input=move |ev| second.set(event_target_value(&ev))></textarea>
+                </label>
+            </div>
+            <button on:click=move |_| run() disabled=move || running.get()>
+                "Contrast"
+            </button>
+            <ul class="hits">
+                {move || {
+                    found
+                        .get()
+                        .into_iter()
+                        .filter_map(|(side, f)| {
+                            let feature = crate::feature_ref(&f)?;
+                            let value = if side == "add" { 0.5 } else { -0.3 };
+                            let label = feature.label.clone();
+                            Some(view! {
+                                <li class="hit">
+                                    <span class="meta">{side.clone()}</span>
+                                    <span class="label">{label}</span>
+                                    <button on:click=move |_| add_edit(session, &feature, value)>{format!("+ Edit {value:+}")}</button>
+                                </li>
+                            })
+                        })
+                        .collect_view()
+                }}
+            </ul>
+        </section>
+    }
+}

@@ -1,0 +1,133 @@
+//! The playground's components: one file per panel.
+
+mod chat;
+mod connection;
+mod edits;
+mod features;
+mod inspect;
+mod rules;
+mod variant;
+
+use kindling_engine::share::SavedVariant;
+use leptos::prelude::*;
+
+use crate::{Notice, Session};
+
+/// The tool panels beside the chat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tab {
+    Features,
+    Edits,
+    Rules,
+    Inspect,
+    Variant,
+}
+
+impl Tab {
+    const ALL: [Tab; 5] = [Tab::Features, Tab::Edits, Tab::Rules, Tab::Inspect, Tab::Variant];
+
+    fn name(self) -> &'static str {
+        match self {
+            Tab::Features => "Features",
+            Tab::Edits => "Edits",
+            Tab::Rules => "Rules",
+            Tab::Inspect => "Inspect",
+            Tab::Variant => "Variant",
+        }
+    }
+}
+
+/// The whole page.
+#[component]
+pub fn App() -> impl IntoView {
+    let session = Session {
+        client: RwSignal::new_local(None),
+        variant: RwSignal::new(SavedVariant::new(connection::LOCAL_MODEL)),
+        known: RwSignal::new(Vec::new()),
+        card: RwSignal::new(None),
+        conversation: RwSignal::new(Vec::new()),
+        notice: RwSignal::new(None),
+    };
+    provide_context(session);
+    let tab = RwSignal::new(Tab::Features);
+    // A shared variant in the URL fragment replaces the empty one, or explains why not.
+    variant::restore_from_location(session);
+
+    view! {
+        <header class="top">
+            <h1>"Kindling"</h1>
+            <connection::Connection />
+        </header>
+        <NoticeBar />
+        <main class="layout">
+            <section class="chat-panel" aria-label="Chat">
+                <chat::Chat />
+            </section>
+            <section class="tools-panel" aria-label="Tools">
+                <nav class="tabs" role="tablist">
+                    {Tab::ALL
+                        .into_iter()
+                        .map(|t| {
+                            view! {
+                                <button
+                                    role="tab"
+                                    data-testid=format!("tab-{}", t.name().to_lowercase())
+                                    class:active=move || tab.get() == t
+                                    aria-selected=move || (tab.get() == t).to_string()
+                                    on:click=move |_| tab.set(t)
+                                >
+                                    {t.name()}
+                                </button>
+                            }
+                        })
+                        .collect_view()}
+                </nav>
+                // Panels stay mounted so their inputs and results survive a tab switch.
+                <div class="tab-body" class:hidden=move || tab.get() != Tab::Features>
+                    <features::Features />
+                </div>
+                <div class="tab-body" class:hidden=move || tab.get() != Tab::Edits>
+                    <edits::Edits />
+                </div>
+                <div class="tab-body" class:hidden=move || tab.get() != Tab::Rules>
+                    <rules::Rules />
+                </div>
+                <div class="tab-body" class:hidden=move || tab.get() != Tab::Inspect>
+                    <inspect::Inspect />
+                </div>
+                <div class="tab-body" class:hidden=move || tab.get() != Tab::Variant>
+                    <variant::VariantPanel />
+                </div>
+            </section>
+        </main>
+    }
+}
+
+/// The latest error or notice, dismissible.
+#[component]
+fn NoticeBar() -> impl IntoView {
+    let session = crate::use_session();
+    move || {
+        session.notice.get().map(|Notice { error, text }| {
+            view! {
+                <div class="notice" class:error=error role=if error { "alert" } else { "status" } data-testid="notice">
+                    <span>{text}</span>
+                    <button aria-label="Dismiss" on:click=move |_| session.notice.set(None)>
+                        "×"
+                    </button>
+                </div>
+            }
+        })
+    }
+}
+
+/// Shades a token by how strongly a feature fires on it (activation in max-activation units).
+pub(crate) fn shade(activation: f32) -> String {
+    let alpha = (activation.clamp(0.0, 1.0) * 0.85).max(0.0);
+    format!("background-color: rgba(255, 128, 0, {alpha:.3})")
+}
+
+/// A token's text made visible: newlines and leading spaces would otherwise vanish.
+pub(crate) fn visible_token(text: &str) -> String {
+    text.replace('\n', "⏎")
+}

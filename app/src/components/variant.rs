@@ -1,0 +1,117 @@
+//! The variant as JSON: view, import, export, and share links (the whole variant in the URL
+//! fragment, which never reaches a server; API keys are never part of it).
+
+use kindling_engine::share::SavedVariant;
+use leptos::prelude::*;
+use wasm_bindgen::JsCast;
+
+use crate::Session;
+
+/// The URL fragment's key for a shared variant: `#v=k1.…`.
+const LINK_KEY: &str = "v=";
+
+/// Restores a variant from `#v=…` when the page opens with one; a broken link changes
+/// nothing and says why.
+pub(crate) fn restore_from_location(session: Session) {
+    let Some(location) = web_sys::window().map(|w| w.location()) else {
+        return;
+    };
+    let hash = location.hash().unwrap_or_default();
+    let Some(payload) = hash.strip_prefix('#').and_then(|h| h.strip_prefix(LINK_KEY)) else {
+        return;
+    };
+    match SavedVariant::from_link(payload) {
+        Ok(variant) => {
+            let (edits, rules) = (variant.edits.len(), variant.rules.len());
+            session.known.update(|k| {
+                for rule in &variant.rules {
+                    k.extend(rule.clauses.iter().flat_map(|c| c.features.iter().cloned()));
+                }
+            });
+            session.variant.set(variant);
+            session.info(format!("Opened a shared variant: {edits} edits, {rules} rules"));
+        }
+        Err(e) => session.error(format!("This share link cannot be opened: {e}. Nothing was changed.")),
+    }
+}
+
+/// Saves `text` as a file download.
+pub(crate) fn download(name: &str, text: &str) {
+    let parts = js_sys::Array::of1(&text.into());
+    let options = web_sys::BlobPropertyBag::new();
+    options.set_type("application/json");
+    let Ok(blob) = web_sys::Blob::new_with_str_sequence_and_options(&parts, &options) else {
+        return;
+    };
+    let Ok(url) = web_sys::Url::create_object_url_with_blob(&blob) else {
+        return;
+    };
+    if let Some(a) = web_sys::window()
+        .and_then(|w| w.document())
+        .and_then(|d| d.create_element("a").ok())
+        .and_then(|a| a.dyn_into::<web_sys::HtmlAnchorElement>().ok())
+    {
+        a.set_href(&url);
+        a.set_download(name);
+        a.click();
+    }
+    let _ = web_sys::Url::revoke_object_url(&url);
+}
+
+/// The variant panel.
+#[component]
+pub fn VariantPanel() -> impl IntoView {
+    let session = crate::use_session();
+    let json = move || session.variant.with(SavedVariant::to_json_pretty);
+    let import_text = RwSignal::new(String::new());
+    let link = RwSignal::new(String::new());
+
+    let import = move || match SavedVariant::from_json(&import_text.get_untracked()) {
+        Ok(v) => {
+            session.variant.set(v);
+            import_text.set(String::new());
+            session.info("Variant imported");
+        }
+        Err(e) => session.error(format!("Cannot import: {e}. The variant is unchanged.")),
+    };
+
+    let share = move || {
+        let Some(window) = web_sys::window() else { return };
+        let location = window.location();
+        let page = format!(
+            "{}{}{}",
+            location.origin().unwrap_or_default(),
+            location.pathname().unwrap_or_default(),
+            location.search().unwrap_or_default()
+        );
+        let url = format!("{page}#{LINK_KEY}{}", session.variant.get_untracked().to_link());
+        link.set(url.clone());
+        // Clipboard access may be refused (no user permission, insecure origin); the link is
+        // shown either way.
+        let _ = window.navigator().clipboard().write_text(&url);
+        session.info("Share link created (and copied where the browser allows)");
+    };
+
+    view! {
+        <section class="variant" aria-label="Variant">
+            <h2>"Variant"</h2>
+            <pre class="json" data-testid="variant-json">{json}</pre>
+            <div class="row">
+                <button data-testid="share" on:click=move |_| share()>
+                    "Share link"
+                </button>
+                <button on:click=move |_| download("kindling-variant.json", &json())>"Export JSON"</button>
+                <button on:click=move |_| session.variant.update(|v| {
+                    v.edits.clear();
+                    v.rules.clear();
+                })>"Reset variant"</button>
+            </div>
+            <input class="link-out" data-testid="share-link" readonly aria-label="Share link" prop:value=move || link.get() />
+            <h3>"Import"</h3>
+            <textarea data-testid="import-json" placeholder="Paste a variant JSON (Kindling's, or the goodfire SDK's Variant.json())" prop:value=move || import_text.get() on:input=move |ev| import_text.set(event_target_value(&ev))></textarea>
+            <button data-testid="import" on:click=move |_| import()>
+                "Import"
+            </button>
+        </section>
+    }
+}
