@@ -5,7 +5,6 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 
 # A virtualenv kept between runs (an optimization: a missing one is made again).
 VENV="${KINDLING_CACHE:-$HOME/.cache/kindling}/venv-sdk"
@@ -16,29 +15,18 @@ if ! "$VENV/bin/python" -c "import goodfire, openai, pytest" 2>/dev/null; then
     "$VENV/bin/pip" install -q --no-deps "goodfire==0.3.5"
 fi
 
-run_server() {
-    local port log=$1; shift
-    "$TARGET/release/kindling-server" --port 0 "$@" 2>"$log" &
-    SERVER_PID=$!
-    for _ in $(seq 1 600); do
-        port=$(grep -o 'listening on http://127.0.0.1:[0-9]*' "$log" | grep -o '[0-9]*$' || true)
-        [ -n "$port" ] && break
-        kill -0 $SERVER_PID 2>/dev/null || { cat "$log"; echo "kindling-server did not start" >&2; exit 1; }
-        sleep 0.2
-    done
-    export KINDLING_URL="http://127.0.0.1:$port" KINDLING_PID=$SERVER_PID
-}
+source scripts/lib/server.sh
 LOGS=$(mktemp -d)
 trap 'kill $SERVER_PID 2>/dev/null || true' EXIT
 
 echo "== goodfire and openai SDKs against kindling-server"
-run_server "$LOGS/sdk.log"
+start_server "$LOGS/sdk.log"
 NO_PROXY=127.0.0.1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/sdk/test_goodfire_sdk.py
 kill $SERVER_PID; wait $SERVER_PID 2>/dev/null || true
 
 echo "== kindling-server faults and load"
 export KINDLING_API_KEY="faults-key-$RANDOM"
-run_server "$LOGS/faults.log" --max-running 2 --max-queued 6 --api-key "$KINDLING_API_KEY"
+start_server "$LOGS/faults.log" --max-running 2 --max-queued 6 --api-key "$KINDLING_API_KEY"
 NO_PROXY=127.0.0.1 "$VENV/bin/python" -m pytest -q -s -p no:cacheprovider tests/sdk/test_server_faults.py
 # SIGTERM: a graceful shutdown.
 kill -TERM $SERVER_PID; wait $SERVER_PID 2>/dev/null || true

@@ -80,6 +80,8 @@ pub enum LoadEvent {
         backend: String,
         model: String,
         seconds: f64,
+        /// Every file came from Cache Storage.
+        cached: bool,
     },
     Failed(String),
 }
@@ -174,6 +176,7 @@ fn handle_worker_message(message: &Value, pending: &Rc<RefCell<HashMap<u64, Pend
             backend: message["backend"].as_str().unwrap_or("cpu").to_string(),
             model: message["model"].as_str().unwrap_or_default().to_string(),
             seconds: number("seconds"),
+            cached: message["cached"].as_bool().unwrap_or(false),
         }),
         Some("load_error") => on_load(LoadEvent::Failed(
             message["message"].as_str().unwrap_or("loading failed").to_string(),

@@ -38,6 +38,8 @@ mod worker {
     thread_local! {
         static EMBER: RefCell<Option<Rc<Ember>>> = const { RefCell::new(None) };
         static STREAMS: RefCell<HashMap<u64, CancelToken>> = RefCell::new(HashMap::new());
+        /// Whether every file of this load came from Cache Storage.
+        static ALL_CACHED: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
     }
 
     fn scope() -> web_sys::DedicatedWorkerGlobalScope {
@@ -78,7 +80,7 @@ mod worker {
         match build(&base, &backend).await {
             Ok(ember) => {
                 EMBER.with(|e| *e.borrow_mut() = Some(Rc::new(ember)));
-                post(json!({ "type": "ready", "backend": "cpu", "model": MODEL_NAME,
+                post(json!({ "type": "ready", "backend": "cpu", "model": MODEL_NAME, "cached": ALL_CACHED.get(),
                              "seconds": (js_sys::Date::now() - started) / 1000.0 }));
             }
             Err(e) => post(json!({ "type": "load_error", "message": e })),
@@ -171,6 +173,7 @@ mod worker {
                 }
             }
         }
+        ALL_CACHED.set(false);
         let response: web_sys::Response = JsFuture::from(scope().fetch_with_str(url))
             .await
             .map_err(|_| format!("cannot download {url} (offline, and not cached yet?)"))?

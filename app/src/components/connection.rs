@@ -130,14 +130,15 @@ pub fn Connection() -> impl IntoView {
                 cached,
             }),
         }),
-        LoadEvent::Ready { backend, model, seconds } => {
+        LoadEvent::Ready { backend, model, seconds, cached } => {
             running.set(format!("{} (in this page)", backend.to_uppercase()));
             if let Some(engine) = engine.get_value() {
                 session.client.set(Some(Client::Local(engine, model.clone())));
             }
             session.variant.update(|v| v.base_model = model);
             downloads.set(Vec::new());
-            session.info(format!("Model ready in {seconds:.1} s"));
+            let source = if cached { " (from this browser's cache)" } else { "" };
+            session.info(format!("Model ready in {seconds:.1} s{source}"));
         }
         LoadEvent::Failed(message) => {
             running.set("failed".into());

@@ -1,0 +1,263 @@
+// End-to-end tests of the playground in headless Debian Chromium: the real app, the real model
+// in the page's Web Worker, and the real Kindling server for hosted mode.
+//
+// Run by scripts/test-e2e.sh, which builds the app, starts kindling-server on KINDLING_URL
+// (serving dist/ and public/) and saves screenshots under KINDLING_ARTIFACTS.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { chromium } from 'playwright-core';
+
+const URL = process.env.KINDLING_URL ?? 'http://127.0.0.1:8090';
+const ARTIFACTS = process.env.KINDLING_ARTIFACTS ?? 'target/e2e-artifacts';
+const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
+// Flags from machine-facts §D (root needs --no-sandbox; WebGPU needs --enable-unsafe-webgpu).
+const FLAGS = ['--no-sandbox', '--enable-unsafe-webgpu', '--no-first-run', '--disable-background-networking',
+  '--disable-component-update', '--disable-sync', '--disable-quic'];
+const LOAD_TIMEOUT = 180_000;
+const REPLY_TIMEOUT = 180_000;
+
+let browser;
+let context;
+let page;
+
+before(async () => {
+  mkdirSync(ARTIFACTS, { recursive: true });
+  browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: FLAGS });
+  context = await browser.newContext({ viewport: { width: 1366, height: 820 } });
+  page = await open(context);
+});
+
+after(async () => {
+  await browser?.close();
+});
+
+/** Opens the playground (with an optional URL fragment) and waits for the model. */
+async function open(ctx, fragment = '') {
+  const p = await ctx.newPage();
+  p.on('pageerror', (e) => console.error('page error:', e.message));
+  await p.goto(URL + '/' + fragment);
+  await p.waitForFunction(() => {
+    const b = document.querySelector('[data-testid=backend]');
+    return b && /CPU|hosted|failed/.test(b.textContent);
+  }, null, { timeout: LOAD_TIMEOUT, polling: 250 });
+  assert.match(await p.textContent('[data-testid=backend]'), /CPU/, 'the model should load on the CPU path');
+  return p;
+}
+
+async function shot(p, name) {
+  await p.screenshot({ path: join(ARTIFACTS, `${name}.png`) });
+}
+
+async function tab(p, name) {
+  await p.click(`[data-testid=tab-${name}]`);
+}
+
+/** Sends a prompt (greedy, a few tokens) and waits until every reply has finished. */
+async function chat(p, prompt, { maxTokens = 12, compare = true } = {}) {
+  await p.fill('[data-testid=temperature]', '0');
+  await p.fill('[data-testid=max-tokens]', String(maxTokens));
+  await p.setChecked('[data-testid=compare]', compare);
+  await p.fill('[data-testid=prompt]', prompt);
+  await p.click('[data-testid=send]');
+  await p.waitForFunction(() => document.querySelector('[data-testid=stop]').disabled
+    && !document.querySelector('.typing'), null, { timeout: REPLY_TIMEOUT, polling: 100 });
+}
+
+async function lastReply(p, column) {
+  const texts = await p.$$eval(`[data-testid=${column}-column] [data-testid=assistant-message] .text`,
+    (els) => els.map((e) => e.textContent));
+  return texts.at(-1);
+}
+
+async function variantJson(p) {
+  return JSON.parse(await p.textContent('[data-testid=variant-json]'));
+}
+
+async function search(p, query) {
+  await tab(p, 'features');
+  await p.fill('[data-testid=feature-search]', query);
+  await p.click('[data-testid=feature-search-go]');
+  await p.waitForSelector('[data-testid=feature-hit]');
+  return p.$$eval('[data-testid=feature-hit] .label', (els) => els.map((e) => e.textContent));
+}
+
+/** Picks, in a feature select, the first option whose text contains `text`. */
+async function pickFeature(p, selector, text) {
+  const value = await p.$eval(selector, (select, t) =>
+    [...select.options].find((o) => o.textContent.includes(t))?.value, text);
+  assert.ok(value, `no feature option containing ${text}`);
+  await p.selectOption(selector, value);
+}
+
+test('the model loads on the CPU path and streams a reply, shown as text', async () => {
+  await p_fill_and_watch_stream();
+  await shot(page, 'chat');
+});
+
+async function p_fill_and_watch_stream() {
+  await page.fill('[data-testid=temperature]', '0');
+  await page.fill('[data-testid=max-tokens]', '24');
+  await page.fill('[data-testid=prompt]', 'Say <b>hello</b> to me.');
+  await page.click('[data-testid=send]');
+  // Watch the reply grow: a streamed reply is seen at several lengths before it ends.
+  const lengths = new Set();
+  for (let i = 0; i < 1200; i++) {
+    const text = (await lastReply(page, 'variant')) ?? '';
+    if (text.length > 0) lengths.add(text.length);
+    if (await page.$eval('[data-testid=stop]', (b) => b.disabled) && !(await page.$('.typing'))) break;
+    await page.waitForTimeout(50);
+  }
+  assert.ok(lengths.size >= 2, `the reply should arrive in pieces (saw lengths ${[...lengths]})`);
+  assert.ok((await lastReply(page, 'variant')).trim().length > 0);
+  assert.ok((await lastReply(page, 'base')).trim().length > 0, 'the base model answers beside the variant');
+  // The prompt's markup is shown as text, not turned into an element.
+  assert.equal(await page.$$eval('.messages b', (els) => els.length), 0);
+  assert.ok((await page.textContent('[data-testid=variant-column]')).includes('<b>hello</b>'));
+}
+
+test('searching "pirate" lists features, and a card shows a feature\'s contexts', async () => {
+  const labels = await search(page, 'pirate');
+  assert.ok(labels.length >= 5, `expected several hits, got ${labels.length}`);
+  assert.ok(labels.some((l) => /pirate/i.test(l)), `no pirate feature among ${labels}`);
+  await page.click('[data-testid=feature-hit] .label');
+  await page.waitForSelector('[data-testid=dashboard] .context .tok');
+  const shaded = await page.$$eval('[data-testid=dashboard] .context .tok',
+    (els) => els.filter((e) => !/rgba\(255, 128, 0, 0(\.0+)?\)/.test(e.getAttribute('style'))).length);
+  assert.ok(shaded > 0, 'top contexts shade the tokens the feature fires on');
+  await shot(page, 'features');
+});
+
+test('moving a slider changes the next reply versus the base model', async () => {
+  await search(page, 'pirate');
+  // The first pirate feature the search lists.
+  const hits = await page.$$('[data-testid=feature-hit]');
+  for (const hit of hits) {
+    if (/pirate/i.test(await hit.$eval('.label', (e) => e.textContent))) {
+      await (await hit.$('[data-testid=add-edit]')).click();
+      break;
+    }
+  }
+  await tab(page, 'edits');
+  await page.waitForSelector('[data-testid=edit-slider]');
+  await page.fill('[data-testid=edit-slider]', '1');
+  assert.equal(await page.textContent('[data-testid=edit-value]'), '+1.00');
+  await tab(page, 'variant');
+  const variant = await variantJson(page);
+  assert.equal(variant.edits.length, 1);
+  assert.equal(variant.edits[0].value, 1);
+  await page.click('[data-testid=clear]');
+  await chat(page, 'Hi, how are you?', { maxTokens: 16 });
+  const steered = await lastReply(page, 'variant');
+  const base = await lastReply(page, 'base');
+  assert.ok(steered.length > 0 && base.length > 0);
+  assert.notEqual(steered, base, 'the edited variant should answer differently from the base model');
+  await tab(page, 'edits');
+  await shot(page, 'edits');
+});
+
+test('a rule built in the UI appears in the variant JSON and fires', async () => {
+  await search(page, 'greetings');
+  await tab(page, 'rules');
+  await pickFeature(page, '[data-testid=rule-feature]', 'greetings and goodbye');
+  await page.selectOption('[data-testid=rule-operator]', '>');
+  await page.fill('[data-testid=rule-threshold]', '0.5');
+  await page.selectOption('[data-testid=rule-action]', 'abort');
+  await page.fill('[data-testid=rule-event-name]', 'greeting-seen');
+  await page.click('[data-testid=add-rule]');
+  assert.match(await page.textContent('[data-testid=rules]'), /greetings and goodbye > 0.5 THEN ABORT/);
+  await shot(page, 'rules');
+
+  await tab(page, 'variant');
+  const rule = (await variantJson(page)).rules[0];
+  assert.equal(rule.then.abort, 'greeting-seen');
+  assert.equal(rule.clauses[0].operator, '>');
+  assert.equal(rule.clauses[0].value, 0.5);
+
+  // A greeting trips it; a sum does not.
+  await page.click('[data-testid=clear]');
+  await chat(page, 'Hello! Hi there!', { compare: false });
+  const fired = await page.$$eval('[data-testid=variant-column] [data-testid=rule-event]', (els) => els.map((e) => e.textContent));
+  assert.ok(fired.some((t) => t.includes('greeting-seen')), `the abort rule should fire on a greeting (events: ${fired})`);
+  await page.click('[data-testid=clear]');
+  await chat(page, 'What is 2 + 2?', { compare: false });
+  assert.equal(await page.$$eval('[data-testid=variant-column] [data-testid=rule-event]', (els) => els.length), 0);
+  assert.ok((await lastReply(page, 'variant')).length > 0);
+});
+
+test('the token overlay shades tokens and explains a clicked token', async () => {
+  await page.click('[data-testid=clear]');
+  await chat(page, 'Hello there, pirate!', { compare: false, maxTokens: 6 });
+  await tab(page, 'inspect');
+  await page.click('[data-testid=inspect]');
+  await page.waitForSelector('[data-testid=overlay-token]');
+  await page.waitForSelector('[data-testid=logits] li');
+  await pickFeature(page, '[data-testid=overlay-feature]', 'greetings and goodbye');
+  const tokens = await page.$$eval('[data-testid=overlay-token]',
+    (els) => els.map((e) => [e.textContent, Number(e.dataset.activation)]));
+  const hello = tokens.find(([t]) => t === 'Hello');
+  assert.ok(hello && hello[1] > 0.3, `"Hello" should light up the greetings feature (${JSON.stringify(hello)})`);
+  assert.ok(tokens.filter(([, a]) => a === 0).length > 5, 'most tokens stay unshaded');
+  const index = tokens.findIndex(([t]) => t === 'Hello');
+  await (await page.$$('[data-testid=overlay-token]'))[index].click();
+  await page.waitForSelector('[data-testid=token-features] li');
+  assert.ok((await page.textContent('[data-testid=token-features]')).includes('greetings'));
+  assert.equal(await page.$$eval('[data-testid=logits] li', (els) => els.length), 10);
+  await shot(page, 'inspect');
+});
+
+test('a share link restores the same variant in a fresh page; a tampered one changes nothing', async () => {
+  await tab(page, 'variant');
+  const original = await variantJson(page);
+  assert.ok(original.edits.length > 0 && original.rules.length > 0);
+  await page.click('[data-testid=share]');
+  const link = await page.inputValue('[data-testid=share-link]');
+  const fragment = link.slice(link.indexOf('#'));
+  assert.match(fragment, /^#v=k1\./);
+
+  const fresh = await browser.newContext();
+  const restored = await open(fresh, fragment);
+  await tab(restored, 'variant');
+  assert.deepEqual(await variantJson(restored), original);
+  await shot(restored, 'variant');
+
+  // One character changed in the middle of the payload.
+  const i = Math.floor(fragment.length / 2);
+  const tampered = fragment.slice(0, i) + (fragment[i] === 'A' ? 'B' : 'A') + fragment.slice(i + 1);
+  const broken = await open(fresh, tampered);
+  assert.match(await broken.textContent('[data-testid=notice]'), /cannot be opened/);
+  await tab(broken, 'variant');
+  const untouched = await variantJson(broken);
+  assert.equal(untouched.edits.length, 0);
+  assert.equal(untouched.rules.length, 0);
+  await fresh.close();
+});
+
+test('a reload starts from the browser cache', async () => {
+  const again = await open(context);
+  assert.match(await again.textContent('[data-testid=notice]'), /from this browser's cache/);
+  await again.close();
+});
+
+test('hosted mode against the Kindling server streams a reply, and the key stays out of links', async () => {
+  const hostedContext = await browser.newContext();
+  const p = await open(hostedContext);
+  await p.selectOption('[data-testid=mode]', 'hosted');
+  await p.fill('[data-testid=hosted-url]', URL);
+  await p.fill('[data-testid=hosted-model]', 'HuggingFaceTB/SmolLM2-135M-Instruct');
+  await p.fill('[data-testid=hosted-key]', 'sk-test-secret-key');
+  await p.click('[data-testid=hosted-connect]');
+  await p.waitForFunction(() => /hosted/.test(document.querySelector('[data-testid=backend]').textContent),
+    null, { timeout: 60_000 });
+  await chat(p, 'Hi, how are you?', { compare: false });
+  assert.ok((await lastReply(p, 'variant')).trim().length > 0);
+  await tab(p, 'variant');
+  await p.click('[data-testid=share]');
+  const link = await p.inputValue('[data-testid=share-link]');
+  assert.ok(!link.includes('sk-test-secret-key') && !p.url().includes('sk-test-secret-key'));
+  assert.ok(!(await p.textContent('[data-testid=variant-json]')).includes('sk-test-secret-key'));
+  await shot(p, 'hosted');
+  await hostedContext.close();
+});
