@@ -97,6 +97,7 @@ pub struct LocalEngine {
     next_id: Cell<u64>,
     pending: Rc<RefCell<HashMap<u64, Pending>>>,
     _on_message: Closure<dyn FnMut(web_sys::MessageEvent)>,
+    _on_error: Closure<dyn FnMut(web_sys::ErrorEvent)>,
 }
 
 impl LocalEngine {
@@ -108,30 +109,45 @@ impl LocalEngine {
         let worker =
             web_sys::Worker::new_with_options(WORKER_URL, &options).map_err(|e| ApiError::from_js("cannot start the engine worker", e))?;
         let pending: Rc<RefCell<HashMap<u64, Pending>>> = Rc::default();
+        let on_load = Rc::new(on_load);
+        let on_error = {
+            let on_load = on_load.clone();
+            Closure::<dyn FnMut(web_sys::ErrorEvent)>::new(move |event: web_sys::ErrorEvent| {
+                on_load(LoadEvent::Failed(format!("the engine worker stopped: {}", event.message())));
+            })
+        };
+        worker.set_onerror(Some(on_error.as_ref().unchecked_ref()));
+        let base = web_sys::window()
+            .and_then(|w| w.document())
+            .and_then(|d| d.base_uri().ok().flatten())
+            .unwrap_or_default();
+        let load = json!({ "type": "load", "backend": backend, "base": base }).to_string();
         let on_message = {
             let pending = pending.clone();
+            let worker = worker.clone();
             Closure::<dyn FnMut(web_sys::MessageEvent)>::new(move |event: web_sys::MessageEvent| {
                 let Some(text) = event.data().as_string() else { return };
                 let Ok(message) = serde_json::from_str::<Value>(&text) else {
                     return;
                 };
-                handle_worker_message(&message, &pending, &on_load);
+                // The worker listens only once its wasm has started (a message posted before
+                // that is dropped), so it says so first and the load request answers that.
+                if message["type"] == "started" {
+                    if worker.post_message(&JsValue::from_str(&load)).is_err() {
+                        on_load(LoadEvent::Failed("cannot reach the engine worker".into()));
+                    }
+                    return;
+                }
+                handle_worker_message(&message, &pending, &*on_load);
             })
         };
         worker.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
-        let base = web_sys::window()
-            .and_then(|w| w.document())
-            .and_then(|d| d.base_uri().ok().flatten())
-            .unwrap_or_default();
-        let load = json!({ "type": "load", "backend": backend, "base": base });
-        worker
-            .post_message(&JsValue::from_str(&load.to_string()))
-            .map_err(|e| ApiError::from_js("cannot reach the engine worker", e))?;
         Ok(Rc::new(Self {
             worker,
             next_id: Cell::new(1),
             pending,
             _on_message: on_message,
+            _on_error: on_error,
         }))
     }
 

@@ -31,15 +31,20 @@ pub struct Session {
     pub card: RwSignal<Option<FeatureRef>>,
     /// The last conversation, for the inspector: (role, content) pairs.
     pub conversation: RwSignal<Vec<(String, String)>>,
-    /// A message for the user (errors, notices), shown until replaced.
-    pub notice: RwSignal<Option<Notice>>,
+    /// Messages for the user, oldest first. An error stays until dismissed (a later notice
+    /// must not hide why a share link did not open); a notice replaces the previous notice.
+    pub notices: RwSignal<Vec<Notice>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Notice {
+    pub id: u64,
     pub error: bool,
     pub text: String,
 }
+
+/// How many errors stay on screen at once.
+const MAX_ERRORS: usize = 3;
 
 impl Session {
     pub fn client(&self) -> Option<Client> {
@@ -47,17 +52,31 @@ impl Session {
     }
 
     pub fn error(&self, text: impl std::fmt::Display) {
-        self.notice.set(Some(Notice {
-            error: true,
-            text: text.to_string(),
-        }));
+        self.push_notice(true, text.to_string());
     }
 
     pub fn info(&self, text: impl Into<String>) {
-        self.notice.set(Some(Notice {
-            error: false,
-            text: text.into(),
-        }));
+        self.push_notice(false, text.into());
+    }
+
+    pub fn dismiss(&self, id: u64) {
+        self.notices.update(|n| n.retain(|notice| notice.id != id));
+    }
+
+    fn push_notice(&self, error: bool, text: String) {
+        self.notices.update(|notices| {
+            let id = notices.iter().map(|n| n.id + 1).max().unwrap_or(0);
+            if error {
+                let errors = notices.iter().filter(|n| n.error).count();
+                if errors >= MAX_ERRORS {
+                    let oldest = notices.iter().position(|n| n.error).expect("an error exists");
+                    notices.remove(oldest);
+                }
+            } else {
+                notices.retain(|n| n.error);
+            }
+            notices.push(Notice { id, error, text });
+        });
     }
 
     /// The request `controller` of the current variant (none for the base model).

@@ -47,6 +47,11 @@ async function open(ctx, fragment = '') {
   return p;
 }
 
+/** Every message on the notice bar. */
+async function notices(p) {
+  return (await p.$$eval('[data-testid=notice]', (els) => els.map((e) => e.textContent))).join(' | ');
+}
+
 async function shot(p, name) {
   await p.screenshot({ path: join(ARTIFACTS, `${name}.png`) });
 }
@@ -203,7 +208,8 @@ test('the token overlay shades tokens and explains a clicked token', async () =>
   const index = tokens.findIndex(([t]) => t === 'Hello');
   await (await page.$$('[data-testid=overlay-token]'))[index].click();
   await page.waitForSelector('[data-testid=token-features] li');
-  assert.ok((await page.textContent('[data-testid=token-features]')).includes('greetings'));
+  const explained = await page.textContent('[data-testid=token-features]');
+  assert.ok(explained.includes('greetings and goodbye'), `the clicked token lists the feature by its label: ${explained}`);
   assert.equal(await page.$$eval('[data-testid=logits] li', (els) => els.length), 10);
   await shot(page, 'inspect');
 });
@@ -227,7 +233,7 @@ test('a share link restores the same variant in a fresh page; a tampered one cha
   const i = Math.floor(fragment.length / 2);
   const tampered = fragment.slice(0, i) + (fragment[i] === 'A' ? 'B' : 'A') + fragment.slice(i + 1);
   const broken = await open(fresh, tampered);
-  assert.match(await broken.textContent('[data-testid=notice]'), /cannot be opened/);
+  assert.match(await notices(broken), /cannot be opened/);
   await tab(broken, 'variant');
   const untouched = await variantJson(broken);
   assert.equal(untouched.edits.length, 0);
@@ -237,7 +243,7 @@ test('a share link restores the same variant in a fresh page; a tampered one cha
 
 test('a reload starts from the browser cache', async () => {
   const again = await open(context);
-  assert.match(await again.textContent('[data-testid=notice]'), /from this browser's cache/);
+  assert.match(await notices(again), /from this browser's cache/);
   await again.close();
 });
 

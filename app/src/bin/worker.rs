@@ -69,6 +69,7 @@ mod worker {
         });
         scope().set_onmessage(Some(on_message.as_ref().unchecked_ref()));
         on_message.forget();
+        post(json!({ "type": "started" }));
     }
 
     // --- loading ------------------------------------------------------------------------

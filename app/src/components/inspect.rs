@@ -188,11 +188,8 @@ fn TokenFeatures(tokens: RwSignal<Vec<Token>>, clicked: RwSignal<Option<usize>>)
             let label = |id: &str| -> String {
                 labels
                     .as_ref()
-                    .and_then(|l| l.as_array())
-                    .and_then(|l| {
-                        l.iter()
-                            .find(|f| f["uuid"].as_str().map(|u| u.replace('-', "")) == Some(id.replace('-', "")))
-                    })
+                    .and_then(|l| l["features"].as_array())
+                    .and_then(|l| l.iter().find(|f| crate::feature_ref(f).is_some_and(|f| f.uuid == id)))
                     .and_then(|f| f["label"].as_str())
                     .unwrap_or("")
                     .to_string()

@@ -11,7 +11,7 @@ mod variant;
 use kindling_engine::share::SavedVariant;
 use leptos::prelude::*;
 
-use crate::{Notice, Session};
+use crate::Session;
 
 /// The tool panels beside the chat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,7 +46,7 @@ pub fn App() -> impl IntoView {
         known: RwSignal::new(Vec::new()),
         card: RwSignal::new(None),
         conversation: RwSignal::new(Vec::new()),
-        notice: RwSignal::new(None),
+        notices: RwSignal::new(Vec::new()),
     };
     provide_context(session);
     let tab = RwSignal::new(Tab::Features);
@@ -103,21 +103,19 @@ pub fn App() -> impl IntoView {
     }
 }
 
-/// The latest error or notice, dismissible.
+/// The open errors and the latest notice, each dismissible.
 #[component]
 fn NoticeBar() -> impl IntoView {
     let session = crate::use_session();
-    move || {
-        session.notice.get().map(|Notice { error, text }| {
-            view! {
-                <div class="notice" class:error=error role=if error { "alert" } else { "status" } data-testid="notice">
-                    <span>{text}</span>
-                    <button aria-label="Dismiss" on:click=move |_| session.notice.set(None)>
-                        "×"
-                    </button>
-                </div>
-            }
-        })
+    view! {
+        <For each=move || session.notices.get() key=|notice| notice.id let:notice>
+            <div class="notice" class:error=notice.error role=if notice.error { "alert" } else { "status" } data-testid="notice">
+                <span>{notice.text}</span>
+                <button aria-label="Dismiss" on:click=move |_| session.dismiss(notice.id)>
+                    "×"
+                </button>
+            </div>
+        </For>
     }
 }
 
