@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: the engine on the real model (CPU and wgpu via Mesa lavapipe), the CLI,
-# the server driven by the real goodfire and openai SDKs, the corpus builder's text cleaning,
-# and a wasm32 build of the engine with both backends.
+# the server driven by the real goodfire and openai SDKs, the playground end to end in headless
+# Chromium, the corpus builder's text cleaning, and a wasm32 build of the engine with both
+# backends.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -18,6 +19,9 @@ echo "== kindling-server with the goodfire and openai SDKs"
 # The workspace's feature set, as cargo test built it: no second build of burn.
 cargo build --release --workspace
 scripts/test-server.sh
+
+echo "== the playground in headless Chromium (model in the page's worker, and hosted mode)"
+scripts/test-e2e.sh
 
 echo "== corpus builder unit tests"
 (cd tools/corpus && python3 -m unittest -q test_build_corpus test_chat_prompts)
