@@ -25,7 +25,7 @@ use crate::autosteer::{AutoSteerOptions, auto_conditional, auto_steer};
 use crate::inspect::Inspection;
 use crate::logits::next_tokens;
 use crate::sae::Sae;
-use crate::steer::{Comparison, FeatureIds, Operand, Steer, Variant, VariantError};
+use crate::steer::{Comparison, FeatureIds, FiredScopes, Operand, Steer, Variant, VariantError};
 use crate::tokenizer::{ChatMessage, TokenId};
 use crate::{CancelToken, EngineError, FinishReason, Model, ResidualHook, SamplingParams};
 
@@ -295,6 +295,21 @@ pub struct ChatDelta {
     /// The generated token's position in the reply (0, 1, ...).
     pub index: usize,
     pub text: String,
+    /// Rules that fired since the previous piece.
+    pub rules: Vec<RuleFired>,
+}
+
+/// A rule of the variant (a `set_when` or `abort_when` scope) that fired during a reply. Sent
+/// to clients as `kindling_rules_fired` on the stream chunk that follows it (an extra key,
+/// which the Goodfire and OpenAI SDKs ignore).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RuleFired {
+    /// The scope's place in the controller's `scopes`.
+    pub rule: usize,
+    /// The reply token whose features met the condition; `None` when a prompt token did.
+    pub token_index: Option<usize>,
+    /// That reply token's text (empty for a prompt token).
+    pub token: String,
 }
 
 /// How a chat reply ended.
@@ -308,6 +323,8 @@ pub struct ChatEnd {
     pub tokens: usize,
     /// True when the caller stopped it (client gone).
     pub cancelled: bool,
+    /// Rules that fired after the last piece (an `abort_when` rule always lands here).
+    pub rules: Vec<RuleFired>,
 }
 
 /// A chat reply being generated. Text that might be the start of a stop string is held back
@@ -322,6 +339,13 @@ pub struct ChatRun<'e> {
     stopped: bool,
     done: bool,
     end: ChatEnd,
+    /// Where the variant's scopes fired, and which of those were reported.
+    fired: Option<FiredScopes>,
+    reported: Vec<bool>,
+    prompt_len: usize,
+    /// The text of every reply token so far (the token a rule fired on is named by it).
+    token_texts: Vec<String>,
+    rules: Vec<RuleFired>,
 }
 
 impl ChatRun<'_> {
@@ -337,6 +361,7 @@ impl ChatRun<'_> {
                 }
                 Some(Err(e)) => return Err(e.into()),
                 None => {
+                    self.collect_fired();
                     self.done = true;
                     // What was held back as a possible stop string is part of the reply.
                     if !self.end.cancelled && self.sent < self.text.len() {
@@ -347,6 +372,8 @@ impl ChatRun<'_> {
             };
             self.end.tokens += 1;
             self.text.push_str(&token.text);
+            self.token_texts.push(token.text.clone());
+            self.collect_fired();
             // The reply ends before the first stop string.
             let sent = self.sent;
             if let Some(cut) = self
@@ -371,10 +398,25 @@ impl ChatRun<'_> {
         Ok(None)
     }
 
+    /// Notes the rules that fired since the last look.
+    fn collect_fired(&mut self) {
+        let Some(fired) = &self.fired else { return };
+        for (rule, position) in fired.positions().into_iter().enumerate() {
+            let Some(position) = position else { continue };
+            if std::mem::replace(&mut self.reported[rule], true) {
+                continue;
+            }
+            let token_index = position.checked_sub(self.prompt_len);
+            let token = token_index.and_then(|i| self.token_texts.get(i)).cloned().unwrap_or_default();
+            self.rules.push(RuleFired { rule, token_index, token });
+        }
+    }
+
     fn take(&mut self, until: usize) -> ChatDelta {
         let delta = ChatDelta {
             index: self.index,
             text: self.text[self.sent..until].to_string(),
+            rules: std::mem::take(&mut self.rules),
         };
         self.index += 1;
         self.sent = until;
@@ -390,6 +432,8 @@ impl ChatRun<'_> {
 
     /// How the reply ended.
     pub fn end(mut self) -> ChatEnd {
+        self.collect_fired();
+        self.end.rules = std::mem::take(&mut self.rules);
         let finish = self.stream.finish_reason();
         if finish == Some(FinishReason::Length) && !self.stopped {
             self.end.finish_reason = "length";
@@ -417,15 +461,8 @@ impl ChatChunks<'_> {
         let Some(run) = self.run.as_mut() else { return Ok(None) };
         if let Some(delta) = run.next_delta()? {
             self.last = delta.index;
-            return Ok(Some(chunk_json(
-                &self.id,
-                self.created,
-                self.name,
-                delta.index,
-                &delta.text,
-                None,
-                &[],
-            )));
+            let chunk = chunk_json(&self.id, self.created, self.name, delta.index, &delta.text, None, &[]);
+            return Ok(Some(with_rules_fired(chunk, &delta.rules)));
         }
         let end = self.run.take().expect("checked above").end();
         if end.cancelled {
@@ -434,15 +471,8 @@ impl ChatChunks<'_> {
         }
         let events: Vec<String> = end.event.into_iter().collect();
         let index = if end.tokens == 0 { 0 } else { self.last };
-        Ok(Some(chunk_json(
-            &self.id,
-            self.created,
-            self.name,
-            index,
-            "",
-            Some(end.finish_reason),
-            &events,
-        )))
+        let chunk = chunk_json(&self.id, self.created, self.name, index, "", Some(end.finish_reason), &events);
+        Ok(Some(with_rules_fired(chunk, &end.rules)))
     }
 
     /// Stops generating; no closing chunk follows.
@@ -644,11 +674,11 @@ impl Ember {
         Ok(tokens)
     }
 
-    fn steer(&self, variant: &Variant) -> Result<Option<Box<dyn ResidualHook + '_>>, EmberError> {
+    fn steer(&self, variant: &Variant) -> Result<Option<Steer<'_>>, EmberError> {
         if variant.is_base() {
             return Ok(None);
         }
-        Ok(Some(Box::new(Steer::new(&self.sae, &self.units, variant.clone())?)))
+        Ok(Some(Steer::new(&self.sae, &self.units, variant.clone())?))
     }
 
     // --- chat -----------------------------------------------------------------------------
@@ -729,7 +759,9 @@ impl Ember {
     /// Starts the reply of a plan; the caller pulls its pieces with [`ChatRun::next_delta`]
     /// (the browser worker goes back to its event loop between pieces, so a stop gets through).
     pub fn start_chat(&self, plan: &ChatPlan, cancel: CancelToken) -> Result<ChatRun<'_>, EmberError> {
-        let hook = self.steer(&plan.variant)?;
+        let steer = self.steer(&plan.variant)?;
+        let fired = steer.as_ref().map(|s| s.fired_scopes());
+        let hook = steer.map(|s| Box::new(s) as Box<dyn ResidualHook + '_>);
         let stream = self
             .model
             .generate(plan.prompt.clone(), plan.params.clone(), hook, cancel.clone())?;
@@ -747,7 +779,13 @@ impl Ember {
                 event: None,
                 tokens: 0,
                 cancelled: false,
+                rules: Vec::new(),
             },
+            fired,
+            reported: vec![false; plan.variant.scopes.len()],
+            prompt_len: plan.prompt.len(),
+            token_texts: Vec::new(),
+            rules: Vec::new(),
         })
     }
 
@@ -755,16 +793,20 @@ impl Ember {
     pub fn chat_completion(&self, request: &ChatRequest, cancel: CancelToken) -> Result<Value, EmberError> {
         let plan = self.plan_chat(request)?;
         let mut content = String::new();
-        let end = self.run_chat(&plan, cancel, |d| {
+        let mut rules = Vec::new();
+        let mut end = self.run_chat(&plan, cancel, |d| {
             content.push_str(&d.text);
+            rules.extend(d.rules);
             true
         })?;
-        Ok(json!({
+        rules.append(&mut end.rules);
+        let answer = json!({
             "id": completion_id(), "object": "chat.completion", "created": now(), "model": self.name,
             "system_fingerprint": "", "gf_event_names": end.event.iter().collect::<Vec<_>>(),
             "choices": [{ "index": 0, "message": { "role": "assistant", "content": content }, "finish_reason": end.finish_reason }],
             "usage": { "prompt_tokens": plan.prompt.len(), "completion_tokens": end.tokens, "total_tokens": plan.prompt.len() + end.tokens },
-        }))
+        });
+        Ok(with_rules_fired(answer, &rules))
     }
 
     // --- logits ---------------------------------------------------------------------------
@@ -1196,6 +1238,14 @@ pub fn completion_id() -> String {
 
 /// One SSE chunk of a streamed reply, in the shape the SDK's parser needs (every field in
 /// every chunk; goodfire-api.md §2.1.3).
+/// A stream chunk with the rules that fired before it, if any (`kindling_rules_fired`).
+fn with_rules_fired(mut chunk: Value, rules: &[RuleFired]) -> Value {
+    if !rules.is_empty() {
+        chunk["kindling_rules_fired"] = json!(rules);
+    }
+    chunk
+}
+
 pub fn chunk_json(
     id: &str,
     created: u64,

@@ -59,7 +59,7 @@ pub use logits::{NextToken, next_tokens};
 pub use sae::{FeatureCapture, Sae, SaeConfig, SaeError, Splice, SpliceMode};
 pub use sampling::{Sampler, SamplingParams};
 pub use share::{SavedVariant, ShareError};
-pub use steer::{FeatureIds, Steer, Variant, VariantError};
+pub use steer::{FeatureIds, FiredScopes, Steer, Variant, VariantError};
 pub use tokenizer::{ChatMessage, StreamDecoder, TokenId, Tokenizer};
 
 use gguf::{Gguf, GgufError};

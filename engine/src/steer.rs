@@ -25,6 +25,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
+use std::sync::{Arc, Mutex};
 
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
@@ -539,6 +540,23 @@ fn condition(v: &Value) -> Result<Condition, VariantError> {
     Ok(Condition { combine, comparisons })
 }
 
+/// Where each scope of a variant fired (the position of the token whose features met its
+/// condition; `None`: not yet). A handle shared with whoever runs the hook, since the hook
+/// itself ends up boxed inside a token stream.
+#[derive(Debug, Clone, Default)]
+pub struct FiredScopes(Arc<Mutex<Vec<Option<usize>>>>);
+
+impl FiredScopes {
+    fn new(scopes: usize) -> Self {
+        Self(Arc::new(Mutex::new(vec![None; scopes])))
+    }
+
+    /// Per scope, the position it fired at.
+    pub fn positions(&self) -> Vec<Option<usize>> {
+        self.0.lock().expect("fired scopes lock").clone()
+    }
+}
+
 /// The residual hook that runs a variant at the SAE's block.
 pub struct Steer<'s> {
     sae: &'s Sae,
@@ -546,7 +564,7 @@ pub struct Steer<'s> {
     units: &'s [f32],
     variant: Variant,
     /// Per scope, the position it fired at.
-    fired: Vec<Option<usize>>,
+    fired: FiredScopes,
     /// The abort event, once one fired.
     aborted: Option<String>,
     /// Per processed position, its latents after the variant's edits (for inspection).
@@ -560,7 +578,7 @@ impl<'s> Steer<'s> {
     pub fn new(sae: &'s Sae, units: &'s [f32], variant: Variant) -> Result<Self, VariantError> {
         variant.validate(sae.config().d_sae)?;
         assert_eq!(units.len(), sae.config().d_sae, "one unit per latent");
-        let fired = vec![None; variant.scopes.len()];
+        let fired = FiredScopes::new(variant.scopes.len());
         Ok(Self {
             sae,
             units,
@@ -579,8 +597,13 @@ impl<'s> Steer<'s> {
     }
 
     /// The position where each scope fired (`None`: not yet).
-    pub fn fired(&self) -> &[Option<usize>] {
-        &self.fired
+    pub fn fired(&self) -> Vec<Option<usize>> {
+        self.fired.positions()
+    }
+
+    /// A handle that keeps reporting where scopes fire after the hook is boxed away.
+    pub fn fired_scopes(&self) -> FiredScopes {
+        self.fired.clone()
     }
 
     /// The residual deltas for `rows` (`[n, d_in]`) at `positions`, or `None` when nothing
@@ -590,12 +613,14 @@ impl<'s> Steer<'s> {
         let encoded = self.sae.encode(rows);
         let mut out = vec![0f32; rows.len()];
         let mut changed = false;
+        let fired = self.fired.clone();
+        let mut fired = fired.0.lock().expect("fired scopes lock");
         for (i, (position, features)) in positions.zip(encoded).enumerate() {
             let value =
                 |f: u32| features.iter().find(|(j, _)| *j == f).map_or(0.0, |&(_, a)| a) / self.units[f as usize].max(f32::MIN_POSITIVE);
             for (s, scope) in self.variant.scopes.iter().enumerate() {
-                if self.fired[s].is_none() && self.aborted.is_none() && scope.when.holds(value) {
-                    self.fired[s] = Some(position);
+                if fired[s].is_none() && self.aborted.is_none() && scope.when.holds(value) {
+                    fired[s] = Some(position);
                     if let Action::Abort(event) = &scope.then {
                         self.aborted = Some(event.clone());
                     }
@@ -605,7 +630,7 @@ impl<'s> Steer<'s> {
                 self.variant
                     .edits
                     .iter()
-                    .chain(self.variant.scopes.iter().zip(&self.fired).filter(|(_, f)| f.is_some()).flat_map(
+                    .chain(self.variant.scopes.iter().zip(fired.iter()).filter(|(_, f)| f.is_some()).flat_map(
                         |(scope, _)| match &scope.then {
                             Action::Set(edits) => edits.as_slice(),
                             Action::Abort(_) => &[],

@@ -185,7 +185,9 @@ test('a rule built in the UI appears in the variant JSON and fires', async () =>
   await page.click('[data-testid=clear]');
   await chat(page, 'Hello! Hi there!', { compare: false });
   const fired = await page.$$eval('[data-testid=variant-column] [data-testid=rule-event]', (els) => els.map((e) => e.textContent));
-  assert.ok(fired.some((t) => t.includes('greeting-seen')), `the abort rule should fire on a greeting (events: ${fired})`);
+  assert.ok(fired.some((t) => t.includes('Aborted: “greeting-seen”')), `the abort rule should fire on a greeting (events: ${fired})`);
+  // Which rule fired, and where: "Hello" is in the prompt.
+  assert.ok(fired.some((t) => /^Rule 1 fired on the prompt: IF greetings and goodbye > 0.5 THEN ABORT/.test(t)), `events: ${fired}`);
   await page.click('[data-testid=clear]');
   await chat(page, 'What is 2 + 2?', { compare: false });
   assert.equal(await page.$$eval('[data-testid=variant-column] [data-testid=rule-event]', (els) => els.length), 0);

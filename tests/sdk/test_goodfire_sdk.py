@@ -144,6 +144,43 @@ def test_set_when_fires_and_steers(funny):
     assert reply(variant) != reply(goodfire.Variant(MODEL))
 
 
+def test_a_stream_says_which_rule_fired_at_which_reply_token(funny):
+    """`kindling_rules_fired` (an extra chunk key the SDKs ignore) names the rule and the
+    reply token whose features first met its condition."""
+    api = f"{URL}/api/inference/v1"
+    http = httpx.Client(timeout=300)
+    messages = [SDK_SYSTEM] + HELLO  # as the SDK sends them, so its reply can be compared
+    body = {"model": MODEL, "messages": messages, "max_completion_tokens": 12, "temperature": 0}
+    base = http.post(f"{api}/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    conversation = messages + [{"role": "assistant", "content": base}]
+    tokens = http.post(f"{api}/chat-attribution/compute-features", json={"model": MODEL, "messages": conversation}).json()["tokens"]
+    start = max(i for i, t in enumerate(tokens) if t["token"] == "<|im_start|>") + 4  # after "<|im_start|>assistant\n"
+    reply_tokens = tokens[start:-2]  # without "<|im_end|>\n"
+    # A feature that first fires on reply token k, at least 3x stronger than anywhere before.
+    def earlier_max(j, position):
+        return max((a["activation_strength"] for t in tokens[:position] for a in t["attributions"] if a["index_in_sae"] == j), default=0.0)
+    k, feature, strength = next(
+        (k, a["index_in_sae"], a["activation_strength"])
+        for k in range(1, len(reply_tokens))
+        for a in reply_tokens[k]["attributions"]
+        if a["activation_strength"] > 0.3 and earlier_max(a["index_in_sae"], start + k) < a["activation_strength"] / 3
+    )
+    trigger = client.features.lookup([feature], model=MODEL)[feature]
+    variant = goodfire.Variant(MODEL)
+    variant.set_when(trigger > strength / 2, {funny[0]: 0.5})
+    fired, text = [], ""
+    with http.stream("POST", f"{api}/chat/completions", json={**body, "stream": True, "controller": variant.controller.json()}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[len("data: "):])
+                fired += chunk.get("kindling_rules_fired", [])
+                text += chunk["choices"][0]["delta"]["content"]
+    assert fired == [{"rule": 0, "token_index": k, "token": reply_tokens[k]["token"]}]
+    # Up to that token the reply is the base model's; the SDK still reads the stream.
+    assert text.startswith("".join(t["token"] for t in reply_tokens[: k + 1]))
+    assert reply(variant, messages=messages, tokens=12, stream=True) == text
+
+
 def test_autosteer_edits_change_the_output():
     variant = goodfire.Variant(MODEL)
     base = reply(variant)

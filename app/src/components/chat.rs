@@ -7,6 +7,7 @@ use futures::StreamExt;
 use leptos::prelude::*;
 use serde_json::{Value, json};
 
+use super::visible_token;
 use crate::client::Client;
 
 /// One message in a column.
@@ -14,7 +15,7 @@ use crate::client::Client;
 struct Message {
     role: &'static str,
     text: String,
-    /// Abort rules that fired, with the token they fired at.
+    /// Rules that fired (which, and at which token) and abort events, as sentences.
     events: Vec<String>,
     error: Option<String>,
     streaming: bool,
@@ -61,6 +62,7 @@ async fn stream_reply(
     client: Client,
     column: RwSignal<Vec<Message>>,
     controller: Option<Value>,
+    rules: Vec<String>,
     sampling: Sampling,
     stop: StoredValue<Option<Rc<dyn Fn()>>, LocalStorage>,
 ) {
@@ -86,16 +88,15 @@ async fn stream_reply(
             Ok(chunk) => {
                 let choice = &chunk["choices"][0];
                 let piece = choice["delta"]["content"].as_str().unwrap_or_default().to_string();
-                let at = choice["gf_token_index"].as_u64().unwrap_or(0);
-                let events: Vec<String> = chunk["gf_event_names"]
-                    .as_array()
-                    .map(|list| {
-                        list.iter()
-                            .filter_map(|e| e.as_str())
-                            .map(|e| format!("{e} (at token {at})"))
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let mut events = rules_fired(&chunk, &rules);
+                events.extend(
+                    chunk["gf_event_names"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|e| e.as_str())
+                        .map(|e| format!("Aborted: “{e}”")),
+                );
                 edit_last(&|m| {
                     m.text.push_str(&piece);
                     m.events.extend(events.iter().cloned());
@@ -109,6 +110,25 @@ async fn stream_reply(
     }
     stop.set_value(None);
     edit_last(&|m| m.streaming = false);
+}
+
+/// What `kindling_rules_fired` on a chunk says, one sentence per rule (`rules` describes the
+/// variant's rules in order; a hosted endpoint other than Kindling's never sends it).
+fn rules_fired(chunk: &Value, rules: &[String]) -> Vec<String> {
+    chunk["kindling_rules_fired"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|fired| {
+            let rule = fired["rule"].as_u64()? as usize;
+            let place = match fired["token_index"].as_u64() {
+                Some(k) => format!("at reply token {k} “{}”", visible_token(fired["token"].as_str().unwrap_or_default())),
+                None => "on the prompt".to_string(),
+            };
+            let what = rules.get(rule).map(String::as_str).unwrap_or("a rule");
+            Some(format!("Rule {} fired {place}: {what}", rule + 1))
+        })
+        .collect()
 }
 
 /// The chat panel.
@@ -159,6 +179,7 @@ pub fn Chat() -> impl IntoView {
         input.set(String::new());
         let compare = compare.get_untracked();
         let controller = session.controller();
+        let rules: Vec<String> = session.variant.with_untracked(|v| v.rules.iter().map(super::rules::describe).collect());
         steered.update(|c| c.push(Message::user(prompt.clone())));
         steered.update(|c| c.push(Message::assistant()));
         if compare {
@@ -167,7 +188,7 @@ pub fn Chat() -> impl IntoView {
         busy.set(true);
         stopped.set(false);
         leptos::task::spawn_local(async move {
-            stream_reply(client.clone(), steered, controller, sampling, stop).await;
+            stream_reply(client.clone(), steered, controller, rules, sampling, stop).await;
             session.conversation.set(
                 steered
                     .get_untracked()
@@ -178,7 +199,7 @@ pub fn Chat() -> impl IntoView {
             );
             if compare && !stopped.get_untracked() {
                 base.update(|c| c.push(Message::assistant()));
-                stream_reply(client, base, None, sampling, stop).await;
+                stream_reply(client, base, None, Vec::new(), sampling, stop).await;
             }
             busy.set(false);
         });
@@ -203,7 +224,7 @@ pub fn Chat() -> impl IntoView {
                                         {m
                                             .events
                                             .into_iter()
-                                            .map(|e| view! { <p class="event" data-testid="rule-event">"Rule fired: " {e}</p> })
+                                            .map(|e| view! { <p class="event" data-testid="rule-event">{e}</p> })
                                             .collect_view()}
                                         {m.error.map(|e| view! { <p class="error">{e}</p> })}
                                     </li>

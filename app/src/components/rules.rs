@@ -260,7 +260,7 @@ pub fn Rules() -> impl IntoView {
 }
 
 /// A rule in words: `IF pirate > 0.5 AND … THEN food +0.50`.
-fn describe(rule: &Rule) -> String {
+pub(crate) fn describe(rule: &Rule) -> String {
     let clauses: Vec<String> = rule
         .clauses
         .iter()
