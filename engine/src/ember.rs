@@ -352,50 +352,67 @@ impl ChatRun<'_> {
     /// The next piece of the reply, or `None` once it has ended.
     pub fn next_delta(&mut self) -> Result<Option<ChatDelta>, EmberError> {
         while !self.done {
-            let token = match self.stream.next() {
-                Some(Ok(token)) => token,
-                Some(Err(EngineError::Aborted { event })) => {
-                    self.end.event = Some(event);
-                    self.done = true;
-                    break;
-                }
-                Some(Err(e)) => return Err(e.into()),
-                None => {
-                    self.collect_fired();
-                    self.done = true;
-                    // What was held back as a possible stop string is part of the reply.
-                    if !self.end.cancelled && self.sent < self.text.len() {
-                        return Ok(Some(self.take(self.text.len())));
-                    }
-                    break;
-                }
-            };
-            self.end.tokens += 1;
-            self.text.push_str(&token.text);
-            self.token_texts.push(token.text.clone());
-            self.collect_fired();
-            // The reply ends before the first stop string.
-            let sent = self.sent;
-            if let Some(cut) = self
-                .stop
-                .iter()
-                .filter_map(|s| self.text[sent..].find(s.as_str()).map(|i| sent + i))
-                .min()
-            {
-                self.text.truncate(cut);
-                self.stopped = true;
-                self.done = true;
-            }
-            let safe = if self.stopped {
-                self.text.len()
-            } else {
-                self.text.len() - held_back(&self.text[sent..], &self.stop)
-            };
-            if safe > sent {
-                return Ok(Some(self.take(safe)));
+            let item = self.stream.next();
+            if let Some(delta) = self.accept(item)? {
+                return Ok(Some(delta));
             }
         }
         Ok(None)
+    }
+
+    /// [`next_delta`](Self::next_delta) without blocking on the device (WebGPU in the browser).
+    pub async fn next_delta_async(&mut self) -> Result<Option<ChatDelta>, EmberError> {
+        while !self.done {
+            let item = self.stream.next_async().await;
+            if let Some(delta) = self.accept(item)? {
+                return Ok(Some(delta));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Takes the token stream's next item; returns the piece of text that is now safe to send.
+    fn accept(&mut self, item: Option<Result<crate::GeneratedToken, EngineError>>) -> Result<Option<ChatDelta>, EmberError> {
+        let token = match item {
+            Some(Ok(token)) => token,
+            Some(Err(EngineError::Aborted { event })) => {
+                self.end.event = Some(event);
+                self.done = true;
+                return Ok(None);
+            }
+            Some(Err(e)) => return Err(e.into()),
+            None => {
+                self.collect_fired();
+                self.done = true;
+                // What was held back as a possible stop string is part of the reply.
+                if !self.end.cancelled && self.sent < self.text.len() {
+                    return Ok(Some(self.take(self.text.len())));
+                }
+                return Ok(None);
+            }
+        };
+        self.end.tokens += 1;
+        self.text.push_str(&token.text);
+        self.token_texts.push(token.text.clone());
+        self.collect_fired();
+        // The reply ends before the first stop string.
+        let sent = self.sent;
+        if let Some(cut) = self
+            .stop
+            .iter()
+            .filter_map(|s| self.text[sent..].find(s.as_str()).map(|i| sent + i))
+            .min()
+        {
+            self.text.truncate(cut);
+            self.stopped = true;
+            self.done = true;
+        }
+        let safe = if self.stopped {
+            self.text.len()
+        } else {
+            self.text.len() - held_back(&self.text[sent..], &self.stop)
+        };
+        Ok((safe > sent).then(|| self.take(safe)))
     }
 
     /// Notes the rules that fired since the last look.
@@ -459,20 +476,33 @@ impl ChatChunks<'_> {
     /// The next chunk, or `None` after the closing one (or after [`cancel`](Self::cancel)).
     pub fn next_chunk(&mut self) -> Result<Option<Value>, EmberError> {
         let Some(run) = self.run.as_mut() else { return Ok(None) };
-        if let Some(delta) = run.next_delta()? {
+        let delta = run.next_delta()?;
+        Ok(self.chunk(delta))
+    }
+
+    /// [`next_chunk`](Self::next_chunk) without blocking on the device (WebGPU in the browser).
+    pub async fn next_chunk_async(&mut self) -> Result<Option<Value>, EmberError> {
+        let Some(run) = self.run.as_mut() else { return Ok(None) };
+        let delta = run.next_delta_async().await?;
+        Ok(self.chunk(delta))
+    }
+
+    /// The chunk for the run's next piece, or the closing chunk once there is none.
+    fn chunk(&mut self, delta: Option<ChatDelta>) -> Option<Value> {
+        if let Some(delta) = delta {
             self.last = delta.index;
             let chunk = chunk_json(&self.id, self.created, self.name, delta.index, &delta.text, None, &[]);
-            return Ok(Some(with_rules_fired(chunk, &delta.rules)));
+            return Some(with_rules_fired(chunk, &delta.rules));
         }
-        let end = self.run.take().expect("checked above").end();
+        let end = self.run.take()?.end();
         if end.cancelled {
             self.cancelled = true;
-            return Ok(None);
+            return None;
         }
         let events: Vec<String> = end.event.into_iter().collect();
         let index = if end.tokens == 0 { 0 } else { self.last };
         let chunk = chunk_json(&self.id, self.created, self.name, index, "", Some(end.finish_reason), &events);
-        Ok(Some(with_rules_fired(chunk, &end.rules)))
+        Some(with_rules_fired(chunk, &end.rules))
     }
 
     /// Stops generating; no closing chunk follows.

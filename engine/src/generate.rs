@@ -115,31 +115,26 @@ impl<'m> TokenStream<'m> {
         Ok(text)
     }
 
-    fn step(&mut self) -> Result<Option<GeneratedToken>, EngineError> {
-        if self.cancel.is_cancelled() {
-            self.finish = Some(FinishReason::Cancelled);
-            return Ok(None);
-        }
-        if self.generated.len() >= self.sampler.params().max_tokens {
-            self.finish = Some(FinishReason::Length);
-            return Ok(None);
-        }
+    /// Whether another token may be generated; if not, records why.
+    fn may_continue(&mut self) -> bool {
         let context = self.model.llama.config().context_length;
-        if self.cache.len() + self.input.len() > context {
-            self.finish = Some(FinishReason::Length);
-            return Ok(None);
-        }
-        let hook = self.hook.as_deref_mut().map(|h| h as &mut dyn ResidualHook);
-        let logits = self
-            .model
-            .llama
-            .forward(&self.input, &mut self.cache, hook, Logits::Last)?
-            .expect("Logits::Last returns logits");
+        self.finish = if self.cancel.is_cancelled() {
+            Some(FinishReason::Cancelled)
+        } else if self.generated.len() >= self.sampler.params().max_tokens || self.cache.len() + self.input.len() > context {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        self.finish.is_none()
+    }
+
+    /// Samples the next token from the logits of the pass that just ran.
+    fn after_pass(&mut self, mut logits: Vec<f32>) -> Result<Option<GeneratedToken>, EngineError> {
         if let Some(event) = self.hook.as_deref().and_then(|h| h.interrupt()) {
             self.finish = Some(FinishReason::Aborted);
             return Err(EngineError::Aborted { event });
         }
-        let token = self.sampler.sample(&mut to_host(logits)?);
+        let token = self.sampler.sample(&mut logits);
         if token == self.model.tokenizer.eos() {
             self.finish = Some(FinishReason::Stop);
             return Ok(None);
@@ -148,6 +143,50 @@ impl<'m> TokenStream<'m> {
         self.input = vec![token];
         let text = self.decoder.push(&self.model.tokenizer, token)?;
         Ok(Some(GeneratedToken { id: token, text }))
+    }
+
+    fn step(&mut self) -> Result<Option<GeneratedToken>, EngineError> {
+        if !self.may_continue() {
+            return Ok(None);
+        }
+        let hook = self.hook.as_deref_mut().map(|h| h as &mut dyn ResidualHook);
+        let logits = self
+            .model
+            .llama
+            .forward(&self.input, &mut self.cache, hook, Logits::Last)?
+            .expect("Logits::Last returns logits");
+        self.after_pass(to_host(logits)?)
+    }
+
+    /// The next token without blocking on the device ([`Llama::forward_last_async`]): how
+    /// WebGPU in the browser generates. Same results as [`Iterator::next`].
+    ///
+    /// [`Llama::forward_last_async`]: crate::Llama::forward_last_async
+    pub async fn next_async(&mut self) -> Option<Result<GeneratedToken, EngineError>> {
+        if self.finish.is_some() || !self.may_continue() {
+            return None;
+        }
+        let hook = self.hook.as_deref_mut().map(|h| h as &mut dyn ResidualHook);
+        let step = match self.model.llama.forward_last_async(&self.input, &mut self.cache, hook).await {
+            Ok(logits) => self.after_pass(logits),
+            Err(e) => Err(e),
+        };
+        self.finished_step(step)
+    }
+
+    /// Turns a step's outcome into the iterator's item.
+    fn finished_step(&mut self, step: Result<Option<GeneratedToken>, EngineError>) -> Option<Result<GeneratedToken, EngineError>> {
+        match step {
+            Ok(Some(token)) => Some(Ok(token)),
+            // Bytes of a character the model never finished are dropped, not shown as U+FFFD.
+            Ok(None) => None,
+            Err(e) => {
+                if self.finish.is_none() {
+                    self.finish = Some(FinishReason::Stop);
+                }
+                Some(Err(e))
+            }
+        }
     }
 }
 
@@ -158,15 +197,8 @@ impl Iterator for TokenStream<'_> {
         if self.finish.is_some() {
             return None;
         }
-        match self.step() {
-            Ok(Some(token)) => Some(Ok(token)),
-            // Bytes of a character the model never finished are dropped, not shown as U+FFFD.
-            Ok(None) => None,
-            Err(e) => {
-                self.finish = Some(FinishReason::Stop);
-                Some(Err(e))
-            }
-        }
+        let step = self.step();
+        self.finished_step(step)
     }
 }
 

@@ -258,6 +258,35 @@ pub fn to_host<const D: usize>(x: Tensor<D>) -> Result<Vec<f32>, EngineError> {
         .map_err(|e| EngineError::Backend(format!("reading a tensor back: {e:?}")))
 }
 
+/// [`to_host`] without blocking on the device (the only way to read a tensor on WebGPU in the
+/// browser).
+pub async fn to_host_async<const D: usize>(x: Tensor<D>) -> Result<Vec<f32>, EngineError> {
+    x.into_data_async()
+        .await
+        .map_err(|e| EngineError::Backend(format!("reading a tensor back: {e:?}")))?
+        .try_into_vec::<f32>()
+        .map_err(|e| EngineError::Backend(format!("reading a tensor back: {e:?}")))
+}
+
+/// Runs `hook` on a CPU copy of the device tensor `x` (read back asynchronously) and puts the
+/// result back on `x`'s device.
+async fn hook_on_host(hook: &mut dyn ResidualHook, layer: usize, positions: Range<usize>, x: Tensor<2>) -> Result<Tensor<2>, EngineError> {
+    let device = x.device();
+    let [rows, width] = x.dims();
+    let values = to_host_async(x).await?;
+    #[cfg(feature = "cpu")]
+    {
+        let host = Tensor::<2>::from_data(TensorData::new(values, [rows, width]), &Device::flex());
+        let edited = to_host(hook.after_block(layer, positions, host))?;
+        Ok(Tensor::from_data(TensorData::new(edited, [rows, width]), &device))
+    }
+    #[cfg(not(feature = "cpu"))]
+    {
+        let _ = (hook, layer, positions, values, device, rows, width);
+        Err(EngineError::Unsupported("residual hooks on wgpu without blocking need the cpu feature".into()))
+    }
+}
+
 /// RMSNorm: `x / sqrt(mean(x²) + eps) · weight`, over the last dimension.
 #[derive(Debug, Clone)]
 struct RmsNorm {
@@ -596,6 +625,39 @@ impl Llama {
             Logits::All => x,
         };
         Ok(Some(self.output.forward(self.output_norm.forward(x))))
+    }
+
+    /// The last position's next-token logits for `tokens`, in host memory, without ever
+    /// blocking on the device: what WebGPU in the browser needs, where a tensor can only be
+    /// read back asynchronously. Otherwise like [`forward`](Self::forward) with
+    /// [`Logits::Last`]. On wgpu, each block the hook wants is read back asynchronously and the
+    /// hook runs on a CPU copy of the residual (hooks read their input synchronously), which
+    /// then goes back to the device; the other backends just run `forward`.
+    pub async fn forward_last_async(
+        &self,
+        tokens: &[TokenId],
+        cache: &mut KvCache,
+        mut hook: Option<&mut dyn ResidualHook>,
+    ) -> Result<Vec<f32>, EngineError> {
+        if self.backend != Backend::Wgpu {
+            let logits = self.forward(tokens, cache, hook, Logits::Last)?.expect("Logits::Last returns logits");
+            return to_host(logits);
+        }
+        self.check_input(tokens, cache)?;
+        let start = cache.len();
+        let positions = start..start + tokens.len();
+        let mut x = self.embed(tokens);
+        for (layer, block) in self.blocks.iter().enumerate() {
+            x = block.forward(x, layer, start, &self.rope, cache);
+            if let Some(h) = hook.as_deref_mut()
+                && h.wants(layer)
+            {
+                x = hook_on_host(h, layer, positions.clone(), x).await?;
+            }
+        }
+        cache.len = positions.end;
+        let last = x.slice([tokens.len() - 1..tokens.len()]);
+        to_host_async(self.output.forward(self.output_norm.forward(last))).await
     }
 
     /// One decode step for several independent sequences at once: `tokens[b]` is appended to

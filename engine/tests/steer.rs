@@ -224,3 +224,43 @@ fn abort_when_stops_with_its_event_and_conditions_that_never_hold_change_nothing
     );
     assert_eq!(generate(m, Some(never)).unwrap(), base);
 }
+
+/// Greedy ids through the non-blocking path ([`TokenStream::next_async`], how WebGPU in the
+/// browser generates) and through the iterator.
+fn generate_both_ways(m: &Model, variant: Option<Variant>, tokens: usize) -> (Vec<u32>, Vec<u32>) {
+    let stream = |variant: Option<Variant>| {
+        let hook: Option<Box<dyn ResidualHook>> = variant.map(|v| Box::new(Steer::new(sae(), units(), v).unwrap()) as Box<dyn ResidualHook>);
+        m.generate(prompt(m), SamplingParams::greedy(tokens), hook, CancelToken::new()).unwrap()
+    };
+    let blocking: Vec<u32> = stream(variant.clone()).map(|t| t.unwrap().id).collect();
+    let mut non_blocking = Vec::new();
+    let mut s = stream(variant);
+    while let Some(token) = futures_lite::future::block_on(s.next_async()) {
+        non_blocking.push(token.unwrap().id);
+    }
+    (blocking, non_blocking)
+}
+
+fn non_blocking_generation_matches(backend: Backend) {
+    let m = model(backend);
+    let base = generate_both_ways(m, None, 6);
+    assert_eq!(base.0, base.1, "{backend}: base model");
+    let j = base_features(m, &prompt(m)).last().unwrap()[0].0;
+    let mut steered = Variant::new("m");
+    steered.set(&[j], -1.0);
+    steered.set(&[(j + 7) % sae().config().d_sae as u32], 1.0);
+    let (blocking, non_blocking) = generate_both_ways(m, Some(steered), 6);
+    assert_eq!(blocking, non_blocking, "{backend}: steered");
+    assert_ne!(blocking, base.0, "{backend}: the edits change the reply");
+}
+
+#[test]
+fn non_blocking_generation_matches_the_iterator_on_cpu() {
+    non_blocking_generation_matches(Backend::Cpu);
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn non_blocking_generation_matches_the_iterator_on_wgpu() {
+    non_blocking_generation_matches(Backend::Wgpu);
+}
