@@ -12,8 +12,10 @@ use serde_json::{Value, json};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
 
-/// The worker's script, as Trunk's `data-loader-shim` writes it next to the page.
-pub const WORKER_URL: &str = "./kindling-worker_loader.js";
+/// The engine's worker scripts (trunk's loader shims, beside the page): the CPU-only build,
+/// and the one with WebGPU, which is much larger and only fetched when WebGPU is chosen.
+pub const CPU_WORKER_URL: &str = "./kindling-worker_loader.js";
+pub const WEBGPU_WORKER_URL: &str = "./kindling-worker-webgpu_loader.js";
 /// The Goodfire API's path prefix.
 pub const API_PREFIX: &str = "/api/inference/v1";
 
@@ -107,7 +109,7 @@ impl LocalEngine {
         let options = web_sys::WorkerOptions::new();
         options.set_type(web_sys::WorkerType::Classic);
         let worker =
-            web_sys::Worker::new_with_options(WORKER_URL, &options).map_err(|e| ApiError::from_js("cannot start the engine worker", e))?;
+            web_sys::Worker::new_with_options(if backend == "webgpu" { WEBGPU_WORKER_URL } else { CPU_WORKER_URL }, &options).map_err(|e| ApiError::from_js("cannot start the engine worker", e))?;
         let pending: Rc<RefCell<HashMap<u64, Pending>>> = Rc::default();
         let on_load = Rc::new(on_load);
         let on_error = {

@@ -36,7 +36,7 @@ mod worker {
     const CACHE_NAME: &str = "kindling-assets-v1";
 
     thread_local! {
-        static EMBER: RefCell<Option<Rc<Ember>>> = const { RefCell::new(None) };
+        static EMBER: RefCell<Option<Rc<Engines>>> = const { RefCell::new(None) };
         static STREAMS: RefCell<HashMap<u64, CancelToken>> = RefCell::new(HashMap::new());
         /// Whether every file of this load came from Cache Storage.
         static ALL_CACHED: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
@@ -74,26 +74,36 @@ mod worker {
 
     // --- loading ------------------------------------------------------------------------
 
+    /// The engines of one load: every route runs on the CPU engine; with WebGPU, streamed
+    /// chat runs on a second engine on the GPU (it generates without blocking on the device;
+    /// the other operations read tensors back synchronously, which only the CPU can do here).
+    struct Engines {
+        cpu: Ember,
+        gpu: Option<Ember>,
+    }
+
     async fn load(message: Value) {
         let started = js_sys::Date::now();
         let base = message["base"].as_str().unwrap_or("./").to_string();
         let backend = message["backend"].as_str().unwrap_or("cpu").to_string();
         match build(&base, &backend).await {
-            Ok(ember) => {
-                EMBER.with(|e| *e.borrow_mut() = Some(Rc::new(ember)));
-                post(json!({ "type": "ready", "backend": "cpu", "model": MODEL_NAME, "cached": ALL_CACHED.get(),
+            Ok(engines) => {
+                let backend = if engines.gpu.is_some() { "webgpu" } else { "cpu" };
+                EMBER.with(|e| *e.borrow_mut() = Some(Rc::new(engines)));
+                post(json!({ "type": "ready", "backend": backend, "model": MODEL_NAME, "cached": ALL_CACHED.get(),
                              "seconds": (js_sys::Date::now() - started) / 1000.0 }));
             }
             Err(e) => post(json!({ "type": "load_error", "message": e })),
         }
     }
 
-    async fn build(base: &str, backend: &str) -> Result<Ember, String> {
-        if backend != "cpu" {
-            // The wgpu path needs asynchronous read-back in the browser; until the engine has
-            // it, say so rather than silently running on the CPU.
-            return Err(format!("the {backend} backend is not available in this build; choose CPU"));
-        }
+    async fn build(base: &str, backend: &str) -> Result<Engines, String> {
+        let on_gpu = match backend {
+            "cpu" => false,
+            "webgpu" if cfg!(feature = "webgpu") => true,
+            "webgpu" => return Err("this worker is built without WebGPU".to_string()),
+            other => return Err(format!("unknown backend {other:?}")),
+        };
         // Assets sit beside the page: resolve against the page's directory.
         let dir = base.rfind('/').map_or("./", |i| &base[..=i]);
         let url = |file: &str| format!("{dir}{file}");
@@ -128,13 +138,35 @@ mod worker {
         post(json!({ "type": "progress", "file": "building the engine", "loaded": 0, "total": 0 }));
         let device = Backend::Cpu.device().map_err(|e| e.to_string())?;
         let model = Model::from_bytes(&model_bytes, Backend::Cpu, &device).map_err(|e| format!("the model file: {e}"))?;
+        let gpu_model = if on_gpu { Some(gpu_model(&model_bytes).await?) } else { None };
         drop(model_bytes);
         let sae = Sae::from_compact(&sae_bytes).map_err(|e| format!("the SAE file: {e}"))?;
         let index = String::from_utf8(index).map_err(|_| "atlas.json is not UTF-8".to_string())?;
         let embedder = StaticEmbedder::from_safetensors(&embedder).map_err(|e| format!("the atlas embedder: {e}"))?;
         let mut atlas = Atlas::from_index(&index, &sae, embedder).map_err(|e| format!("the atlas: {e}"))?;
         atlas.load_contexts(&contexts).map_err(|e| format!("the atlas contexts: {e}"))?;
-        Ok(Ember::new(model, sae, atlas, MODEL_NAME))
+        let gpu = gpu_model.map(|m| Ember::new(m, sae.clone(), atlas.clone(), MODEL_NAME));
+        Ok(Engines {
+            cpu: Ember::new(model, sae, atlas, MODEL_NAME),
+            gpu,
+        })
+    }
+
+    /// The model on WebGPU.
+    #[cfg(feature = "webgpu")]
+    async fn gpu_model(model_bytes: &[u8]) -> Result<Model, String> {
+        post(json!({ "type": "progress", "file": "starting WebGPU", "loaded": 0, "total": 0 }));
+        let gpu = kindling_engine::burn::tensor::Device::wgpu_options()
+            .init_async()
+            .await
+            .map_err(|e| format!("WebGPU could not start ({e}); choose CPU"))?;
+        post(json!({ "type": "progress", "file": "moving the model to the GPU", "loaded": 0, "total": 0 }));
+        Model::from_bytes(model_bytes, Backend::Wgpu, &gpu).map_err(|e| format!("the model on WebGPU: {e}"))
+    }
+
+    #[cfg(not(feature = "webgpu"))]
+    async fn gpu_model(_: &[u8]) -> Result<Model, String> {
+        unreachable!("build() refuses webgpu in a worker without it")
     }
 
     async fn fetch_json(url: &str) -> Option<Value> {
@@ -245,7 +277,7 @@ mod worker {
 
     async fn call(message: Value) {
         let id = message["id"].as_u64().unwrap_or(0);
-        let Some(ember) = EMBER.with(|e| e.borrow().clone()) else {
+        let Some(engines) = EMBER.with(|e| e.borrow().clone()) else {
             post(json!({ "type": "result", "id": id, "ok": false, "status": 503, "message": "the model is still loading" }));
             return;
         };
@@ -253,9 +285,9 @@ mod worker {
         let path = message["path"].as_str().unwrap_or("");
         let body = &message["body"];
         let result = if method == "POST" && path == "/chat/completions" && body["stream"] == json!(true) {
-            stream_chat(&ember, id, body).await.map_err(|e| (e.status(), e.to_string()))
+            stream_chat(&engines, id, body).await.map_err(|e| (e.status(), e.to_string()))
         } else {
-            dispatch(&ember, method, path, body)
+            dispatch(&engines.cpu, method, path, body)
         };
         post(match result {
             Ok(value) => json!({ "type": "result", "id": id, "ok": true, "value": value }),
@@ -306,13 +338,16 @@ mod worker {
 
     /// Streams a reply chunk by chunk, going back to the event loop between chunks so that a
     /// `cancel` message (the stop button) is heard.
-    async fn stream_chat(ember: &Ember, id: u64, body: &Value) -> Result<Value, EmberError> {
+    async fn stream_chat(engines: &Engines, id: u64, body: &Value) -> Result<Value, EmberError> {
+        let ember = engines.gpu.as_ref().unwrap_or(&engines.cpu);
         let plan = ember.plan_chat(&parse(body)?)?;
         let cancel = CancelToken::new();
         STREAMS.with(|s| s.borrow_mut().insert(id, cancel.clone()));
         let result = (async {
             let mut chunks = ember.start_chat_chunks(&plan, cancel.clone())?;
-            while let Some(chunk) = chunks.next_chunk()? {
+            loop {
+                let chunk = if engines.gpu.is_some() { chunks.next_chunk_async().await? } else { chunks.next_chunk()? };
+                let Some(chunk) = chunk else { break };
                 post(json!({ "type": "chunk", "id": id, "chunk": chunk }));
                 yield_to_event_loop().await;
                 if cancel.is_cancelled() {

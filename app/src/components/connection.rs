@@ -19,7 +19,8 @@ const HOSTED_KEY_KEY: &str = "kindling.hosted.key";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
-    /// Pick WebGPU when an adapter exists, else the CPU.
+    /// WebGPU on a hardware adapter, else the CPU (a software fallback adapter, such as
+    /// SwiftShader, is many times slower than the wasm CPU engine).
     Auto,
     Cpu,
     WebGpu,
@@ -69,27 +70,35 @@ fn store(key: &str, value: &str) {
     }
 }
 
-/// Whether this browser offers a WebGPU adapter (`navigator.gpu.requestAdapter()`, called
-/// through JS reflection: web-sys's WebGPU bindings are behind an unstable cfg).
-async fn webgpu_adapter() -> bool {
-    let Some(window) = web_sys::window() else { return false };
-    let Ok(gpu) = js_sys::Reflect::get(&window.navigator(), &"gpu".into()) else {
-        return false;
+/// The WebGPU adapter this browser offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Adapter {
+    None,
+    /// A software adapter (`isFallbackAdapter`), e.g. SwiftShader.
+    Fallback,
+    Hardware,
+}
+
+/// Asks `navigator.gpu.requestAdapter()`, through JS reflection (web-sys's WebGPU bindings
+/// are behind an unstable cfg).
+async fn webgpu_adapter() -> Adapter {
+    let get = |target: &wasm_bindgen::JsValue, key: &str| js_sys::Reflect::get(target, &key.into()).ok().filter(|v| !v.is_undefined() && !v.is_null());
+    let Some(window) = web_sys::window() else { return Adapter::None };
+    let Some(gpu) = get(&window.navigator(), "gpu") else { return Adapter::None };
+    let Some(request) = get(&gpu, "requestAdapter").and_then(|r| r.dyn_into::<js_sys::Function>().ok()) else {
+        return Adapter::None;
     };
-    if gpu.is_undefined() || gpu.is_null() {
-        return false;
-    }
-    let Ok(request) = js_sys::Reflect::get(&gpu, &"requestAdapter".into()) else {
-        return false;
+    let Ok(promise) = request.call0(&gpu) else { return Adapter::None };
+    let Some(adapter) = JsFuture::from(js_sys::Promise::from(promise)).await.ok().filter(|a| !a.is_undefined() && !a.is_null()) else {
+        return Adapter::None;
     };
-    let Some(request) = request.dyn_ref::<js_sys::Function>() else {
-        return false;
-    };
-    let Ok(promise) = request.call0(&gpu) else { return false };
-    match JsFuture::from(js_sys::Promise::from(promise)).await {
-        Ok(adapter) => !adapter.is_null() && !adapter.is_undefined(),
-        Err(_) => false,
-    }
+    // `adapter.info.isFallbackAdapter` now; `adapter.isFallbackAdapter` in older browsers.
+    let fallback = get(&adapter, "info")
+        .and_then(|info| get(&info, "isFallbackAdapter"))
+        .or_else(|| get(&adapter, "isFallbackAdapter"))
+        .and_then(|f| f.as_bool())
+        .unwrap_or(false);
+    if fallback { Adapter::Fallback } else { Adapter::Hardware }
 }
 
 /// The mode picker, hosted settings, progress bars and the backend indicator.
@@ -105,7 +114,7 @@ pub fn Connection() -> impl IntoView {
     let downloads = RwSignal::new(Vec::<Download>::new());
     // What runs now, for the indicator: "CPU", "WebGPU", "hosted", or a state.
     let running = RwSignal::new(String::from("not started"));
-    let gpu_found = RwSignal::new(None::<bool>);
+    let gpu_found = RwSignal::new(None::<Adapter>);
     let engine = StoredValue::new_local(None::<Rc<LocalEngine>>);
 
     let on_load = move |event: LoadEvent| match event {
@@ -131,7 +140,8 @@ pub fn Connection() -> impl IntoView {
             }),
         }),
         LoadEvent::Ready { backend, model, seconds, cached } => {
-            running.set(format!("{} (in this page)", backend.to_uppercase()));
+            let name = if backend == "webgpu" { "WebGPU" } else { "CPU" };
+            running.set(format!("{name} (in this page)"));
             if let Some(engine) = engine.get_value() {
                 session.client.set(Some(Client::Local(engine, model.clone())));
             }
@@ -201,9 +211,7 @@ pub fn Connection() -> impl IntoView {
         Mode::Auto => leptos::task::spawn_local(async move {
             let found = webgpu_adapter().await;
             gpu_found.set(Some(found));
-            // The in-page WebGPU engine is not in this build yet (see the worker): auto
-            // stays on the CPU and says what it found.
-            start_local("cpu");
+            start_local(if found == Adapter::Hardware { "webgpu" } else { "cpu" });
         }),
     };
 
@@ -242,7 +250,11 @@ pub fn Connection() -> impl IntoView {
                     .map(|found| {
                         view! {
                             <span class="hint">
-                                {if found { "WebGPU adapter found" } else { "no WebGPU adapter" }}
+                                {match found {
+                                    Adapter::Hardware => "WebGPU adapter found",
+                                    Adapter::Fallback => "software WebGPU adapter only: the CPU is faster",
+                                    Adapter::None => "no WebGPU adapter",
+                                }}
                             </span>
                         }
                     })
