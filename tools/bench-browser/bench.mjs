@@ -25,6 +25,9 @@ const arg = (name, fallback) => {
 };
 const RUNS = arg('runs', 3);
 const TOKENS = arg('tokens', 64);
+// WebGPU in headless Chromium is SwiftShader, a software adapter: seconds per token.
+const WEBGPU_RUNS = arg('webgpu-runs', 1);
+const WEBGPU_TOKENS = arg('webgpu-tokens', 8);
 const MESSAGES = [{ role: 'user', content: process.env.BENCH_PROMPT ?? 'Write a story about a lighthouse keeper who finds a message in a bottle.' }];
 // The prompt as SmolLM2's chat template renders MESSAGES (its default system message included):
 // the exact text Kindling's engine tokenizes, handed to wllama as a raw completion so that both
@@ -32,7 +35,7 @@ const MESSAGES = [{ role: 'user', content: process.env.BENCH_PROMPT ?? 'Write a 
 const RENDERED = '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n'
   + MESSAGES.map((m) => `<|im_start|>${m.role}\n${m.content}<|im_end|>\n`).join('') + '<|im_start|>assistant\n';
 const MODEL_URL = '/models/SmolLM2-135M-Instruct.Q4_1.gguf';
-const FLAGS = ['--no-sandbox', '--no-first-run', '--disable-background-networking', '--disable-component-update',
+const FLAGS = ['--no-sandbox', '--enable-unsafe-webgpu', '--no-first-run', '--disable-background-networking', '--disable-component-update',
   '--disable-sync', '--disable-quic'];
 const TYPES = { '.html': 'text/html', '.js': 'text/javascript', '.mjs': 'text/javascript', '.wasm': 'application/wasm',
   '.json': 'application/json', '.css': 'text/css' };
@@ -111,6 +114,14 @@ for (let run = 1; run <= RUNS; run++) {
   const peer = await browser.newContext();
   record.wllama = await inPage(peer, base + '/bench/wllama.html', { prompt: RENDERED, maxTokens: TOKENS, threads: 1, modelUrl: MODEL_URL });
   await peer.close();
+  if (run <= WEBGPU_RUNS) {
+    const gpu = await browser.newContext();
+    record.kindling_webgpu = await inPage(gpu, base + '/bench/kindling.html', { messages: MESSAGES, maxTokens: WEBGPU_TOKENS, backend: 'webgpu' });
+    await gpu.close();
+    console.log(`run ${run}: kindling on WebGPU: page load to first token ${record.kindling_webgpu.first_token_ms.toFixed(0)} ms, `
+      + `prefill ${record.kindling_webgpu.prefill_ms.toFixed(0)} ms, decode ${record.kindling_webgpu.decode_tok_s.toFixed(2)} tok/s `
+      + `(${record.kindling_webgpu.tokens} tokens); same text as the CPU path: ${record.kindling.text.startsWith(record.kindling_webgpu.text)}`);
+  }
   await browser.close();
   runs.push(record);
   const r = (x) => x.toFixed(0);
@@ -121,6 +132,7 @@ for (let run = 1; run <= RUNS; run++) {
 server.close();
 
 const m = (f) => median(runs.map(f));
+const gpuRuns = runs.filter((r) => r.kindling_webgpu);
 const summary = {
   runs: RUNS, tokens: TOKENS, threads: 1, prompt: MESSAGES[0].content,
   playground_first_token_cold_ms: m((r) => r.playground_cold.first_token_ms),
@@ -131,6 +143,14 @@ const summary = {
     decode_tok_s: m((r) => r.kindling.decode_tok_s), page_to_first_token_ms: m((r) => r.kindling.first_token_ms) },
   wllama: { load_ms: m((r) => r.wllama.ready_ms), prefill_ms: m((r) => r.wllama.prefill_ms),
     decode_tok_s: m((r) => r.wllama.decode_tok_s), page_to_first_token_ms: m((r) => r.wllama.first_token_ms) },
+  kindling_webgpu: gpuRuns.length === 0 ? null : {
+    runs: gpuRuns.length, tokens: WEBGPU_TOKENS,
+    load_ms: median(gpuRuns.map((r) => r.kindling_webgpu.ready_ms)),
+    prefill_ms: median(gpuRuns.map((r) => r.kindling_webgpu.prefill_ms)),
+    decode_tok_s: median(gpuRuns.map((r) => r.kindling_webgpu.decode_tok_s)),
+    page_to_first_token_ms: median(gpuRuns.map((r) => r.kindling_webgpu.first_token_ms)),
+    same_text_as_cpu: gpuRuns.every((r) => r.kindling.text.startsWith(r.kindling_webgpu.text)),
+  },
   same_greedy_text: runs.every((r) => r.kindling.text === r.wllama.text),
   texts: { kindling: runs[0].kindling.text, wllama: runs[0].wllama.text },
   runs_raw: runs,
@@ -145,5 +165,10 @@ console.log(`| decode (tok/s) | ${summary.kindling.decode_tok_s.toFixed(1)} | ${
 console.log(`| page load to first token (ms) | ${summary.kindling.page_to_first_token_ms.toFixed(0)} | ${summary.wllama.page_to_first_token_ms.toFixed(0)} | ${ratio(summary.kindling.page_to_first_token_ms, summary.wllama.page_to_first_token_ms)} |`);
 console.log(`playground (the real UI) page load to first token: cold ${summary.playground_first_token_cold_ms.toFixed(0)} ms, cached ${summary.playground_first_token_cached_ms.toFixed(0)} ms`);
 console.log(`same greedy text: ${summary.same_greedy_text}`);
+if (summary.kindling_webgpu) {
+  const g = summary.kindling_webgpu;
+  console.log(`Kindling on WebGPU (${g.runs} run(s), ${g.tokens} tokens): load ${g.load_ms.toFixed(0)} ms, prefill ${g.prefill_ms.toFixed(0)} ms, `
+    + `decode ${g.decode_tok_s.toFixed(2)} tok/s, page load to first token ${g.page_to_first_token_ms.toFixed(0)} ms; same text as the CPU path: ${g.same_text_as_cpu}`);
+}
 await mkdir(join(ROOT, 'target/bench'), { recursive: true });
 await writeFile(join(ROOT, 'target/bench/browser.json'), JSON.stringify(summary, null, 2));
