@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: the engine on the real model (CPU and wgpu via Mesa lavapipe), the CLI,
 # the server driven by the real goodfire and openai SDKs, the playground end to end in headless
-# Chromium, the corpus builder's text cleaning, and a wasm32 build of the engine with both
-# backends.
+# Chromium (which builds the engine for wasm32 with both backends, in the two worker builds),
+# and the corpus builder's text cleaning.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -26,7 +26,4 @@ scripts/test-e2e.sh
 echo "== corpus builder unit tests"
 (cd tools/corpus && python3 -m unittest -q test_build_corpus test_chat_prompts)
 
-echo "== wasm32 build of the engine (cpu + wgpu)"
-RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+simd128" \
-    cargo build --release --target wasm32-unknown-unknown -p kindling-engine --features cpu,wgpu
 echo "all tests passed"
