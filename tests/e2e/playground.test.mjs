@@ -240,6 +240,12 @@ test('a share link restores the same variant in a fresh page; a tampered one cha
   const untouched = await variantJson(broken);
   assert.equal(untouched.edits.length, 0);
   assert.equal(untouched.rules.length, 0);
+
+  // An oversized link is refused before it is decoded.
+  const huge = await open(fresh, '#v=k1.' + 'A'.repeat(40_000));
+  assert.match(await notices(huge), /cannot be opened.*too long/i);
+  await tab(huge, 'variant');
+  assert.equal((await variantJson(huge)).edits.length, 0);
   await fresh.close();
 });
 
@@ -247,6 +253,19 @@ test('a reload starts from the browser cache', async () => {
   const again = await open(context);
   assert.match(await notices(again), /from this browser's cache/);
   await again.close();
+});
+
+test('offline, a reload still opens the playground, loads the model and replies', async () => {
+  await context.setOffline(true);
+  try {
+    const offline = await open(context);
+    assert.match(await notices(offline), /from this browser's cache/);
+    await chat(offline, 'Hi', { compare: false, maxTokens: 3 });
+    assert.ok((await lastReply(offline, 'variant')).length > 0, 'a reply while offline');
+    await offline.close();
+  } finally {
+    await context.setOffline(false);
+  }
 });
 
 test('hosted mode against the Kindling server streams a reply, and the key stays out of links', async () => {
