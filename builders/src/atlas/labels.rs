@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use kindling_engine::{ChatMessage, LabelSource, Logits, Model, SamplingParams, TokenId};
 use serde_json::json;
 
-use super::{Activations, AtlasArgs, LatentStats, append_line, read_lines};
+use super::{Activations, AtlasArgs, LatentStats, Occurrence, append_line, read_lines};
 use crate::BuildError;
 use crate::progress::Progress;
 use crate::workers::{run_on_workers, single_thread_pools};
@@ -31,32 +31,46 @@ const WORDS_SHOWN: usize = 8;
 pub struct Label {
     /// The model's theme when usable.
     pub model: Option<String>,
-    /// The words the latent fires on, most frequent first.
-    pub words: Vec<String>,
+    /// The words the latent fires on with their counts, most frequent first.
+    pub words: Vec<(String, usize)>,
     /// The two words ending at each firing token ("trying to"), most frequent first.
-    pub phrases: Vec<String>,
+    pub phrases: Vec<(String, usize)>,
     /// The firing tokens themselves (a latent on a word piece), most frequent first.
-    pub pieces: Vec<String>,
+    pub pieces: Vec<(String, usize)>,
+}
+
+/// The first `n` of `items` seen at least `min_count` times, as a list.
+fn list(items: &[(String, usize)], n: usize, min_count: usize) -> String {
+    let shown: Vec<&str> = items.iter().filter(|i| i.1 >= min_count).take(n).map(|i| i.0.as_str()).collect();
+    shown.join(", ")
 }
 
 impl Label {
     /// The label made of the words alone.
     pub fn words_label(&self) -> String {
-        self.words.iter().take(4).cloned().collect::<Vec<_>>().join(", ")
+        list(&self.words, 4, 1)
     }
 
     /// The candidate labels, the model's first: the theme, the theme with its strongest
-    /// words, then the words, the phrases and the word pieces it fires on (distinct ones).
+    /// words, then the words, the phrases and the word pieces it fires on, then longer lists
+    /// of the words and phrases that recur (a latent with many forms: "trying to, tried to,
+    /// try to, try and, attempt to, best to"); distinct ones only. Recurring, because past
+    /// the first few, words seen once are the latent's noise ("anaconda, Cadbury, Palo").
     pub fn candidates(&self) -> Vec<(String, LabelSource)> {
-        let list = |items: &[String], n: usize| items.iter().take(n).cloned().collect::<Vec<_>>().join(", ");
         let mut out: Vec<(String, LabelSource)> = Vec::new();
         if let Some(theme) = &self.model {
             out.push((theme.clone(), LabelSource::Model));
             if !self.words.is_empty() {
-                out.push((format!("{theme} ({})", list(&self.words, 3)), LabelSource::Model));
+                out.push((format!("{theme} ({})", list(&self.words, 3, 1)), LabelSource::Model));
             }
         }
-        for tokens in [self.words_label(), list(&self.phrases, 3), list(&self.pieces, 4)] {
+        for tokens in [
+            self.words_label(),
+            list(&self.phrases, 3, 1),
+            list(&self.pieces, 4, 1),
+            list(&self.words, 8, 2),
+            list(&self.phrases, 6, 2),
+        ] {
             if !tokens.is_empty() && !out.iter().any(|(c, _)| *c == tokens) {
                 out.push((tokens, LabelSource::Tokens));
             }
@@ -138,18 +152,24 @@ pub fn firing_word(model: &Model, tokens: &[TokenId], pos: usize) -> Option<Stri
     Some(word)
 }
 
-/// The words a latent fires on in its stored activating contexts, most frequent first.
-pub fn firing_words(model: &Model, acts: &Activations, stats: &LatentStats) -> Vec<String> {
-    most_frequent(acts, stats, |tokens, pos| firing_word(model, tokens, pos))
+/// The words the model is shown: those a latent fires on in its stored activating contexts
+/// (the ones its dashboard shows), most frequent first.
+pub fn prompt_words(model: &Model, acts: &Activations, stats: &LatentStats) -> Vec<String> {
+    let stored = stats.top.iter().chain(&stats.sampled).filter(|o| stats.is_activating(o));
+    let words = most_frequent(acts, stored, |tokens, pos| firing_word(model, tokens, pos));
+    words.into_iter().map(|(w, _)| w).collect()
 }
 
-/// A latent's label candidates made of its text alone (no model answer yet).
+/// A latent's label candidates made of its text alone (no model answer yet), read from its
+/// labelling contexts: the stored activating ones and the larger labelling sample, whose
+/// frequencies reflect all of its activating range rather than its peak.
 pub fn token_label(model: &Model, acts: &Activations, stats: &LatentStats) -> Label {
+    let read = |f: &dyn Fn(&[TokenId], usize) -> Option<String>| most_frequent(acts, stats.labelling_contexts(), f);
     Label {
         model: None,
-        words: firing_words(model, acts, stats),
-        phrases: most_frequent(acts, stats, |tokens, pos| firing_phrase(model, tokens, pos)),
-        pieces: most_frequent(acts, stats, |tokens, pos| firing_piece(model, tokens, pos)),
+        words: read(&|tokens, pos| firing_word(model, tokens, pos)),
+        phrases: read(&|tokens, pos| firing_phrase(model, tokens, pos)),
+        pieces: read(&|tokens, pos| firing_piece(model, tokens, pos)),
     }
 }
 
@@ -169,17 +189,15 @@ pub fn firing_piece(model: &Model, tokens: &[TokenId], pos: usize) -> Option<Str
     (!piece.is_empty()).then(|| piece.to_string())
 }
 
-/// What a latent's activating stored contexts show, read by `read` at each firing token:
-/// distinct values (case folded), most frequent first, ties in context order.
-fn most_frequent(acts: &Activations, stats: &LatentStats, read: impl Fn(&[TokenId], usize) -> Option<String>) -> Vec<String> {
+/// What `occurrences` show, read by `read` at each firing token: distinct values (case
+/// folded) with their counts, most frequent first, ties in context order.
+fn most_frequent<'a>(
+    acts: &Activations,
+    occurrences: impl Iterator<Item = &'a Occurrence>,
+    read: impl Fn(&[TokenId], usize) -> Option<String>,
+) -> Vec<(String, usize)> {
     let mut counts: Vec<(String, usize, usize)> = Vec::new();
-    for (order, o) in stats
-        .top
-        .iter()
-        .chain(&stats.sampled)
-        .filter(|o| stats.is_activating(o))
-        .enumerate()
-    {
+    for (order, o) in occurrences.enumerate() {
         let Some(value) = read(&acts.windows[o.window as usize], o.pos as usize) else {
             continue;
         };
@@ -189,7 +207,7 @@ fn most_frequent(acts: &Activations, stats: &LatentStats, read: impl Fn(&[TokenI
         }
     }
     counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.2.cmp(&b.2)));
-    counts.into_iter().map(|(v, _, _)| v).collect()
+    counts.into_iter().map(|(v, n, _)| (v, n)).collect()
 }
 
 /// The model's answer as a label, or `None` when it does not read as one.
@@ -261,7 +279,7 @@ pub fn run(args: &AtlasArgs, model: &Model, acts: &Activations, stats: &[LatentS
             let mut prefix = model.llama.new_cache();
             model.llama.forward(&prefix_tokens, &mut prefix, None, Logits::Last)?;
             let requests = share.iter().map(|&f| {
-                let shown = texts[f].words.iter().take(WORDS_SHOWN).cloned().collect::<Vec<_>>().join(", ");
+                let shown = prompt_words(model, acts, &stats[f]).into_iter().take(WORDS_SHOWN).collect::<Vec<_>>().join(", ");
                 // The turn after the prefix, rendered as the template renders a user turn.
                 let text = format!("<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n{PRIME}", question(&shown));
                 let mut turn = model.tokenizer.encode(&text, true);
@@ -275,7 +293,7 @@ pub fn run(args: &AtlasArgs, model: &Model, acts: &Activations, stats: &[LatentS
                     model: clean_answer(&output.text),
                     ..texts[f].clone()
                 };
-                let line = json!({ "feature": f, "answer": output.text, "model_label": label.model, "words": label.words });
+                let line = json!({ "feature": f, "answer": output.text, "model_label": label.model, "words": prompt_words(model, acts, &stats[f]) });
                 append_line(&mut file.lock().expect("label file"), &line)
                     .map_err(|e| kindling_engine::EngineError::Backend(e.to_string()))?;
                 let mut done = done.lock().expect("counter");
@@ -317,13 +335,17 @@ mod tests {
     fn candidates_put_the_theme_first() {
         let label = Label {
             model: Some("humor".into()),
-            words: vec!["funny".into(), "joke".into()],
-            phrases: vec!["so funny".into()],
-            pieces: vec!["funny".into(), "joke".into()],
+            words: vec![("funny".into(), 3), ("joke".into(), 2), ("Cadbury".into(), 1)],
+            phrases: vec![("so funny".into(), 1)],
+            pieces: vec![("funny".into(), 3), ("joke".into(), 2), ("Cadbury".into(), 1)],
         };
         let c: Vec<String> = label.candidates().into_iter().map(|c| c.0).collect();
-        // The pieces repeat the words, so they are not a second candidate.
-        assert_eq!(c, ["humor", "humor (funny, joke)", "funny, joke", "so funny"]);
+        // The pieces repeat the words, so they are not a second candidate; the long list
+        // keeps only the recurring words.
+        assert_eq!(
+            c,
+            ["humor", "humor (funny, joke, Cadbury)", "funny, joke, Cadbury", "so funny", "funny, joke"]
+        );
         assert_eq!(Label::default().candidates().len(), 0);
     }
 }

@@ -83,6 +83,12 @@ pub const WINDOW: usize = BEFORE + 1 + AFTER;
 pub const TOP: usize = 10;
 pub const SAMPLED: usize = 10;
 pub const SCORING: usize = 20;
+/// Further activating occurrences, drawn like the scoring ones but after them: never stored,
+/// never scored on; the labeller's words and the choice among candidate labels come from them
+/// and from the stored activating contexts. The stored contexts are mostly the strongest
+/// (a latent's weaker decile samples rarely count as activating), while the score spreads
+/// over all activating ranks: words read from the strongest alone miss the rest.
+pub const LABELLING: usize = 100;
 /// A latent counts as *activating* on a token when it reaches this share of its unit (the
 /// 99th-percentile activation). A TopK SAE also lets latents in at a few percent of their
 /// peak, where they stand for little: dashboards show those (the decile samples), but labels
@@ -131,6 +137,8 @@ pub struct LatentStats {
     /// Held back from the labeller: activating occurrences (see [`ACTIVATING_FRACTION`])
     /// spread over their rank bands.
     pub scoring: Vec<Occurrence>,
+    /// Activating occurrences spread over their rank bands for the labeller (see [`LABELLING`]).
+    pub labelling: Vec<Occurrence>,
     /// The tokens it fires on most in its contexts (id, count).
     pub top_tokens: Vec<(TokenId, u32)>,
 }
@@ -143,6 +151,16 @@ impl LatentStats {
     /// Whether an occurrence is strong enough to count as activating.
     pub fn is_activating(&self, o: &Occurrence) -> bool {
         o.act >= ACTIVATING_FRACTION * self.max_activation
+    }
+
+    /// What labels are written from and chosen on: the activating stored contexts and the
+    /// labelling sample (never the scoring one).
+    pub fn labelling_contexts(&self) -> impl Iterator<Item = &Occurrence> {
+        self.top
+            .iter()
+            .chain(&self.sampled)
+            .filter(|o| self.is_activating(o))
+            .chain(&self.labelling)
     }
 }
 
@@ -330,17 +348,23 @@ pub fn statistics(acts: &Activations, d_sae: usize, seed: u64) -> Vec<LatentStat
                     taken.push(o);
                 }
             }
-            // Held back for scoring: activating occurrences, one from each of SCORING rank bands.
+            // Activating occurrences, one from each of `bands` rank bands: first held back
+            // for scoring, then for the labeller.
             let activating = occ.partition_point(|o| o.act >= ACTIVATING_FRACTION * max_activation);
-            let mut scoring = Vec::new();
-            for band in 0..SCORING {
-                let mut candidates: Vec<Occurrence> = occ[band * activating / SCORING..(band + 1) * activating / SCORING].to_vec();
-                candidates.shuffle(&mut rng);
-                if let Some(o) = candidates.into_iter().find(|o| !overlaps(&taken, o)) {
-                    scoring.push(o);
-                    taken.push(o);
+            let mut spread = |bands: usize, taken: &mut Vec<Occurrence>| {
+                let mut out = Vec::new();
+                for band in 0..bands {
+                    let mut candidates: Vec<Occurrence> = occ[band * activating / bands..(band + 1) * activating / bands].to_vec();
+                    candidates.shuffle(&mut rng);
+                    if let Some(o) = candidates.into_iter().find(|o| !overlaps(taken, o)) {
+                        out.push(o);
+                        taken.push(o);
+                    }
                 }
-            }
+                out
+            };
+            let scoring = spread(SCORING, &mut taken);
+            let labelling = spread(LABELLING, &mut taken);
             let mut token_counts: HashMap<TokenId, u32> = HashMap::new();
             for o in top.iter().chain(&sampled) {
                 *token_counts.entry(acts.windows[o.window as usize][o.pos as usize]).or_default() += 1;
@@ -356,6 +380,7 @@ pub fn statistics(acts: &Activations, d_sae: usize, seed: u64) -> Vec<LatentStat
                 top,
                 sampled,
                 scoring,
+                labelling,
                 top_tokens,
             }
         })
@@ -394,4 +419,68 @@ pub fn read_lines(path: &Path) -> Vec<Value> {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 400 windows of 64 tokens; latent 0 fires every 8th token with a strength that grows
+    /// along the text, latent 1 never fires.
+    fn activations() -> Activations {
+        let (windows, len) = (400, 64);
+        let mut features = Vec::new();
+        for w in 0..windows {
+            features.push(
+                (0..len)
+                    .map(|p| {
+                        if p % 8 == 4 {
+                            vec![(0, 1.0 + (w * len + p) as f32 / 100.0)]
+                        } else {
+                            Vec::new()
+                        }
+                    })
+                    .collect(),
+            );
+        }
+        Activations {
+            windows: vec![vec![0; len]; windows],
+            features,
+            tokens: (windows * len / 8) as u64,
+        }
+    }
+
+    #[test]
+    fn the_labeller_and_the_score_see_different_activating_contexts() {
+        let stats = statistics(&activations(), 2, 7);
+        let s = &stats[0];
+        assert!(!stats[1].is_live());
+        assert_eq!((s.top.len(), s.sampled.len(), s.scoring.len(), s.labelling.len()), (TOP, SAMPLED, SCORING, LABELLING));
+        assert!(s.top.windows(2).all(|p| p[0].act >= p[1].act), "strongest first");
+        assert!(s.scoring.iter().chain(&s.labelling).all(|o| s.is_activating(o)));
+        // No two contexts of any kind overlap, so no held-back context was shown to the
+        // labeller or used to choose its label.
+        let all: Vec<&Occurrence> = s.top.iter().chain(&s.sampled).chain(&s.scoring).chain(&s.labelling).collect();
+        for (i, a) in all.iter().enumerate() {
+            for b in &all[i + 1..] {
+                assert!(a.window != b.window || (a.pos as i64 - b.pos as i64).unsigned_abs() >= WINDOW as u64);
+            }
+        }
+        let labelling: Vec<&Occurrence> = s.labelling_contexts().collect();
+        assert!(s.scoring.iter().all(|o| !labelling.contains(&o)));
+        // The labelling sample spreads over the activating range like the scoring one: some
+        // from its weaker half.
+        let unit = s.max_activation;
+        assert!(s.labelling.iter().filter(|o| o.act < 0.6 * unit).count() >= LABELLING / 4);
+    }
+
+    #[test]
+    fn the_steering_unit_is_the_99th_percentile() {
+        let stats = statistics(&activations(), 2, 7);
+        let s = &stats[0];
+        assert_eq!(s.count, 400 * 8);
+        // Activations are 1.04 + 0.08 k for k = 0..3200; the 32nd strongest is k = 3167.
+        assert!((s.max_activation - (1.04 + 0.08 * 3167.0)).abs() < 1e-2, "{}", s.max_activation);
+        assert_eq!(s.histogram.iter().sum::<u32>(), 3200);
+    }
 }

@@ -1,14 +1,14 @@
 //! Step 5: how well each label picks out its latent's contexts, judged by all-MiniLM-L6-v2.
 //!
 //! Detection (delphi's scorer, with a sentence embedder as the judge, as in its embedding
-//! scorer): a latent's positive contexts (4 tokens around an activation) and as many negatives (random held-out contexts in
-//! which it never fires) are ranked by cosine similarity to the label; the top half is
+//! scorer): a latent's positive contexts (4 tokens around an activation) and as many
+//! negatives (random held-out contexts in which it never fires) are ranked by cosine similarity to the label; the top half is
 //! predicted "fires". The score is the balanced accuracy of that prediction (0.5 = chance).
 //!
-//! * Choosing: every candidate (see [`Label::candidates`]) is scored on the latent's top
-//!   and activating sampled contexts (whose words the labeller saw) against as many negatives, by
-//!   ROC AUC (finer than balanced accuracy on a few contexts); the best is kept (a tie keeps
-//!   the earlier, the model's theme first).
+//! * Choosing: every candidate (see [`Label::candidates`]) is scored on the contexts its
+//!   words came from (the activating stored ones and the labelling sample, see
+//!   [`super::LABELLING`]) against as many negatives, by ROC AUC (finer than balanced
+//!   accuracy); the best is kept (a tie keeps the earlier, the model's theme first).
 //! * Reporting: the kept label is scored on the scoring contexts, activating occurrences
 //!   (at least [`super::ACTIVATING_FRACTION`] of the unit) spread over their ranks that the
 //!   labeller never saw, against as many other negatives. Latents with fewer than four scoring
@@ -17,6 +17,7 @@
 //! Results go to `scores.jsonl` (one line per latent), so a cut-off run resumes.
 
 use std::fs::OpenOptions;
+use std::sync::Mutex;
 
 use kindling_engine::LabelSource;
 use rand::SeedableRng;
@@ -29,6 +30,7 @@ use super::{Activations, AtlasArgs, LatentStats, Occurrence, append_line, contex
 use crate::BuildError;
 use crate::minilm::MiniLm;
 use crate::progress::Progress;
+use crate::workers::{run_on_workers, single_thread_pools};
 use kindling_engine::Model;
 
 const NEGATIVE_POOL: usize = 3000;
@@ -157,13 +159,16 @@ pub fn run(
         eprintln!("[atlas score] embedding {} negative contexts", pool.len());
         let pool_vectors = embed_all(&judge, &pool.iter().map(text_of).collect::<Vec<_>>())?;
 
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| BuildError::io(&path, e))?;
-        let mut progress = Progress::new("atlas score", "latents", todo.len() as u64, 0);
-        for (done, &f) in todo.iter().enumerate() {
+        let file = Mutex::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| BuildError::io(&path, e))?,
+        );
+        let progress = Mutex::new(Progress::new("atlas score", "latents", todo.len() as u64, 0));
+        let done = Mutex::new(0u64);
+        let score_one = |f: usize| -> Result<Scored, BuildError> {
             let s = &stats[f];
             let fires_in = |o: &Occurrence| {
                 acts.latent_in(f as u32, o.window as usize, judge_range(acts, o))
@@ -175,12 +180,17 @@ pub fn run(
             let clean: Vec<usize> = order
                 .into_iter()
                 .filter(|&i| !fires_in(&pool[i]))
-                .take(CHOOSE_POSITIVES + s.scoring.len())
+                .take(CHOOSE_POSITIVES + s.scoring.len() + s.labelling.len())
                 .collect();
-            let (choose_negatives, score_negatives) = clean.split_at(CHOOSE_POSITIVES.min(clean.len()));
+            // The scoring negatives come second, so that the labelling sample's share, taken
+            // last, does not change which negatives the score is measured against.
+            let first = CHOOSE_POSITIVES.min(clean.len());
+            let scored_end = (first + s.scoring.len()).min(clean.len());
+            let score_negatives = &clean[first..scored_end];
+            let choose_negatives: Vec<usize> = clean[..first].iter().chain(&clean[scored_end..]).copied().collect();
             let negatives = |idx: &[usize]| idx.iter().map(|&i| pool_vectors[i].clone()).collect::<Vec<_>>();
 
-            let choose: Vec<Occurrence> = s.top.iter().chain(&s.sampled).filter(|o| s.is_activating(o)).copied().collect();
+            let choose: Vec<Occurrence> = s.labelling_contexts().copied().collect();
             let mut texts: Vec<String> = choose.iter().chain(&s.scoring).map(text_of).collect();
             let candidates = labels[f].candidates();
             texts.extend(candidates.iter().map(|c| c.0.clone()));
@@ -189,30 +199,44 @@ pub fn run(
             let (score_v, label_v) = rest.split_at(s.scoring.len());
             let choosing: Vec<f32> = label_v
                 .iter()
-                .map(|l| detection_auc(l, choose_v, &negatives(choose_negatives)))
+                .map(|l| detection_auc(l, choose_v, &negatives(&choose_negatives)))
                 .collect();
             let best = (0..candidates.len())
                 .max_by(|&a, &b| choosing[a].total_cmp(&choosing[b]).then(b.cmp(&a)))
                 .expect("a candidate");
-            let score = (score_v.len() >= MIN_SCORED).then(|| detection_score(&label_v[best], score_v, &negatives(score_negatives)));
+            let scorable = score_v.len() >= MIN_SCORED;
+            let held_back: Option<Vec<f32>> =
+                scorable.then(|| label_v.iter().map(|l| detection_score(l, score_v, &negatives(score_negatives))).collect());
+            let score = held_back.as_ref().map(|h| h[best]);
             let (label, source) = candidates[best].clone();
             append_line(
-                &mut file,
+                &mut file.lock().expect("score file"),
                 &json!({
                     "feature": f, "label": label, "source": if source == LabelSource::Model { "model" } else { "tokens" },
-                    "score": score, "choosing": choosing, "candidates": candidates.iter().map(|c| &c.0).collect::<Vec<_>>(),
+                    "score": score, "choosing": choosing,
+                    // Every candidate's score on the held-back contexts: what the choice loses.
+                    "held_back": held_back, "candidates": candidates.iter().map(|c| &c.0).collect::<Vec<_>>(),
                     // The held-back contexts the score is measured on, for auditing.
                     "scored_on": &texts[choose.len()..choose.len() + s.scoring.len()],
                 }),
             )?;
-            scored[f] = Some(Scored { label, source, score });
-            progress.update(
-                done as u64 + 1,
-                &format!("#{f}: {}", scored[f].as_ref().map_or("", |s| s.label.as_str())),
-                false,
-            );
+            let mut done = done.lock().expect("counter");
+            *done += 1;
+            progress.lock().expect("progress").update(*done, &format!("#{f}: {label}"), false);
+            Ok(Scored { label, source, score })
+        };
+        // Single-threaded workers side by side, each on every n-th latent (see `workers`).
+        let workers = single_thread_pools(args.workers)?;
+        let shares: Vec<Vec<usize>> = (0..workers.len())
+            .map(|w| todo.iter().copied().skip(w).step_by(workers.len()).collect())
+            .collect();
+        let results = run_on_workers(&workers, &(0..workers.len()).collect::<Vec<_>>(), |w| {
+            shares[w].iter().map(|&f| Ok((f, score_one(f)?))).collect::<Result<Vec<_>, BuildError>>()
+        })?;
+        for (f, result) in results.into_iter().flatten() {
+            scored[f] = Some(result);
         }
-        progress.update(todo.len() as u64, "done", true);
+        progress.lock().expect("progress").update(todo.len() as u64, "done", true);
     }
     Ok(scored
         .into_iter()
