@@ -27,6 +27,12 @@ pub fn single_thread_pools(n: usize) -> Result<Vec<rayon::ThreadPool>, BuildErro
         .collect()
 }
 
+/// `items` dealt out to `n` workers in turn (worker `w` gets items `w`, `w + n`, …), so that
+/// each share spans the whole range.
+pub fn shares(items: &[usize], n: usize) -> Vec<Vec<usize>> {
+    (0..n).map(|w| items.iter().copied().skip(w).step_by(n).collect()).collect()
+}
+
 /// Runs `job(item)` for each of `items` (at most one per worker), side by side; results in
 /// the items' order.
 pub fn run_on_workers<T: Send>(

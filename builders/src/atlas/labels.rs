@@ -11,16 +11,13 @@
 //!
 //! Results go to `labels.jsonl` (one line per latent), so a cut-off run resumes.
 
-use std::fs::OpenOptions;
-use std::sync::Mutex;
 
 use kindling_engine::{ChatMessage, LabelSource, Logits, Model, SamplingParams, TokenId};
 use serde_json::json;
 
-use super::{Activations, AtlasArgs, LatentStats, Occurrence, append_line, read_lines};
+use super::{Activations, AtlasArgs, Journal, LatentStats, Occurrence, read_lines};
 use crate::BuildError;
-use crate::progress::Progress;
-use crate::workers::{run_on_workers, single_thread_pools};
+use crate::workers::{run_on_workers, shares, single_thread_pools};
 
 const PRIME: &str = "Theme:";
 /// Firing words listed in a prompt.
@@ -155,8 +152,7 @@ pub fn firing_word(model: &Model, tokens: &[TokenId], pos: usize) -> Option<Stri
 /// The words the model is shown: those a latent fires on in its stored activating contexts
 /// (the ones its dashboard shows), most frequent first.
 pub fn prompt_words(model: &Model, acts: &Activations, stats: &LatentStats) -> Vec<String> {
-    let stored = stats.top.iter().chain(&stats.sampled).filter(|o| stats.is_activating(o));
-    let words = most_frequent(acts, stored, |tokens, pos| firing_word(model, tokens, pos));
+    let words = most_frequent(acts, stats.stored_activating(), |tokens, pos| firing_word(model, tokens, pos));
     words.into_iter().map(|(w, _)| w).collect()
 }
 
@@ -247,29 +243,22 @@ pub fn run(args: &AtlasArgs, model: &Model, acts: &Activations, stats: &[LatentS
     }
     let todo: Vec<usize> = (0..n).filter(|&f| labels[f].is_none() && stats[f].is_live()).collect();
     if !todo.is_empty() {
-        let file = Mutex::new(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(|e| BuildError::io(&path, e))?,
-        );
+        let journal = Journal::open(&path, "atlas labels", todo.len() as u64)?;
         // Without the generation prompt: each request opens its own user turn.
         let prefix_tokens = model
             .tokenizer
             .encode(&model.tokenizer.apply_chat_template(&prefix_messages(), false)?, true);
         let workers = single_thread_pools(args.workers)?;
-        let progress = Mutex::new(Progress::new("atlas labels", "latents", todo.len() as u64, 0));
-        let done = Mutex::new(0u64);
-        let shares: Vec<Vec<usize>> = (0..workers.len())
-            .map(|w| todo.iter().copied().skip(w).step_by(workers.len()).collect())
-            .collect();
-        let texts: Vec<Label> = (0..stats.len())
+        let shares = shares(&todo, workers.len());
+        // Per latent to do: its text candidates and the words the model is shown.
+        let texts: Vec<(Label, Vec<String>)> = (0..stats.len())
             .map(|f| {
                 if todo.binary_search(&f).is_ok() {
-                    token_label(model, acts, &stats[f])
+                    let mut shown = prompt_words(model, acts, &stats[f]);
+                    shown.truncate(WORDS_SHOWN);
+                    (token_label(model, acts, &stats[f]), shown)
                 } else {
-                    Label::default()
+                    Default::default()
                 }
             })
             .collect();
@@ -279,9 +268,11 @@ pub fn run(args: &AtlasArgs, model: &Model, acts: &Activations, stats: &[LatentS
             let mut prefix = model.llama.new_cache();
             model.llama.forward(&prefix_tokens, &mut prefix, None, Logits::Last)?;
             let requests = share.iter().map(|&f| {
-                let shown = prompt_words(model, acts, &stats[f]).into_iter().take(WORDS_SHOWN).collect::<Vec<_>>().join(", ");
                 // The turn after the prefix, rendered as the template renders a user turn.
-                let text = format!("<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n{PRIME}", question(&shown));
+                let text = format!(
+                    "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n{PRIME}",
+                    question(&texts[f].1.join(", "))
+                );
                 let mut turn = model.tokenizer.encode(&text, true);
                 turn.truncate(200);
                 (turn, 0)
@@ -291,17 +282,12 @@ pub fn run(args: &AtlasArgs, model: &Model, acts: &Activations, stats: &[LatentS
                 let f = share[i];
                 let label = Label {
                     model: clean_answer(&output.text),
-                    ..texts[f].clone()
+                    ..texts[f].0.clone()
                 };
-                let line = json!({ "feature": f, "answer": output.text, "model_label": label.model, "words": prompt_words(model, acts, &stats[f]) });
-                append_line(&mut file.lock().expect("label file"), &line)
+                let line = json!({ "feature": f, "answer": output.text, "model_label": label.model, "words": texts[f].1 });
+                journal
+                    .record(&line, &format!("#{f}: {}", label.model.as_deref().unwrap_or("-")))
                     .map_err(|e| kindling_engine::EngineError::Backend(e.to_string()))?;
-                let mut done = done.lock().expect("counter");
-                *done += 1;
-                progress
-                    .lock()
-                    .expect("progress")
-                    .update(*done, &format!("#{f}: {}", label.model.as_deref().unwrap_or("-")), false);
                 out.push((f, label));
                 Ok(true)
             })?;
@@ -310,7 +296,7 @@ pub fn run(args: &AtlasArgs, model: &Model, acts: &Activations, stats: &[LatentS
         for (f, label) in results.into_iter().flatten() {
             labels[f] = Some(label);
         }
-        progress.lock().expect("progress").update(todo.len() as u64, "done", true);
+        journal.finish();
     }
     Ok(labels.into_iter().map(Option::unwrap_or_default).collect())
 }

@@ -25,6 +25,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use kindling_engine::{CaptureResidual, Logits as ModelLogits, Model, Sae, TokenId};
 use rand::SeedableRng;
@@ -156,11 +157,12 @@ impl LatentStats {
     /// What labels are written from and chosen on: the activating stored contexts and the
     /// labelling sample (never the scoring one).
     pub fn labelling_contexts(&self) -> impl Iterator<Item = &Occurrence> {
-        self.top
-            .iter()
-            .chain(&self.sampled)
-            .filter(|o| self.is_activating(o))
-            .chain(&self.labelling)
+        self.stored_activating().chain(&self.labelling)
+    }
+
+    /// The stored contexts (the dashboard's) that count as activating.
+    pub fn stored_activating(&self) -> impl Iterator<Item = &Occurrence> {
+        self.top.iter().chain(&self.sampled).filter(|o| self.is_activating(o))
     }
 }
 
@@ -410,6 +412,44 @@ pub fn append_line(file: &mut fs::File, value: &Value) -> Result<(), BuildError>
     writeln!(file, "{value}")
         .and_then(|_| file.flush())
         .map_err(|e| BuildError::Input(format!("writing: {e}")))
+}
+
+/// A resumable step's results file, shared by workers side by side: one JSON line per latent,
+/// appended and flushed as each is done, with progress shown.
+pub struct Journal {
+    file: Mutex<fs::File>,
+    progress: Mutex<(Progress, u64)>,
+}
+
+impl Journal {
+    /// Opens `path` for appending; `total` latents are to be done.
+    pub fn open(path: &Path, what: &'static str, total: u64) -> Result<Self, BuildError> {
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| BuildError::io(path, e))?;
+        Ok(Self {
+            file: Mutex::new(file),
+            progress: Mutex::new((Progress::new(what, "latents", total, 0), 0)),
+        })
+    }
+
+    /// Appends one latent's result and shows `note` beside the progress.
+    pub fn record(&self, value: &Value, note: &str) -> Result<(), BuildError> {
+        append_line(&mut self.file.lock().expect("journal file"), value)?;
+        let mut progress = self.progress.lock().expect("journal progress");
+        progress.1 += 1;
+        let done = progress.1;
+        progress.0.update(done, note, false);
+        Ok(())
+    }
+
+    pub fn finish(&self) {
+        let mut progress = self.progress.lock().expect("journal progress");
+        let done = progress.1;
+        progress.0.update(done, "done", true);
+    }
 }
 
 /// The JSON lines of a resumable step's file (a torn last line is ignored).

@@ -2,8 +2,8 @@
 //!
 //! Detection (delphi's scorer, with a sentence embedder as the judge, as in its embedding
 //! scorer): a latent's positive contexts (4 tokens around an activation) and as many
-//! negatives (random held-out contexts in which it never fires) are ranked by cosine similarity to the label; the top half is
-//! predicted "fires". The score is the balanced accuracy of that prediction (0.5 = chance).
+//! negatives (random held-out contexts in which it never fires) are ranked by cosine
+//! similarity to the label; the top half is predicted "fires". The score is the balanced accuracy of that prediction (0.5 = chance).
 //!
 //! * Choosing: every candidate (see [`Label::candidates`]) is scored on the contexts its
 //!   words came from (the activating stored ones and the labelling sample, see
@@ -16,9 +16,6 @@
 //!
 //! Results go to `scores.jsonl` (one line per latent), so a cut-off run resumes.
 
-use std::fs::OpenOptions;
-use std::sync::Mutex;
-
 use kindling_engine::LabelSource;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -26,11 +23,10 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
 use super::labels::Label;
-use super::{Activations, AtlasArgs, LatentStats, Occurrence, append_line, context_text, read_lines};
+use super::{Activations, AtlasArgs, Journal, LatentStats, Occurrence, context_text, read_lines};
 use crate::BuildError;
 use crate::minilm::MiniLm;
-use crate::progress::Progress;
-use crate::workers::{run_on_workers, single_thread_pools};
+use crate::workers::{run_on_workers, shares, single_thread_pools};
 use kindling_engine::Model;
 
 const NEGATIVE_POOL: usize = 3000;
@@ -159,15 +155,7 @@ pub fn run(
         eprintln!("[atlas score] embedding {} negative contexts", pool.len());
         let pool_vectors = embed_all(&judge, &pool.iter().map(text_of).collect::<Vec<_>>())?;
 
-        let file = Mutex::new(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(|e| BuildError::io(&path, e))?,
-        );
-        let progress = Mutex::new(Progress::new("atlas score", "latents", todo.len() as u64, 0));
-        let done = Mutex::new(0u64);
+        let journal = Journal::open(&path, "atlas score", todo.len() as u64)?;
         let score_one = |f: usize| -> Result<Scored, BuildError> {
             let s = &stats[f];
             let fires_in = |o: &Occurrence| {
@@ -189,6 +177,7 @@ pub fn run(
             let score_negatives = &clean[first..scored_end];
             let choose_negatives: Vec<usize> = clean[..first].iter().chain(&clean[scored_end..]).copied().collect();
             let negatives = |idx: &[usize]| idx.iter().map(|&i| pool_vectors[i].clone()).collect::<Vec<_>>();
+            let (choose_negatives, score_negatives) = (negatives(&choose_negatives), negatives(score_negatives));
 
             let choose: Vec<Occurrence> = s.labelling_contexts().copied().collect();
             let mut texts: Vec<String> = choose.iter().chain(&s.scoring).map(text_of).collect();
@@ -199,18 +188,17 @@ pub fn run(
             let (score_v, label_v) = rest.split_at(s.scoring.len());
             let choosing: Vec<f32> = label_v
                 .iter()
-                .map(|l| detection_auc(l, choose_v, &negatives(&choose_negatives)))
+                .map(|l| detection_auc(l, choose_v, &choose_negatives))
                 .collect();
             let best = (0..candidates.len())
                 .max_by(|&a, &b| choosing[a].total_cmp(&choosing[b]).then(b.cmp(&a)))
                 .expect("a candidate");
             let scorable = score_v.len() >= MIN_SCORED;
             let held_back: Option<Vec<f32>> =
-                scorable.then(|| label_v.iter().map(|l| detection_score(l, score_v, &negatives(score_negatives))).collect());
+                scorable.then(|| label_v.iter().map(|l| detection_score(l, score_v, &score_negatives)).collect());
             let score = held_back.as_ref().map(|h| h[best]);
             let (label, source) = candidates[best].clone();
-            append_line(
-                &mut file.lock().expect("score file"),
+            journal.record(
                 &json!({
                     "feature": f, "label": label, "source": if source == LabelSource::Model { "model" } else { "tokens" },
                     "score": score, "choosing": choosing,
@@ -219,24 +207,20 @@ pub fn run(
                     // The held-back contexts the score is measured on, for auditing.
                     "scored_on": &texts[choose.len()..choose.len() + s.scoring.len()],
                 }),
+                &format!("#{f}: {label}"),
             )?;
-            let mut done = done.lock().expect("counter");
-            *done += 1;
-            progress.lock().expect("progress").update(*done, &format!("#{f}: {label}"), false);
             Ok(Scored { label, source, score })
         };
         // Single-threaded workers side by side, each on every n-th latent (see `workers`).
         let workers = single_thread_pools(args.workers)?;
-        let shares: Vec<Vec<usize>> = (0..workers.len())
-            .map(|w| todo.iter().copied().skip(w).step_by(workers.len()).collect())
-            .collect();
+        let shares = shares(&todo, workers.len());
         let results = run_on_workers(&workers, &(0..workers.len()).collect::<Vec<_>>(), |w| {
             shares[w].iter().map(|&f| Ok((f, score_one(f)?))).collect::<Result<Vec<_>, BuildError>>()
         })?;
         for (f, result) in results.into_iter().flatten() {
             scored[f] = Some(result);
         }
-        progress.lock().expect("progress").update(todo.len() as u64, "done", true);
+        journal.finish();
     }
     Ok(scored
         .into_iter()
