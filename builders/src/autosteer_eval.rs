@@ -65,7 +65,7 @@ fn answer(
     max_tokens: usize,
 ) -> Result<Scores, BuildError> {
     let (mut similarity, mut distinct, mut run, mut texts) = (0.0, 0.0, 0, Vec::new());
-    for (text, tokens) in greedy_replies(model, sae, units, edits, prompts, max_tokens)? {
+    for (text, tokens) in greedy_replies(model, sae, units, edits, prompts, max_tokens, &kindling_engine::CancelToken::new())? {
         let v = judge.embed(&[text.as_str()])?.remove(0);
         similarity += v.iter().zip(target).map(|(a, b)| a * b).sum::<f32>();
         distinct += distinct_ratio(&tokens);

@@ -31,6 +31,9 @@ pub struct AutoSteerOptions {
     /// Stop trying further candidates after this long and choose among those tried (the
     /// Goodfire SDK waits 60 s for an answer). Ignored in wasm, which has no clock here.
     pub time_budget: Option<std::time::Duration>,
+    /// Stops the search at once (its client went away): `auto_steer` answers
+    /// `EngineError::Cancelled`.
+    pub cancel: CancelToken,
 }
 
 impl Default for AutoSteerOptions {
@@ -41,6 +44,7 @@ impl Default for AutoSteerOptions {
             prompts: vec!["Tell me about your day.".into(), "What should I cook tonight?".into()],
             max_tokens: 32,
             time_budget: None,
+            cancel: CancelToken::new(),
         }
     }
 }
@@ -141,9 +145,11 @@ pub fn greedy_replies(
     edits: &[Edit],
     prompts: &[String],
     max_tokens: usize,
+    cancel: &CancelToken,
 ) -> Result<Vec<(String, Vec<TokenId>)>, EngineError> {
     let mut out = Vec::with_capacity(prompts.len());
     for prompt in prompts {
+        cancel.check()?;
         let tokens = model.tokenizer.encode_chat(&[ChatMessage::user(prompt.clone())])?;
         let hook: Option<Box<dyn ResidualHook + '_>> = if edits.is_empty() {
             None
@@ -152,8 +158,9 @@ pub fn greedy_replies(
             v.edits = edits.to_vec();
             Some(Box::new(Steer::new(sae, units, v)?))
         };
-        let mut stream = model.generate(tokens, SamplingParams::greedy(max_tokens), hook, CancelToken::new())?;
+        let mut stream = model.generate(tokens, SamplingParams::greedy(max_tokens), hook, cancel.clone())?;
         let text = stream.collect_text()?;
+        cancel.check()?;
         out.push((text, stream.generated().to_vec()));
     }
     Ok(out)
@@ -170,7 +177,7 @@ fn judge(
     opts: &AutoSteerOptions,
 ) -> Result<(f32, f32), EngineError> {
     let (mut similarity, mut coherence) = (0.0, 0.0);
-    for (text, tokens) in greedy_replies(model, sae, units, edits, &opts.prompts, opts.max_tokens)? {
+    for (text, tokens) in greedy_replies(model, sae, units, edits, &opts.prompts, opts.max_tokens, &opts.cancel)? {
         similarity += cosine(&embedder.embed(&text), target);
         coherence += distinct_ratio(&tokens);
     }

@@ -9,7 +9,7 @@
 use crate::inspect::Inspection;
 use crate::sae::{Feature, Sae};
 use crate::tokenizer::{ChatMessage, TokenId, Tokenizer};
-use crate::{EngineError, Model};
+use crate::{EngineError, Interrupt, Model};
 
 /// Which tokens of a rendered conversation belong to assistant turns (their content only).
 pub fn assistant_mask(tokenizer: &Tokenizer, tokens: &[TokenId]) -> Vec<bool> {
@@ -46,10 +46,17 @@ pub fn assistant_mask(tokenizer: &Tokenizer, tokens: &[TokenId]) -> Vec<bool> {
 }
 
 /// Mean activation (in units) of every latent over the assistant tokens of `conversations`.
-fn assistant_means(model: &Model, sae: &Sae, conversations: &[Vec<ChatMessage>], units: &[f32]) -> Result<Vec<f64>, EngineError> {
+fn assistant_means(
+    model: &Model,
+    sae: &Sae,
+    conversations: &[Vec<ChatMessage>],
+    units: &[f32],
+    interrupt: &Interrupt,
+) -> Result<Vec<f64>, EngineError> {
     let mut sums = vec![0f64; sae.config().d_sae];
     let mut count = 0usize;
     for messages in conversations {
+        interrupt.check()?;
         let inspection = Inspection::chat(model, sae, messages, None)?;
         let mask = assistant_mask(&model.tokenizer, &inspection.tokens);
         for (features, _) in inspection.features.iter().zip(&mask).filter(|(_, m)| **m) {
@@ -67,6 +74,7 @@ fn assistant_means(model: &Model, sae: &Sae, conversations: &[Vec<ChatMessage>],
 
 /// The `top_k` features most stronger in `a` than in `b`, and the `top_k` most stronger in
 /// `b` (scores: difference of mean activations in max-activation units, largest first).
+/// `interrupt` is checked before each conversation.
 pub fn contrast(
     model: &Model,
     sae: &Sae,
@@ -74,8 +82,10 @@ pub fn contrast(
     b: &[Vec<ChatMessage>],
     units: &[f32],
     top_k: usize,
+    interrupt: &Interrupt,
 ) -> Result<(Vec<Feature>, Vec<Feature>), EngineError> {
-    let (mean_a, mean_b) = (assistant_means(model, sae, a, units)?, assistant_means(model, sae, b, units)?);
+    let mean_a = assistant_means(model, sae, a, units, interrupt)?;
+    let mean_b = assistant_means(model, sae, b, units, interrupt)?;
     let ranked = |sign: f64| {
         let mut scored: Vec<Feature> = mean_a
             .iter()

@@ -27,7 +27,12 @@ use crate::logits::next_tokens;
 use crate::sae::Sae;
 use crate::steer::{Comparison, FeatureIds, FiredScopes, Operand, Steer, Variant, VariantError};
 use crate::tokenizer::{ChatMessage, TokenId};
-use crate::{CancelToken, EngineError, FinishReason, Model, ResidualHook, SamplingParams};
+use crate::{CancelToken, EngineError, FinishReason, Interrupt, Model, ResidualHook, SamplingParams};
+
+/// Bytes of message content allowed per prompt token: checked before templating and
+/// tokenizing, so an oversized conversation costs nothing. English runs about 4 bytes a token;
+/// 16 leaves room for any text that fits the token limit.
+pub const BYTES_PER_PROMPT_TOKEN: usize = 16;
 
 /// How much one request may ask for.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,6 +48,18 @@ pub struct Limits {
     pub max_features: usize,
     /// Results per search, rerank or neighbours request.
     pub max_top_k: usize,
+    /// Tokens of all conversations of one contrast together.
+    pub max_contrast_tokens: usize,
+    /// Wall time one contrast may take before it is stopped with an error.
+    pub contrast_budget: std::time::Duration,
+}
+
+impl Limits {
+    /// The most bytes of message content a conversation may carry
+    /// ([`BYTES_PER_PROMPT_TOKEN`] per allowed token).
+    pub fn max_prompt_bytes(&self) -> usize {
+        self.max_prompt_tokens.saturating_mul(BYTES_PER_PROMPT_TOKEN)
+    }
 }
 
 impl Default for Limits {
@@ -56,6 +73,9 @@ impl Default for Limits {
             max_conversations: 64,
             max_features: 8192,
             max_top_k: 8192,
+            max_contrast_tokens: 32_768,
+            // Within the SDK's 60 s timeout.
+            contrast_budget: std::time::Duration::from_secs(50),
         }
     }
 }
@@ -69,6 +89,10 @@ pub enum EmberError {
     /// The request names a model this service does not run (HTTP 404).
     #[error("unknown model {found:?}: this server runs {serves:?}")]
     UnknownModel { found: String, serves: String },
+    /// The request's client went away, or the server is stopping (HTTP 499, as nginx logs a
+    /// closed request; nobody reads the answer).
+    #[error("cancelled: the client went away or the server is stopping")]
+    Cancelled,
     /// The engine failed (HTTP 500).
     #[error(transparent)]
     Engine(EngineError),
@@ -80,6 +104,7 @@ impl EmberError {
         match self {
             EmberError::Invalid(_) => 422,
             EmberError::UnknownModel { .. } => 404,
+            EmberError::Cancelled => 499,
             EmberError::Engine(_) => 500,
         }
     }
@@ -93,7 +118,9 @@ impl From<EngineError> for EmberError {
             | EngineError::ContextOverflow { .. }
             | EngineError::BadToken(_)
             | EngineError::Tokenizer(_)
+            | EngineError::OutOfTime { .. }
             | EngineError::Atlas(crate::AtlasError::UnknownFeature { .. }) => EmberError::Invalid(e.to_string()),
+            EngineError::Cancelled => EmberError::Cancelled,
             e => EmberError::Engine(e),
         }
     }
@@ -655,6 +682,15 @@ impl Ember {
                 messages.len()
             )));
         }
+        // Before any templating or tokenizing: their cost grows with the text.
+        let bytes: usize = messages.iter().map(|m| m.content.len()).sum();
+        if bytes > self.limits.max_prompt_bytes() {
+            return Err(EmberError::Invalid(format!(
+                "the conversation is {bytes} bytes long, this server takes at most {} ({} tokens)",
+                self.limits.max_prompt_bytes(),
+                self.limits.max_prompt_tokens
+            )));
+        }
         messages
             .iter()
             .map(|m| match m.role.as_str() {
@@ -678,13 +714,11 @@ impl Ember {
     }
 
     /// A conversation as the model reads it as it stands (no generation prompt).
+    /// Contents are plain text: `<|im_start|>` in a message cannot open a turn.
     fn conversation_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<TokenId>, EmberError> {
-        let text = self
-            .model
-            .tokenizer
-            .apply_chat_template(messages, false)
-            .map_err(EngineError::from)?;
-        let tokens = self.model.tokenizer.encode(&text, true);
+        let tokenizer = &self.model.tokenizer;
+        let chat = tokenizer.render_chat(messages, false).map_err(EngineError::from)?;
+        let tokens = tokenizer.encode_rendered(&chat);
         self.check_length(&tokens)?;
         Ok(tokens)
     }
@@ -694,9 +728,11 @@ impl Ember {
     fn continuation_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<TokenId>, EmberError> {
         let tokenizer = &self.model.tokenizer;
         let tokens = if messages.last().is_some_and(|m| m.role == "assistant") {
-            let text = tokenizer.apply_chat_template(messages, false).map_err(EngineError::from)?;
-            let open = text.trim_end().strip_suffix("<|im_end|>").unwrap_or(text.trim_end());
-            tokenizer.encode(open, true)
+            let mut chat = tokenizer.render_chat(messages, false).map_err(EngineError::from)?;
+            let trimmed = chat.text.trim_end();
+            let open = trimmed.strip_suffix("<|im_end|>").unwrap_or(trimmed).len();
+            chat.truncate(open);
+            tokenizer.encode_rendered(&chat)
         } else {
             tokenizer.encode_chat(messages).map_err(EngineError::from)?
         };
@@ -843,7 +879,7 @@ impl Ember {
 
     /// `compute-logits`: the next-token logits after the conversation, under its controller,
     /// most likely first.
-    pub fn compute_logits(&self, request: &LogitsRequest) -> Result<LogitsResponse, EmberError> {
+    pub fn compute_logits(&self, request: &LogitsRequest, cancel: &CancelToken) -> Result<LogitsResponse, EmberError> {
         self.check_model(&request.model)?;
         let tokens = self.continuation_tokens(&self.messages(&request.messages)?)?;
         let variant = self.variant(request.controller.as_ref())?;
@@ -861,6 +897,7 @@ impl Ember {
             ),
         };
         let steered = (!variant.is_base()).then_some((&variant, self.units.as_slice()));
+        cancel.check()?;
         let next = next_tokens(&self.model, &self.sae, &tokens, steered, k, only.as_deref())?;
         let mut logits: Vec<(String, f32)> = Vec::with_capacity(next.len());
         for t in next {
@@ -1003,7 +1040,7 @@ impl Ember {
 
     /// `POST chat-attribution/compute-features`: every token of the templated conversation
     /// with its active features (strongest first, in max-activation units).
-    pub fn compute_features(&self, request: &ComputeFeaturesRequest) -> Result<Value, EmberError> {
+    pub fn compute_features(&self, request: &ComputeFeaturesRequest, cancel: &CancelToken) -> Result<Value, EmberError> {
         self.check_model(&request.model)?;
         let messages = self.messages(&request.messages)?;
         let variant = self.variant(request.controller.as_ref())?;
@@ -1016,6 +1053,7 @@ impl Ember {
         };
         let tokens = self.conversation_tokens(&messages)?;
         let steered = (!variant.is_base()).then_some((&variant, self.units.as_slice()));
+        cancel.check()?;
         let inspection = Inspection::run(&self.model, &self.sae, &tokens, steered)?;
         let mut out = Vec::with_capacity(tokens.len());
         for (&token, features) in inspection.tokens.iter().zip(&inspection.features) {
@@ -1037,8 +1075,9 @@ impl Ember {
     }
 
     /// `POST chat-attribution/contrast`: `dataset_1_features` are stronger in dataset 1's
-    /// assistant turns, `dataset_2_features` in dataset 2's.
-    pub fn contrast(&self, request: &ContrastRequest) -> Result<Value, EmberError> {
+    /// assistant turns, `dataset_2_features` in dataset 2's. At most
+    /// [`Limits::max_contrast_tokens`] in all, stopped after [`Limits::contrast_budget`].
+    pub fn contrast(&self, request: &ContrastRequest, cancel: &CancelToken) -> Result<Value, EmberError> {
         self.check_model(&request.model)?;
         let (a, b) = (&request.dataset_1, &request.dataset_2);
         if a.is_empty() || a.len() != b.len() || a.len() > self.limits.max_conversations {
@@ -1049,17 +1088,27 @@ impl Ember {
                 b.len()
             )));
         }
-        let read = |set: &[Vec<Message>]| -> Result<Vec<Vec<ChatMessage>>, EmberError> {
+        let mut total_tokens = 0;
+        let mut read = |set: &[Vec<Message>]| -> Result<Vec<Vec<ChatMessage>>, EmberError> {
             set.iter()
                 .map(|c| {
                     let messages = self.messages(c)?;
-                    self.conversation_tokens(&messages)?;
+                    total_tokens += self.conversation_tokens(&messages)?.len();
+                    if total_tokens > self.limits.max_contrast_tokens {
+                        return Err(EmberError::Invalid(format!(
+                            "the datasets hold more than {} tokens in all; contrast fewer or shorter conversations",
+                            self.limits.max_contrast_tokens
+                        )));
+                    }
+                    cancel.check()?;
                     Ok(messages)
                 })
                 .collect()
         };
+        let (a, b) = (read(a)?, read(b)?);
         let k = self.top_k(request.k_to_add.max(request.k_to_remove))?;
-        let (ones, twos) = crate::contrast(&self.model, &self.sae, &read(a)?, &read(b)?, &self.units, k)?;
+        let interrupt = Interrupt::new(cancel.clone()).with_budget(self.limits.contrast_budget);
+        let (ones, twos) = crate::contrast(&self.model, &self.sae, &a, &b, &self.units, k, &interrupt)?;
         let out = |list: Vec<(u32, f32)>, k: i64| -> Vec<FeatureOut> {
             list.into_iter()
                 .take(k.max(0) as usize)
@@ -1070,12 +1119,13 @@ impl Ember {
     }
 
     /// `POST features/auto-edits`: AutoSteer.
-    pub fn auto_edits(&self, request: &SpecificationRequest) -> Result<Value, EmberError> {
+    pub fn auto_edits(&self, request: &SpecificationRequest, cancel: &CancelToken) -> Result<Value, EmberError> {
         self.check_model(&request.model)?;
         let spec = specification(&request.specification)?;
         // Within the SDK's 60 s timeout, on a busy 2-core machine too.
         let opts = AutoSteerOptions {
             time_budget: Some(std::time::Duration::from_secs(30)),
+            cancel: cancel.clone(),
             ..AutoSteerOptions::default()
         };
         let found = auto_steer(&self.model, &self.sae, &self.atlas, spec, &opts)?;
@@ -1113,7 +1163,7 @@ impl Ember {
     /// `value` is the logit drop; `tokens` lists where the feature is active before the
     /// token. The context before the predicting position is run once and its KV cache
     /// shared, so each candidate costs one token's pass.
-    pub fn attribute(&self, request: &AttributionRequest) -> Result<Value, EmberError> {
+    pub fn attribute(&self, request: &AttributionRequest, cancel: &CancelToken) -> Result<Value, EmberError> {
         const CANDIDATES: usize = 16;
         self.check_model(&request.model)?;
         let messages = self.messages(&request.messages)?;
@@ -1139,6 +1189,7 @@ impl Ember {
             .llama
             .forward(&context[..index - 1], &mut before, None, crate::Logits::Last)?;
         let logit_of = |variant: Option<&Variant>| -> Result<f32, EmberError> {
+            cancel.check()?;
             let mut cache = before.clone();
             let mut steer = variant.map(|v| Steer::new(&self.sae, &self.units, v.clone())).transpose()?;
             let hook = steer.as_mut().map(|s| s as &mut dyn ResidualHook);
@@ -1183,7 +1234,8 @@ impl Ember {
     /// `POST attributions/generate-contrastive-dataset`: `[dataset_1, dataset_2]`, the model's
     /// replies to a few neutral prompts as it is, and as asked to follow `specification` in a
     /// system prompt: two paired datasets for [`contrast`](Self::contrast).
-    pub fn contrastive_dataset(&self, request: &ContrastiveDatasetRequest) -> Result<Value, EmberError> {
+    /// Its work is fixed (8 replies of 48 tokens), so it checks `cancel` only before starting.
+    pub fn contrastive_dataset(&self, request: &ContrastiveDatasetRequest, cancel: &CancelToken) -> Result<Value, EmberError> {
         const PROMPTS: [&str; 4] = [
             "Tell me about your day.",
             "What should I cook tonight?",
@@ -1207,6 +1259,7 @@ impl Ember {
             .map(|m| self.model.tokenizer.encode_chat(m))
             .collect::<Result<Vec<_>, _>>()
             .map_err(EngineError::from)?;
+        cancel.check()?;
         let replies = self.model.generate_batch(&prompts, &SamplingParams::greedy(48))?;
         let dataset = |half: usize| -> Vec<Value> {
             (0..PROMPTS.len())

@@ -10,9 +10,17 @@ use crate::sampling::Sampler;
 use crate::tokenizer::{StreamDecoder, TokenId};
 use crate::{EngineError, Model, SamplingParams};
 
-/// Stops a running generation from another thread (or a UI callback).
+/// Stops a running generation, or any long engine work, from another thread (or a UI
+/// callback). A [`child`](Self::child) is cancelled with its parent: the server cancels every
+/// request's token at shutdown through one parent.
 #[derive(Debug, Clone, Default)]
-pub struct CancelToken(Arc<AtomicBool>);
+pub struct CancelToken(Arc<CancelState>);
+
+#[derive(Debug, Default)]
+struct CancelState {
+    cancelled: AtomicBool,
+    parent: Option<CancelToken>,
+}
 
 impl CancelToken {
     /// A token that has not been cancelled.
@@ -20,14 +28,62 @@ impl CancelToken {
         Self::default()
     }
 
-    /// Asks the generation to stop before its next token.
-    pub fn cancel(&self) {
-        self.0.store(true, Ordering::Relaxed);
+    /// A new token that is cancelled when this one is (or when it is cancelled itself).
+    pub fn child(&self) -> Self {
+        Self(Arc::new(CancelState {
+            cancelled: AtomicBool::new(false),
+            parent: Some(self.clone()),
+        }))
     }
 
-    /// Whether [`cancel`](Self::cancel) was called.
+    /// Asks the work to stop at its next check (a generation: before its next token).
+    pub fn cancel(&self) {
+        self.0.cancelled.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`cancel`](Self::cancel) was called on this token or an ancestor.
     pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.0.cancelled.load(Ordering::Relaxed) || self.0.parent.as_ref().is_some_and(CancelToken::is_cancelled)
+    }
+
+    /// `Err(EngineError::Cancelled)` once cancelled: for the checks between steps of long work.
+    pub fn check(&self) -> Result<(), EngineError> {
+        if self.is_cancelled() { Err(EngineError::Cancelled) } else { Ok(()) }
+    }
+}
+
+/// When long work (a contrast, an attribution) must stop: its request's cancel token, and a
+/// time budget. [`check`](Self::check) between steps.
+#[derive(Debug, Clone)]
+pub struct Interrupt {
+    cancel: CancelToken,
+    budget: Option<(web_time::Instant, std::time::Duration)>,
+}
+
+impl Interrupt {
+    /// Stops only when `cancel` is cancelled.
+    pub fn new(cancel: CancelToken) -> Self {
+        Self { cancel, budget: None }
+    }
+
+    /// Also stops once `budget` has passed from now.
+    pub fn with_budget(mut self, budget: std::time::Duration) -> Self {
+        self.budget = Some((web_time::Instant::now(), budget));
+        self
+    }
+
+    /// The cancel token, for a generation run inside the work.
+    pub fn cancel_token(&self) -> &CancelToken {
+        &self.cancel
+    }
+
+    /// `Err(Cancelled)` or `Err(OutOfTime)` when the work must stop.
+    pub fn check(&self) -> Result<(), EngineError> {
+        self.cancel.check()?;
+        match self.budget {
+            Some((start, budget)) if start.elapsed() > budget => Err(EngineError::OutOfTime { budget }),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -59,10 +59,10 @@ impl Inspection {
     }
 
     /// [`run`](Self::run) on a conversation rendered with the chat template (no generation
-    /// prompt: the conversation as it stands).
+    /// prompt: the conversation as it stands; control tokens only where the template put them).
     pub fn chat(model: &Model, sae: &Sae, messages: &[ChatMessage], variant: Option<(&Variant, &[f32])>) -> Result<Self, EngineError> {
-        let text = model.tokenizer.apply_chat_template(messages, false)?;
-        Self::run(model, sae, &model.tokenizer.encode(&text, true), variant)
+        let chat = model.tokenizer.render_chat(messages, false)?;
+        Self::run(model, sae, &model.tokenizer.encode_rendered(&chat), variant)
     }
 
     fn check(&self, feature: u32) -> Result<(), VariantError> {

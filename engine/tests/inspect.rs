@@ -5,7 +5,7 @@ mod common;
 
 use common::model;
 use kindling_engine::steer::Edit;
-use kindling_engine::{Aggregate, Backend, CaptureResidual, ChatMessage, Inspection, Logits, Sae, SaeConfig, Variant};
+use kindling_engine::{Aggregate, Backend, CancelToken, CaptureResidual, ChatMessage, Inspection, Interrupt, Logits, Sae, SaeConfig, Variant};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -155,11 +155,11 @@ fn contrast_reads_assistant_tokens_and_ranks_both_directions() {
         chat("Another joke?", "I told my cat a joke. It was not amused."),
     ];
     let units = vec![1.0; sae.config().d_sae];
-    let (more_plain, more_jokes) = contrast(m, &sae, &plain, &jokes, &units, 5).unwrap();
+    let (more_plain, more_jokes) = contrast(m, &sae, &plain, &jokes, &units, 5, &Interrupt::new(CancelToken::new())).unwrap();
     assert_eq!((more_plain.len(), more_jokes.len()), (5, 5));
     assert!(more_plain.windows(2).all(|w| w[0].1 >= w[1].1) && more_plain.iter().all(|f| f.1 > 0.0));
     assert!(more_plain.iter().all(|f| !more_jokes.iter().any(|g| g.0 == f.0)));
     // The same data on both sides separates nothing.
-    let (x, y) = contrast(m, &sae, &plain, &plain, &units, 5).unwrap();
+    let (x, y) = contrast(m, &sae, &plain, &plain, &units, 5, &Interrupt::new(CancelToken::new())).unwrap();
     assert!(x.is_empty() && y.is_empty());
 }

@@ -5,20 +5,30 @@
 //! playground's static files at `/`. The Ember operations themselves live in
 //! [`kindling_engine::ember`]; this crate only adapts them to HTTP:
 //!
-//! * model work runs on blocking threads, at most `max_running` at a time, with at most
-//!   `max_queued` more waiting; beyond that a request gets 429 (the SDK backs off and retries);
+//! * model work (tokenizing included) runs on blocking threads, at most `max_running` at a
+//!   time, with at most `max_queued` more waiting; beyond that a request gets 429 (the SDK
+//!   backs off and retries);
+//! * a client that goes away, queued or running, cancels its work and frees its place: every
+//!   request's work holds a [`CancelToken`] that is cancelled when axum drops its handler;
 //! * a streamed reply is one HTTP chunk per SSE event, never compressed, never with
-//!   keep-alive comments (the SDK's parser needs exactly that), and a client that goes away
-//!   cancels its generation;
+//!   keep-alive comments (the SDK's parser needs exactly that);
+//! * [`serve`] accepts at most `max_connections` connections, closes those that do not send
+//!   their headers within `header_read_timeout`, and at shutdown cancels the work in flight;
+//! * requests must name a host this server answers for (loopback names, the address the
+//!   connection reached, `--allowed-host`), so a web page cannot reach it by DNS rebinding;
+//!   browsers get CORS headers only for the origins `--cors-origin` allows;
+//! * a handler that panics answers 500;
 //! * errors are JSON with a clear message, in the statuses the SDK maps (goodfire-api.md §1.6);
 //! * request logs are one JSON line each: method, route, status, duration. Never the query
 //!   string, the body or the `Authorization` header.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::JsonRejection;
@@ -29,12 +39,18 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt as _;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
 use kindling_engine::CancelToken;
 use kindling_engine::ember::{self, ChatRequest, Ember, EmberError};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use tower_http::cors::{Any, CorsLayer};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tower::ServiceExt as _;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use tower_http::services::ServeDir;
 
 /// How the server runs, beyond the engine.
@@ -50,6 +66,16 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// Directories served at `/`, first match wins (the built playground, then `public/`).
     pub static_dirs: Vec<PathBuf>,
+    /// Origins whose pages may call the API (CORS). Empty: none but the server's own pages,
+    /// which need no CORS. `*`: any origin, allowed only when keys are required.
+    pub cors_origins: Vec<String>,
+    /// Host names served besides `localhost`, `127.0.0.1`, `[::1]` and the address a
+    /// connection reached (a deployment behind a load balancer names its own).
+    pub allowed_hosts: Vec<String>,
+    /// Connections open at once; more wait to be accepted.
+    pub max_connections: usize,
+    /// Time a connection has to send a request's headers.
+    pub header_read_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -60,7 +86,31 @@ impl Default for Settings {
             max_queued: 16,
             max_body_bytes: 2 << 20,
             static_dirs: Vec::new(),
+            cors_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
+            max_connections: 256,
+            header_read_timeout: Duration::from_secs(10),
         }
+    }
+}
+
+impl Settings {
+    /// Refuses settings that would open the server to any web page.
+    pub fn check(&self) -> Result<(), String> {
+        if self.api_keys.is_empty() && self.cors_origins.iter().any(|o| o == "*") {
+            return Err(
+                "--cors-origin '*' lets every web site a user visits drive this server: it needs --api-key too".into(),
+            );
+        }
+        for origin in self.cors_origins.iter().filter(|o| *o != "*") {
+            if HeaderValue::from_str(origin).is_err() || !(origin.starts_with("http://") || origin.starts_with("https://")) {
+                return Err(format!("--cors-origin {origin:?} is not an origin such as https://example.org"));
+            }
+        }
+        if self.max_connections == 0 {
+            return Err("--max-connections must be at least 1".into());
+        }
+        Ok(())
     }
 }
 
@@ -71,47 +121,116 @@ pub struct AppState {
     settings: Arc<Settings>,
     slots: Arc<Semaphore>,
     waiting: Arc<AtomicUsize>,
+    /// The parent of every request's cancel token: cancelled at shutdown.
+    shutdown: CancelToken,
+    keys: Arc<ApiKeys>,
 }
 
 impl AppState {
     pub fn new(ember: Ember, settings: Settings) -> Self {
         let slots = Arc::new(Semaphore::new(settings.max_running.max(1)));
+        let keys = Arc::new(ApiKeys::new(&settings.api_keys));
         Self {
             ember: Arc::new(ember),
             settings: Arc::new(settings),
             slots,
             waiting: Arc::new(AtomicUsize::new(0)),
+            shutdown: CancelToken::new(),
+            keys,
         }
     }
 
-    /// A slot to run model work in, waiting in the queue if there is room in it.
+    /// A slot to run model work in, waiting in the queue if there is room in it. A request
+    /// dropped while it waits (its client left) leaves the queue with it.
     async fn slot(&self) -> Result<OwnedSemaphorePermit, ApiError> {
         if let Ok(permit) = self.slots.clone().try_acquire_owned() {
             return Ok(permit);
         }
-        if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.settings.max_queued {
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
+        let ahead = self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _place = QueuePlace(&self.waiting);
+        if ahead >= self.settings.max_queued {
             return Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "the server is busy: every generation slot and queue place is taken; retry shortly",
             ));
         }
-        let permit = self.slots.clone().acquire_owned().await;
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
-        permit.map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down"))
+        self.slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down"))
     }
 
-    /// Runs `work` on a blocking thread once a slot is free.
-    async fn run<T: Send + 'static>(&self, work: impl FnOnce(&Ember) -> Result<T, EmberError> + Send + 'static) -> Result<T, ApiError> {
+    /// A cancel token for one request's work, cancelled at shutdown too.
+    fn cancel_token(&self) -> CancelToken {
+        self.shutdown.child()
+    }
+
+    /// Runs `work` on a blocking thread once a slot is free. If the request is dropped (its
+    /// client went away) the work's cancel token is cancelled, so it stops at its next check
+    /// and frees the slot.
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Ember, &CancelToken) -> Result<T, EmberError> + Send + 'static,
+    ) -> Result<T, ApiError> {
         let permit = self.slot().await?;
+        let cancel = self.cancel_token();
+        let _cancel_on_drop = CancelOnDrop(cancel.clone());
         let ember = self.ember.clone();
         let out = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            work(&ember)
+            work(&ember, &cancel)
         })
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("worker failed: {e}")))?;
+        .map_err(worker_failed)?;
         out.map_err(ApiError::from)
+    }
+
+}
+
+/// The accepted API keys, kept as SHA-256 digests.
+struct ApiKeys(Vec<[u8; 32]>);
+
+impl ApiKeys {
+    fn new(keys: &[String]) -> Self {
+        Self(keys.iter().map(|k| Sha256::digest(k.as_bytes()).into()).collect())
+    }
+
+    /// Whether `given` is one of the keys. Every key is compared, in constant time, as a
+    /// digest, so neither a key's content nor its length shows in the time taken.
+    fn accepts(&self, given: &str) -> bool {
+        let given: [u8; 32] = Sha256::digest(given.as_bytes()).into();
+        self.0
+            .iter()
+            .fold(subtle::Choice::from(0), |found, key| found | key.ct_eq(&given))
+            .into()
+    }
+}
+
+fn worker_failed(e: tokio::task::JoinError) -> ApiError {
+    let message = if e.is_panic() {
+        "the engine failed on this request (a panic); the server goes on"
+    } else {
+        "the engine's worker was stopped"
+    };
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+}
+
+/// A place in the queue: given back when dropped, however the waiting request ends.
+struct QueuePlace<'a>(&'a AtomicUsize);
+
+impl Drop for QueuePlace<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Cancels a request's work when the request is dropped.
+struct CancelOnDrop(CancelToken);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
     }
 }
 
@@ -151,6 +270,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let kind = match self.status.as_u16() {
             401 => "authentication_error",
+            403 => "permission_error",
             404 => "not_found_error",
             429 => "rate_limit_error",
             500.. => "server_error",
@@ -211,15 +331,95 @@ pub fn router(state: AppState) -> Router {
         }
         app = app.fallback_service(service);
     }
-    let cors = CorsLayer::new()
-        .allow_origin(Any)
-        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
-        .allow_headers([
-            header::AUTHORIZATION,
-            header::CONTENT_TYPE,
-            header::HeaderName::from_static("x-base-url"),
-        ]);
-    app.layer(middleware::from_fn(log_request)).layer(cors)
+    with_guard_layers(app, &state.settings)
+}
+
+/// The layers every request passes, outermost first: CORS (only for allowed origins), the
+/// Host check, the request log, and a 500 for a handler that panics.
+pub fn with_guard_layers(app: Router, settings: &Settings) -> Router {
+    let hosts = Arc::new(HostPolicy::new(&settings.allowed_hosts));
+    let app = app
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the server failed on this request (a panic); it goes on").into_response()
+        }))
+        .layer(middleware::from_fn(log_request))
+        .layer(middleware::from_fn_with_state(hosts, check_host));
+    if settings.cors_origins.is_empty() {
+        return app;
+    }
+    let origins = if settings.cors_origins.iter().any(|o| o == "*") {
+        AllowOrigin::from(Any)
+    } else {
+        AllowOrigin::list(settings.cors_origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    app.layer(
+        CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::HeaderName::from_static("x-base-url"),
+            ]),
+    )
+}
+
+/// The address a connection reached, put on each of its requests by [`serve`].
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionAddress(pub SocketAddr);
+
+/// Which `Host` names this server answers to. A web page can point a DNS name of its own at
+/// 127.0.0.1 (DNS rebinding) and then call this server as if same-origin; its requests still
+/// carry that name, so refusing unknown names shuts the door.
+#[derive(Debug)]
+struct HostPolicy {
+    names: Vec<String>,
+}
+
+impl HostPolicy {
+    fn new(allowed: &[String]) -> Self {
+        let mut names: Vec<String> = ["localhost", "127.0.0.1", "::1"].into_iter().map(String::from).collect();
+        names.extend(allowed.iter().map(|h| normalize_host(h).to_string()));
+        Self { names }
+    }
+
+    fn allows(&self, host: &str, reached: Option<SocketAddr>) -> bool {
+        let name = normalize_host(host);
+        self.names.iter().any(|n| n.eq_ignore_ascii_case(name))
+            || reached.is_some_and(|a| a.ip().to_string().eq_ignore_ascii_case(name))
+    }
+}
+
+/// The name part of a `Host` value: no port, no IPv6 brackets, no trailing dot.
+fn normalize_host(host: &str) -> &str {
+    let host = host.trim();
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or(rest)
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        }
+    };
+    name.strip_suffix('.').unwrap_or(name)
+}
+
+async fn check_host(State(hosts): State<Arc<HostPolicy>>, request: Request, next: Next) -> Response {
+    let reached = request.extensions().get::<ConnectionAddress>().map(|a| a.0);
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| request.uri().authority().map(|a| a.as_str()));
+    match host {
+        Some(host) if hosts.allows(host, reached) => next.run(request).await,
+        Some(host) => ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("this server does not answer for host {host:?}; start it with --allowed-host to serve that name"),
+        )
+        .into_response(),
+        None => ApiError::new(StatusCode::BAD_REQUEST, "the request names no Host").into_response(),
+    }
 }
 
 /// Bearer-key check, when keys are configured.
@@ -233,7 +433,7 @@ async fn authorize(State(state): State<AppState>, request: Request, next: Next) 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
-        Some(key) if state.settings.api_keys.iter().any(|k| k == key) => next.run(request).await,
+        Some(key) if state.keys.accepts(key) => next.run(request).await,
         Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "invalid API key").into_response(),
         None => ApiError::new(StatusCode::UNAUTHORIZED, "an API key is needed: Authorization: Bearer <key>").into_response(),
     }
@@ -256,6 +456,64 @@ async fn log_request(request: Request, next: Next) -> Response {
     response
 }
 
+/// Serves `state`'s application on `listener` until `shutdown` resolves: at most
+/// `max_connections` connections at once, each given `header_read_timeout` to send its
+/// headers. At shutdown it stops accepting, cancels the model work in flight (it stops at its
+/// next check) and waits up to `drain` for open connections to finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) -> std::io::Result<()> {
+    let app = router(state.clone());
+    let connections = Arc::new(Semaphore::new(state.settings.max_connections.max(1)));
+    let graceful = GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(state.settings.header_read_timeout);
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => permit.expect("the connection semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, or a connection reset before it was accepted:
+                    // wait a moment instead of spinning.
+                    eprintln!("kindling-server: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let reached = stream.local_addr().ok();
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            if let Some(address) = reached {
+                request.extensions_mut().insert(ConnectionAddress(address));
+            }
+            app.clone().oneshot(request.map(Body::new))
+        });
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            let _ = connection.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    state.shutdown.cancel();
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(drain) => eprintln!("kindling-server: connections still open after {} s; closing them", drain.as_secs()),
+    }
+    Ok(())
+}
+
 // --- handlers -----------------------------------------------------------------------------
 
 /// Liveness and load: generations running and requests queued.
@@ -270,20 +528,32 @@ async fn models(State(state): State<AppState>) -> Json<Value> {
 
 async fn chat_completions(State(state): State<AppState>, ApiJson(request): ApiJson<ChatRequest>) -> Result<Response, ApiError> {
     if !request.stream {
-        let cancel = CancelToken::new();
-        let value = state.run(move |e| e.chat_completion(&request, cancel)).await?;
+        let value = state.run(move |e, cancel| e.chat_completion(&request, cancel.clone())).await?;
         return Ok(Json(value).into_response());
     }
-    // Everything a request can get wrong is found before the stream starts.
-    let plan = state.ember.plan_chat(&request).map_err(ApiError::from)?;
     let permit = state.slot().await?;
+    let cancel = state.cancel_token();
+    let cancel_on_drop = CancelOnDrop(cancel.clone());
+    let (planned_tx, planned_rx) = oneshot::channel::<Result<(), EmberError>>();
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let ember = state.ember.clone();
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
+        // Planning templates and tokenizes the conversation: CPU work, so it runs here, in
+        // the slot, and every error a request can cause is known before the stream starts.
+        let plan = match ember.plan_chat(&request) {
+            Ok(plan) => plan,
+            Err(e) => {
+                let _ = planned_tx.send(Err(e));
+                return;
+            }
+        };
+        if planned_tx.send(Ok(())).is_err() {
+            return;
+        }
         let send = |value: Value| tx.blocking_send(sse_frame(&value)).is_ok();
         let streamed = (|| {
-            let mut chunks = ember.start_chat_chunks(&plan, CancelToken::new())?;
+            let mut chunks = ember.start_chat_chunks(&plan, cancel)?;
             while let Some(chunk) = chunks.next_chunk()? {
                 if !send(chunk) {
                     chunks.cancel();
@@ -302,7 +572,14 @@ async fn chat_completions(State(state): State<AppState>, ApiJson(request): ApiJs
             }
         }
     });
-    let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, Infallible>);
+    planned_rx
+        .await
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the engine failed while planning the reply"))??;
+    // The stream owns the cancel guard: a client that leaves mid-reply drops it.
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(move |bytes| {
+        let _alive = &cancel_on_drop;
+        Ok::<_, Infallible>(bytes)
+    });
     let mut response = Response::new(Body::from_stream(stream));
     let headers: &mut HeaderMap = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
@@ -317,26 +594,29 @@ fn sse_frame(value: &Value) -> Bytes {
     Bytes::from(format!("data: {json}\n\n"))
 }
 
+/// A POST route whose JSON body is `$request`, answered by `$work(ember, request, cancel)`
+/// on a blocking thread in a slot.
 macro_rules! post_handler {
-    ($name:ident, $request:ty, $method:ident) => {
+    ($name:ident, $request:ty, $work:expr) => {
         async fn $name(State(state): State<AppState>, ApiJson(request): ApiJson<$request>) -> Result<Response, ApiError> {
-            Ok(Json(state.run(move |e| e.$method(&request)).await?).into_response())
+            let value = state.run(move |ember, cancel| $work(ember, &request, cancel)).await?;
+            Ok(Json(value).into_response())
         }
     };
 }
 
-post_handler!(compute_logits, ember::LogitsRequest, compute_logits);
-post_handler!(compute_features, ember::ComputeFeaturesRequest, compute_features);
-post_handler!(contrast, ember::ContrastRequest, contrast);
-post_handler!(rerank, ember::RerankRequest, rerank);
-post_handler!(lookup, ember::LookupRequest, lookup);
-post_handler!(dashboard, ember::DashboardRequest, dashboard);
-post_handler!(neighbors, ember::NeighborsRequest, neighbors);
-post_handler!(auto_edits, ember::SpecificationRequest, auto_edits);
-post_handler!(auto_conditional, ember::SpecificationRequest, auto_conditional);
-post_handler!(tokenize, ember::TokenizeRequest, tokenize);
-post_handler!(attribute, ember::AttributionRequest, attribute);
-post_handler!(contrastive_dataset, ember::ContrastiveDatasetRequest, contrastive_dataset);
+post_handler!(compute_logits, ember::LogitsRequest, |e: &Ember, r, c| e.compute_logits(r, c));
+post_handler!(compute_features, ember::ComputeFeaturesRequest, |e: &Ember, r, c| e.compute_features(r, c));
+post_handler!(contrast, ember::ContrastRequest, |e: &Ember, r, c| e.contrast(r, c));
+post_handler!(rerank, ember::RerankRequest, |e: &Ember, r, _| e.rerank(r));
+post_handler!(lookup, ember::LookupRequest, |e: &Ember, r, _| e.lookup(r));
+post_handler!(dashboard, ember::DashboardRequest, |e: &Ember, r, _| e.dashboard(r));
+post_handler!(neighbors, ember::NeighborsRequest, |e: &Ember, r, _| e.neighbors(r));
+post_handler!(auto_edits, ember::SpecificationRequest, |e: &Ember, r, c| e.auto_edits(r, c));
+post_handler!(auto_conditional, ember::SpecificationRequest, |e: &Ember, r, _| e.auto_conditional(r));
+post_handler!(tokenize, ember::TokenizeRequest, |e: &Ember, r, _| e.tokenize(r));
+post_handler!(attribute, ember::AttributionRequest, |e: &Ember, r, c| e.attribute(r, c));
+post_handler!(contrastive_dataset, ember::ContrastiveDatasetRequest, |e: &Ember, r, c| e.contrastive_dataset(r, c));
 
 /// Query parameters, repeated keys kept (`features/?feature_id=a&feature_id=b`).
 fn query_pairs(uri: &axum::http::Uri) -> Vec<(String, String)> {
@@ -345,9 +625,124 @@ fn query_pairs(uri: &axum::http::Uri) -> Vec<(String, String)> {
 
 async fn search(State(state): State<AppState>, uri: axum::http::Uri) -> Result<Json<Value>, ApiError> {
     let pairs = query_pairs(&uri);
-    Ok(Json(state.run(move |e| e.search_query(&pairs)).await?))
+    Ok(Json(state.run(move |e, _| e.search_query(&pairs)).await?))
 }
 
 async fn list(State(state): State<AppState>, uri: axum::http::Uri) -> Result<Json<Value>, ApiError> {
     Ok(Json(state.ember.list_query(&query_pairs(&uri))?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A route that panics, behind the same layers as the real routes.
+    fn guarded(settings: &Settings) -> Router {
+        let app = Router::new()
+            .route("/boom", get(|| async { panic!("a handler bug") }))
+            .route("/ok", get(|| async { "ok" }));
+        with_guard_layers(app, settings)
+    }
+
+    async fn call(app: Router, request: Request) -> (StatusCode, HeaderMap, Value) {
+        let response = app.oneshot(request).await.unwrap();
+        let (status, headers) = (response.status(), response.headers().clone());
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+        (status, headers, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    }
+
+    fn get_from(host: &str, path: &str) -> Request {
+        Request::builder().uri(path).header(header::HOST, host).body(Body::empty()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500() {
+        let (status, _, body) = call(guarded(&Settings::default()), get_from("localhost", "/boom")).await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(body["detail"].as_str().unwrap().contains("panic"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn only_known_host_names_are_served() {
+        let settings = Settings {
+            allowed_hosts: vec!["kindling.example.org".into()],
+            ..Settings::default()
+        };
+        for host in ["localhost", "localhost:8080", "127.0.0.1:1", "[::1]:8080", "KINDLING.example.org.", "kindling.example.org:443"] {
+            let (status, _, _) = call(guarded(&settings), get_from(host, "/ok")).await;
+            assert_eq!(status, StatusCode::OK, "{host}");
+        }
+        for host in ["evil.example", "localhost.evil.example", "127.0.0.1.evil.example:80", "[::2]"] {
+            let (status, _, body) = call(guarded(&settings), get_from(host, "/ok")).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{host}");
+            assert!(body["detail"].as_str().unwrap().contains("--allowed-host"));
+        }
+        // The address a connection reached counts (a server bound to 0.0.0.0, reached at its LAN address).
+        let mut request = get_from("192.168.1.7:8080", "/ok");
+        request.extensions_mut().insert(ConnectionAddress("192.168.1.7:8080".parse().unwrap()));
+        assert_eq!(call(guarded(&Settings::default()), request).await.0, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn cors_headers_only_for_allowed_origins() {
+        let preflight = |origin: &str| {
+            Request::builder()
+                .method(Method::OPTIONS)
+                .uri("/ok")
+                .header(header::HOST, "localhost")
+                .header(header::ORIGIN, origin)
+                .header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST")
+                .body(Body::empty())
+                .unwrap()
+        };
+        let none = Settings::default();
+        let (_, headers, _) = call(guarded(&none), preflight("https://evil.example")).await;
+        assert!(headers.get(header::ACCESS_CONTROL_ALLOW_ORIGIN).is_none());
+        let listed = Settings {
+            cors_origins: vec!["https://app.example".into()],
+            ..Settings::default()
+        };
+        let (_, headers, _) = call(guarded(&listed), preflight("https://app.example")).await;
+        assert_eq!(headers[header::ACCESS_CONTROL_ALLOW_ORIGIN], "https://app.example");
+        let (_, headers, _) = call(guarded(&listed), preflight("https://evil.example")).await;
+        assert!(headers.get(header::ACCESS_CONTROL_ALLOW_ORIGIN).is_none());
+    }
+
+    #[test]
+    fn any_origin_needs_keys() {
+        let open = Settings {
+            cors_origins: vec!["*".into()],
+            ..Settings::default()
+        };
+        assert!(open.check().unwrap_err().contains("--api-key"));
+        let keyed = Settings {
+            api_keys: vec!["k".into()],
+            ..open
+        };
+        assert!(keyed.check().is_ok());
+        let bad = Settings {
+            cors_origins: vec!["evil.example".into()],
+            ..Settings::default()
+        };
+        assert!(bad.check().is_err());
+    }
+
+    #[test]
+    fn every_configured_key_is_accepted_and_nothing_else() {
+        let keys = ApiKeys::new(&["first".into(), "second-key".into()]);
+        assert!(keys.accepts("first") && keys.accepts("second-key"));
+        for wrong in ["", "firs", "first ", "second-keyx", "SECOND-KEY"] {
+            assert!(!keys.accepts(wrong), "{wrong:?}");
+        }
+        assert!(!ApiKeys::new(&[]).accepts(""));
+    }
+
+    #[test]
+    fn host_names_lose_port_brackets_and_trailing_dot() {
+        assert_eq!(normalize_host("localhost:8080"), "localhost");
+        assert_eq!(normalize_host("[::1]:8080"), "::1");
+        assert_eq!(normalize_host("[::1]"), "::1");
+        assert_eq!(normalize_host("example.org."), "example.org");
+        assert_eq!(normalize_host("example.org"), "example.org");
+    }
 }

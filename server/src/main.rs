@@ -1,13 +1,16 @@
 //! `kindling-server`: serves the Ember API over the shipped model, SAE and atlas, and the
 //! playground. See the crate docs in `lib.rs` and the README for the SDK set-up.
 
+use std::io::Read as _;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::Parser;
 use kindling_engine::ember::{Ember, Limits};
 use kindling_engine::{Atlas, Backend, Model, Sae};
-use kindling_server::{AppState, Settings, router};
+use kindling_server::{AppState, Settings, serve};
+use sha2::{Digest, Sha256};
 
 /// The name requests use for the model Kindling ships.
 const MODEL_NAME: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
@@ -35,6 +38,23 @@ struct Args {
     /// Accepted API keys (comma-separated); none: no key needed (then only a loopback host is allowed).
     #[arg(long, env = "KINDLING_API_KEYS", value_delimiter = ',', hide_env_values = true)]
     api_key: Vec<String>,
+    /// A file of accepted API keys, one per line (so that keys need not be on the command line).
+    #[arg(long)]
+    api_key_file: Option<PathBuf>,
+    /// An origin whose web pages may call the API (CORS), e.g. https://example.org; repeatable.
+    /// None: only this server's own pages. '*' (any origin) needs an API key.
+    #[arg(long = "cors-origin")]
+    cors_origins: Vec<String>,
+    /// A host name this server answers for besides localhost, 127.0.0.1, [::1] and the address
+    /// it was reached at (e.g. the name a load balancer forwards); repeatable.
+    #[arg(long = "allowed-host")]
+    allowed_hosts: Vec<String>,
+    /// Connections open at once; more wait to be accepted.
+    #[arg(long, default_value_t = 256)]
+    max_connections: usize,
+    /// Seconds a connection has to send a request's headers.
+    #[arg(long, default_value_t = 10)]
+    header_timeout: u64,
     /// Model operations running at once.
     #[arg(long, default_value_t = 2)]
     max_running: usize,
@@ -55,17 +75,32 @@ struct Args {
     static_dirs: Vec<PathBuf>,
 }
 
-#[tokio::main]
-async fn main() {
-    if let Err(e) = run(Args::parse()).await {
+fn main() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("kindling-server: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = runtime.block_on(run(Args::parse()));
+    // Model work in flight was cancelled at shutdown and stops at its next check; do not wait
+    // for longer than that on a blocking thread.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    if let Err(e) = result {
         eprintln!("kindling-server: {e}");
         std::process::exit(1);
     }
+    eprintln!("kindling-server: stopped");
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let api_keys: Vec<String> = args
-        .api_key
+    let mut keys = args.api_key;
+    if let Some(path) = &args.api_key_file {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read the API key file {}: {e}", path.display()))?;
+        keys.extend(text.lines().map(str::to_string));
+    }
+    let api_keys: Vec<String> = keys
         .into_iter()
         .map(|k| k.trim().to_string())
         .filter(|k| !k.is_empty())
@@ -77,9 +112,26 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         )
         .into());
     }
+    let settings = Settings {
+        api_keys,
+        max_running: args.max_running,
+        max_queued: args.max_queued,
+        max_body_bytes: args.max_body_bytes,
+        static_dirs: args.static_dirs.into_iter().filter(|d| d.is_dir()).collect(),
+        cors_origins: args.cors_origins,
+        allowed_hosts: args.allowed_hosts,
+        max_connections: args.max_connections,
+        header_read_timeout: Duration::from_secs(args.header_timeout.max(1)),
+    };
+    settings.check()?;
     eprintln!("kindling-server: loading {}", args.model.display());
     let model = Model::load(&args.model, Backend::Cpu)?;
-    let sae = Sae::from_compact(&std::fs::read(args.sae_dir.join("kindling-sae.f16.safetensors"))?)?;
+    let sae_file = args.sae_dir.join("kindling-sae.f16.safetensors");
+    let sae = Sae::from_compact(&std::fs::read(&sae_file).map_err(|e| format!("cannot read {}: {e}", sae_file.display()))?)?;
+    // An SAE trained on another model would steer nonsense: refuse to start.
+    let model_sha256 = sha256_file(&args.model)?;
+    sae.check_model(model.llama.config(), Some(&model_sha256))
+        .map_err(|e| format!("{} does not belong to {}: {e}", sae_file.display(), args.model.display()))?;
     let atlas = Atlas::load_dir(&args.atlas_dir, &sae, true)?;
     let mut ember = Ember::new(model, sae, atlas, args.model_name);
     ember.limits = Limits {
@@ -87,15 +139,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         max_new_tokens: args.max_new_tokens,
         ..Limits::default()
     };
-    let settings = Settings {
-        api_keys,
-        max_running: args.max_running,
-        max_queued: args.max_queued,
-        max_body_bytes: args.max_body_bytes,
-        static_dirs: args.static_dirs.into_iter().filter(|d| d.is_dir()).collect(),
-    };
     let keyed = !settings.api_keys.is_empty();
-    let app = router(AppState::new(ember, settings));
+    let state = AppState::new(ember, settings);
     let address = SocketAddr::new(args.host, args.port);
     let listener = tokio::net::TcpListener::bind(address).await?;
     eprintln!(
@@ -103,12 +148,28 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         listener.local_addr()?,
         if keyed { ", API key required" } else { "" }
     );
-    axum::serve(listener, app).with_graceful_shutdown(shutdown()).await?;
-    eprintln!("kindling-server: stopped");
+    serve(listener, state, shutdown(), Duration::from_secs(3)).await?;
     Ok(())
 }
 
-/// Resolves on Ctrl-C or SIGTERM; requests in flight finish first.
+/// SHA-256 (hex) of a file, read in blocks.
+fn sha256_file(path: &Path) -> Result<String, String> {
+    let fail = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+    let mut file = std::fs::File::open(path).map_err(fail)?;
+    let mut hasher = Sha256::new();
+    let mut block = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut block).map_err(fail)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&block[..n]);
+    }
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+/// Resolves on Ctrl-C or SIGTERM; then model work in flight is cancelled and open
+/// connections get a few seconds to finish.
 async fn shutdown() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;

@@ -316,21 +316,23 @@ mod worker {
     /// The answer of one endpoint, or `None` when there is no such endpoint.
     fn serve(ember: &Ember, method: &str, route: &str, query: &str, body: &Value) -> Result<Option<Value>, EmberError> {
         let pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+        // A request runs to its end here: the worker's one thread hears no cancel meanwhile.
+        let uncancelled = CancelToken::new();
         Ok(Some(match (method, route) {
-            ("POST", "/chat/completions") => ember.chat_completion(&parse(body)?, CancelToken::new())?,
-            ("POST", "/chat-attribution/compute-logits") => to_value(ember.compute_logits(&parse(body)?)?)?,
-            ("POST", "/chat-attribution/compute-features") => ember.compute_features(&parse(body)?)?,
-            ("POST", "/chat-attribution/contrast") => ember.contrast(&parse(body)?)?,
+            ("POST", "/chat/completions") => ember.chat_completion(&parse(body)?, uncancelled.clone())?,
+            ("POST", "/chat-attribution/compute-logits") => to_value(ember.compute_logits(&parse(body)?, &uncancelled)?)?,
+            ("POST", "/chat-attribution/compute-features") => ember.compute_features(&parse(body)?, &uncancelled)?,
+            ("POST", "/chat-attribution/contrast") => ember.contrast(&parse(body)?, &uncancelled)?,
             ("GET", "/features/search") => ember.search_query(&pairs)?,
             ("POST", "/features/rerank") => ember.rerank(&parse(body)?)?,
             ("GET", "/features/") => ember.list_query(&pairs)?,
             ("POST", "/features/lookup") => ember.lookup(&parse(body)?)?,
             ("POST", "/features/dashboard") => ember.dashboard(&parse(body)?)?,
-            ("POST", "/features/auto-edits") => ember.auto_edits(&parse(body)?)?,
+            ("POST", "/features/auto-edits") => ember.auto_edits(&parse(body)?, &uncancelled)?,
             ("POST", "/features/auto-conditional") => ember.auto_conditional(&parse(body)?)?,
             ("POST", "/attributions/neighbors") => ember.neighbors(&parse(body)?)?,
-            ("POST", "/attributions/compute-logit-attribution") => ember.attribute(&parse(body)?)?,
-            ("POST", "/attributions/generate-contrastive-dataset") => ember.contrastive_dataset(&parse(body)?)?,
+            ("POST", "/attributions/compute-logit-attribution") => ember.attribute(&parse(body)?, &uncancelled)?,
+            ("POST", "/attributions/generate-contrastive-dataset") => ember.contrastive_dataset(&parse(body)?, &uncancelled)?,
             ("POST", "/chat/tokenize") => ember.tokenize(&parse(body)?)?,
             _ => return Ok(None),
         }))
