@@ -51,7 +51,7 @@ pub use burn;
 pub use contrast::{assistant_mask, contrast};
 pub use embed::{EmbedError, StaticEmbedder, WordPiece};
 pub use ember::{Ember, EmberError};
-pub use generate::{BatchOutput, CancelToken, FinishReason, GeneratedToken, TokenStream};
+pub use generate::{BatchOutput, CancelToken, FinishReason, GeneratedToken, Interrupt, TokenStream};
 pub use hook::{AddToResidual, CaptureResidual, ResidualHook};
 pub use inspect::{Aggregate, Inspection};
 pub use llama::{Config, KvCache, Llama, Logits, to_host};
@@ -102,6 +102,12 @@ pub enum EngineError {
     Atlas(#[from] AtlasError),
     #[error(transparent)]
     Variant(#[from] VariantError),
+    /// The work's [`CancelToken`] was cancelled (its client went away, or the server stops).
+    #[error("cancelled")]
+    Cancelled,
+    /// Long work ran past its time budget.
+    #[error("the work took longer than its budget of {} s; ask for less", .budget.as_secs())]
+    OutOfTime { budget: std::time::Duration },
     /// An `abort_when` scope's condition held; generation stopped there.
     #[error("generation aborted by the condition of event {event:?}")]
     Aborted { event: String },

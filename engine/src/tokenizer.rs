@@ -223,7 +223,8 @@ impl Tokenizer {
     /// turns). A BOS token is prepended only when the model asks for one (SmolLM2 does not).
     pub fn encode(&self, text: &str, special: bool) -> Vec<TokenId> {
         let whole = [0..text.len()];
-        self.encode_with_control_in(text, if special { &whole } else { &[] })
+        let control_ranges: &[Range<usize>] = if special { &whole } else { &[] };
+        self.encode_with_control_in(text, control_ranges)
     }
 
     /// Encodes a rendered conversation: control tokens count only in the text the template

@@ -339,7 +339,7 @@ pub fn router(state: AppState) -> Router {
 pub fn with_guard_layers(app: Router, settings: &Settings) -> Router {
     let hosts = Arc::new(HostPolicy::new(&settings.allowed_hosts));
     let app = app
-        .layer(CatchPanicLayer::custom(|_| {
+        .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send + 'static>| {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the server failed on this request (a panic); it goes on").into_response()
         }))
         .layer(middleware::from_fn(log_request))
@@ -410,9 +410,10 @@ async fn check_host(State(hosts): State<Arc<HostPolicy>>, request: Request, next
         .headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
-        .or_else(|| request.uri().authority().map(|a| a.as_str()));
+        .or_else(|| request.uri().authority().map(|a| a.as_str()))
+        .map(str::to_owned);
     match host {
-        Some(host) if hosts.allows(host, reached) => next.run(request).await,
+        Some(host) if hosts.allows(&host, reached) => next.run(request).await,
         Some(host) => ApiError::new(
             StatusCode::FORBIDDEN,
             format!("this server does not answer for host {host:?}; start it with --allowed-host to serve that name"),

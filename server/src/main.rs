@@ -130,7 +130,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let sae = Sae::from_compact(&std::fs::read(&sae_file).map_err(|e| format!("cannot read {}: {e}", sae_file.display()))?)?;
     // An SAE trained on another model would steer nonsense: refuse to start.
     let model_sha256 = sha256_file(&args.model)?;
-    sae.check_model(model.llama.config(), Some(&model_sha256))
+    sae.check_model(model.llama.config(), Some(model_sha256.as_str()))
         .map_err(|e| format!("{} does not belong to {}: {e}", sae_file.display(), args.model.display()))?;
     let atlas = Atlas::load_dir(&args.atlas_dir, &sae, true)?;
     let mut ember = Ember::new(model, sae, atlas, args.model_name);

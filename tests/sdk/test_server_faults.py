@@ -24,9 +24,12 @@ URL = os.environ["KINDLING_URL"]
 API = f"{URL}/api/inference/v1"
 MODEL = os.environ.get("KINDLING_MODEL_NAME", "HuggingFaceTB/SmolLM2-135M-Instruct")
 HELLO = [{"role": "user", "content": "Say hello."}]
-# A prompt the model answers at length (a thousand tokens of counting): it holds a slot.
-COUNT = [{"role": "user", "content": "Count from 1 to 1000, one number per line."}]
+# A reply the model continues at length (greedy, it repeats "a" until max tokens): it holds a
+# generation slot for many seconds.
+LONG = [{"role": "user", "content": "Say 'a' forever."}, {"role": "assistant", "content": "a " * 200}]
+
 KEY = os.environ["KINDLING_API_KEY"]
+AUTH = {"authorization": f"Bearer {KEY}"}
 # Every request below carries the key, except where a test leaves it out.
 httpx = _httpx.Client(headers={"authorization": f"Bearer {KEY}"}, timeout=300)
 
@@ -208,7 +211,7 @@ def test_unknown_host_names_are_refused():
 
 def timed_health(latencies, stop):
     """Polls /health until `stop` is set, recording each answer's latency (None: no answer)."""
-    client = _httpx.Client(timeout=5)
+    client = _httpx.Client(timeout=5, headers=AUTH)
     while not stop.is_set():
         started = time.time()
         try:
@@ -216,7 +219,7 @@ def timed_health(latencies, stop):
             latencies.append(time.time() - started if ok else None)
         except _httpx.HTTPError:
             latencies.append(None)
-        time.sleep(0.05)
+        time.sleep(0.01)
 
 
 def test_tokenizer_attacks_get_422_fast_while_health_answers():
@@ -276,12 +279,13 @@ class Holder:
         assert self.started.wait(60), "the holding stream never started"
 
     def run(self):
-        body = {"messages": COUNT, "model": MODEL, "stream": True, "max_completion_tokens": 1000, "temperature": 0}
+        body = {"messages": LONG, "model": MODEL, "stream": True, "max_completion_tokens": 1000, "temperature": 0}
         with _httpx.stream("POST", f"{API}/chat/completions", json=body, headers={"authorization": f"Bearer {KEY}"}, timeout=300) as r:
+            # Reading on keeps the connection (leaving the loop closes it).
             for _ in r.iter_bytes():
                 self.started.set()
-                break
-            self.release.wait(120)
+                if self.release.is_set():
+                    break
 
     def leave(self):
         self.release.set()
@@ -329,7 +333,7 @@ def test_clients_that_leave_the_queue_give_their_place_back():
 
 
 def test_leaving_frees_the_slot_of_every_kind_of_request():
-    long_chat = {"messages": COUNT, "model": MODEL, "max_completion_tokens": 1000, "temperature": 0}
+    long_chat = {"messages": LONG, "model": MODEL, "max_completion_tokens": 1000, "temperature": 0}
     turns = [
         [{"role": "user", "content": f"Tell me about the number {i}."}, {"role": "assistant", "content": "It is a number. " * 40}]
         for i in range(60)
@@ -370,7 +374,7 @@ def test_slow_clients_are_cut_off_and_connections_are_capped():
     idle = [socket.create_connection((url.hostname, url.port)) for _ in range(100)]
     try:
         started = time.time()
-        r = _httpx.get(f"{URL}/health", timeout=15)
+        r = _httpx.get(f"{URL}/health", timeout=15, headers=AUTH)
         waited = time.time() - started
     finally:
         for sock in idle:
@@ -410,7 +414,7 @@ def test_static_files_are_served_beside_the_api():
 def test_zz_shutdown_ends_within_seconds_during_work():
     """Runs last: SIGTERM while a long generation and a contrast run stops the server
     within a few seconds (their work is cancelled)."""
-    long_chat = {"messages": COUNT, "model": MODEL, "max_completion_tokens": 1000, "temperature": 0}
+    long_chat = {"messages": LONG, "model": MODEL, "max_completion_tokens": 1000, "temperature": 0}
     socks = [raw_request("/api/inference/v1/chat/completions", long_chat) for _ in range(2)]
     assert wait_for(lambda: health()["running"] == 2, 10)
     pid = int(os.environ["KINDLING_PID"])
