@@ -637,10 +637,14 @@ async fn list(State(state): State<AppState>, uri: axum::http::Uri) -> Result<Jso
 mod tests {
     use super::*;
 
+    async fn boom() -> &'static str {
+        panic!("a handler bug")
+    }
+
     /// A route that panics, behind the same layers as the real routes.
     fn guarded(settings: &Settings) -> Router {
         let app = Router::new()
-            .route("/boom", get(|| async { panic!("a handler bug") }))
+            .route("/boom", get(boom))
             .route("/ok", get(|| async { "ok" }));
         with_guard_layers(app, settings)
     }
