@@ -19,6 +19,17 @@ pub const WEBGPU_WORKER_URL: &str = "./kindling-worker-webgpu_loader.js";
 /// The Goodfire API's path prefix.
 pub const API_PREFIX: &str = "/api/inference/v1";
 
+/// This page's build id, from `<meta name="kindling-build">` (scripts/build-app.sh writes
+/// it); `None` in a build that was not stamped.
+pub fn page_build() -> Option<String> {
+    let build = web_sys::window()?
+        .document()?
+        .query_selector("meta[name=kindling-build]")
+        .ok()??
+        .get_attribute("content")?;
+    (!build.is_empty() && !build.starts_with("__")).then_some(build)
+}
+
 /// A failed request, as the user should read it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {
@@ -54,8 +65,9 @@ impl ApiError {
     }
 }
 
-/// Where a hosted endpoint is and how to sign in (the key stays in this browser's
-/// localStorage and in the `Authorization` header; never in a URL or a share link).
+/// Where a hosted endpoint is and how to sign in (the key stays in this tab's
+/// sessionStorage, or this browser's localStorage when the user asks, and in the
+/// `Authorization` header; never in a URL, a log or a share link).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Hosted {
     pub base_url: String,
@@ -72,6 +84,8 @@ pub struct ChatStream {
 /// What the worker tells the page while it loads.
 #[derive(Debug, Clone, PartialEq)]
 pub enum LoadEvent {
+    /// The worker's build id (its loader says it before anything else).
+    Build(String),
     Progress {
         file: String,
         loaded: f64,
@@ -108,8 +122,14 @@ impl LocalEngine {
     pub fn start(backend: &str, on_load: impl Fn(LoadEvent) + 'static) -> Result<Rc<Self>, ApiError> {
         let options = web_sys::WorkerOptions::new();
         options.set_type(web_sys::WorkerType::Classic);
-        let worker =
-            web_sys::Worker::new_with_options(if backend == "webgpu" { WEBGPU_WORKER_URL } else { CPU_WORKER_URL }, &options).map_err(|e| ApiError::from_js("cannot start the engine worker", e))?;
+        // The loader's URL names this page's build: no HTTP cache can answer it with another
+        // build's loader (which would say so, and be refused).
+        let script = if backend == "webgpu" { WEBGPU_WORKER_URL } else { CPU_WORKER_URL };
+        let script = match page_build() {
+            Some(build) => format!("{script}?build={build}"),
+            None => script.to_string(),
+        };
+        let worker = web_sys::Worker::new_with_options(&script, &options).map_err(|e| ApiError::from_js("cannot start the engine worker", e))?;
         let pending: Rc<RefCell<HashMap<u64, Pending>>> = Rc::default();
         let on_load = Rc::new(on_load);
         let on_error = {
@@ -184,6 +204,7 @@ impl Drop for LocalEngine {
 fn handle_worker_message(message: &Value, pending: &Rc<RefCell<HashMap<u64, Pending>>>, on_load: &impl Fn(LoadEvent)) {
     let number = |key: &str| message[key].as_f64().unwrap_or(0.0);
     match message["type"].as_str() {
+        Some("build") => on_load(LoadEvent::Build(message["build"].as_str().unwrap_or_default().to_string())),
         Some("progress") => on_load(LoadEvent::Progress {
             file: message["file"].as_str().unwrap_or_default().to_string(),
             loaded: number("loaded"),
@@ -327,6 +348,10 @@ async fn http_with_signal(
     let _ = headers.set("Accept", accept);
     if !hosted.api_key.is_empty() {
         let _ = headers.set("Authorization", &format!("Bearer {}", hosted.api_key));
+        // A request that carries the key follows no redirect: the key goes to the URL the user
+        // typed and nowhere else (`RequestInit.redirect`, set by name: web-sys's setter needs a
+        // feature of its own).
+        let _ = js_sys::Reflect::set(&init, &"redirect".into(), &"error".into());
     }
     if let Some(body) = body {
         let _ = headers.set("Content-Type", "application/json");
@@ -338,9 +363,14 @@ async fn http_with_signal(
     }
     let url = format!("{}{API_PREFIX}{path}", hosted.base_url.trim_end_matches('/'));
     let window = web_sys::window().ok_or_else(|| ApiError::new(0, "no window"))?;
-    let response = JsFuture::from(window.fetch_with_str_and_init(&url, &init))
-        .await
-        .map_err(|e| ApiError::from_js(&format!("cannot reach {}", hosted.base_url), e))?;
+    let response = JsFuture::from(window.fetch_with_str_and_init(&url, &init)).await.map_err(|e| {
+        let why = if hosted.api_key.is_empty() {
+            String::new()
+        } else {
+            " (a request with the API key follows no redirect)".into()
+        };
+        ApiError::from_js(&format!("cannot reach {}{why}", hosted.base_url), e)
+    })?;
     let response: web_sys::Response = response.unchecked_into();
     if !response.ok() {
         let status = response.status();

@@ -34,6 +34,9 @@ pub struct Session {
     /// Messages for the user, oldest first. An error stays until dismissed (a later notice
     /// must not hide why a share link did not open); a notice replaces the previous notice.
     pub notices: RwSignal<Vec<Notice>>,
+    /// Where the engine runs and its build, for the footer: the in-page worker's build id
+    /// (as its loader said it), or "hosted".
+    pub engine_build: RwSignal<Option<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

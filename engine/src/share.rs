@@ -6,6 +6,12 @@
 //! conditional scopes, so rules live in a field of their own (`rules`) and `scopes` stays
 //! empty. A share link carries the whole variant in the URL fragment: versioned, deflated,
 //! checksummed, and bounded in size, so a broken or tampered link is refused as a whole.
+//!
+//! A link carries feature ids and labels as the sharer saw them, and anyone can write a link:
+//! its counts (edits, rules, clauses, features per clause) and texts are bounded while it is
+//! read, before any list is built past its bound, and its labels are claims only. The page
+//! re-resolves every feature by `index_in_sae` against the atlas it loaded
+//! ([`SavedVariant::resolve`]) and shows each id or label that differs.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -17,8 +23,18 @@ use sha2::{Digest, Sha256};
 pub const LINK_VERSION: &str = "k1.";
 /// Longest payload accepted from a link (browsers keep far longer URLs; variants need far less).
 pub const MAX_LINK_CHARS: usize = 32 * 1024;
-/// Largest variant JSON a link may inflate to.
+/// Largest variant JSON a link may inflate to (inflating stops there).
 pub const MAX_VARIANT_BYTES: usize = 256 * 1024;
+/// Most edits a variant may have (at top level, and in each rule's THEN).
+pub const MAX_EDITS: usize = 256;
+/// Most rules a variant may have.
+pub const MAX_RULES: usize = 64;
+/// Most clauses one rule may have.
+pub const MAX_CLAUSES: usize = 16;
+/// Most features one clause may group.
+pub const MAX_CLAUSE_FEATURES: usize = 16;
+/// Longest label, feature id, event name or model name, in characters.
+pub const MAX_TEXT_CHARS: usize = 256;
 const CHECKSUM_BYTES: usize = 4;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -31,8 +47,66 @@ pub enum ShareError {
     TooLong(usize),
     #[error("the share link is damaged: {0}")]
     Damaged(&'static str),
+    #[error("the shared variant is too large (more than {MAX_VARIANT_BYTES} bytes once inflated)")]
+    TooLarge,
     #[error("the variant is not valid: {0}")]
     Invalid(String),
+}
+
+/// Reads a JSON list, refusing it as soon as it has more than `max` entries: a hostile file
+/// or link cannot make the reader build a longer list first.
+struct Bounded<T> {
+    max: usize,
+    what: &'static str,
+    _entries: std::marker::PhantomData<T>,
+}
+
+impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Bounded<T> {
+    type Value = Vec<T>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "a list of at most {} {}", self.max, self.what)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(self.max));
+        while let Some(entry) = seq.next_element()? {
+            if out.len() == self.max {
+                return Err(serde::de::Error::custom(format!("more than {} {}", self.max, self.what)));
+            }
+            out.push(entry);
+        }
+        Ok(out)
+    }
+}
+
+fn bounded<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D, max: usize, what: &'static str) -> Result<Vec<T>, D::Error> {
+    d.deserialize_seq(Bounded {
+        max,
+        what,
+        _entries: std::marker::PhantomData,
+    })
+}
+
+fn bounded_edits<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SavedEdit>, D::Error> {
+    bounded(d, MAX_EDITS, "edits")
+}
+
+fn bounded_rules<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Rule>, D::Error> {
+    bounded(d, MAX_RULES, "rules")
+}
+
+fn bounded_clauses<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Clause>, D::Error> {
+    bounded(d, MAX_CLAUSES, "clauses in a rule")
+}
+
+fn bounded_features<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<FeatureRef>, D::Error> {
+    bounded(d, MAX_CLAUSE_FEATURES, "features in a clause")
+}
+
+fn bounded_scopes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Value>, D::Error> {
+    // Always empty when valid; one entry is enough to say why not.
+    bounded(d, 1, "scopes")
 }
 
 /// A feature as the Goodfire API names it.
@@ -91,6 +165,7 @@ impl SavedEdit {
 /// `features <operator> value`, on the features' activation (several features: their group).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Clause {
+    #[serde(deserialize_with = "bounded_features")]
     pub features: Vec<FeatureRef>,
     pub operator: String,
     pub value: f32,
@@ -101,7 +176,7 @@ pub struct Clause {
 #[serde(rename_all = "snake_case")]
 pub enum RuleAction {
     /// `set_when`: apply these edits from then on.
-    Edits(Vec<SavedEdit>),
+    Edits(#[serde(deserialize_with = "bounded_edits")] Vec<SavedEdit>),
     /// `abort_when`: stop generating and report this event name.
     Abort(String),
 }
@@ -111,6 +186,7 @@ pub enum RuleAction {
 pub struct Rule {
     /// `"AND"` or `"OR"`.
     pub combine: String,
+    #[serde(deserialize_with = "bounded_clauses")]
     pub clauses: Vec<Clause>,
     pub then: RuleAction,
 }
@@ -119,12 +195,12 @@ pub struct Rule {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SavedVariant {
     pub base_model: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounded_edits")]
     pub edits: Vec<SavedEdit>,
     /// Always empty: the SDK's own (unserializable) scopes; rules are in `rules`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounded_scopes")]
     pub scopes: Vec<Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounded_rules")]
     pub rules: Vec<Rule>,
 }
 
@@ -151,10 +227,34 @@ impl SavedVariant {
         if self.base_model.trim().is_empty() {
             return bad("base_model is empty".into());
         }
+        let text = |what: &str, t: &str| {
+            let chars = t.chars().count();
+            if chars > MAX_TEXT_CHARS {
+                return Err(ShareError::Invalid(format!(
+                    "a {what} has {chars} characters (at most {MAX_TEXT_CHARS})"
+                )));
+            }
+            Ok(())
+        };
+        let count = |what: &str, n: usize, max: usize| {
+            if n > max {
+                return Err(ShareError::Invalid(format!("{n} {what}, at most {max}")));
+            }
+            Ok(())
+        };
+        let feature = |f: &FeatureRef| {
+            text("feature id", &f.uuid)?;
+            text("feature label", &f.label)
+        };
+        text("model name", &self.base_model)?;
+        count("edits", self.edits.len(), MAX_EDITS)?;
+        count("rules", self.rules.len(), MAX_RULES)?;
         let check_edit = |e: &SavedEdit| {
             if e.feature_id.trim().is_empty() {
                 return Err(ShareError::Invalid(format!("edit of feature {} has no feature_id", e.index_in_sae)));
             }
+            text("feature id", &e.feature_id)?;
+            text("feature label", &e.feature_label)?;
             if !e.value.is_finite() || e.value.abs() > 100.0 {
                 return Err(ShareError::Invalid(format!("edit value {} is out of range", e.value)));
             }
@@ -176,10 +276,13 @@ impl SavedVariant {
             if rule.clauses.is_empty() {
                 return bad("a rule has no clauses".into());
             }
+            count("clauses in a rule", rule.clauses.len(), MAX_CLAUSES)?;
             for clause in &rule.clauses {
                 if clause.features.is_empty() {
                     return bad("a rule clause names no feature".into());
                 }
+                count("features in a clause", clause.features.len(), MAX_CLAUSE_FEATURES)?;
+                clause.features.iter().try_for_each(feature)?;
                 if !OPERATORS.contains(&clause.operator.as_str()) {
                     return bad(format!("unknown operator {:?}", clause.operator));
                 }
@@ -189,9 +292,12 @@ impl SavedVariant {
             }
             match &rule.then {
                 RuleAction::Edits(edits) if edits.is_empty() => return bad("a rule has no edits".into()),
-                RuleAction::Edits(edits) => edits.iter().try_for_each(check_edit)?,
+                RuleAction::Edits(edits) => {
+                    count("edits in a rule", edits.len(), MAX_EDITS)?;
+                    edits.iter().try_for_each(check_edit)?
+                }
                 RuleAction::Abort(event) if event.trim().is_empty() => return bad("an abort rule has no event name".into()),
-                RuleAction::Abort(_) => {}
+                RuleAction::Abort(event) => text("event name", event)?,
             }
         }
         Ok(())
@@ -267,13 +373,103 @@ impl SavedVariant {
             return Err(ShareError::Damaged("too short"));
         }
         let (checksum, deflated) = packed.split_at(CHECKSUM_BYTES);
-        let json = miniz_oxide::inflate::decompress_to_vec_with_limit(deflated, MAX_VARIANT_BYTES)
-            .map_err(|_| ShareError::Damaged("the compressed variant does not inflate"))?;
+        // Inflating stops at the bound: a small link cannot make a large allocation.
+        let json = miniz_oxide::inflate::decompress_to_vec_with_limit(deflated, MAX_VARIANT_BYTES).map_err(|e| match e.status {
+            miniz_oxide::inflate::TINFLStatus::HasMoreOutput => ShareError::TooLarge,
+            _ => ShareError::Damaged("the compressed variant does not inflate"),
+        })?;
         if Sha256::digest(&json)[..CHECKSUM_BYTES] != *checksum {
             return Err(ShareError::Damaged("checksum mismatch"));
         }
         let text = std::str::from_utf8(&json).map_err(|_| ShareError::Damaged("not UTF-8"))?;
         Self::from_json(text)
+    }
+}
+
+/// A feature whose id or label in a variant differs from what the loaded atlas says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mismatch {
+    pub index_in_sae: u32,
+    /// The id and label the variant carried (as the sharer saw them, or as a forger wrote them).
+    pub claimed: FeatureRef,
+    /// What the atlas says of that latent; the variant now carries this.
+    pub atlas: FeatureRef,
+}
+
+impl Mismatch {
+    /// The ids differ: the variant was made with another SAE, so its latents may mean other things.
+    pub fn other_sae(&self) -> bool {
+        self.claimed.uuid != self.atlas.uuid
+    }
+}
+
+impl SavedVariant {
+    /// Every latent the variant names (edits, clauses, rules' edits), each once, ascending.
+    pub fn indices(&self) -> Vec<u32> {
+        let mut out: Vec<u32> = self.edits.iter().map(|e| e.index_in_sae).collect();
+        for rule in &self.rules {
+            if let RuleAction::Edits(edits) = &rule.then {
+                out.extend(edits.iter().map(|e| e.index_in_sae));
+            }
+            out.extend(rule.clauses.iter().flat_map(|c| c.features.iter().map(|f| f.index_in_sae)));
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// Re-resolves every feature by `index_in_sae` with `atlas` (the loaded SAE's ids and
+    /// labels): the variant then carries the atlas's id and label, and each latent whose id or
+    /// label differed is returned once. A latent the atlas does not have is an error, and the
+    /// variant is left as it was.
+    pub fn resolve(&mut self, atlas: &dyn Fn(u32) -> Option<FeatureRef>) -> Result<Vec<Mismatch>, ShareError> {
+        let mut known = std::collections::BTreeMap::new();
+        for index in self.indices() {
+            let found = atlas(index).ok_or_else(|| ShareError::Invalid(format!("feature #{index} does not exist in this SAE")))?;
+            known.insert(index, found);
+        }
+        let mut mismatches: Vec<Mismatch> = Vec::new();
+        self.for_each_feature(&mut |uuid, label, index| {
+            let found = &known[index];
+            if (uuid.as_str(), label.as_str()) != (found.uuid.as_str(), found.label.as_str()) {
+                if !mismatches.iter().any(|m| m.index_in_sae == *index) {
+                    mismatches.push(Mismatch {
+                        index_in_sae: *index,
+                        claimed: FeatureRef {
+                            uuid: uuid.clone(),
+                            label: label.clone(),
+                            index_in_sae: *index,
+                        },
+                        atlas: found.clone(),
+                    });
+                }
+                uuid.clone_from(&found.uuid);
+                label.clone_from(&found.label);
+            }
+        });
+        mismatches.sort_by_key(|m| m.index_in_sae);
+        Ok(mismatches)
+    }
+
+    fn for_each_feature(&mut self, f: &mut dyn FnMut(&mut String, &mut String, &mut u32)) {
+        let mut edits = |edits: &mut Vec<SavedEdit>| {
+            for e in edits {
+                f(&mut e.feature_id, &mut e.feature_label, &mut e.index_in_sae);
+            }
+        };
+        edits(&mut self.edits);
+        for rule in &mut self.rules {
+            if let RuleAction::Edits(list) = &mut rule.then {
+                edits(list);
+            }
+        }
+        for rule in &mut self.rules {
+            for clause in &mut rule.clauses {
+                for feature in &mut clause.features {
+                    f(&mut feature.uuid, &mut feature.label, &mut feature.index_in_sae);
+                }
+            }
+        }
     }
 }
 
@@ -360,7 +556,131 @@ mod tests {
         packed.extend(miniz_oxide::deflate::compress_to_vec(json.as_bytes(), 9));
         let link = format!("{LINK_VERSION}{}", URL_SAFE_NO_PAD.encode(packed));
         assert!(link.len() < MAX_LINK_CHARS);
-        assert!(matches!(SavedVariant::from_link(&link), Err(ShareError::Damaged(_))));
+        assert_eq!(SavedVariant::from_link(&link), Err(ShareError::TooLarge));
+    }
+
+    /// A link around any JSON text, made the way `to_link` makes one.
+    fn link_of(json: &[u8]) -> String {
+        let mut packed = Sha256::digest(json)[..CHECKSUM_BYTES].to_vec();
+        packed.extend(miniz_oxide::deflate::compress_to_vec(json, 6));
+        format!("{LINK_VERSION}{}", URL_SAFE_NO_PAD.encode(packed))
+    }
+
+    fn many_edits(n: usize) -> Vec<u8> {
+        let edit = br#"{"feature_id":"a","index_in_sae":1,"value":0},"#;
+        let mut json = br#"{"base_model":"m","edits":["#.to_vec();
+        json.reserve(edit.len() * n + 2);
+        for _ in 0..n {
+            json.extend_from_slice(edit);
+        }
+        json.pop();
+        json.extend_from_slice(b"]}");
+        json
+    }
+
+    #[test]
+    fn a_link_with_a_million_edits_is_refused_cheaply() {
+        // 47 MB of JSON: refused from the payload's length, or at the inflate bound, never
+        // inflated whole.
+        let link = link_of(&many_edits(1_000_000));
+        let started = std::time::Instant::now();
+        let err = SavedVariant::from_link(&link).unwrap_err();
+        assert!(matches!(err, ShareError::TooLong(_) | ShareError::TooLarge), "{err}");
+        // 100,000 edits (4.7 MB) fit in a link's length: inflating stops at MAX_VARIANT_BYTES.
+        let link = link_of(&many_edits(100_000));
+        assert!(link.len() <= MAX_LINK_CHARS, "{}", link.len());
+        assert_eq!(SavedVariant::from_link(&link), Err(ShareError::TooLarge));
+        assert!(started.elapsed() < std::time::Duration::from_secs(2), "{:?}", started.elapsed());
+    }
+
+    #[test]
+    fn counts_are_bounded_while_a_link_is_read() {
+        // Within the byte bound, but more edits than a variant may have.
+        let json = many_edits(MAX_EDITS + 1);
+        assert!(json.len() < MAX_VARIANT_BYTES);
+        let err = SavedVariant::from_link(&link_of(&json)).unwrap_err();
+        assert!(matches!(&err, ShareError::Invalid(m) if m.contains("more than 256 edits")), "{err}");
+        assert!(SavedVariant::from_json(std::str::from_utf8(&many_edits(MAX_EDITS)).unwrap()).is_ok());
+
+        // Rules, clauses per rule, features per clause, and edits in a rule.
+        let clause = r#"{"features":[{"uuid":"u","index_in_sae":1}],"operator":">","value":0.5}"#;
+        let rule = |clauses: usize| {
+            format!(
+                r#"{{"combine":"AND","clauses":[{}],"then":{{"abort":"x"}}}}"#,
+                vec![clause; clauses].join(",")
+            )
+        };
+        let rules = |n: usize, clauses: usize| format!(r#"{{"base_model":"m","rules":[{}]}}"#, vec![rule(clauses); n].join(","));
+        assert!(SavedVariant::from_json(&rules(MAX_RULES, 1)).is_ok());
+        let err = SavedVariant::from_link(&link_of(rules(MAX_RULES + 1, 1).as_bytes())).unwrap_err();
+        assert!(err.to_string().contains("more than 64 rules"), "{err}");
+        let err = SavedVariant::from_json(&rules(1, MAX_CLAUSES + 1)).unwrap_err();
+        assert!(err.to_string().contains("more than 16 clauses"), "{err}");
+        let wide = format!(
+            r#"{{"base_model":"m","rules":[{{"combine":"OR","clauses":[{{"features":[{}],"operator":">","value":1}}],"then":{{"abort":"x"}}}}]}}"#,
+            vec![r#"{"uuid":"u","index_in_sae":1}"#; MAX_CLAUSE_FEATURES + 1].join(",")
+        );
+        assert!(
+            SavedVariant::from_json(&wide)
+                .unwrap_err()
+                .to_string()
+                .contains("more than 16 features")
+        );
+        let then = format!(
+            r#"{{"base_model":"m","rules":[{{"combine":"OR","clauses":[{clause}],"then":{{"edits":[{}]}}}}]}}"#,
+            vec![r#"{"feature_id":"a","index_in_sae":1,"value":0}"#; MAX_EDITS + 1].join(",")
+        );
+        assert!(
+            SavedVariant::from_json(&then)
+                .unwrap_err()
+                .to_string()
+                .contains("more than 256 edits")
+        );
+
+        // Texts: a label may not be a novel.
+        let mut v = variant();
+        v.edits[0].feature_label = "x".repeat(MAX_TEXT_CHARS + 1);
+        assert!(SavedVariant::from_link(&v.to_link()).unwrap_err().to_string().contains("label"));
+        // A variant built in code is held to the same counts.
+        let mut v = variant();
+        v.edits = (0..=MAX_EDITS as u32).map(|i| edit(i, 0.1)).collect();
+        assert!(v.validate().is_err());
+    }
+
+    #[test]
+    fn resolve_takes_ids_and_labels_from_the_atlas_and_reports_each_difference() {
+        let atlas = |index: u32| {
+            (index < 100).then(|| FeatureRef {
+                uuid: format!("{index:032x}"),
+                label: format!("atlas label {index}"),
+                index_in_sae: index,
+            })
+        };
+        let mut v = variant();
+        // The fixture's labels are `feature <b>N</b>`: every one differs from the atlas.
+        v.edits[0].feature_label = "<img src=x onerror=alert(1)>".into();
+        // Feature 9's id is another SAE's.
+        v.edits[1].feature_id = "f".repeat(32);
+        let mismatches = v.resolve(&atlas).unwrap();
+        assert_eq!(mismatches.iter().map(|m| m.index_in_sae).collect::<Vec<_>>(), [3, 4, 5, 7, 9, 11]);
+        let seven = mismatches.iter().find(|m| m.index_in_sae == 7).unwrap();
+        assert_eq!(seven.claimed.label, "<img src=x onerror=alert(1)>");
+        assert_eq!(seven.atlas.label, "atlas label 7");
+        assert!(!seven.other_sae());
+        assert!(mismatches.iter().find(|m| m.index_in_sae == 9).unwrap().other_sae());
+        // The variant now says what the atlas says, everywhere.
+        assert_eq!(v.edits[0].feature_label, "atlas label 7");
+        assert_eq!(v.edits[1].feature_id, format!("{:032x}", 9));
+        assert_eq!(v.rules[0].clauses[0].features[1].label, "atlas label 4");
+        assert!(matches!(&v.rules[0].then, RuleAction::Edits(e) if e[0].feature_label == "atlas label 5"));
+        // Resolving again finds nothing more.
+        assert_eq!(v.resolve(&atlas).unwrap(), []);
+        // A latent the SAE does not have: an error, and nothing changes.
+        let mut w = variant();
+        w.edits[0].index_in_sae = 100_000;
+        let before = w.clone();
+        assert!(w.resolve(&atlas).unwrap_err().to_string().contains("#100000 does not exist"));
+        assert_eq!(w, before);
     }
 
     #[test]

@@ -14,7 +14,8 @@ pub const LOCAL_MODEL: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
 const MODE_KEY: &str = "kindling.mode";
 const HOSTED_URL_KEY: &str = "kindling.hosted.url";
 const HOSTED_MODEL_KEY: &str = "kindling.hosted.model";
-/// The API key is kept here, in this browser only.
+/// The API key, once a request with it has succeeded: in sessionStorage (this tab only) by
+/// default, in localStorage when the user ticks "remember on this device".
 const HOSTED_KEY_KEY: &str = "kindling.hosted.key";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +61,10 @@ fn storage() -> Option<web_sys::Storage> {
     web_sys::window()?.local_storage().ok().flatten()
 }
 
+fn tab_storage() -> Option<web_sys::Storage> {
+    web_sys::window()?.session_storage().ok().flatten()
+}
+
 fn stored(key: &str) -> Option<String> {
     storage()?.get_item(key).ok().flatten()
 }
@@ -68,6 +73,41 @@ fn store(key: &str, value: &str) {
     if let Some(s) = storage() {
         let _ = s.set_item(key, value);
     }
+}
+
+/// The API key kept from an earlier success: this tab's first, else this device's.
+fn stored_key() -> Option<String> {
+    tab_storage()
+        .and_then(|s| s.get_item(HOSTED_KEY_KEY).ok().flatten())
+        .or_else(|| stored(HOSTED_KEY_KEY))
+}
+
+/// Keeps a key that has just worked: on this device (`remember`) or in this tab only; it is
+/// removed from the other place, and an empty key is removed from both.
+fn keep_key(key: &str, remember: bool) {
+    let (keep, drop) = if remember { (storage(), tab_storage()) } else { (tab_storage(), storage()) };
+    if let Some(s) = drop {
+        let _ = s.remove_item(HOSTED_KEY_KEY);
+    }
+    if let Some(s) = keep {
+        let _ = if key.is_empty() { s.remove_item(HOSTED_KEY_KEY) } else { s.set_item(HOSTED_KEY_KEY, key) };
+    }
+}
+
+/// The host a key would cross the network to unencrypted: `http://` to anything but this
+/// machine (`localhost`, 127.0.0.0/8, `[::1]`). `None` for https:// and loopback.
+fn plain_http_host(url: &str) -> Option<String> {
+    let parsed = web_sys::Url::new(url).ok()?;
+    if parsed.protocol() != "http:" {
+        return None;
+    }
+    let host = parsed.hostname();
+    let octets: Vec<&str> = host.split('.').collect();
+    let loopback = host == "localhost"
+        || host.ends_with(".localhost")
+        || host == "[::1]"
+        || (octets.len() == 4 && octets[0] == "127" && octets.iter().all(|o| o.parse::<u8>().is_ok()));
+    (!loopback).then_some(host)
 }
 
 /// The WebGPU adapter this browser offers.
@@ -110,7 +150,11 @@ pub fn Connection() -> impl IntoView {
         stored(HOSTED_URL_KEY).unwrap_or_else(|| web_sys::window().and_then(|w| w.location().origin().ok()).unwrap_or_default()),
     );
     let model = RwSignal::new(stored(HOSTED_MODEL_KEY).unwrap_or_else(|| LOCAL_MODEL.to_string()));
-    let key = RwSignal::new(stored(HOSTED_KEY_KEY).unwrap_or_default());
+    let key = RwSignal::new(stored_key().unwrap_or_default());
+    // A key kept on this device stays there until the box is unticked.
+    let remember = RwSignal::new(stored(HOSTED_KEY_KEY).is_some());
+    // The plain-http host a key would be sent to, while the user has not said to go ahead.
+    let insecure = RwSignal::new(None::<String>);
     let downloads = RwSignal::new(Vec::<Download>::new());
     // What runs now, for the indicator: "CPU", "WebGPU", "hosted", or a state.
     let running = RwSignal::new(String::from("not started"));
@@ -139,6 +183,23 @@ pub fn Connection() -> impl IntoView {
                 cached,
             }),
         }),
+        LoadEvent::Build(build) => {
+            // The page and its engine worker must be one deployment: a worker of another
+            // build (a stale cache, a deploy during the load) is stopped, never talked to.
+            match crate::client::page_build() {
+                Some(page) if !build.is_empty() && page != build => {
+                    // Dropped (and so terminated) once this message's handler has returned.
+                    leptos::task::spawn_local(async move { engine.set_value(None) });
+                    session.client.set(None);
+                    running.set("failed".into());
+                    session.engine_build.set(Some(format!("{build} (refused)")));
+                    session.error(format!(
+                        "This page is build {page} but its engine worker is build {build}: the site was updated while it loaded. Reload the page."
+                    ));
+                }
+                _ => session.engine_build.set(Some(build)),
+            }
+        }
         LoadEvent::Ready { backend, model, seconds, cached } => {
             let name = if backend == "webgpu" { "WebGPU" } else { "CPU" };
             running.set(format!("{name} (in this page)"));
@@ -158,6 +219,7 @@ pub fn Connection() -> impl IntoView {
 
     let start_local = move |backend: &'static str| {
         session.client.set(None);
+        session.engine_build.set(None);
         engine.set_value(None);
         downloads.set(Vec::new());
         running.set(format!("loading ({backend})"));
@@ -170,17 +232,31 @@ pub fn Connection() -> impl IntoView {
         }
     };
 
-    let connect_hosted = move || {
+    // `anyway`: the user has read the plain-http warning and sends the key all the same.
+    let connect_hosted = move |anyway: bool| {
         session.client.set(None);
+        session.engine_build.set(Some("hosted".into()));
         engine.set_value(None);
         let hosted = Hosted {
             base_url: url.get_untracked().trim().to_string(),
             model: model.get_untracked().trim().to_string(),
             api_key: key.get_untracked().trim().to_string(),
         };
+        if web_sys::Url::new(&hosted.base_url).is_ok_and(|u| !u.username().is_empty() || !u.password().is_empty()) {
+            running.set("not connected".into());
+            return session.error("The endpoint URL holds a user name or password: put the key in the API key field instead.");
+        }
         store(HOSTED_URL_KEY, &hosted.base_url);
         store(HOSTED_MODEL_KEY, &hosted.model);
-        store(HOSTED_KEY_KEY, &hosted.api_key);
+        if !hosted.api_key.is_empty() && !anyway {
+            if let Some(host) = plain_http_host(&hosted.base_url) {
+                running.set("not connected".into());
+                insecure.set(Some(host));
+                return;
+            }
+        }
+        insecure.set(None);
+        // The key is kept only once a request with it has worked (below).
         running.set("connecting".into());
         let client = Client::Hosted(Rc::new(hosted.clone()));
         leptos::task::spawn_local(async move {
@@ -191,6 +267,7 @@ pub fn Connection() -> impl IntoView {
             );
             match client.get(&probe).await {
                 Ok(_) => {
+                    keep_key(&hosted.api_key, remember.get_untracked());
                     running.set(format!("hosted: {}", hosted.base_url));
                     session.variant.update(|v| v.base_model = hosted.model.clone());
                     session.client.set(Some(client));
@@ -205,7 +282,7 @@ pub fn Connection() -> impl IntoView {
     };
 
     let apply = move || match mode.get_untracked() {
-        Mode::Hosted => connect_hosted(),
+        Mode::Hosted => connect_hosted(false),
         Mode::Cpu => start_local("cpu"),
         Mode::WebGpu => start_local("webgpu"),
         Mode::Auto => leptos::task::spawn_local(async move {
@@ -264,7 +341,7 @@ pub fn Connection() -> impl IntoView {
                     class="hosted"
                     on:submit=move |ev| {
                         ev.prevent_default();
-                        connect_hosted();
+                        connect_hosted(false);
                     }
                 >
                     <input aria-label="Endpoint URL" data-testid="hosted-url" placeholder="https://…" bind:value=url />
@@ -274,12 +351,44 @@ pub fn Connection() -> impl IntoView {
                         data-testid="hosted-key"
                         type="password"
                         autocomplete="off"
-                        placeholder="API key (kept in this browser)"
+                        placeholder="API key"
                         bind:value=key
                     />
+                    <label class="remember" title="Otherwise the key is kept in this tab only, and only once a request with it has worked">
+                        <input
+                            type="checkbox"
+                            data-testid="hosted-remember"
+                            prop:checked=move || remember.get()
+                            on:change=move |ev| {
+                                let on = event_target_checked(&ev);
+                                remember.set(on);
+                                // A key that has already worked moves to where it now belongs.
+                                if let Some(k) = stored_key() {
+                                    keep_key(&k, on);
+                                }
+                            }
+                        />
+                        "remember on this device"
+                    </label>
                     <button type="submit" data-testid="hosted-connect">
                         "Connect"
                     </button>
+                    {move || {
+                        insecure
+                            .get()
+                            .map(|host| {
+                                view! {
+                                    <p class="warning" role="alert" data-testid="insecure-warning">
+                                        {format!(
+                                            "The API key would travel unencrypted (plain http://) to {host}: anyone on the way can read it. Use https://, or ",
+                                        )}
+                                        <button type="button" data-testid="hosted-connect-insecure" on:click=move |_| connect_hosted(true)>
+                                            "send it anyway"
+                                        </button>
+                                    </p>
+                                }
+                            })
+                    }}
                 </form>
             </Show>
         </div>

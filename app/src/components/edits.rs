@@ -27,7 +27,8 @@ pub fn Edits() -> impl IntoView {
                 <p class="hint">"No edits: search features and press “+ Edit”, or use AutoSteer below."</p>
             </Show>
             <ul class="sliders">
-                <For each=edits key=|e| e.feature_id.clone() let:edit>
+                // Keyed by label too: a shared variant's labels are replaced by the atlas's.
+                <For each=edits key=|e| (e.feature_id.clone(), e.feature_label.clone()) let:edit>
                     {
                         let (id_value, id_mode, id_remove) = (edit.feature_id.clone(), edit.feature_id.clone(), edit.feature_id.clone());
                         let watched = edit.feature_id.clone();

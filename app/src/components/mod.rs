@@ -47,6 +47,7 @@ pub fn App() -> impl IntoView {
         card: RwSignal::new(None),
         conversation: RwSignal::new(Vec::new()),
         notices: RwSignal::new(Vec::new()),
+        engine_build: RwSignal::new(None),
     };
     provide_context(session);
     let tab = RwSignal::new(Tab::Features);
@@ -100,6 +101,17 @@ pub fn App() -> impl IntoView {
                 </div>
             </section>
         </main>
+        <footer class="footer">
+            <span data-testid="build">
+                {move || {
+                    let page = crate::client::page_build().unwrap_or_else(|| "unstamped".into());
+                    match session.engine_build.get() {
+                        Some(engine) => format!("page build {page} · engine build {engine}"),
+                        None => format!("page build {page}"),
+                    }
+                }}
+            </span>
+        </footer>
     }
 }
 

@@ -1,11 +1,15 @@
 //! The variant as JSON: view, import, export, and share links (the whole variant in the URL
 //! fragment, which never reaches a server; API keys are never part of it).
 
-use kindling_engine::share::SavedVariant;
+use std::collections::HashMap;
+
+use kindling_engine::share::{FeatureRef, Mismatch, SavedVariant};
 use leptos::prelude::*;
+use serde_json::json;
 use wasm_bindgen::JsCast;
 
 use crate::Session;
+use crate::client::Client;
 
 /// The URL fragment's key for a shared variant: `#v=k1.…`.
 const LINK_KEY: &str = "v=";
@@ -23,16 +27,113 @@ pub(crate) fn restore_from_location(session: Session) {
     match SavedVariant::from_link(payload) {
         Ok(variant) => {
             let (edits, rules) = (variant.edits.len(), variant.rules.len());
-            session.known.update(|k| {
-                for rule in &variant.rules {
-                    k.extend(rule.clauses.iter().flat_map(|c| c.features.iter().cloned()));
+            session.variant.set(variant);
+            session.info(format!(
+                "Opened a shared variant: {edits} edits, {rules} rules (its labels are checked against the atlas once the model is ready)"
+            ));
+            // The link's ids and labels are the sharer's claims: once an endpoint answers, each
+            // feature is looked up by its index and what differs is shown.
+            let checked = StoredValue::new(false);
+            Effect::new(move |_| {
+                if let Some(client) = session.client.get() {
+                    if !checked.get_value() {
+                        checked.set_value(true);
+                        leptos::task::spawn_local(check_labels(session, client));
+                    }
                 }
             });
-            session.variant.set(variant);
-            session.info(format!("Opened a shared variant: {edits} edits, {rules} rules"));
         }
         Err(e) => session.error(format!("This share link cannot be opened: {e}. Nothing was changed.")),
     }
+}
+
+/// Re-resolves the opened variant's features by `index_in_sae` from the loaded atlas
+/// (`features/lookup`): the variant takes the atlas's ids and labels, and every difference is
+/// reported. A link naming latents this SAE lacks is dropped.
+async fn check_labels(session: Session, client: Client) {
+    let indices = session.variant.with_untracked(SavedVariant::indices);
+    if indices.is_empty() {
+        return;
+    }
+    let answer = match client
+        .post("/features/lookup", json!({ "indices": indices, "model": client.model() }))
+        .await
+    {
+        Ok(answer) => answer,
+        Err(e) if matches!(e.status, 400 | 404 | 422) => {
+            session.variant.update(|v| {
+                v.edits.clear();
+                v.rules.clear();
+            });
+            return session.error(format!(
+                "The shared variant names features this model's SAE does not have ({e}); it was set aside."
+            ));
+        }
+        Err(e) => {
+            return session.error(format!(
+                "The shared variant's labels could not be checked ({e}): they are the link's, unverified."
+            ));
+        }
+    };
+    let atlas: HashMap<u32, FeatureRef> = answer["features"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(crate::feature_ref)
+        .map(|f| (f.index_in_sae, f))
+        .collect();
+    let mut result = Ok(Vec::new());
+    session.variant.update(|v| result = v.resolve(&|i| atlas.get(&i).cloned()));
+    match result {
+        Ok(mut mismatches) => {
+            // A link without labels (the SDK's files may omit them) claims nothing false.
+            mismatches.retain(|m| m.other_sae() || !m.claimed.label.is_empty());
+            session.known.update(|k| {
+                let v = session.variant.get_untracked();
+                for rule in &v.rules {
+                    k.extend(rule.clauses.iter().flat_map(|c| c.features.iter().cloned()));
+                }
+            });
+            if !mismatches.is_empty() {
+                session.error(mismatch_report(&mismatches));
+            }
+        }
+        Err(e) => {
+            session.variant.update(|v| {
+                v.edits.clear();
+                v.rules.clear();
+            });
+            session.error(format!("The shared variant cannot be used: {e}. It was set aside."));
+        }
+    }
+}
+
+/// What the user reads about labels or ids the link got wrong (plain text, never markup).
+fn mismatch_report(mismatches: &[Mismatch]) -> String {
+    const SHOWN: usize = 5;
+    let other_sae = mismatches.iter().any(Mismatch::other_sae);
+    let mut text = String::from(if other_sae {
+        "This share link was made with another SAE (its feature ids differ), so its edits may mean other things here. "
+    } else {
+        "This share link's labels do not match this model's atlas. "
+    });
+    text.push_str("The atlas's labels are used: ");
+    let items: Vec<String> = mismatches
+        .iter()
+        .take(SHOWN)
+        .map(|m| {
+            format!(
+                "#{} is “{}” here, the link says “{}”",
+                m.index_in_sae, m.atlas.label, m.claimed.label
+            )
+        })
+        .collect();
+    text.push_str(&items.join("; "));
+    if mismatches.len() > SHOWN {
+        text.push_str(&format!("; and {} more", mismatches.len() - SHOWN));
+    }
+    text.push('.');
+    text
 }
 
 /// Saves `text` as a file download.
