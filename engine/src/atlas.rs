@@ -182,7 +182,11 @@ impl Atlas {
             )));
         }
         let dim = embedder.dim();
-        let mut label_vectors = vec![0f32; cfg.d_sae * dim];
+        let len = cfg
+            .d_sae
+            .checked_mul(dim)
+            .ok_or_else(|| AtlasError::Index("too many label vectors".into()))?;
+        let mut label_vectors = vec![0f32; len];
         for (f, row) in index.features.iter().zip(label_vectors.chunks_exact_mut(dim)) {
             if f.is_live() {
                 row.copy_from_slice(&embedder.embed(&f.label));

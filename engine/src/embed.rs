@@ -18,6 +18,10 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 use unicode_normalization::UnicodeNormalization;
 
+/// Widest embedding a file may have (MiniLM's own width is 384; BERT-large's 1,024). The
+/// atlas holds `d_sae × dim` label vectors, so this bounds what a file can make it allocate.
+pub const MAX_DIM: usize = 1024;
+
 /// The version of the embedder file this code reads.
 pub const EMBEDDER_VERSION: u64 = 1;
 
@@ -206,7 +210,7 @@ pub struct StaticEmbedder {
 impl StaticEmbedder {
     /// Wraps a table (`[vocab, dim]`, row-major) built for `wordpiece`'s vocabulary.
     pub fn new(wordpiece: WordPiece, table: Vec<f32>, dim: usize) -> Result<Self, EmbedError> {
-        if dim == 0 || table.len() != wordpiece.vocab_size() * dim {
+        if dim == 0 || Some(table.len()) != wordpiece.vocab_size().checked_mul(dim) {
             return Err(EmbedError::File(format!(
                 "the table holds {} values, not {} tokens × {dim}",
                 table.len(),
@@ -245,6 +249,9 @@ impl StaticEmbedder {
         let [rows_n, dim] = rows.shape() else {
             return Err(bad(format!("embeddings must be 2-D, not {:?}", rows.shape())));
         };
+        if *dim == 0 || *dim > MAX_DIM {
+            return Err(bad(format!("embedding width {dim} (1 to {MAX_DIM} supported)")));
+        }
         if rows.dtype() != Dtype::I8 || scales.dtype() != Dtype::F32 || *rows_n != n || scales.shape() != [n] {
             return Err(bad(format!(
                 "expected embeddings i8 [{n}, dim] and scales f32 [{n}], found {:?} {:?} and {:?} {:?}",

@@ -15,6 +15,9 @@ use half::f16;
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
+/// Most elements reserved up front for a table or array whose count comes from the file; a
+/// longer one grows as its elements are read.
+const PREALLOC_MAX: u64 = 4096;
 
 /// Why a GGUF file could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +68,7 @@ pub enum Value {
     F32(f32),
     Bool(bool),
     String(String),
-    Array(Vec<Value>),
+    Array(Array),
     U64(u64),
     I64(i64),
     F64(f64),
@@ -121,6 +124,70 @@ impl Value {
         match *self {
             Value::F32(v) => Some(v.into()),
             Value::F64(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+/// A metadata array, stored as a vector of its element type: a `u8` array takes one byte per
+/// element in memory as in the file (no per-element [`Value`]), so memory stays proportional to
+/// the file whatever the counts in it say. Arrays of arrays are not supported.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Array {
+    U8(Vec<u8>),
+    I8(Vec<i8>),
+    U16(Vec<u16>),
+    I16(Vec<i16>),
+    U32(Vec<u32>),
+    I32(Vec<i32>),
+    F32(Vec<f32>),
+    Bool(Vec<bool>),
+    String(Vec<String>),
+    U64(Vec<u64>),
+    I64(Vec<i64>),
+    F64(Vec<f64>),
+}
+
+impl Array {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            Array::U8(v) => v.len(),
+            Array::I8(v) => v.len(),
+            Array::U16(v) => v.len(),
+            Array::I16(v) => v.len(),
+            Array::U32(v) => v.len(),
+            Array::I32(v) => v.len(),
+            Array::F32(v) => v.len(),
+            Array::Bool(v) => v.len(),
+            Array::String(v) => v.len(),
+            Array::U64(v) => v.len(),
+            Array::I64(v) => v.len(),
+            Array::F64(v) => v.len(),
+        }
+    }
+
+    /// Whether the array has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The elements as signed integers (`None` for non-integer arrays and for a `u64` above
+    /// `i64::MAX`).
+    pub fn to_i64(&self) -> Option<Vec<i64>> {
+        fn widen<T: Copy + Into<i64>>(v: &[T]) -> Option<Vec<i64>> {
+            Some(v.iter().map(|&x| x.into()).collect())
+        }
+        match self {
+            Array::U8(v) => widen(v),
+            Array::I8(v) => widen(v),
+            Array::U16(v) => widen(v),
+            Array::I16(v) => widen(v),
+            Array::U32(v) => widen(v),
+            Array::I32(v) => widen(v),
+            Array::I64(v) => Some(v.clone()),
+            Array::U64(v) => v.iter().map(|&x| i64::try_from(x).ok()).collect(),
+            _ if self.is_empty() => Some(Vec::new()),
             _ => None,
         }
     }
@@ -226,12 +293,14 @@ impl Gguf {
         }
         let tensor_count = r.u64("the tensor count")?;
         let kv_count = r.u64("the metadata count")?;
+        // A key/value pair takes at least 8 (key length) + 4 (type) + 1 bytes.
+        r.ensure_count(kv_count, 13, "the metadata")?;
 
         let mut metadata = BTreeMap::new();
         for i in 0..kv_count {
             let key = r.string(&format!("metadata key #{i}"))?;
             let ty = r.u32(&format!("the type of metadata {key:?}"))?;
-            let value = r.value(&key, ty, 0)?;
+            let value = r.value(&key, ty)?;
             metadata.insert(key, value);
         }
 
@@ -243,10 +312,11 @@ impl Gguf {
             return Err(GgufError::BadAlignment(alignment));
         }
 
-        // Each table entry takes at least 8 + 4 + 4 + 8 bytes: refuse absurd counts before
-        // allocating for them.
-        r.ensure_count(tensor_count, 24, "the tensor table")?;
-        let mut raw = Vec::with_capacity(tensor_count as usize);
+        // Each table entry takes at least 8 (name length) + 4 (rank) + 8 (one dim) + 4 (type) +
+        // 8 (offset) bytes: refuse absurd counts before reading on. The table grows as entries
+        // are read, so memory follows the bytes actually parsed, not the count.
+        r.ensure_count(tensor_count, 32, "the tensor table")?;
+        let mut raw = Vec::with_capacity(tensor_count.min(PREALLOC_MAX) as usize);
         for i in 0..tensor_count {
             let name = r.string(&format!("the name of tensor #{i}"))?;
             let n_dims = r.u32(&format!("the rank of tensor {name:?}"))?;
@@ -266,8 +336,11 @@ impl Gguf {
             raw.push((name, dims, ty_raw, offset));
         }
 
-        let data_offset = r.pos.div_ceil(alignment) * alignment;
+        let data_offset = r.pos.div_ceil(alignment).saturating_mul(alignment);
         let file_len = bytes.len() as u64;
+        // Sum of all tensor sizes: must fit in the data section, so that tensors cannot alias
+        // one another to make a small file load as a huge model.
+        let mut total_size = 0u64;
         let mut tensors = Vec::with_capacity(raw.len());
         for (name, dims, ty_raw, rel) in raw {
             let ty = TensorType::from_ggml(ty_raw).map_err(|type_name| GgufError::UnsupportedTensorType {
@@ -290,7 +363,22 @@ impl Gguf {
                     reason: "the row length is not a multiple of the block length",
                 });
             }
-            let size = len / ty.block_len() as u64 * ty.block_bytes() as u64;
+            let size = (len / ty.block_len() as u64)
+                .checked_mul(ty.block_bytes() as u64)
+                .ok_or_else(|| GgufError::BadShape {
+                    name: name.clone(),
+                    dims: dims.clone(),
+                    reason: "byte size overflows",
+                })?;
+            total_size = total_size.saturating_add(size);
+            if total_size > file_len.saturating_sub(data_offset) {
+                return Err(GgufError::TensorOutOfBounds {
+                    name,
+                    start: data_offset.saturating_add(rel),
+                    end: data_offset.saturating_add(rel).saturating_add(size),
+                    len: file_len,
+                });
+            }
             let start = data_offset.checked_add(rel);
             let end = start.and_then(|s| s.checked_add(size));
             match (start, end) {
@@ -364,13 +452,8 @@ impl Gguf {
     /// An array-of-strings metadata value.
     pub fn get_str_array(&self, key: &str) -> Result<Vec<&str>, GgufError> {
         match self.get(key)? {
-            Value::Array(items) => items
-                .iter()
-                .map(|v| match v {
-                    Value::String(s) => Ok(s.as_str()),
-                    _ => Err(self.wrong(key, "an array of strings")),
-                })
-                .collect(),
+            Value::Array(Array::String(items)) => Ok(items.iter().map(String::as_str).collect()),
+            Value::Array(a) if a.is_empty() => Ok(Vec::new()),
             _ => Err(self.wrong(key, "an array of strings")),
         }
     }
@@ -378,10 +461,7 @@ impl Gguf {
     /// An array-of-integers metadata value.
     pub fn get_i64_array(&self, key: &str) -> Result<Vec<i64>, GgufError> {
         match self.get(key)? {
-            Value::Array(items) => items
-                .iter()
-                .map(|v| v.as_i64().ok_or_else(|| self.wrong(key, "an array of integers")))
-                .collect(),
+            Value::Array(a) => a.to_i64().ok_or_else(|| self.wrong(key, "an array of integers")),
             _ => Err(self.wrong(key, "an array of integers")),
         }
     }
@@ -454,7 +534,7 @@ impl<'a> Reader<'a> {
     /// Fails early when `count` items of at least `min_size` bytes cannot fit in the rest of the
     /// file, so that a corrupt count never triggers a huge allocation.
     fn ensure_count(&self, count: u64, min_size: u64, what: &str) -> Result<(), GgufError> {
-        let remaining = self.bytes.len() as u64 - self.pos;
+        let remaining = (self.bytes.len() as u64).saturating_sub(self.pos);
         if count.saturating_mul(min_size) > remaining {
             return Err(GgufError::Truncated {
                 what: what.to_owned(),
@@ -480,13 +560,15 @@ impl<'a> Reader<'a> {
         let len = self.u64(what)?;
         let start = self.pos;
         let bytes = self.take(len, what)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| GgufError::InvalidUtf8 {
+        // Checked before copying: a damaged length over binary data fails without allocating.
+        let text = std::str::from_utf8(bytes).map_err(|_| GgufError::InvalidUtf8 {
             what: what.to_owned(),
             offset: start,
-        })
+        })?;
+        Ok(text.to_owned())
     }
 
-    fn value(&mut self, key: &str, ty: u32, depth: u32) -> Result<Value, GgufError> {
+    fn value(&mut self, key: &str, ty: u32) -> Result<Value, GgufError> {
         let what = || format!("the value of metadata {key:?}");
         Ok(match ty {
             0 => Value::U8(self.array::<1>(&what())?[0]),
@@ -498,20 +580,64 @@ impl<'a> Reader<'a> {
             6 => Value::F32(f32::from_le_bytes(self.array(&what())?)),
             7 => Value::Bool(self.array::<1>(&what())?[0] != 0),
             8 => Value::String(self.string(&what())?),
-            9 if depth == 0 => {
+            9 => {
                 let elem_ty = self.u32(&what())?;
                 let count = self.u64(&what())?;
-                self.ensure_count(count, 1, &what())?;
-                let mut items = Vec::with_capacity(count as usize);
-                for _ in 0..count {
-                    items.push(self.value(key, elem_ty, depth + 1)?);
-                }
-                Value::Array(items)
+                Value::Array(self.array_of(key, elem_ty, count)?)
             }
             10 => Value::U64(u64::from_le_bytes(self.array(&what())?)),
             11 => Value::I64(i64::from_le_bytes(self.array(&what())?)),
             12 => Value::F64(f64::from_le_bytes(self.array(&what())?)),
             _ => return Err(GgufError::UnknownValueType { key: key.to_owned(), ty }),
+        })
+    }
+
+    /// `count` elements of type `elem_ty`, checked against the bytes left before anything is
+    /// allocated for them.
+    fn array_of(&mut self, key: &str, elem_ty: u32, count: u64) -> Result<Array, GgufError> {
+        let what = format!("the value of metadata {key:?}");
+        let width: u64 = match elem_ty {
+            0 | 1 | 7 => 1,
+            2 | 3 => 2,
+            4..=6 => 4,
+            10..=12 => 8,
+            // A string takes at least its 8-byte length.
+            8 => {
+                self.ensure_count(count, 8, &what)?;
+                let mut items = Vec::with_capacity(count.min(PREALLOC_MAX) as usize);
+                for _ in 0..count {
+                    items.push(self.string(&what)?);
+                }
+                return Ok(Array::String(items));
+            }
+            _ => {
+                return Err(GgufError::UnknownValueType {
+                    key: key.to_owned(),
+                    ty: elem_ty,
+                });
+            }
+        };
+        self.ensure_count(count, width, &what)?;
+        // In bounds: `ensure_count` checked count × width against the bytes left.
+        let bytes = self.take(count * width, &what)?;
+        fn le<const N: usize, T>(bytes: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
+            bytes
+                .chunks_exact(N)
+                .map(|c| f(c.try_into().expect("chunks_exact yields N bytes")))
+                .collect()
+        }
+        Ok(match elem_ty {
+            0 => Array::U8(bytes.to_vec()),
+            1 => Array::I8(le(bytes, i8::from_le_bytes)),
+            2 => Array::U16(le(bytes, u16::from_le_bytes)),
+            3 => Array::I16(le(bytes, i16::from_le_bytes)),
+            4 => Array::U32(le(bytes, u32::from_le_bytes)),
+            5 => Array::I32(le(bytes, i32::from_le_bytes)),
+            6 => Array::F32(le(bytes, f32::from_le_bytes)),
+            7 => Array::Bool(bytes.iter().map(|&b| b != 0).collect()),
+            10 => Array::U64(le(bytes, u64::from_le_bytes)),
+            11 => Array::I64(le(bytes, i64::from_le_bytes)),
+            _ => Array::F64(le(bytes, f64::from_le_bytes)),
         })
     }
 }

@@ -14,6 +14,7 @@
 //! copy of the weight on the device (see [`Linear`]).
 
 use std::ops::Range;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Bool, Device, Tensor, TensorData};
@@ -40,17 +41,35 @@ pub struct Config {
     pub rms_eps: f32,
 }
 
+/// Largest context a file may declare: the KV cache and the RoPE tables grow with use up to
+/// it, so this bounds a hostile file's claim, not what a real model costs (Llama 3.1, the
+/// largest-context Llama, declares 131,072; SmolLM2 8,192).
+pub const MAX_CONTEXT: usize = 1 << 20;
+/// Largest attention head width (Llama models use 64 or 128; 256 is the largest in llama.cpp's
+/// Llama-architecture files).
+pub const MAX_HEAD_DIM: usize = 512;
+/// Most blocks a file may declare (Llama 3.1 405B has 126).
+pub const MAX_LAYERS: usize = 1024;
+
 impl Config {
-    /// Reads the hyperparameters of a `general.architecture = llama` file.
+    /// Reads the hyperparameters of a `general.architecture = llama` file, and checks that they
+    /// describe a model the architecture allows (the tensors are checked against them when the
+    /// model loads).
     pub fn from_gguf(gguf: &Gguf) -> Result<Self, EngineError> {
         let arch = gguf.get_str("general.architecture")?;
         if arch != "llama" {
             return Err(EngineError::Unsupported(format!("architecture {arch:?} (only llama)")));
         }
-        let u = |k: &str| gguf.get_u64(&format!("llama.{k}")).map(|v| v as usize);
+        let u = |k: &str| -> Result<usize, EngineError> {
+            let v = gguf.get_u64(&format!("llama.{k}"))?;
+            usize::try_from(v).map_err(|_| EngineError::Unsupported(format!("llama.{k} = {v} is too large")))
+        };
         let n_embd = u("embedding_length")?;
         let n_head = u("attention.head_count")?;
-        let n_head_kv = u("attention.head_count_kv").unwrap_or(n_head);
+        let n_head_kv = match gguf.metadata.get("llama.attention.head_count_kv") {
+            Some(_) => u("attention.head_count_kv")?,
+            None => n_head,
+        };
         let config = Self {
             n_layer: u("block_count")?,
             n_embd,
@@ -61,52 +80,131 @@ impl Config {
             vocab_size: gguf.get_str_array("tokenizer.ggml.tokens")?.len(),
             context_length: u("context_length")?,
             // llama.cpp's default when the key is absent.
-            rope_theta: gguf.get_f64("llama.rope.freq_base").unwrap_or(10_000.0) as f32,
+            rope_theta: match gguf.metadata.get("llama.rope.freq_base") {
+                Some(_) => gguf.get_f64("llama.rope.freq_base")? as f32,
+                None => 10_000.0,
+            },
             rms_eps: gguf.get_f64("llama.attention.layer_norm_rms_epsilon")? as f32,
         };
-        if n_head == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 || n_embd % n_head != 0 {
-            return Err(EngineError::Unsupported(format!(
-                "head layout: {n_head} query heads, {n_head_kv} KV heads, width {n_embd}"
-            )));
-        }
+        config.check()?;
         Ok(config)
+    }
+
+    /// Fails unless the hyperparameters are ones a Llama can have.
+    fn check(&self) -> Result<(), EngineError> {
+        let bad = |m: String| Err(EngineError::Unsupported(m));
+        let (n_head, n_head_kv, n_embd) = (self.n_head, self.n_head_kv, self.n_embd);
+        if n_head == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 || n_embd % n_head != 0 {
+            return bad(format!("head layout: {n_head} query heads, {n_head_kv} KV heads, width {n_embd}"));
+        }
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) || self.head_dim > MAX_HEAD_DIM {
+            return bad(format!(
+                "head width {} (RoPE needs an even width of at most {MAX_HEAD_DIM})",
+                self.head_dim
+            ));
+        }
+        if self.n_layer == 0 || self.n_layer > MAX_LAYERS {
+            return bad(format!("{} blocks (1 to {MAX_LAYERS} supported)", self.n_layer));
+        }
+        if self.n_ff == 0 {
+            return bad("feed_forward_length 0".into());
+        }
+        if self.vocab_size == 0 || u32::try_from(self.vocab_size).is_err() {
+            return bad(format!("a vocabulary of {} tokens", self.vocab_size));
+        }
+        if self.context_length == 0 || self.context_length > MAX_CONTEXT {
+            return bad(format!("context_length {} (1 to {MAX_CONTEXT} supported)", self.context_length));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return bad(format!("rope.freq_base {}", self.rope_theta));
+        }
+        if !(self.rms_eps.is_finite() && self.rms_eps >= 0.0) {
+            return bad(format!("layer_norm_rms_epsilon {}", self.rms_eps));
+        }
+        Ok(())
     }
 }
 
-/// Rotary embedding tables for positions `0..context_length`: `cos`/`sin` of
-/// `pos · θ^(-2i/d)`, each entry repeated twice so that it lines up with the pair
-/// `(x[2i], x[2i+1])` it rotates.
+/// Rotary embedding tables: `cos`/`sin` of `pos · θ^(-2i/d)`, each entry repeated twice so
+/// that it lines up with the pair `(x[2i], x[2i+1])` it rotates.
+///
+/// The tables cover the positions used so far and grow (doubling, up to the context length)
+/// when a pass reaches past them: a file's `context_length` costs nothing until it is used.
 #[derive(Debug, Clone)]
 struct Rope {
+    head_dim: usize,
+    theta: f32,
+    context_length: usize,
+    device: Device,
+    /// Shared by clones of the model; only ever grows, with the same values.
+    tables: Arc<RwLock<RopeTables>>,
+}
+
+#[derive(Debug)]
+struct RopeTables {
+    positions: usize,
     cos: Tensor<2>,
     sin: Tensor<2>,
 }
 
+/// Positions the RoPE tables start with (SmolLM2's whole context).
+const ROPE_INITIAL_POSITIONS: usize = 8192;
+
 impl Rope {
     fn new(config: &Config, device: &Device) -> Self {
-        let (d, n) = (config.head_dim, config.context_length);
+        let (head_dim, theta) = (config.head_dim, config.rope_theta);
+        let positions = config.context_length.min(ROPE_INITIAL_POSITIONS);
+        let tables = Self::tables(head_dim, theta, positions, device);
+        Self {
+            head_dim,
+            theta,
+            context_length: config.context_length,
+            device: device.clone(),
+            tables: Arc::new(RwLock::new(tables)),
+        }
+    }
+
+    fn tables(d: usize, theta: f32, n: usize, device: &Device) -> RopeTables {
         let mut cos = Vec::with_capacity(n * d);
         let mut sin = Vec::with_capacity(n * d);
         for pos in 0..n {
             for i in 0..d / 2 {
-                let freq = config.rope_theta.powf(-2.0 * i as f32 / d as f32);
+                let freq = theta.powf(-2.0 * i as f32 / d as f32);
                 let angle = pos as f32 * freq;
                 let (s, c) = angle.sin_cos();
                 cos.extend([c, c]);
                 sin.extend([s, s]);
             }
         }
-        Self {
+        RopeTables {
+            positions: n,
             cos: Tensor::from_data(TensorData::new(cos, [n, d]), device),
             sin: Tensor::from_data(TensorData::new(sin, [n, d]), device),
         }
     }
 
+    /// `cos` and `sin` for positions `0..end` at least.
+    fn cos_sin(&self, end: usize) -> (Tensor<2>, Tensor<2>) {
+        {
+            let t = self.tables.read().unwrap_or_else(PoisonError::into_inner);
+            if t.positions >= end {
+                return (t.cos.clone(), t.sin.clone());
+            }
+        }
+        let mut t = self.tables.write().unwrap_or_else(PoisonError::into_inner);
+        if t.positions < end {
+            let n = end.max(t.positions.saturating_mul(2)).min(self.context_length.max(end));
+            *t = Self::tables(self.head_dim, self.theta, n, &self.device);
+        }
+        (t.cos.clone(), t.sin.clone())
+    }
+
     /// Rotates `x` (`[heads, seq, head_dim]`) for positions `positions`.
     fn apply(&self, x: Tensor<3>, positions: Range<usize>) -> Tensor<3> {
         let [heads, seq, d] = x.dims();
-        let cos = self.cos.clone().slice([positions.clone()]).unsqueeze::<3>();
-        let sin = self.sin.clone().slice([positions]).unsqueeze::<3>();
+        let (cos, sin) = self.cos_sin(positions.end);
+        let cos = cos.slice([positions.clone()]).unsqueeze::<3>();
+        let sin = sin.slice([positions]).unsqueeze::<3>();
         // rotate_pairs(x)[2i] = -x[2i+1], rotate_pairs(x)[2i+1] = x[2i]
         let pairs = x.clone().reshape([heads, seq, d / 2, 2]);
         let even = pairs.clone().slice([0..heads, 0..seq, 0..d / 2, 0..1]);
@@ -212,14 +310,18 @@ struct Linear {
 }
 
 impl Linear {
-    fn load(file: &ModelFile, name: &str, backend: Backend, device: &Device) -> Result<Self, EngineError> {
-        Self::new(file.matrix(name)?, backend, device)
+    fn load(file: &ModelFile, name: &str, [rows, cols]: [usize; 2], backend: Backend, device: &Device) -> Result<Self, EngineError> {
+        Self::new(file.matrix(name, rows, cols)?, backend, device)
     }
 
     /// One layer computing several GGUF projections of the same input, stacked along the
     /// output dimension (fewer, larger kernel launches per token).
-    fn load_stacked(file: &ModelFile, names: &[String], backend: Backend, device: &Device) -> Result<Self, EngineError> {
-        let parts = names.iter().map(|n| file.matrix(n)).collect::<Result<Vec<_>, _>>()?;
+    fn load_stacked(file: &ModelFile, parts: &[(String, [usize; 2])], backend: Backend, device: &Device) -> Result<Self, EngineError> {
+        let names: Vec<&str> = parts.iter().map(|(n, _)| n.as_str()).collect();
+        let parts = parts
+            .iter()
+            .map(|(n, [rows, cols])| file.matrix(n, *rows, *cols))
+            .collect::<Result<Vec<_>, _>>()?;
         let weight = QMatrix::concat_rows(&parts).ok_or_else(|| EngineError::BadTensor(format!("{names:?} differ in type or width")))?;
         Self::new(weight, backend, device)
     }
@@ -283,7 +385,9 @@ async fn hook_on_host(hook: &mut dyn ResidualHook, layer: usize, positions: Rang
     #[cfg(not(feature = "cpu"))]
     {
         let _ = (hook, layer, positions, values, device, rows, width);
-        Err(EngineError::Unsupported("residual hooks on wgpu without blocking need the cpu feature".into()))
+        Err(EngineError::Unsupported(
+            "residual hooks on wgpu without blocking need the cpu feature".into(),
+        ))
     }
 }
 
@@ -295,8 +399,8 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn load(file: &ModelFile, name: &str, eps: f32, device: &Device) -> Result<Self, EngineError> {
-        let values = file.vector(name)?;
+    fn load(file: &ModelFile, name: &str, len: usize, eps: f32, device: &Device) -> Result<Self, EngineError> {
+        let values = file.vector(name, len)?;
         let n = values.len();
         Ok(Self {
             weight: Tensor::from_data(TensorData::new(values, [n]), device),
@@ -419,22 +523,33 @@ struct Block {
 impl Block {
     fn load(file: &ModelFile, i: usize, config: &Config, backend: Backend, device: &Device) -> Result<Self, EngineError> {
         let name = |t: &str| format!("blk.{i}.{t}.weight");
-        let linear = |t: &str| Linear::load(file, &name(t), backend, device);
-        let stacked = |ts: &[&str]| Linear::load_stacked(file, &ts.iter().map(|t| name(t)).collect::<Vec<_>>(), backend, device);
-        let norm = |t: &str| RmsNorm::load(file, &name(t), config.rms_eps, device);
+        // Shapes as [rows (outputs), cols (inputs)].
+        let (n_embd, n_ff) = (config.n_embd, config.n_ff);
+        let q_width = config.n_head * config.head_dim;
+        let kv_width = config.n_head_kv * config.head_dim;
+        let linear = |t: &str, shape: [usize; 2]| Linear::load(file, &name(t), shape, backend, device);
+        let stacked = |ts: &[(&str, [usize; 2])]| {
+            let parts: Vec<(String, [usize; 2])> = ts.iter().map(|(t, shape)| (name(t), *shape)).collect();
+            Linear::load_stacked(file, &parts, backend, device)
+        };
+        let norm = |t: &str| RmsNorm::load(file, &name(t), n_embd, config.rms_eps, device);
         Ok(Self {
             attn_norm: norm("attn_norm")?,
             attn: Attention {
-                attn_qkv: stacked(&["attn_q", "attn_k", "attn_v"])?,
-                attn_output: linear("attn_output")?,
+                attn_qkv: stacked(&[
+                    ("attn_q", [q_width, n_embd]),
+                    ("attn_k", [kv_width, n_embd]),
+                    ("attn_v", [kv_width, n_embd]),
+                ])?,
+                attn_output: linear("attn_output", [n_embd, q_width])?,
                 n_head: config.n_head,
                 n_head_kv: config.n_head_kv,
                 head_dim: config.head_dim,
             },
             ffn_norm: norm("ffn_norm")?,
             mlp: Mlp {
-                ffn_gate_up: stacked(&["ffn_gate", "ffn_up"])?,
-                ffn_down: linear("ffn_down")?,
+                ffn_gate_up: stacked(&[("ffn_gate", [n_ff, n_embd]), ("ffn_up", [n_ff, n_embd])])?,
+                ffn_down: linear("ffn_down", [n_embd, n_ff])?,
                 n_ff: config.n_ff,
             },
         })
@@ -474,26 +589,38 @@ pub(crate) struct ModelFile<'a> {
 }
 
 impl ModelFile<'_> {
-    fn tensor_bytes(&self, t: &crate::gguf::TensorInfo) -> &[u8] {
-        // In bounds: the GGUF reader checked every tensor against the file length.
-        &self.bytes[t.offset as usize..(t.offset + t.size) as usize]
+    fn tensor_bytes(&self, t: &crate::gguf::TensorInfo) -> Result<&[u8], EngineError> {
+        // The GGUF reader checked every tensor against the file length; this only fails if the
+        // table and the bytes do not belong together.
+        usize::try_from(t.offset)
+            .ok()
+            .zip(usize::try_from(t.size).ok())
+            .and_then(|(start, size)| self.bytes.get(start..start.checked_add(size)?))
+            .ok_or_else(|| EngineError::BadTensor(format!("{} lies outside the file", t.name)))
     }
 
-    fn matrix(&self, name: &str) -> Result<QMatrix, EngineError> {
+    /// The 2-D tensor `name`, which must be `rows × cols` (in GGUF's order: `[cols, rows]`).
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<QMatrix, EngineError> {
         let t = self.gguf.tensor(name)?;
-        let [cols, rows] = match t.dims[..] {
-            [c, r] => [c as usize, r as usize],
-            _ => return Err(EngineError::BadTensor(format!("{name} has shape {:?}, expected 2-D", t.dims))),
-        };
-        Ok(QMatrix::from_gguf(t.ty, rows, cols, self.tensor_bytes(t)))
+        if t.dims[..] != [cols as u64, rows as u64] {
+            return Err(EngineError::BadTensor(format!(
+                "{name} has shape {:?}, expected [{cols}, {rows}]",
+                t.dims
+            )));
+        }
+        QMatrix::try_from_gguf(t.ty, rows, cols, self.tensor_bytes(t)?).map_err(|e| EngineError::BadTensor(format!("{name}: {e}")))
     }
 
-    fn vector(&self, name: &str) -> Result<Vec<f32>, EngineError> {
+    /// The F32/F16 vector `name`, which must hold `len` values.
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, EngineError> {
         let t = self.gguf.tensor(name)?;
         if !matches!(t.ty, TensorType::F32 | TensorType::F16) {
             return Err(EngineError::BadTensor(format!("{name} is {:?}, expected F32", t.ty)));
         }
-        Ok(crate::gguf::dequantize(t.ty, self.tensor_bytes(t)))
+        if t.dims[..] != [len as u64] {
+            return Err(EngineError::BadTensor(format!("{name} has shape {:?}, expected [{len}]", t.dims)));
+        }
+        Ok(crate::gguf::dequantize(t.ty, self.tensor_bytes(t)?))
     }
 }
 
@@ -514,13 +641,8 @@ pub struct Llama {
 impl Llama {
     pub(crate) fn load(file: &ModelFile, backend: Backend, device: &Device) -> Result<Self, EngineError> {
         let config = Config::from_gguf(&file.gguf)?;
-        let token_embd = file.matrix("token_embd.weight")?;
-        if token_embd.rows != config.vocab_size || token_embd.cols != config.n_embd {
-            return Err(EngineError::BadTensor(format!(
-                "token_embd.weight is {}x{}, expected {}x{}",
-                token_embd.rows, token_embd.cols, config.vocab_size, config.n_embd
-            )));
-        }
+        let vocab_by_embd = [config.vocab_size, config.n_embd];
+        let token_embd = file.matrix("token_embd.weight", config.vocab_size, config.n_embd)?;
         let output_name = match file.gguf.tensor("output.weight") {
             Ok(_) => "output.weight",
             Err(_) => "token_embd.weight", // tied embeddings
@@ -529,8 +651,8 @@ impl Llama {
             .map(|i| Block::load(file, i, &config, backend, device))
             .collect::<Result<_, _>>()?;
         Ok(Self {
-            output: Linear::load(file, output_name, backend, device)?,
-            output_norm: RmsNorm::load(file, "output_norm.weight", config.rms_eps, device)?,
+            output: Linear::load(file, output_name, vocab_by_embd, backend, device)?,
+            output_norm: RmsNorm::load(file, "output_norm.weight", config.n_embd, config.rms_eps, device)?,
             rope: Rope::new(&config, device),
             token_embd,
             blocks,
@@ -640,7 +762,9 @@ impl Llama {
         mut hook: Option<&mut dyn ResidualHook>,
     ) -> Result<Vec<f32>, EngineError> {
         if self.backend != Backend::Wgpu {
-            let logits = self.forward(tokens, cache, hook, Logits::Last)?.expect("Logits::Last returns logits");
+            let logits = self
+                .forward(tokens, cache, hook, Logits::Last)?
+                .expect("Logits::Last returns logits");
             return to_host(logits);
         }
         self.check_input(tokens, cache)?;

@@ -65,15 +65,34 @@ struct ActivationsQ8 {
 const BLOCK: usize = 32;
 
 impl QMatrix {
-    /// Repacks `rows × cols` weights of type `ty` from their GGUF bytes.
+    /// Repacks `rows × cols` weights of type `ty` from bytes the caller built.
+    ///
+    /// # Panics
+    /// When the shape and the bytes disagree; bytes from a file go through
+    /// [`try_from_gguf`](Self::try_from_gguf).
     pub fn from_gguf(ty: TensorType, rows: usize, cols: usize, bytes: &[u8]) -> Self {
-        assert_eq!(cols % ty.block_len(), 0, "row length must be whole blocks");
-        let n_blocks = rows * cols / ty.block_len();
-        assert_eq!(
-            bytes.len(),
-            n_blocks * ty.block_bytes(),
-            "byte length of a {rows}x{cols} {ty:?} matrix"
-        );
+        Self::try_from_gguf(ty, rows, cols, bytes).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Repacks `rows × cols` weights of type `ty` from their GGUF bytes; fails unless the
+    /// matrix is non-empty, its rows are whole blocks and `bytes` holds exactly the matrix.
+    pub fn try_from_gguf(ty: TensorType, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self, String> {
+        if rows == 0 || cols == 0 {
+            return Err(format!("a {rows}x{cols} matrix has no elements"));
+        }
+        if !cols.is_multiple_of(ty.block_len()) {
+            return Err(format!(
+                "a {rows}x{cols} {ty:?} matrix: the row length is not a multiple of {}",
+                ty.block_len()
+            ));
+        }
+        let expected = rows
+            .checked_mul(cols)
+            .map(|n| n / ty.block_len())
+            .and_then(|n_blocks| n_blocks.checked_mul(ty.block_bytes()));
+        if expected != Some(bytes.len()) {
+            return Err(format!("a {rows}x{cols} {ty:?} matrix cannot be {} bytes long", bytes.len()));
+        }
         let f16_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
         let chunks = || bytes.chunks_exact(ty.block_bytes());
         let blocks = match ty {
@@ -93,12 +112,12 @@ impl QMatrix {
             },
             TensorType::F32 | TensorType::F16 => Blocks::F32(dequantize(ty, bytes)),
         };
-        Self {
+        Ok(Self {
             ty,
             rows,
             cols,
             blocks: Arc::new(blocks),
-        }
+        })
     }
 
     /// Stacks matrices with the same encoding and width on top of each other, so that one

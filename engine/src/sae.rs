@@ -149,7 +149,7 @@ fn encoder_q8(w_enc: &[f32], d_in: usize, d_sae: usize) -> Option<QMatrix> {
             bytes.extend(block.iter().map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8 as u8));
         }
     }
-    Some(QMatrix::from_gguf(TensorType::Q8_0, d_sae, d_in, &bytes))
+    QMatrix::try_from_gguf(TensorType::Q8_0, d_sae, d_in, &bytes).ok()
 }
 
 impl Sae {
@@ -162,7 +162,7 @@ impl Sae {
             ("W_dec", &w_dec, vec![s, d]),
             ("b_dec", &b_dec, vec![d]),
         ] {
-            if data.len() != shape.iter().product::<usize>() {
+            if Some(data.len()) != shape.iter().try_fold(1usize, |a, &b| a.checked_mul(b)) {
                 return Err(SaeError::Shape {
                     name,
                     expected: shape,

@@ -134,10 +134,22 @@ impl Tokenizer {
             .collect();
         let types = gguf.get_i64_array("tokenizer.ggml.token_type")?;
         let merges = gguf.get_str_array("tokenizer.ggml.merges")?;
-        let eos = gguf.get_u64("tokenizer.ggml.eos_token_id")? as TokenId;
+        // Ids must name a token of the vocabulary (a u64 from the file is never truncated).
+        let vocab = tokens.len();
+        let token_id = |key: &str| -> Result<TokenId, TokenizerError> {
+            let id = gguf.get_u64(key)?;
+            TokenId::try_from(id)
+                .ok()
+                .filter(|&id| (id as usize) < vocab)
+                .ok_or(TokenizerError::BadTokenId(id.min(u64::from(u32::MAX)) as TokenId, vocab))
+        };
+        if u32::try_from(vocab).is_err() {
+            return Err(TokenizerError::BadTokenId(u32::MAX, vocab));
+        }
+        let eos = token_id("tokenizer.ggml.eos_token_id")?;
         let add_bos = gguf.get_bool("tokenizer.ggml.add_bos_token").unwrap_or(false);
         let bos = if add_bos {
-            Some(gguf.get_u64("tokenizer.ggml.bos_token_id")? as TokenId)
+            Some(token_id("tokenizer.ggml.bos_token_id")?)
         } else {
             None
         };
@@ -172,9 +184,6 @@ impl Tokenizer {
         let byte_to_char = bytes_to_unicode();
         let char_to_byte = byte_to_char.iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
         let byte_tokens = byte_to_char.map(|c| token_ids.get(&c.to_string()).copied());
-        if (eos as usize) >= tokens.len() {
-            return Err(TokenizerError::BadTokenId(eos, tokens.len()));
-        }
         Ok(Self {
             tokens,
             token_ids,
