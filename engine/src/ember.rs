@@ -1053,8 +1053,7 @@ impl Ember {
         };
         let tokens = self.conversation_tokens(&messages)?;
         let steered = (!variant.is_base()).then_some((&variant, self.units.as_slice()));
-        cancel.check()?;
-        let inspection = Inspection::run(&self.model, &self.sae, &tokens, steered)?;
+        let inspection = Inspection::run_cancellable(&self.model, &self.sae, &tokens, steered, cancel)?;
         let mut out = Vec::with_capacity(tokens.len());
         for (&token, features) in inspection.tokens.iter().zip(&inspection.features) {
             let mut attributions: Vec<(u32, f32)> = features
@@ -1185,9 +1184,10 @@ impl Ember {
         }
         let (context, target) = (&tokens[..index], tokens[index] as usize);
         let mut before = self.model.llama.new_cache();
+        let mut cancellable = crate::CancelBetweenBlocks(cancel.clone());
         self.model
             .llama
-            .forward(&context[..index - 1], &mut before, None, crate::Logits::Last)?;
+            .forward(&context[..index - 1], &mut before, Some(&mut cancellable), crate::Logits::Last)?;
         let logit_of = |variant: Option<&Variant>| -> Result<f32, EmberError> {
             cancel.check()?;
             let mut cache = before.clone();
@@ -1201,7 +1201,7 @@ impl Ember {
             Ok(crate::to_host(logits)?[target])
         };
         let base = logit_of(None)?;
-        let inspection = Inspection::run(&self.model, &self.sae, context, None)?;
+        let inspection = Inspection::run_cancellable(&self.model, &self.sae, context, None, cancel)?;
         let mut at_last: Vec<(u32, f32)> = inspection.features[index - 1]
             .iter()
             .map(|&(f, a)| (f, a / self.units[f as usize]))

@@ -26,6 +26,34 @@ pub trait ResidualHook: Send {
     fn interrupt(&self) -> Option<String> {
         None
     }
+
+    /// Whether the work this pass belongs to was cancelled: checked before every block, so a
+    /// long prefill stops within one block's time ([`EngineError::Cancelled`](crate::EngineError::Cancelled)).
+    fn cancelled(&self) -> bool {
+        false
+    }
+}
+
+/// A hook that edits nothing and only lets a forward pass be cancelled between blocks.
+#[derive(Debug, Clone)]
+pub struct CancelBetweenBlocks(pub crate::CancelToken);
+
+impl ResidualHook for CancelBetweenBlocks {
+    fn wants(&self, _layer: usize) -> bool {
+        false
+    }
+
+    fn last_layer(&self) -> Option<usize> {
+        None
+    }
+
+    fn after_block(&mut self, _layer: usize, _positions: Range<usize>, residual: Tensor<2>) -> Tensor<2> {
+        residual
+    }
+
+    fn cancelled(&self) -> bool {
+        self.0.is_cancelled()
+    }
 }
 
 /// Records the residual stream after one or more blocks, for every position it passes

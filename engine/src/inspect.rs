@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::sae::{Feature, Sae};
 use crate::steer::{Steer, Variant, VariantError};
 use crate::tokenizer::{ChatMessage, TokenId};
-use crate::{EngineError, Logits, Model};
+use crate::{CancelToken, EngineError, Logits, Model};
 
 /// How a feature's activations over the tokens reduce to one number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +39,18 @@ impl Inspection {
     /// Runs `tokens` through the model to the SAE's block, with `variant`'s edits when given
     /// (`units`: each latent's max activation), and records every token's latents.
     pub fn run(model: &Model, sae: &Sae, tokens: &[TokenId], variant: Option<(&Variant, &[f32])>) -> Result<Self, EngineError> {
+        Self::run_cancellable(model, sae, tokens, variant, &CancelToken::new())
+    }
+
+    /// [`run`](Self::run) that stops between blocks once `cancel` is cancelled
+    /// (`EngineError::Cancelled`): a long inspection's pass takes seconds.
+    pub fn run_cancellable(
+        model: &Model,
+        sae: &Sae,
+        tokens: &[TokenId],
+        variant: Option<(&Variant, &[f32])>,
+        cancel: &CancelToken,
+    ) -> Result<Self, EngineError> {
         let ones;
         let (variant, units) = match variant {
             Some((v, u)) => (v.clone(), u),
@@ -47,7 +59,7 @@ impl Inspection {
                 (Variant::new(""), ones.as_slice())
             }
         };
-        let mut steer = Steer::new(sae, units, variant)?.recording();
+        let mut steer = Steer::new(sae, units, variant)?.recording().cancellable(cancel.clone());
         let mut cache = model.llama.new_cache();
         model.llama.forward(tokens, &mut cache, Some(&mut steer), Logits::None)?;
         let features = (0..tokens.len()).map(|p| steer.features.remove(&p).unwrap_or_default()).collect();

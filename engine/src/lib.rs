@@ -52,7 +52,7 @@ pub use contrast::{assistant_mask, contrast};
 pub use embed::{EmbedError, StaticEmbedder, WordPiece};
 pub use ember::{Ember, EmberError};
 pub use generate::{BatchOutput, CancelToken, FinishReason, GeneratedToken, Interrupt, TokenStream};
-pub use hook::{AddToResidual, CaptureResidual, ResidualHook};
+pub use hook::{AddToResidual, CancelBetweenBlocks, CaptureResidual, ResidualHook};
 pub use inspect::{Aggregate, Inspection};
 pub use llama::{Config, KvCache, Llama, Logits, to_host};
 pub use logits::{NextToken, next_tokens};

@@ -729,6 +729,11 @@ impl Llama {
 
         let mut x = self.embed(tokens);
         for (layer, block) in self.blocks.iter().enumerate().take(last_layer + 1) {
+            if hook.as_deref().is_some_and(|h| h.cancelled()) {
+                // Some blocks already hold this pass's keys and values: the cache is spent.
+                cache.truncated = true;
+                return Err(EngineError::Cancelled);
+            }
             x = block.forward(x, layer, start, &self.rope, cache);
             if let Some(h) = hook.as_deref_mut()
                 && h.wants(layer)

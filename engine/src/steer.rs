@@ -570,6 +570,7 @@ pub struct Steer<'s> {
     /// Per processed position, its latents after the variant's edits (for inspection).
     pub features: BTreeMap<usize, Vec<Feature>>,
     record: bool,
+    cancel: Option<crate::CancelToken>,
 }
 
 impl<'s> Steer<'s> {
@@ -587,7 +588,14 @@ impl<'s> Steer<'s> {
             aborted: None,
             features: BTreeMap::new(),
             record: false,
+            cancel: None,
         })
+    }
+
+    /// Lets `cancel` stop a forward pass this hook is in, between blocks.
+    pub fn cancellable(mut self, cancel: crate::CancelToken) -> Self {
+        self.cancel = Some(cancel);
+        self
     }
 
     /// Also keeps every processed position's latents in [`features`](Self::features).
@@ -688,6 +696,10 @@ impl ResidualHook for Steer<'_> {
 
     fn interrupt(&self) -> Option<String> {
         self.aborted.clone()
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.as_ref().is_some_and(crate::CancelToken::is_cancelled)
     }
 }
 

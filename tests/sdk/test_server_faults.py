@@ -339,7 +339,13 @@ def test_leaving_frees_the_slot_of_every_kind_of_request():
         for i in range(60)
     ]
     contrast = {"dataset_1": turns, "dataset_2": turns[::-1], "model": MODEL, "k_to_add": 5, "k_to_remove": 5}
-    for path, body in (("/api/inference/v1/chat/completions", long_chat), ("/api/inference/v1/chat-attribution/contrast", contrast)):
+    # About 2,000 tokens: one forward pass of about 9 s, stopped between blocks.
+    inspect = {"messages": [{"role": "user", "content": "The cat sat on the mat and looked at the dog. " * 165}], "model": MODEL}
+    for path, body in (
+        ("/api/inference/v1/chat/completions", long_chat),
+        ("/api/inference/v1/chat-attribution/contrast", contrast),
+        ("/api/inference/v1/chat-attribution/compute-features", inspect),
+    ):
         sock = raw_request(path, body)
         assert wait_for(lambda: health()["running"] == 1, 10), health()
         time.sleep(0.5)
