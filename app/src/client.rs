@@ -129,7 +129,8 @@ impl LocalEngine {
             Some(build) => format!("{script}?build={build}"),
             None => script.to_string(),
         };
-        let worker = web_sys::Worker::new_with_options(&script, &options).map_err(|e| ApiError::from_js("cannot start the engine worker", e))?;
+        let worker =
+            web_sys::Worker::new_with_options(&script, &options).map_err(|e| ApiError::from_js("cannot start the engine worker", e))?;
         let pending: Rc<RefCell<HashMap<u64, Pending>>> = Rc::default();
         let on_load = Rc::new(on_load);
         let on_error = {

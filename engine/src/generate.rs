@@ -72,11 +72,6 @@ impl Interrupt {
         self
     }
 
-    /// The cancel token, for a generation run inside the work.
-    pub fn cancel_token(&self) -> &CancelToken {
-        &self.cancel
-    }
-
     /// `Err(Cancelled)` or `Err(OutOfTime)` when the work must stop.
     pub fn check(&self) -> Result<(), EngineError> {
         self.cancel.check()?;

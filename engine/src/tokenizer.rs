@@ -440,11 +440,6 @@ pub struct RenderedChat {
 }
 
 impl RenderedChat {
-    /// The byte ranges of message contents in [`text`](Self::text).
-    pub fn contents(&self) -> &[Range<usize>] {
-        &self.contents
-    }
-
     /// Keeps the first `len` bytes of the text (at a character boundary), clipping contents.
     pub fn truncate(&mut self, len: usize) {
         let mut len = len.min(self.text.len());
@@ -593,7 +588,13 @@ mod tests {
                 (0..len).map(|_| alphabet[rng.random_range(0..alphabet.len())]).collect()
             })
             .collect();
-        pieces.extend(["a".repeat(300), "ab".repeat(150), "aab".repeat(100), " the".repeat(80), "😀".repeat(50)]);
+        pieces.extend([
+            "a".repeat(300),
+            "ab".repeat(150),
+            "aab".repeat(100),
+            " the".repeat(80),
+            "😀".repeat(50),
+        ]);
         pieces.extend(["internationalization", "Antidisestablishmentarianism", " hello", "        "].map(String::from));
         for piece in &pieces {
             assert_eq!(t.merge(piece), merge_by_rescanning(t, piece), "{piece:?}");
@@ -610,8 +611,12 @@ mod tests {
         assert_eq!(tokens.iter().filter(|&&id| id == start).count(), 3);
         assert!(t.decode(&tokens, false).unwrap().contains(forged));
         // Where the template writes them, they are control tokens as before.
-        let plain = t.encode_chat(&[ChatMessage::new("system", "Be brief."), ChatMessage::user("Hello!")]).unwrap();
-        let text = t.apply_chat_template(&[ChatMessage::new("system", "Be brief."), ChatMessage::user("Hello!")], true).unwrap();
+        let plain = t
+            .encode_chat(&[ChatMessage::new("system", "Be brief."), ChatMessage::user("Hello!")])
+            .unwrap();
+        let text = t
+            .apply_chat_template(&[ChatMessage::new("system", "Be brief."), ChatMessage::user("Hello!")], true)
+            .unwrap();
         assert_eq!(plain, t.encode(&text, true));
     }
 

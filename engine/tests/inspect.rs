@@ -5,7 +5,9 @@ mod common;
 
 use common::model;
 use kindling_engine::steer::Edit;
-use kindling_engine::{Aggregate, Backend, CancelToken, CaptureResidual, ChatMessage, Inspection, Interrupt, Logits, Sae, SaeConfig, Variant};
+use kindling_engine::{
+    Aggregate, Backend, CancelToken, CaptureResidual, ChatMessage, Inspection, Interrupt, Logits, Sae, SaeConfig, Variant,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

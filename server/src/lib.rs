@@ -98,9 +98,7 @@ impl Settings {
     /// Refuses settings that would open the server to any web page.
     pub fn check(&self) -> Result<(), String> {
         if self.api_keys.is_empty() && self.cors_origins.iter().any(|o| o == "*") {
-            return Err(
-                "--cors-origin '*' lets every web site a user visits drive this server: it needs --api-key too".into(),
-            );
+            return Err("--cors-origin '*' lets every web site a user visits drive this server: it needs --api-key too".into());
         }
         for origin in self.cors_origins.iter().filter(|o| *o != "*") {
             if HeaderValue::from_str(origin).is_err() || !(origin.starts_with("http://") || origin.starts_with("https://")) {
@@ -185,7 +183,6 @@ impl AppState {
         .map_err(worker_failed)?;
         out.map_err(ApiError::from)
     }
-
 }
 
 /// The accepted API keys, kept as SHA-256 digests.
@@ -340,7 +337,11 @@ pub fn with_guard_layers(app: Router, settings: &Settings) -> Router {
     let hosts = Arc::new(HostPolicy::new(&settings.allowed_hosts));
     let app = app
         .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send + 'static>| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the server failed on this request (a panic); it goes on").into_response()
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the server failed on this request (a panic); it goes on",
+            )
+            .into_response()
         }))
         .layer(middleware::from_fn(log_request))
         .layer(middleware::from_fn_with_state(hosts, check_host));
@@ -385,8 +386,7 @@ impl HostPolicy {
 
     fn allows(&self, host: &str, reached: Option<SocketAddr>) -> bool {
         let name = normalize_host(host);
-        self.names.iter().any(|n| n.eq_ignore_ascii_case(name))
-            || reached.is_some_and(|a| a.ip().to_string().eq_ignore_ascii_case(name))
+        self.names.iter().any(|n| n.eq_ignore_ascii_case(name)) || reached.is_some_and(|a| a.ip().to_string().eq_ignore_ascii_case(name))
     }
 }
 
@@ -607,17 +607,20 @@ macro_rules! post_handler {
 }
 
 post_handler!(compute_logits, ember::LogitsRequest, |e: &Ember, r, c| e.compute_logits(r, c));
-post_handler!(compute_features, ember::ComputeFeaturesRequest, |e: &Ember, r, c| e.compute_features(r, c));
+post_handler!(compute_features, ember::ComputeFeaturesRequest, |e: &Ember, r, c| e
+    .compute_features(r, c));
 post_handler!(contrast, ember::ContrastRequest, |e: &Ember, r, c| e.contrast(r, c));
 post_handler!(rerank, ember::RerankRequest, |e: &Ember, r, _| e.rerank(r));
 post_handler!(lookup, ember::LookupRequest, |e: &Ember, r, _| e.lookup(r));
 post_handler!(dashboard, ember::DashboardRequest, |e: &Ember, r, _| e.dashboard(r));
 post_handler!(neighbors, ember::NeighborsRequest, |e: &Ember, r, _| e.neighbors(r));
 post_handler!(auto_edits, ember::SpecificationRequest, |e: &Ember, r, c| e.auto_edits(r, c));
-post_handler!(auto_conditional, ember::SpecificationRequest, |e: &Ember, r, _| e.auto_conditional(r));
+post_handler!(auto_conditional, ember::SpecificationRequest, |e: &Ember, r, _| e
+    .auto_conditional(r));
 post_handler!(tokenize, ember::TokenizeRequest, |e: &Ember, r, _| e.tokenize(r));
 post_handler!(attribute, ember::AttributionRequest, |e: &Ember, r, c| e.attribute(r, c));
-post_handler!(contrastive_dataset, ember::ContrastiveDatasetRequest, |e: &Ember, r, c| e.contrastive_dataset(r, c));
+post_handler!(contrastive_dataset, ember::ContrastiveDatasetRequest, |e: &Ember, r, c| e
+    .contrastive_dataset(r, c));
 
 /// Query parameters, repeated keys kept (`features/?feature_id=a&feature_id=b`).
 fn query_pairs(uri: &axum::http::Uri) -> Vec<(String, String)> {
@@ -643,9 +646,7 @@ mod tests {
 
     /// A route that panics, behind the same layers as the real routes.
     fn guarded(settings: &Settings) -> Router {
-        let app = Router::new()
-            .route("/boom", get(boom))
-            .route("/ok", get(|| async { "ok" }));
+        let app = Router::new().route("/boom", get(boom)).route("/ok", get(|| async { "ok" }));
         with_guard_layers(app, settings)
     }
 
@@ -673,7 +674,14 @@ mod tests {
             allowed_hosts: vec!["kindling.example.org".into()],
             ..Settings::default()
         };
-        for host in ["localhost", "localhost:8080", "127.0.0.1:1", "[::1]:8080", "KINDLING.example.org.", "kindling.example.org:443"] {
+        for host in [
+            "localhost",
+            "localhost:8080",
+            "127.0.0.1:1",
+            "[::1]:8080",
+            "KINDLING.example.org.",
+            "kindling.example.org:443",
+        ] {
             let (status, _, _) = call(guarded(&settings), get_from(host, "/ok")).await;
             assert_eq!(status, StatusCode::OK, "{host}");
         }
@@ -684,7 +692,9 @@ mod tests {
         }
         // The address a connection reached counts (a server bound to 0.0.0.0, reached at its LAN address).
         let mut request = get_from("192.168.1.7:8080", "/ok");
-        request.extensions_mut().insert(ConnectionAddress("192.168.1.7:8080".parse().unwrap()));
+        request
+            .extensions_mut()
+            .insert(ConnectionAddress("192.168.1.7:8080".parse().unwrap()));
         assert_eq!(call(guarded(&Settings::default()), request).await.0, StatusCode::OK);
     }
 

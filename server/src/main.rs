@@ -100,11 +100,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read the API key file {}: {e}", path.display()))?;
         keys.extend(text.lines().map(str::to_string));
     }
-    let api_keys: Vec<String> = keys
-        .into_iter()
-        .map(|k| k.trim().to_string())
-        .filter(|k| !k.is_empty())
-        .collect();
+    let api_keys: Vec<String> = keys.into_iter().map(|k| k.trim().to_string()).filter(|k| !k.is_empty()).collect();
     if api_keys.is_empty() && !args.host.is_loopback() {
         return Err(format!(
             "refusing to serve {} without an API key: pass --api-key or KINDLING_API_KEYS",

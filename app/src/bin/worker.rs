@@ -90,8 +90,10 @@ mod worker {
             Ok(engines) => {
                 let backend = if engines.gpu.is_some() { "webgpu" } else { "cpu" };
                 EMBER.with(|e| *e.borrow_mut() = Some(Rc::new(engines)));
-                post(json!({ "type": "ready", "backend": backend, "model": MODEL_NAME, "cached": ALL_CACHED.get(),
-                             "seconds": (js_sys::Date::now() - started) / 1000.0 }));
+                post(
+                    json!({ "type": "ready", "backend": backend, "model": MODEL_NAME, "cached": ALL_CACHED.get(),
+                             "seconds": (js_sys::Date::now() - started) / 1000.0 }),
+                );
             }
             Err(e) => post(json!({ "type": "load_error", "message": e })),
         }
@@ -348,7 +350,11 @@ mod worker {
         let result = (async {
             let mut chunks = ember.start_chat_chunks(&plan, cancel.clone())?;
             loop {
-                let chunk = if engines.gpu.is_some() { chunks.next_chunk_async().await? } else { chunks.next_chunk()? };
+                let chunk = if engines.gpu.is_some() {
+                    chunks.next_chunk_async().await?
+                } else {
+                    chunks.next_chunk()?
+                };
                 let Some(chunk) = chunk else { break };
                 post(json!({ "type": "chunk", "id": id, "chunk": chunk }));
                 yield_to_event_loop().await;

@@ -122,7 +122,10 @@ fn rules_fired(chunk: &Value, rules: &[String]) -> Vec<String> {
         .filter_map(|fired| {
             let rule = fired["rule"].as_u64()? as usize;
             let place = match fired["token_index"].as_u64() {
-                Some(k) => format!("at reply token {k} “{}”", visible_token(fired["token"].as_str().unwrap_or_default())),
+                Some(k) => format!(
+                    "at reply token {k} “{}”",
+                    visible_token(fired["token"].as_str().unwrap_or_default())
+                ),
                 None => "on the prompt".to_string(),
             };
             let what = rules.get(rule).map(String::as_str).unwrap_or("a rule");
@@ -179,7 +182,9 @@ pub fn Chat() -> impl IntoView {
         input.set(String::new());
         let compare = compare.get_untracked();
         let controller = session.controller();
-        let rules: Vec<String> = session.variant.with_untracked(|v| v.rules.iter().map(super::rules::describe).collect());
+        let rules: Vec<String> = session
+            .variant
+            .with_untracked(|v| v.rules.iter().map(super::rules::describe).collect());
         steered.update(|c| c.push(Message::user(prompt.clone())));
         steered.update(|c| c.push(Message::assistant()));
         if compare {

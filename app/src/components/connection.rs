@@ -85,12 +85,20 @@ fn stored_key() -> Option<String> {
 /// Keeps a key that has just worked: on this device (`remember`) or in this tab only; it is
 /// removed from the other place, and an empty key is removed from both.
 fn keep_key(key: &str, remember: bool) {
-    let (keep, drop) = if remember { (storage(), tab_storage()) } else { (tab_storage(), storage()) };
+    let (keep, drop) = if remember {
+        (storage(), tab_storage())
+    } else {
+        (tab_storage(), storage())
+    };
     if let Some(s) = drop {
         let _ = s.remove_item(HOSTED_KEY_KEY);
     }
     if let Some(s) = keep {
-        let _ = if key.is_empty() { s.remove_item(HOSTED_KEY_KEY) } else { s.set_item(HOSTED_KEY_KEY, key) };
+        let _ = if key.is_empty() {
+            s.remove_item(HOSTED_KEY_KEY)
+        } else {
+            s.set_item(HOSTED_KEY_KEY, key)
+        };
     }
 }
 
@@ -122,14 +130,24 @@ enum Adapter {
 /// Asks `navigator.gpu.requestAdapter()`, through JS reflection (web-sys's WebGPU bindings
 /// are behind an unstable cfg).
 async fn webgpu_adapter() -> Adapter {
-    let get = |target: &wasm_bindgen::JsValue, key: &str| js_sys::Reflect::get(target, &key.into()).ok().filter(|v| !v.is_undefined() && !v.is_null());
+    let get = |target: &wasm_bindgen::JsValue, key: &str| {
+        js_sys::Reflect::get(target, &key.into())
+            .ok()
+            .filter(|v| !v.is_undefined() && !v.is_null())
+    };
     let Some(window) = web_sys::window() else { return Adapter::None };
-    let Some(gpu) = get(&window.navigator(), "gpu") else { return Adapter::None };
+    let Some(gpu) = get(&window.navigator(), "gpu") else {
+        return Adapter::None;
+    };
     let Some(request) = get(&gpu, "requestAdapter").and_then(|r| r.dyn_into::<js_sys::Function>().ok()) else {
         return Adapter::None;
     };
     let Ok(promise) = request.call0(&gpu) else { return Adapter::None };
-    let Some(adapter) = JsFuture::from(js_sys::Promise::from(promise)).await.ok().filter(|a| !a.is_undefined() && !a.is_null()) else {
+    let Some(adapter) = JsFuture::from(js_sys::Promise::from(promise))
+        .await
+        .ok()
+        .filter(|a| !a.is_undefined() && !a.is_null())
+    else {
         return Adapter::None;
     };
     // `adapter.info.isFallbackAdapter` now; `adapter.isFallbackAdapter` in older browsers.
@@ -200,7 +218,12 @@ pub fn Connection() -> impl IntoView {
                 _ => session.engine_build.set(Some(build)),
             }
         }
-        LoadEvent::Ready { backend, model, seconds, cached } => {
+        LoadEvent::Ready {
+            backend,
+            model,
+            seconds,
+            cached,
+        } => {
             let name = if backend == "webgpu" { "WebGPU" } else { "CPU" };
             running.set(format!("{name} (in this page)"));
             if let Some(engine) = engine.get_value() {
