@@ -7,6 +7,8 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+source scripts/lib/pause-jobs.sh
+pause_background_jobs
 scripts/fetch-model.sh
 scripts/install-web-tools.sh --browser
 scripts/build-app.sh

@@ -22,6 +22,8 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+source scripts/lib/pause-jobs.sh
+pause_background_jobs
 
 THREADS="1 2"
 REPS=5
@@ -68,7 +70,7 @@ if [[ "$BUILD" == 1 ]]; then
 fi
 
 RESULTS="$(mktemp)"
-trap 'rm -f "$RESULTS"' EXIT
+trap 'rm -f "$RESULTS"; resume_background_jobs' EXIT
 
 # Runs one benchmark command; appends its JSON line (the last stdout line that parses as a
 # JSON object) to $RESULTS. Returns non-zero when the command fails or prints no JSON.
