@@ -13,6 +13,7 @@
 
 mod atlas;
 mod autosteer_eval;
+mod steer_calibrate;
 mod chats;
 mod embedder;
 mod evaluate;
@@ -148,8 +149,12 @@ enum Command {
     Atlas(atlas::AtlasArgs),
     /// Precision@10 of atlas search on a query set (prints a table, optionally writes JSON).
     SearchEval(search_eval::SearchEvalArgs),
-    /// AutoSteer on a concept set: base vs steered answers, judged by all-MiniLM-L6-v2.
+    /// The steering evaluation: AutoSteer and an oracle ceiling on tools/autosteer/eval.json
+    /// (concept words per 100 words, distinct-2, perplexity; docs/STEERING.md).
     AutosteerEval(autosteer_eval::AutoSteerEvalArgs),
+    /// Where steering each of a sample of latents starts to act and where text breaks, as
+    /// fractions of the residual norm (the strength unit's measurements, docs/STEERING.md).
+    SteerCalibrate(steer_calibrate::SteerCalibrateArgs),
     /// Measure an SAE on the harvest's held-out windows; writes a JSON report.
     Evaluate {
         /// The SAE (a trained sae.safetensors or the compact file).
@@ -348,6 +353,10 @@ fn main() -> ExitCode {
         Command::AutosteerEval(mut args) => {
             args.shipped.model_path = cli.model;
             autosteer_eval::run(&args)
+        }
+        Command::SteerCalibrate(mut args) => {
+            args.shipped.model_path = cli.model;
+            steer_calibrate::run(&args)
         }
         Command::Embedder(args) => embedder::run(&args),
         Command::Evaluate {

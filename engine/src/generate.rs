@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::hook::ResidualHook;
+use crate::hook::{AddToResidual, ResidualHook};
+use crate::steer::SteeringVector;
 use crate::llama::{KvCache, Logits, to_host};
 use crate::sampling::Sampler;
 use crate::tokenizer::{StreamDecoder, TokenId};
@@ -263,11 +264,41 @@ pub struct BatchOutput {
     pub finish: FinishReason,
 }
 
+/// One request of [`Model::generate_steered`].
+#[derive(Debug, Clone)]
+pub struct SteeredRequest {
+    pub prompt: Vec<TokenId>,
+    /// The sampler's seed.
+    pub seed: u64,
+    /// Added to the residual at every position; `None` is the base model.
+    pub steering: Option<Arc<SteeringVector>>,
+}
+
+impl Model {
+    /// The rows a batched decode step adds after the steering layer, one per running
+    /// sequence (zero for unsteered ones), or `None` when no sequence is steered.
+    fn steering_rows(&self, running: &[Running]) -> Option<(usize, burn::tensor::Tensor<2>)> {
+        let layer = running.iter().find_map(|r| r.steering.as_ref())?.layer;
+        let width = self.llama.config().n_embd;
+        let mut rows = vec![0f32; running.len() * width];
+        for (row, r) in rows.chunks_exact_mut(width).zip(running) {
+            if let Some(v) = &r.steering {
+                // Sequences steered at another layer cannot share this step's rows.
+                assert_eq!(v.layer, layer, "one batch steers at one layer");
+                row.copy_from_slice(&v.values);
+            }
+        }
+        let data = burn::tensor::TensorData::new(rows, [running.len(), width]);
+        Some((layer, burn::tensor::Tensor::from_data(data, self.llama.device())))
+    }
+}
+
 /// A sequence still being generated (its cache lives in a parallel vector, the slice that
 /// [`Llama::forward_batch`](crate::Llama::forward_batch) takes).
 struct Running {
     index: usize,
     sampler: Sampler,
+    steering: Option<Arc<SteeringVector>>,
     tokens: Vec<TokenId>,
     next: TokenId,
 }
@@ -314,6 +345,33 @@ impl Model {
         requests: impl IntoIterator<Item = (Vec<TokenId>, u64)>,
         params: &SamplingParams,
         max_batch: usize,
+        on_finish: impl FnMut(usize, BatchOutput) -> Result<bool, EngineError>,
+    ) -> Result<(), EngineError> {
+        let requests = requests.into_iter().map(|(prompt, seed)| SteeredRequest { prompt, seed, steering: None });
+        self.generate_steered_after(prefix, requests, params, max_batch, on_finish)
+    }
+
+    /// [`generate_many`](Self::generate_many) where each request may carry its own
+    /// [`SteeringVector`] (unconditional nudges, see [`crate::steer::steering_vector`]): many
+    /// steering settings tried side by side in one batch, as AutoSteer and the steering
+    /// evaluation do. The vector is added at every position, prompt included, exactly as the
+    /// [`Steer`](crate::Steer) hook adds those nudges.
+    pub fn generate_steered(
+        &self,
+        requests: impl IntoIterator<Item = SteeredRequest>,
+        params: &SamplingParams,
+        max_batch: usize,
+        on_finish: impl FnMut(usize, BatchOutput) -> Result<bool, EngineError>,
+    ) -> Result<(), EngineError> {
+        self.generate_steered_after(&self.llama.new_cache(), requests, params, max_batch, on_finish)
+    }
+
+    fn generate_steered_after(
+        &self,
+        prefix: &KvCache,
+        requests: impl IntoIterator<Item = SteeredRequest>,
+        params: &SamplingParams,
+        max_batch: usize,
         mut on_finish: impl FnMut(usize, BatchOutput) -> Result<bool, EngineError>,
     ) -> Result<(), EngineError> {
         let mut requests = requests.into_iter().enumerate();
@@ -324,14 +382,15 @@ impl Model {
         let limit = self.llama.config().context_length;
         loop {
             while accepting && running.len() < max_batch.max(1) {
-                let Some((index, (prompt, seed))) = requests.next() else {
+                let Some((index, SteeredRequest { prompt, seed, steering })) = requests.next() else {
                     accepting = false;
                     break;
                 };
                 let mut cache = prefix.clone();
+                let mut hook = steering.as_ref().map(|v| AddToResidual::new(v.layer, v.values.to_vec()));
                 let logits = self
                     .llama
-                    .forward(&prompt, &mut cache, None, Logits::Last)?
+                    .forward(&prompt, &mut cache, hook.as_mut().map(|h| h as &mut dyn ResidualHook), Logits::Last)?
                     .expect("Logits::Last returns logits");
                 let mut sampler = Sampler::new(SamplingParams { seed, ..params.clone() });
                 let next = sampler.sample(&mut to_host(logits)?);
@@ -340,6 +399,7 @@ impl Model {
                     sampler,
                     tokens: Vec::new(),
                     next,
+                    steering,
                 });
                 caches.push(cache);
             }
@@ -380,7 +440,8 @@ impl Model {
                 return Ok(());
             }
             let tokens: Vec<TokenId> = running.iter().map(|r| r.next).collect();
-            let logits = to_host(self.llama.forward_batch(&tokens, &mut caches)?)?;
+            let added = self.steering_rows(&running);
+            let logits = to_host(self.llama.forward_batch_adding(&tokens, &mut caches, added)?)?;
             let vocab = logits.len() / running.len();
             for (r, row) in running.iter_mut().zip(logits.chunks_exact(vocab)) {
                 r.next = r.sampler.sample(&mut row.to_vec());

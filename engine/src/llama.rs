@@ -794,9 +794,21 @@ impl Llama {
     /// `[batch, vocab]`. The weights are read once for the whole batch, which is what makes
     /// generating many conversations faster than one after another. No residual hook.
     pub fn forward_batch(&self, tokens: &[TokenId], caches: &mut [KvCache]) -> Result<Tensor<2>, EngineError> {
+        self.forward_batch_adding(tokens, caches, None)
+    }
+
+    /// [`forward_batch`](Self::forward_batch) that adds `added = (layer, rows)` to the
+    /// residual after block `layer`, row `b` to sequence `b` (`rows` is `[batch, n_embd]`):
+    /// steering by fixed directions, each sequence its own, in one batch.
+    pub fn forward_batch_adding(
+        &self,
+        tokens: &[TokenId],
+        caches: &mut [KvCache],
+        added: Option<(usize, Tensor<2>)>,
+    ) -> Result<Tensor<2>, EngineError> {
         #[cfg(not(target_arch = "wasm32"))]
         if self.backend == Backend::Cpu && rayon::current_thread_index().is_none() {
-            return on_spinning_pool(|| self.forward_batch(tokens, caches));
+            return on_spinning_pool(|| self.forward_batch_adding(tokens, caches, added));
         }
         if tokens.is_empty() || tokens.len() != caches.len() {
             return Err(EngineError::BadBatch {
@@ -810,6 +822,11 @@ impl Llama {
         let mut x = self.embed(tokens);
         for (layer, block) in self.blocks.iter().enumerate() {
             x = block.forward_batch(x, layer, &self.rope, caches);
+            if let Some((at, rows)) = &added
+                && *at == layer
+            {
+                x = x + rows.clone();
+            }
         }
         caches.iter_mut().for_each(|c| c.len += 1);
         Ok(self.output.forward(self.output_norm.forward(x)))

@@ -540,6 +540,31 @@ fn condition(v: &Value) -> Result<Condition, VariantError> {
     Ok(Condition { combine, comparisons })
 }
 
+/// A fixed direction added to the residual after the SAE's block at every position: what
+/// unconditional nudges amount to (a nudge adds `v·u_j` to latent `j` whatever its value, so
+/// the residual moves by `v·u_j·W_dec[j]`), without encoding every token through the SAE.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SteeringVector {
+    pub layer: usize,
+    pub values: Vec<f32>,
+}
+
+/// The [`SteeringVector`] of `edits` when they are all nudges (`None` for no edits, or when
+/// some edit pins or multiplies, whose effect depends on the token's activations).
+pub fn steering_vector(sae: &Sae, units: &[f32], edits: &[Edit]) -> Option<SteeringVector> {
+    if edits.is_empty() || edits.iter().any(|e| e.mode != Mode::Nudge) {
+        return None;
+    }
+    let mut values = vec![0f32; sae.config().d_in];
+    for e in edits {
+        let j = e.feature as usize;
+        let scale = e.value * units.get(j).copied()?;
+        let row = (j < sae.config().d_sae).then(|| sae.decoder_row(j))?;
+        values.iter_mut().zip(row).for_each(|(o, w)| *o += scale * w);
+    }
+    Some(SteeringVector { layer: sae.config().layer, values })
+}
+
 /// Where each scope of a variant fired (the position of the token whose features met its
 /// condition; `None`: not yet). A handle shared with whoever runs the hook, since the hook
 /// itself ends up boxed inside a token stream.
