@@ -29,7 +29,7 @@ use fancy_regex::Regex;
 use kindling_engine::autosteer::{AutoSteerOptions, auto_steer};
 use kindling_engine::burn::tensor::{Tensor, TensorData};
 use kindling_engine::generate::SteeredRequest;
-use kindling_engine::steer::{Edit, SteeringVector, steering_vector};
+use kindling_engine::steer::{Edit, SteeringVector, Units, steering_vector};
 use kindling_engine::{Atlas, CaptureResidual, ChatMessage, Logits, Model, Sae, SamplingParams, TokenId, to_host};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -155,7 +155,7 @@ struct Scores {
 pub(crate) struct Harness<'a> {
     pub model: &'a Model,
     pub sae: &'a Sae,
-    pub units: Vec<f32>,
+    pub units: Units,
     /// The similarity judge (`None`: similarities are 0).
     minilm: Option<MiniLm>,
     pub prompts: Vec<Vec<TokenId>>,
@@ -178,7 +178,7 @@ impl<'a> Harness<'a> {
         Ok(Self {
             model,
             sae,
-            units: atlas.units(),
+            units: Units::new(sae, atlas.units()),
             minilm,
             prompts,
             max_tokens,
@@ -508,10 +508,10 @@ fn ceiling(
             candidates.push(hit.feature);
         }
     }
-    // A nudge of value v moves the residual by v·u_j·‖W_dec[j]‖.
+    // A nudge of value v moves the residual by v·u_j·‖W_dec[j]‖ (u_j its steering unit).
     let value = |j: u32, fraction: f32| {
         let row_norm = harness.sae.decoder_row(j as usize).iter().map(|x| x * x).sum::<f32>().sqrt();
-        fraction * norm / (harness.units[j as usize] * row_norm).max(f32::MIN_POSITIVE)
+        fraction * norm / (harness.units.steering[j as usize] * row_norm).max(f32::MIN_POSITIVE)
     };
     let settings: Vec<(u32, f32)> = candidates.iter().flat_map(|&j| SCREEN_FRACTIONS.map(|f| (j, f))).collect();
     let screen_prompts = 2.min(harness.prompts.len());

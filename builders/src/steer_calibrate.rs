@@ -87,8 +87,9 @@ pub fn run(args: &SteerCalibrateArgs) -> Result<(), BuildError> {
     let mut rows = Vec::new();
     let (mut onsets, mut visibles, mut breaks) = (Vec::new(), Vec::new(), Vec::new());
     for (n, &j) in live.iter().enumerate() {
-        let unit = harness.units[j as usize];
+        let (unit, p99) = (harness.units.steering[j as usize], harness.units.activation[j as usize]);
         let row_norm = sae.decoder_row(j as usize).iter().map(|x| x * x).sum::<f32>().sqrt();
+        // In steering units; `* unit / p99` gives the value in the old unit (version 1).
         let value = |fraction: f32| fraction * norm / (unit * row_norm).max(f32::MIN_POSITIVE);
         let mut runs = Vec::new();
         for &f in &FRACTIONS {
@@ -118,13 +119,13 @@ pub fn run(args: &SteerCalibrateArgs) -> Result<(), BuildError> {
             if broke.is_none() && (distinct < 0.5 || ppl > 3.0 * base_ppl) {
                 broke = Some(f);
             }
-            settings.push(json!({ "fraction": f, "value_p99_units": value(f), "effect": effect, "change": changed, "distinct_2": distinct,
+            settings.push(json!({ "fraction": f, "value": value(f), "value_unit_1": value(f) * unit / p99, "effect": effect, "change": changed, "distinct_2": distinct,
                                   "perplexity": ppl, "replies": group.iter().map(|r| r.text.clone()).collect::<Vec<_>>() }));
         }
         onsets.push(onset);
         visibles.push(visible);
         breaks.push(broke);
-        rows.push(json!({ "feature": j, "label": atlas.feature(j)?.label, "p99": unit, "onset": onset, "visible": visible, "break": broke, "settings": settings }));
+        rows.push(json!({ "feature": j, "label": atlas.feature(j)?.label, "p99": p99, "onset": onset, "visible": visible, "break": broke, "settings": settings }));
         eprintln!(
             "steer-calibrate: {}/{} features, {:.0} s (#{j}: onset {onset:?}, visible {visible:?}, break {broke:?})",
             n + 1,
@@ -171,5 +172,5 @@ fn feature_on_reply(harness: &Harness, j: u32, prompt: &[TokenId], reply: &[Toke
         .iter()
         .map(|features| features.iter().find(|(f, _)| *f == j).map_or(0.0, |&(_, a)| a))
         .sum();
-    Ok(total / reply.len() as f32 / harness.units[j as usize])
+    Ok(total / reply.len() as f32 / harness.units.activation[j as usize])
 }

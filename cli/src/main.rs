@@ -326,7 +326,7 @@ fn autosteer(
     println!("chosen: {:?}", result.edits);
     if let Some(prompt) = prompt {
         let tokens = model.tokenizer.encode_chat(&[ChatMessage::user(prompt)])?;
-        let units = atlas.units();
+        let units = kindling_engine::steer::Units::new(&sae, atlas.units());
         let mut variant = Variant::new("SmolLM2-135M-Instruct");
         variant.edits = result.edits.clone();
         for (name, hook) in [
@@ -350,7 +350,7 @@ fn bench_steer(model: &Model, sae_path: &std::path::Path, decode: usize, reps: u
     use kindling_engine::steer::{Condition, Edit, Operand, Operator};
     use kindling_engine::{CancelToken, ResidualHook, Sae, Steer, Variant};
     let sae = Sae::from_compact(&std::fs::read(sae_path)?)?;
-    let units = vec![4.0; sae.config().d_sae];
+    let units = kindling_engine::steer::Units::uniform(sae.config().d_sae, 4.0);
     let mut variant = Variant::new("SmolLM2-135M-Instruct");
     variant.set(&[1, 2], 0.5);
     variant.set_when(

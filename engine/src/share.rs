@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use crate::steer::STRENGTH_UNIT;
+
 /// The prefix of a share link's payload; a new encoding gets a new one.
 pub const LINK_VERSION: &str = "k1.";
 /// Longest payload accepted from a link (browsers keep far longer URLs; variants need far less).
@@ -202,6 +204,11 @@ pub struct SavedVariant {
     pub scopes: Vec<Value>,
     #[serde(default, deserialize_with = "bounded_rules")]
     pub rules: Vec<Rule>,
+    /// The steering unit its edit values are written in ([`STRENGTH_UNIT`]). Kindling's
+    /// files and links from before unit 2 lack it; [`SavedVariant::convert_units`] brings
+    /// them to the current unit. Rule thresholds are activations, whose unit did not change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength_unit: Option<u32>,
 }
 
 const OPERATORS: [&str; 6] = [">", "<", ">=", "<=", "==", "!="];
@@ -213,7 +220,40 @@ impl SavedVariant {
             edits: Vec::new(),
             scopes: Vec::new(),
             rules: Vec::new(),
+            strength_unit: Some(STRENGTH_UNIT),
         }
+    }
+
+    /// The unit its values are written in (files and links that do not say are unit 1).
+    pub fn unit(&self) -> u32 {
+        self.strength_unit.unwrap_or(1)
+    }
+
+    /// Rewrites edit values written in an older unit in the current one. `per_unit_1(index)`
+    /// gives how many current units one unit-1 value of that latent is
+    /// ([`crate::steer::Units::from_version_1`] of 1.0). Nothing changes when it is already
+    /// current; a latent without a factor is an error and nothing is changed.
+    pub fn convert_units(&mut self, per_unit_1: &dyn Fn(u32) -> Option<f32>) -> Result<bool, ShareError> {
+        if self.unit() == STRENGTH_UNIT {
+            return Ok(false);
+        }
+        let mut converted = self.clone();
+        let convert = |e: &mut SavedEdit| {
+            let factor = per_unit_1(e.index_in_sae).ok_or_else(|| {
+                ShareError::Invalid(format!("no unit conversion for feature {}", e.index_in_sae))
+            })?;
+            e.value *= factor;
+            Ok::<(), ShareError>(())
+        };
+        converted.edits.iter_mut().try_for_each(convert)?;
+        for rule in &mut converted.rules {
+            if let RuleAction::Edits(edits) = &mut rule.then {
+                edits.iter_mut().try_for_each(convert)?;
+            }
+        }
+        converted.strength_unit = Some(STRENGTH_UNIT);
+        *self = converted;
+        Ok(true)
     }
 
     /// True when it changes nothing (the base model).
@@ -247,6 +287,13 @@ impl SavedVariant {
             text("feature label", &f.label)
         };
         text("model name", &self.base_model)?;
+        if let Some(unit) = self.strength_unit
+            && !(1..=STRENGTH_UNIT).contains(&unit)
+        {
+            return bad(format!(
+                "strength_unit {unit} is not known to this build (it reads units 1 to {STRENGTH_UNIT}); was it saved by a newer Kindling?"
+            ));
+        }
         count("edits", self.edits.len(), MAX_EDITS)?;
         count("rules", self.rules.len(), MAX_RULES)?;
         let check_edit = |e: &SavedEdit| {
@@ -303,8 +350,22 @@ impl SavedVariant {
         Ok(())
     }
 
-    /// Reads a variant file (this format, or the SDK's edit-only `Variant.json()`).
+    /// Reads a variant file (this format, or the SDK's edit-only `Variant.json()`). A file
+    /// that does not name its unit is Kindling's from before unit 2 when it has `rules` (unit
+    /// 1), and the SDK's otherwise, whose values are in the server's current unit.
     pub fn from_json(text: &str) -> Result<Self, ShareError> {
+        let mut variant = Self::parse(text)?;
+        if variant.strength_unit.is_none() {
+            // Parsed again only for its keys; the text is already known to be a small valid variant.
+            let keys: Value = serde_json::from_str(text).map_err(|e| ShareError::Invalid(e.to_string()))?;
+            if keys.get("rules").is_none() {
+                variant.strength_unit = Some(STRENGTH_UNIT);
+            }
+        }
+        Ok(variant)
+    }
+
+    fn parse(text: &str) -> Result<Self, ShareError> {
         let variant: SavedVariant = serde_json::from_str(text).map_err(|e| ShareError::Invalid(e.to_string()))?;
         variant.validate()?;
         Ok(variant)
@@ -382,7 +443,8 @@ impl SavedVariant {
             return Err(ShareError::Damaged("checksum mismatch"));
         }
         let text = std::str::from_utf8(&json).map_err(|_| ShareError::Damaged("not UTF-8"))?;
-        Self::from_json(text)
+        // Links were only ever written by Kindling: one without a unit is unit 1.
+        Self::parse(text)
     }
 }
 
@@ -726,5 +788,48 @@ mod tests {
         let mut v = variant();
         v.rules[0].clauses[0].operator = "=>".into();
         assert!(v.validate().unwrap_err().to_string().contains("operator"));
+    }
+
+    #[test]
+    fn values_of_the_old_unit_open_converted_and_new_ones_as_they_are() {
+        // A link or file of unit 1 (written before unit 2 existed: no strength_unit).
+        let mut old = variant();
+        old.strength_unit = None;
+        let json = old.to_json_pretty();
+        assert!(!json.contains("strength_unit"));
+        let link = old.to_link();
+        let factor = |i: u32| Some(if i == 7 { 0.25 } else { 0.5 });
+        for mut opened in [SavedVariant::from_link(&link).unwrap(), SavedVariant::from_json(&json).unwrap()] {
+            assert_eq!(opened.unit(), 1);
+            assert!(opened.convert_units(&factor).unwrap());
+            assert_eq!(opened.unit(), STRENGTH_UNIT);
+            assert_eq!((opened.edits[0].value, opened.edits[1].value), (0.5 * 0.25, -0.25 * 0.5));
+            // Rule thresholds are activations: untouched.
+            assert_eq!(opened.rules, {
+                let mut rules = old.rules.clone();
+                for rule in &mut rules {
+                    if let RuleAction::Edits(edits) = &mut rule.then {
+                        edits.iter_mut().for_each(|e| e.value *= factor(e.index_in_sae).unwrap());
+                    }
+                }
+                rules
+            });
+            assert!(!opened.convert_units(&factor).unwrap(), "converted once");
+        }
+        // What this build writes names its unit and opens unchanged.
+        let new = variant();
+        let mut opened = SavedVariant::from_link(&new.to_link()).unwrap();
+        assert_eq!(opened.unit(), STRENGTH_UNIT);
+        assert!(!opened.convert_units(&factor).unwrap());
+        assert_eq!(opened, new);
+        // The SDK's Variant.json() names no unit: its values are the server's, already current.
+        let sdk = r#"{"base_model": "m", "edits": [{"feature_id": "x", "index_in_sae": 3, "value": 0.9}], "scopes": []}"#;
+        assert_eq!(SavedVariant::from_json(sdk).unwrap().unit(), STRENGTH_UNIT);
+        // A latent without a conversion changes nothing; a unit from the future is refused.
+        let mut stuck = SavedVariant::from_json(&json).unwrap();
+        assert!(stuck.convert_units(&|_| None).is_err());
+        assert_eq!(stuck.unit(), 1);
+        let future = json.replacen("{", "{\"strength_unit\": 9,", 1);
+        assert!(SavedVariant::from_json(&future).unwrap_err().to_string().contains("newer Kindling"));
     }
 }

@@ -9,11 +9,14 @@
 //! x' = x + Σ_j (f'_j − f_j) · W_dec[j]
 //! ```
 //!
-//! Values are in units `u_j` of each feature's max activation (the atlas's `max_activation`),
-//! so 0.5 enhances and −0.3 ablates whatever the feature's scale, as the Ember docs advise. A
-//! variant without edits or scopes leaves the residual untouched (bit-identical output).
+//! Edit values are in steering units `u_j` ([`Units::steering`], [`STRENGTH_UNIT`] 2): a
+//! nudge of 1.0 moves the residual by half its typical norm along the latent's decoder
+//! direction, the same for every latent, so 0.2 is a gentle push, 0.5 a clear one and 1.0
+//! near where text breaks. A variant without edits or scopes leaves the residual untouched
+//! (bit-identical output).
 //!
-//! Conditions compare a feature or a group with a number (in the same units) or with another
+//! Conditions compare a feature or a group, in activation units (each latent's
+//! 99th-percentile activation, [`Units::activation`]), with a number or with another
 //! feature or group. **A group's value is the largest of its members' values** ("any member
 //! at least this strong"), on both sides of a comparison. Comparisons combine with one
 //! operator, AND or OR, as the Goodfire SDK sends them. They are read at every position the
@@ -551,14 +554,14 @@ pub struct SteeringVector {
 
 /// The [`SteeringVector`] of `edits` when they are all nudges (`None` for no edits, or when
 /// some edit pins or multiplies, whose effect depends on the token's activations).
-pub fn steering_vector(sae: &Sae, units: &[f32], edits: &[Edit]) -> Option<SteeringVector> {
+pub fn steering_vector(sae: &Sae, units: &Units, edits: &[Edit]) -> Option<SteeringVector> {
     if edits.is_empty() || edits.iter().any(|e| e.mode != Mode::Nudge) {
         return None;
     }
     let mut values = vec![0f32; sae.config().d_in];
     for e in edits {
         let j = e.feature as usize;
-        let scale = e.value * units.get(j).copied()?;
+        let scale = e.value * units.steering.get(j).copied()?;
         let row = (j < sae.config().d_sae).then(|| sae.decoder_row(j))?;
         values.iter_mut().zip(row).for_each(|(o, w)| *o += scale * w);
     }
@@ -582,11 +585,105 @@ impl FiredScopes {
     }
 }
 
+/// The version of the steering unit that edit values are written in. Saved variants and
+/// share links record it; values of an older unit are converted when they are opened
+/// ([`Units::from_version_1`]).
+/// * 1: a latent's 99th-percentile activation (`max_activation`). Its effect varied six-fold
+///   between latents, and for most it only began to show near the slider's end (±1).
+/// * 2: a nudge of 1.0 moves the residual stream by [`RESIDUAL_FRACTION_PER_UNIT`] of its
+///   typical norm at the SAE's block, the same for every latent (docs/STEERING.md).
+pub const STRENGTH_UNIT: u32 = 2;
+
+/// How far one steering unit moves the residual, as a fraction of its typical norm. Chosen
+/// from `kindling-build steer-calibrate` (docs/STEERING.md): replies change visibly from
+/// about 0.1–0.2 of the norm and stop being text from about 0.4–0.5, so ±1 spans the whole
+/// useful range of nearly every latent.
+pub const RESIDUAL_FRACTION_PER_UNIT: f32 = 0.5;
+
+/// Where replies start to change visibly, in steering units: the median over latents that
+/// `kindling-build steer-calibrate` measured (docs/STEERING.md).
+pub const VISIBLE_FROM: f32 = VISIBLE_FRACTION / RESIDUAL_FRACTION_PER_UNIT;
+/// Where text starts to fall apart for some latents (the 10th percentile of the measured
+/// breaks), in steering units.
+pub const BREAKS_FROM: f32 = BREAK_FRACTION / RESIDUAL_FRACTION_PER_UNIT;
+const VISIBLE_FRACTION: f32 = 0.1;
+const BREAK_FRACTION: f32 = 0.4;
+
+/// What a steering strength does, as a slider shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StrengthZone {
+    /// Below [`VISIBLE_FROM`]: replies barely change.
+    Subtle,
+    /// From [`VISIBLE_FROM`] to [`BREAKS_FROM`]: clear steering, text intact.
+    Clear,
+    /// From [`BREAKS_FROM`]: strong, and for some features the text breaks.
+    Strong,
+}
+
+impl StrengthZone {
+    /// The zone of a nudge of `value` (either sign) in steering units.
+    pub fn of(value: f32) -> Self {
+        match value.abs() {
+            v if v < VISIBLE_FROM => Self::Subtle,
+            v if v < BREAKS_FROM => Self::Clear,
+            _ => Self::Strong,
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Subtle => "subtle",
+            Self::Clear => "clear steering",
+            Self::Strong => "strong: text may break",
+        }
+    }
+}
+
+/// The two scales values are written in, per latent, as raw activations per unit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Units {
+    /// One *activation unit*: the latent's 99th-percentile activation (the atlas's
+    /// `max_activation`; 1.0 without an atlas). Conditions, inspection and contrast read
+    /// activations in these.
+    pub activation: Vec<f32>,
+    /// One *steering unit*: the latent change that moves the residual by
+    /// [`RESIDUAL_FRACTION_PER_UNIT`] × [`Sae::residual_norm`] along its decoder direction.
+    /// Edit values (nudge and pin) are written in these.
+    pub steering: Vec<f32>,
+}
+
+impl Units {
+    /// The units of `sae`'s latents, given their activation units.
+    pub fn new(sae: &Sae, activation: Vec<f32>) -> Self {
+        let target = RESIDUAL_FRACTION_PER_UNIT * sae.residual_norm();
+        let steering = (0..sae.config().d_sae)
+            .map(|j| {
+                let norm = sae.decoder_row(j).iter().map(|w| w * w).sum::<f32>().sqrt();
+                target / norm.max(f32::MIN_POSITIVE)
+            })
+            .collect();
+        Self { activation, steering }
+    }
+
+    /// The same scale for activations and edits (tests, and SAEs without an atlas).
+    pub fn uniform(d_sae: usize, unit: f32) -> Self {
+        Self {
+            activation: vec![unit; d_sae],
+            steering: vec![unit; d_sae],
+        }
+    }
+
+    /// An edit value written in unit version 1 (activation units), in steering units.
+    pub fn from_version_1(&self, feature: u32, value: f32) -> Option<f32> {
+        let j = feature as usize;
+        Some(value * self.activation.get(j)? / self.steering.get(j)?.max(f32::MIN_POSITIVE))
+    }
+}
+
 /// The residual hook that runs a variant at the SAE's block.
 pub struct Steer<'s> {
     sae: &'s Sae,
-    /// `u_j`: each latent's max activation (1.0 without an atlas).
-    units: &'s [f32],
+    units: &'s Units,
     variant: Variant,
     /// Per scope, the position it fired at.
     fired: FiredScopes,
@@ -599,11 +696,11 @@ pub struct Steer<'s> {
 }
 
 impl<'s> Steer<'s> {
-    /// A hook for `variant` (validated against `sae`); `units` holds one max activation per
-    /// latent.
-    pub fn new(sae: &'s Sae, units: &'s [f32], variant: Variant) -> Result<Self, VariantError> {
+    /// A hook for `variant` (validated against `sae`), its values in `units`.
+    pub fn new(sae: &'s Sae, units: &'s Units, variant: Variant) -> Result<Self, VariantError> {
         variant.validate(sae.config().d_sae)?;
-        assert_eq!(units.len(), sae.config().d_sae, "one unit per latent");
+        assert_eq!(units.activation.len(), sae.config().d_sae, "one unit per latent");
+        assert_eq!(units.steering.len(), sae.config().d_sae, "one unit per latent");
         let fired = FiredScopes::new(variant.scopes.len());
         Ok(Self {
             sae,
@@ -650,7 +747,7 @@ impl<'s> Steer<'s> {
         let mut fired = fired.0.lock().expect("fired scopes lock");
         for (i, (position, features)) in positions.zip(encoded).enumerate() {
             let value =
-                |f: u32| features.iter().find(|(j, _)| *j == f).map_or(0.0, |&(_, a)| a) / self.units[f as usize].max(f32::MIN_POSITIVE);
+                |f: u32| features.iter().find(|(j, _)| *j == f).map_or(0.0, |&(_, a)| a) / self.units.activation[f as usize].max(f32::MIN_POSITIVE);
             for (s, scope) in self.variant.scopes.iter().enumerate() {
                 if fired[s].is_none() && self.aborted.is_none() && scope.when.holds(value) {
                     fired[s] = Some(position);
@@ -674,7 +771,7 @@ impl<'s> Steer<'s> {
             for edit in active {
                 let original = features.iter().find(|(j, _)| *j == edit.feature).map_or(0.0, |&(_, a)| a);
                 let entry = values.entry(edit.feature).or_insert((original, original));
-                entry.1 = edit.apply(entry.1, self.units[edit.feature as usize]);
+                entry.1 = edit.apply(entry.1, self.units.steering[edit.feature as usize]);
             }
             let row = &mut out[i * d..(i + 1) * d];
             for (&j, &(original, new)) in &values {

@@ -4,7 +4,7 @@
 mod common;
 
 use common::model;
-use kindling_engine::steer::Edit;
+use kindling_engine::steer::{Edit, Units};
 use kindling_engine::{
     Aggregate, Backend, CancelToken, CaptureResidual, ChatMessage, Inspection, Interrupt, Logits, Sae, SaeConfig, Variant,
 };
@@ -93,7 +93,7 @@ fn inspection_under_a_variant_shows_the_edited_values() {
     let tokens = m.tokenizer.encode("The cat sat on the mat.", false);
     let base = Inspection::run(m, &sae, &tokens, None).unwrap();
     let j = base.features[3][0].0;
-    let units = vec![2.0; sae.config().d_sae];
+    let units = Units::uniform(sae.config().d_sae, 2.0);
     let mut v = Variant::new("m");
     v.edits.push(Edit::nudge(j, 0.5));
     let steered = Inspection::run(m, &sae, &tokens, Some((&v, &units))).unwrap();
@@ -120,7 +120,7 @@ fn next_token_logits_follow_the_variant_and_the_vocabulary_filter() {
     let p: f32 = base.iter().map(|t| t.probability).sum();
     assert!(p > 0.0 && p <= 1.0 + 1e-5);
     // The unsteered pass through a variant without edits gives the same numbers.
-    let units = vec![2.0; sae.config().d_sae];
+    let units = Units::uniform(sae.config().d_sae, 2.0);
     let same = next_tokens(m, &sae, &tokens, Some((&Variant::new("m"), &units)), 5, None).unwrap();
     assert_eq!(same, base);
     // A strong edit changes the distribution.

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use common::model;
 use kindling_engine::burn::tensor::Tensor;
-use kindling_engine::steer::{Condition, Edit, Mode, Operand, Operator};
+use kindling_engine::steer::{Condition, Edit, Mode, Operand, Operator, Units};
 use kindling_engine::{
     Backend, CancelToken, CaptureResidual, ChatMessage, EngineError, FeatureCapture, Logits, Model, ResidualHook, Sae, SamplingParams,
     Steer, Variant,
@@ -25,11 +25,11 @@ fn sae() -> &'static Sae {
     })
 }
 
-/// Steering units: every latent's max activation. The engine takes them from the atlas;
-/// here a fixed 4.0 keeps the test independent of it.
-fn units() -> &'static [f32] {
-    static UNITS: OnceLock<Vec<f32>> = OnceLock::new();
-    UNITS.get_or_init(|| vec![4.0; sae().config().d_sae])
+/// Activation and steering units of 4.0 for every latent. The engine takes them from the
+/// atlas and the SAE; a fixed value keeps the test independent of both.
+fn units() -> &'static Units {
+    static UNITS: OnceLock<Units> = OnceLock::new();
+    UNITS.get_or_init(|| Units::uniform(sae().config().d_sae, 4.0))
 }
 
 fn prompt(m: &Model) -> Vec<u32> {
@@ -107,7 +107,7 @@ fn edits_move_the_latent_they_target_by_the_requested_amount() {
     let base = base_features(m, &tokens);
     let p = tokens.len() - 1;
     let (j, a) = base[p][0];
-    let u = units()[j as usize];
+    let u = units().steering[j as usize];
     let layer = sae().config().layer;
     let measured = |edit: Edit| {
         let mut v = Variant::new("m");
@@ -166,7 +166,7 @@ fn set_when_fires_from_the_first_token_where_its_condition_holds() {
     let (first, j, threshold) = (1..tokens.len())
         .flat_map(|p| base[p].iter().map(move |&(j, a)| (p, j, a)))
         .filter(|&(p, j, a)| p > 4 && (1..p).all(|q| base[q].iter().all(|&(i, b)| i != j || b < 0.5 * a)))
-        .map(|(p, j, a)| (p, j, 0.5 * a / units()[j as usize]))
+        .map(|(p, j, a)| (p, j, 0.5 * a / units().activation[j as usize]))
         .next()
         .expect("some latent first fires after position 4");
     let mut v = Variant::new("m");
@@ -263,4 +263,30 @@ fn non_blocking_generation_matches_the_iterator_on_cpu() {
 #[test]
 fn non_blocking_generation_matches_the_iterator_on_wgpu() {
     non_blocking_generation_matches(Backend::Wgpu);
+}
+
+#[test]
+fn a_steering_unit_moves_the_residual_by_a_fixed_share_of_its_norm_for_every_latent() {
+    use kindling_engine::steer::{RESIDUAL_FRACTION_PER_UNIT, steering_vector};
+    let sae = sae();
+    // The shipped SAE records its training normalisation: inputs scaled by s to norm √d_in.
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(shipped_dir().join("cfg.json")).unwrap()).unwrap();
+    let s = cfg["metadata"]["normalization"]["input_scale"].as_f64().unwrap() as f32;
+    let trained_norm = (sae.config().d_in as f32).sqrt() / s;
+    assert!((sae.residual_norm() / trained_norm - 1.0).abs() < 1e-3, "{} vs {trained_norm}", sae.residual_norm());
+
+    let activation: Vec<f32> = (0..sae.config().d_sae).map(|j| 1.0 + (j % 7) as f32).collect();
+    let units = Units::new(sae, activation);
+    for j in [0u32, 17, 4095, 8191] {
+        let vector = steering_vector(sae, &units, &[Edit::nudge(j, 1.0)]).unwrap();
+        let norm = vector.values.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm / (RESIDUAL_FRACTION_PER_UNIT * trained_norm) - 1.0).abs() < 1e-3, "latent {j}: {norm}");
+        // An old value (unit 1: activation units) converts to the same latent change.
+        let old = 0.8;
+        let new = units.from_version_1(j, old).unwrap();
+        assert!((new * units.steering[j as usize] - old * units.activation[j as usize]).abs() < 1e-4);
+    }
+    // Pins and multiplications act on the token's own activation: no fixed vector.
+    assert!(steering_vector(sae, &units, &[Edit { mode: Mode::Pin, ..Edit::nudge(3, 1.0) }]).is_none());
 }

@@ -2,10 +2,26 @@
 //! two chat datasets.
 
 use kindling_engine::share::{EditMode, SavedEdit};
+use kindling_engine::steer::{BREAKS_FROM, StrengthZone, VISIBLE_FROM};
 use leptos::prelude::*;
 use serde_json::{Value, json};
 
 use super::features::add_edit;
+
+/// The slider's track, coloured by zone on both sides of zero: grey where replies barely
+/// change, green where steering is clear, amber where text may break (steer::StrengthZone).
+fn zone_track() -> String {
+    // Positions on a -1..1 track, in percent.
+    let at = |v: f32| 50.0 + 50.0 * v.clamp(-1.0, 1.0);
+    let (grey, green, amber) = ("#d9d9d9", "#8fd18f", "#f0b35a");
+    format!(
+        "background: linear-gradient(to right, {amber} 0%, {amber} {a}%, {green} {a}%, {green} {b}%, {grey} {b}%, {grey} {c}%, {green} {c}%, {green} {d}%, {amber} {d}%, {amber} 100%)",
+        a = at(-BREAKS_FROM),
+        b = at(-VISIBLE_FROM),
+        c = at(VISIBLE_FROM),
+        d = at(BREAKS_FROM),
+    )
+}
 
 /// The sliders of the variant's edits.
 #[component]
@@ -43,6 +59,9 @@ pub fn Edits() -> impl IntoView {
                                         min="-1"
                                         max="1"
                                         step="0.05"
+                                        class="zoned"
+                                        style=zone_track()
+                                        title=format!("clear steering from ±{VISIBLE_FROM:.2}; from ±{BREAKS_FROM:.2} text may break")
                                         data-testid="edit-slider"
                                         prop:value=move || value().to_string()
                                         on:input=move |ev| {
@@ -53,6 +72,9 @@ pub fn Edits() -> impl IntoView {
                                     />
                                 </label>
                                 <output data-testid="edit-value">{move || format!("{:+.2}", value())}</output>
+                                <span class="zone" data-testid="edit-zone">
+                                    {move || if current.get().is_some_and(|c| c.1 == EditMode::Pin) { "pin" } else { StrengthZone::of(value()).describe() }}
+                                </span>
                                 <select
                                     aria-label="Mode"
                                     prop:value=move || if current.get().is_some_and(|c| c.1 == EditMode::Pin) { "pin" } else { "nudge" }

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use kindling_engine::share::{FeatureRef, Mismatch, SavedVariant};
+use kindling_engine::steer::STRENGTH_UNIT;
 use leptos::prelude::*;
 use serde_json::json;
 use wasm_bindgen::JsCast;
@@ -33,23 +34,29 @@ pub(crate) fn restore_from_location(session: Session) {
             ));
             // The link's ids and labels are the sharer's claims: once an endpoint answers, each
             // feature is looked up by its index and what differs is shown.
-            let checked = StoredValue::new(false);
-            Effect::new(move |_| {
-                if let Some(client) = session.client.get() {
-                    if !checked.get_value() {
-                        checked.set_value(true);
-                        leptos::task::spawn_local(check_labels(session, client));
-                    }
-                }
-            });
+            check_when_ready(session);
         }
         Err(e) => session.error(format!("This share link cannot be opened: {e}. Nothing was changed.")),
     }
 }
 
+/// Runs [`check_labels`] once an endpoint is ready (at once when one is).
+fn check_when_ready(session: Session) {
+    let checked = StoredValue::new(false);
+    Effect::new(move |_| {
+        if let Some(client) = session.client.get()
+            && !checked.get_value()
+        {
+            checked.set_value(true);
+            leptos::task::spawn_local(check_labels(session, client));
+        }
+    });
+}
+
 /// Re-resolves the opened variant's features by `index_in_sae` from the loaded atlas
 /// (`features/lookup`): the variant takes the atlas's ids and labels, and every difference is
-/// reported. A link naming latents this SAE lacks is dropped.
+/// reported. A link naming latents this SAE lacks is dropped. Values saved in the old
+/// steering unit are converted to the current one with the factors the lookup gives.
 async fn check_labels(session: Session, client: Client) {
     let indices = session.variant.with_untracked(SavedVariant::indices);
     if indices.is_empty() {
@@ -82,6 +89,7 @@ async fn check_labels(session: Session, client: Client) {
         .filter_map(crate::feature_ref)
         .map(|f| (f.index_in_sae, f))
         .collect();
+    convert_units(session, &answer);
     let mut result = Ok(Vec::new());
     session.variant.update(|v| result = v.resolve(&|i| atlas.get(&i).cloned()));
     match result {
@@ -105,6 +113,31 @@ async fn check_labels(session: Session, client: Client) {
             });
             session.error(format!("The shared variant cannot be used: {e}. It was set aside."));
         }
+    }
+}
+
+/// Brings a variant saved in an older steering unit to the current one, and says so.
+fn convert_units(session: Session, lookup: &serde_json::Value) {
+    let old = session.variant.with_untracked(SavedVariant::unit);
+    if old == STRENGTH_UNIT {
+        return;
+    }
+    let factors: HashMap<u32, f32> = lookup["features"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| Some((f["index_in_sae"].as_u64()? as u32, f["strength_per_unit_1"].as_f64()? as f32)))
+        .collect();
+    let mut result = Ok(false);
+    session.variant.update(|v| result = v.convert_units(&|i| factors.get(&i).copied()));
+    match result {
+        Ok(true) => session.info(format!(
+            "This variant was saved with steering unit {old}; its values were converted to unit {STRENGTH_UNIT} (docs/STEERING.md), so it steers as it did."
+        )),
+        Ok(false) => {}
+        Err(e) => session.error(format!(
+            "This variant was saved with steering unit {old}, and this endpoint gives no conversion ({e}): its values are kept as they were and may steer differently."
+        )),
     }
 }
 
@@ -169,9 +202,13 @@ pub fn VariantPanel() -> impl IntoView {
 
     let import = move || match SavedVariant::from_json(&import_text.get_untracked()) {
         Ok(v) => {
+            let old_unit = v.unit() != STRENGTH_UNIT;
             session.variant.set(v);
             import_text.set(String::new());
             session.info("Variant imported");
+            if old_unit {
+                check_when_ready(session);
+            }
         }
         Err(e) => session.error(format!("Cannot import: {e}. The variant is unchanged.")),
     };
