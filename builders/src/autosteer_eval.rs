@@ -54,9 +54,12 @@ pub struct AutoSteerEvalArgs {
     /// Skip the ceiling search (AutoSteer and the base only).
     #[arg(long)]
     pub no_ceiling: bool,
-    /// Also write the report as JSON.
+    /// Also write the report as JSON (after every concept).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Keep the concepts already in `--out` and do only the others.
+    #[arg(long)]
+    pub resume: bool,
 }
 
 #[derive(Deserialize)]
@@ -80,10 +83,14 @@ struct Concept {
 const SEEDS: [u64; 3] = [11, 22, 33];
 const TEMPERATURE: f32 = 0.7;
 /// Ceiling screen: candidates, and strengths as fractions of the residual's median norm.
-const SCREEN_FROM_LENS: usize = 12;
+const SCREEN_FROM_LENS: usize = 10;
 const SCREEN_FROM_SEARCH: usize = 4;
-const SCREEN_FRACTIONS: [f32; 5] = [0.1, 0.2, 0.3, 0.45, 0.6];
+const SCREEN_FRACTIONS: [f32; 4] = [0.15, 0.25, 0.35, 0.45];
 const SCREEN_TOKENS: usize = 40;
+/// The screen keeps a margin on the pass rule's coherence bounds: it sees greedy replies only,
+/// and sampling at 0.7 raises perplexity and repetition further.
+const SCREEN_MIN_DISTINCT: f32 = 0.6;
+const SCREEN_MAX_PERPLEXITY: f32 = 2.5;
 
 /// Counts a concept's words (and pattern matches) in text.
 struct WordJudge {
@@ -211,7 +218,7 @@ impl<'a> Harness<'a> {
                 max_tokens,
                 ..SamplingParams::default()
             };
-            self.model.generate_steered(requests, &params, 16, |k, output| {
+            self.model.generate_steered(requests, &params, 32, |k, output| {
                 let i = picked[k];
                 out[i] = Some(Reply {
                     prompt: runs[i].0,
@@ -253,7 +260,8 @@ impl<'a> Harness<'a> {
     fn score(&self, replies: &[&Reply], judge: &WordJudge, description: &[f32]) -> Result<Scores, BuildError> {
         let (mut hits, mut words, mut distinct, mut nll, mut tokens) = (0, 0, 0.0, 0.0f64, 0usize);
         let mut similarity = 0.0;
-        if let Some(minilm) = &self.minilm {
+        // An empty description skips the similarity judge (the ceiling's screen needs none).
+        if let Some(minilm) = self.minilm.as_ref().filter(|_| !description.is_empty()) {
             let texts: Vec<&str> = replies.iter().map(|r| r.text.as_str()).collect();
             let embedded = minilm.embed(&texts)?;
             similarity = embedded.iter().map(|v| v.iter().zip(description).map(|(a, b)| a * b).sum::<f32>()).sum::<f32>();
@@ -418,9 +426,34 @@ pub fn run(args: &AutoSteerEvalArgs) -> Result<(), BuildError> {
     println!("| concept | kind | AutoSteer edits | words/100 t=0 base → steered | t=0.7 | distinct-2 | perplexity × base | pass | ceiling | ceiling pass |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let (mut passed, mut ceiling_passed) = (0, 0);
-    let mut rows = Vec::new();
+    // A run resumes from its report: concepts already in it are kept, not redone (the whole
+    // evaluation takes hours on 2 cores).
+    let mut rows: Vec<Value> = match args.out.as_ref().filter(|_| args.resume).and_then(|p| std::fs::read(p).ok()) {
+        Some(bytes) => serde_json::from_slice::<Value>(&bytes)
+            .ok()
+            .and_then(|r| r["concepts"].as_array().cloned())
+            .unwrap_or_default(),
+        None => Vec::new(),
+    };
+    rows.retain(|r| concepts.iter().any(|c| r["request"] == c.request.as_str()));
+    passed += rows.iter().filter(|r| r["autosteer"]["pass"] == true).count();
+    ceiling_passed += rows.iter().filter(|r| r["ceiling"]["pass"] == true).count();
+    let write = |rows: &[Value], passed: usize, ceiling_passed: usize| -> Result<(), BuildError> {
+        let Some(out) = &args.out else { return Ok(()) };
+        let report = json!({
+            "protocol": "replies to each neutral prompt greedily and at temperature 0.7 (seeds 11, 22, 33); pass at both: concept words per 100 words >= 3 x max(base, 0.5), distinct-2 >= 0.5, base-model perplexity <= 3 x base",
+            "strength_unit": kindling_engine::steer::STRENGTH_UNIT,
+            "max_tokens": args.max_tokens, "prompts": spec.prompts, "residual_norm": norm,
+            "base_replies": replies_json(&base_replies, &spec.prompts),
+            "concepts": rows, "autosteer_passed": passed, "ceiling_passed": ceiling_passed, "total": concepts.len(),
+        });
+        crate::write_atomically(out, (serde_json::to_string_pretty(&report).expect("JSON") + "\n").as_bytes())
+    };
     let started = std::time::Instant::now();
     for (n, (c, judge)) in concepts.iter().zip(&judges).enumerate() {
+        if rows.iter().any(|r| r["request"] == c.request.as_str()) {
+            continue;
+        }
         let description = harness.embed(&c.description)?;
         let base = (harness.score(&greedy_base, judge, &description)?, harness.score(&sampled_base, judge, &description)?);
         let auto_started = std::time::Instant::now();
@@ -431,7 +464,7 @@ pub fn run(args: &AutoSteerEvalArgs) -> Result<(), BuildError> {
         let pass = !found.edits.is_empty() && passes(&greedy, &base.0) && passes(&sampled, &base.1);
         passed += pass as usize;
 
-        let ceiling = if args.no_ceiling { None } else { Some(ceiling(&harness, &atlas, c, &lens[n], judge, &description, &base, norm)?) };
+        let ceiling = if args.no_ceiling { None } else { Some(ceiling(&harness, &atlas, c, &lens[n], judge, &description, &base, norm, &found.edits.iter().map(|e| e.feature).collect::<Vec<_>>())?) };
         let ceiling_pass = ceiling.as_ref().is_some_and(|c| c.pass);
         ceiling_passed += ceiling_pass as usize;
         let edits = describe(&found.edits, &atlas);
@@ -464,19 +497,11 @@ pub fn run(args: &AutoSteerEvalArgs) -> Result<(), BuildError> {
                 "replies": replies_json(&c.replies, &spec.prompts),
             })),
         }));
+        write(&rows, passed, ceiling_passed)?;
         eprintln!("autosteer-eval: {}/{} concepts, {:.0} s", n + 1, concepts.len(), started.elapsed().as_secs_f32());
     }
     println!("\nAutoSteer passes {passed} of {} concepts; the ceiling passes {ceiling_passed}.", concepts.len());
-    if let Some(out) = &args.out {
-        let report = json!({
-            "protocol": "replies to each neutral prompt greedily and at temperature 0.7 (seeds 11, 22, 33); pass at both: concept words per 100 words >= 3 x max(base, 0.5), distinct-2 >= 0.5, base-model perplexity <= 3 x base",
-            "max_tokens": args.max_tokens, "prompts": spec.prompts, "residual_norm": norm,
-            "base_replies": replies_json(&base_replies, &spec.prompts),
-            "concepts": rows, "autosteer_passed": passed, "ceiling_passed": ceiling_passed, "total": concepts.len(),
-        });
-        crate::write_atomically(out, (serde_json::to_string_pretty(&report).expect("JSON") + "\n").as_bytes())?;
-    }
-    Ok(())
+    write(&rows, passed, ceiling_passed)
 }
 
 struct Ceiling {
@@ -499,13 +524,15 @@ fn ceiling(
     description: &[f32],
     base: &(Scores, Scores),
     norm: f32,
+    also: &[u32],
 ) -> Result<Ceiling, BuildError> {
     let mut candidates: Vec<u32> = (0..lens.len() as u32).collect();
     candidates.sort_by(|&a, &b| lens[b as usize].total_cmp(&lens[a as usize]));
     candidates.truncate(SCREEN_FROM_LENS);
-    for hit in atlas.search(&concept.description, SCREEN_FROM_SEARCH) {
-        if !candidates.contains(&hit.feature) {
-            candidates.push(hit.feature);
+    let searched = atlas.search(&concept.description, SCREEN_FROM_SEARCH).into_iter().map(|h| h.feature);
+    for feature in searched.chain(also.iter().copied()) {
+        if !candidates.contains(&feature) {
+            candidates.push(feature);
         }
     }
     // A nudge of value v moves the residual by v·u_j·‖W_dec[j]‖ (u_j its steering unit).
@@ -527,8 +554,8 @@ fn ceiling(
     let mut best: Option<(f32, u32, f32)> = None;
     for (k, &(j, f)) in settings.iter().enumerate() {
         let group: Vec<&Reply> = replies[k * screen_prompts..(k + 1) * screen_prompts].iter().collect();
-        let s = harness.score(&group, judge, description)?;
-        let coherent = s.distinct >= 0.5 && s.perplexity <= 3.0 * base.0.perplexity;
+        let s = harness.score(&group, judge, &[])?;
+        let coherent = s.distinct >= SCREEN_MIN_DISTINCT && s.perplexity <= SCREEN_MAX_PERPLEXITY * base.0.perplexity;
         if coherent && best.is_none_or(|b| s.rate > b.0) {
             best = Some((s.rate, j, f));
         }

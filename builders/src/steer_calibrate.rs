@@ -38,6 +38,10 @@ pub struct SteerCalibrateArgs {
     pub features: usize,
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
+    /// Check the unit on what its calibration never saw: other prompts, and latents outside
+    /// the default sample (seed 7).
+    #[arg(long)]
+    pub holdout: bool,
     /// Tokens per reply.
     #[arg(long, default_value_t = 32)]
     pub max_tokens: usize,
@@ -47,6 +51,8 @@ pub struct SteerCalibrateArgs {
 
 /// Prompts no other measurement uses (AutoSteer's trials and the evaluation have their own).
 const PROMPTS: [&str; 2] = ["Write a few sentences about anything you like.", "What did you learn recently?"];
+/// `--holdout`'s prompts.
+const HOLDOUT_PROMPTS: [&str; 2] = ["Tell me about a place you like.", "How should I spend a rainy afternoon?"];
 /// Strengths, as the steering delta's norm over the residual's median norm.
 pub const FRACTIONS: [f32; 10] = [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.65, 0.8, 1.0];
 /// The effect (mean activation on the reply, in p99 units, above base) that counts as acting.
@@ -66,7 +72,8 @@ fn change(reply: &[TokenId], base: &[TokenId]) -> f32 {
 
 pub fn run(args: &SteerCalibrateArgs) -> Result<(), BuildError> {
     let (model, sae, atlas) = args.shipped.load(false)?;
-    let prompts = PROMPTS
+    let texts = if args.holdout { HOLDOUT_PROMPTS } else { PROMPTS };
+    let prompts = texts
         .iter()
         .map(|p| model.tokenizer.encode_chat(&[ChatMessage::user(p.to_string())]))
         .collect::<Result<Vec<_>, _>>()?;
@@ -75,7 +82,13 @@ pub fn run(args: &SteerCalibrateArgs) -> Result<(), BuildError> {
     eprintln!("steer-calibrate: median residual norm {norm:.1}");
 
     let mut live: Vec<u32> = (0..sae.config().d_sae as u32).filter(|&j| atlas.feature(j).is_ok_and(|f| f.is_live())).collect();
+    let mut calibration = live.clone();
+    calibration.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(7));
+    calibration.truncate(args.features);
     live.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(args.seed));
+    if args.holdout {
+        live.retain(|j| !calibration.contains(j));
+    }
     live.truncate(args.features);
 
     // The base replies, and how much each sampled feature fires on them.
@@ -141,7 +154,9 @@ pub fn run(args: &SteerCalibrateArgs) -> Result<(), BuildError> {
     };
     let report = json!({
         "about": "steering onset and break per sampled latent, as the steering delta's norm over the residual's median norm (kindling-build steer-calibrate)",
-        "residual_norm": norm, "prompts": PROMPTS, "fractions": FRACTIONS, "onset_effect": ONSET_EFFECT, "visible_change": VISIBLE_CHANGE,
+        "residual_norm": norm, "prompts": texts, "holdout": args.holdout,
+        "strength_unit": { "version": kindling_engine::steer::STRENGTH_UNIT, "residual_fraction_per_unit": kindling_engine::steer::RESIDUAL_FRACTION_PER_UNIT },
+        "fits_the_slider": breaks.iter().filter(|b| b.is_some_and(|b| b <= kindling_engine::steer::RESIDUAL_FRACTION_PER_UNIT + 1e-6)).count(), "fractions": FRACTIONS, "onset_effect": ONSET_EFFECT, "visible_change": VISIBLE_CHANGE,
         "base_replies": base.iter().map(|r| r.text.clone()).collect::<Vec<_>>(), "base_perplexity": base_ppl,
         "onset": quantiles(&onsets), "visible": quantiles(&visibles), "break": quantiles(&breaks), "features": rows,
     });

@@ -595,10 +595,10 @@ impl FiredScopes {
 pub const STRENGTH_UNIT: u32 = 2;
 
 /// How far one steering unit moves the residual, as a fraction of its typical norm. Chosen
-/// from `kindling-build steer-calibrate` (docs/STEERING.md): replies change visibly from
-/// about 0.1–0.2 of the norm and stop being text from about 0.4–0.5, so ±1 spans the whole
-/// useful range of nearly every latent.
-pub const RESIDUAL_FRACTION_PER_UNIT: f32 = 0.5;
+/// from `kindling-build steer-calibrate` on 40 latents (docs/STEERING.md): replies change
+/// visibly from 0.05–0.2 of the norm (median 0.1) and stop being text from 0.4–0.65 (median
+/// 0.5; 39 of 40 by 0.65), so ±1 spans the whole useful range of nearly every latent.
+pub const RESIDUAL_FRACTION_PER_UNIT: f32 = 0.65;
 
 /// Where replies start to change visibly, in steering units: the median over latents that
 /// `kindling-build steer-calibrate` measured (docs/STEERING.md).
