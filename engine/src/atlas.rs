@@ -68,7 +68,8 @@ pub struct FeatureInfo {
     pub label_source: LabelSource,
     /// Detection balanced accuracy of the label on held-out contexts (0.5 = chance).
     pub label_score: Option<f32>,
-    /// The unit of steering values: the 99th percentile of its nonzero activations.
+    /// The unit of activations (conditions, inspection; the steering unit before strength
+    /// unit 2): the 99th percentile of its nonzero activations.
     pub max_activation: f32,
     /// The largest activation seen.
     pub max_observed: f32,

@@ -517,7 +517,7 @@ mod tests {
     }
 
     #[test]
-    fn the_steering_unit_is_the_99th_percentile() {
+    fn the_activation_unit_is_the_99th_percentile() {
         let stats = statistics(&activations(), 2, 7);
         let s = &stats[0];
         assert_eq!(s.count, 400 * 8);

@@ -192,7 +192,7 @@ pub fn run(
         "heldout_windows": acts.windows.len(),
         // A trial run (--features N) labels only the first N latents.
         "label_quality": label_quality(&scored.iter().zip(stats).take(args.features.unwrap_or(d_sae)).filter(|(_, s)| s.is_live()).map(|(l, _)| l.clone()).collect::<Vec<_>>()),
-        "steering_unit": "max_activation = 99th percentile of the latent's nonzero activations on held-out tokens",
+        "activation_unit": "max_activation = 99th percentile of the latent's nonzero activations on held-out tokens (steering values use strength unit 2, docs/STEERING.md)",
         "contexts": { "per_latent": STORED, "window": WINDOW, "before": super::BEFORE, "after": super::AFTER },
         "boosted_tokens": { "amplify": args.amplify, "prompts": 2 },
         "files": files,
