@@ -290,3 +290,30 @@ fn a_steering_unit_moves_the_residual_by_a_fixed_share_of_its_norm_for_every_lat
     // Pins and multiplications act on the token's own activation: no fixed vector.
     assert!(steering_vector(sae, &units, &[Edit { mode: Mode::Pin, ..Edit::nudge(3, 1.0) }]).is_none());
 }
+
+#[test]
+fn batched_steering_vectors_generate_what_the_steer_hook_generates() {
+    use kindling_engine::generate::SteeredRequest;
+    use kindling_engine::steer::steering_vector;
+    let m = model(Backend::Cpu);
+    let edits = [Edit::nudge(100, 0.4), Edit::nudge(2000, -0.2)];
+    let mut v = Variant::new("m");
+    v.edits = edits.to_vec();
+    let one_by_one = generate(m, Some(v)).unwrap();
+    let vector = steering_vector(sae(), units(), &edits).map(std::sync::Arc::new);
+    assert!(vector.is_some());
+    // Three sequences in one batch: steered, base, steered again.
+    let requests = [vector.clone(), None, vector].map(|steering| SteeredRequest { prompt: prompt(m), seed: 0, steering });
+    let mut out = vec![Vec::new(); 3];
+    m.generate_steered(requests, &SamplingParams::greedy(24), 3, |i, o| {
+        out[i] = o.tokens;
+        Ok(true)
+    })
+    .unwrap();
+    let base = generate(m, None).unwrap();
+    assert_ne!(one_by_one, base, "the edits change the reply");
+    // The batch's tokens drop the final <|im_end|>; the stream's keep none either.
+    assert_eq!(out[0], one_by_one);
+    assert_eq!(out[1], base);
+    assert_eq!(out[2], one_by_one);
+}

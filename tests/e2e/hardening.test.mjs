@@ -313,6 +313,15 @@ test('a share link\'s labels are shown as text, checked against the atlas, and i
     assert.equal(await p.textContent('[data-testid=edit] .label'), real.label);
     assert.equal(await p.$$eval('img', (els) => els.length), 0, 'the label made no element');
     assert.deepEqual(dialogs, []);
+    // The link names no strength unit (it predates unit 2): its value opens converted, and says so.
+    await p.waitForFunction(() => /saved with steering unit 1; its values were converted to unit 2/.test(document.body.textContent), null, { timeout: 30_000 });
+    const converted = 0.5 * real.strength_per_unit_1;
+    assert.ok(converted > 0.01 && converted < 0.5, `${converted}`);
+    assert.equal(await p.textContent('[data-testid=edit-value]'), `+${converted.toFixed(2)}`);
+    await p.click('[data-testid=tab-variant]');
+    const saved = JSON.parse(await p.textContent('[data-testid=variant-json]'));
+    assert.equal(saved.strength_unit, 2);
+    assert.ok(Math.abs(saved.edits[0].value - converted) < 1e-4, JSON.stringify(saved.edits[0]));
 
     // More edits than a variant may have: refused whole, before anything is built.
     const many = Array.from({ length: 1000 }, (_, i) => ({ ...edit, feature_id: `${i}`, feature_label: 'x' }));

@@ -147,8 +147,12 @@ test('moving a slider changes the next reply versus the base model', async () =>
   }
   await tab(page, 'edits');
   await page.waitForSelector('[data-testid=edit-slider]');
+  // The slider names the zone a value falls in (steer::StrengthZone).
+  await page.fill('[data-testid=edit-slider]', '0.3');
+  assert.equal(await page.textContent('[data-testid=edit-zone]'), 'clear steering');
   await page.fill('[data-testid=edit-slider]', '1');
   assert.equal(await page.textContent('[data-testid=edit-value]'), '+1.00');
+  assert.equal(await page.textContent('[data-testid=edit-zone]'), 'strong: text may break');
   await tab(page, 'variant');
   const variant = await variantJson(page);
   assert.equal(variant.edits.length, 1);
