@@ -244,7 +244,11 @@ impl<'a> Harness<'a> {
         }
         let all: Vec<TokenId> = prompt.iter().chain(reply).copied().collect();
         let mut cache = self.model.llama.new_cache();
-        let logits = self.model.llama.forward(&all, &mut cache, None, Logits::All)?.expect("Logits::All returns logits");
+        let logits = self
+            .model
+            .llama
+            .forward(&all, &mut cache, None, Logits::All)?
+            .expect("Logits::All returns logits");
         let logits = to_host(logits)?;
         let vocab = logits.len() / all.len();
         let mut total = 0.0f64;
@@ -264,7 +268,10 @@ impl<'a> Harness<'a> {
         if let Some(minilm) = self.minilm.as_ref().filter(|_| !description.is_empty()) {
             let texts: Vec<&str> = replies.iter().map(|r| r.text.as_str()).collect();
             let embedded = minilm.embed(&texts)?;
-            similarity = embedded.iter().map(|v| v.iter().zip(description).map(|(a, b)| a * b).sum::<f32>()).sum::<f32>();
+            similarity = embedded
+                .iter()
+                .map(|v| v.iter().zip(description).map(|(a, b)| a * b).sum::<f32>())
+                .sum::<f32>();
         }
         for r in replies {
             let (h, w) = judge.count(&r.text);
@@ -300,7 +307,11 @@ impl<'a> Harness<'a> {
         let replies = self.replies(&runs, self.max_tokens)?;
         let greedy: Vec<&Reply> = replies.iter().filter(|r| r.seed.is_none()).collect();
         let sampled: Vec<&Reply> = replies.iter().filter(|r| r.seed.is_some()).collect();
-        Ok((self.score(&greedy, judge, description)?, self.score(&sampled, judge, description)?, replies))
+        Ok((
+            self.score(&greedy, judge, description)?,
+            self.score(&sampled, judge, description)?,
+            replies,
+        ))
     }
 }
 
@@ -319,7 +330,11 @@ pub(crate) fn residual_norm(model: &Model, sae: &Sae, prompts: &[Vec<TokenId>]) 
         let mut cache = model.llama.new_cache();
         model.llama.forward(p, &mut cache, Some(&mut capture), Logits::None)?;
         let rows = capture.take();
-        norms.extend(rows.chunks_exact(sae.config().d_in).skip(1).map(|r| r.iter().map(|x| x * x).sum::<f32>().sqrt()));
+        norms.extend(
+            rows.chunks_exact(sae.config().d_in)
+                .skip(1)
+                .map(|r| r.iter().map(|x| x * x).sum::<f32>().sqrt()),
+        );
     }
     norms.sort_by(f32::total_cmp);
     Ok(norms.get(norms.len() / 2).copied().unwrap_or(1.0))
@@ -340,7 +355,9 @@ fn lens_scores(model: &Model, sae: &Sae, token_sets: &[Vec<TokenId>]) -> Result<
         let vocab = logits.len() / (end - start);
         for (j, row) in (start..end).zip(logits.chunks_exact(vocab)) {
             let mean = row.iter().sum::<f32>() / vocab as f32;
-            let std = (row.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / vocab as f32).sqrt().max(1e-6);
+            let std = (row.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / vocab as f32)
+                .sqrt()
+                .max(1e-6);
             for (set, out) in token_sets.iter().zip(scores.iter_mut()) {
                 if !set.is_empty() {
                     out[j] = set.iter().map(|&t| (row[t as usize] - mean) / std).sum::<f32>() / set.len() as f32;
@@ -356,7 +373,10 @@ fn word_tokens(model: &Model, c: &Concept) -> Vec<TokenId> {
     let mut texts: Vec<String> = Vec::new();
     for w in &c.words {
         let mut capital = w.chars();
-        let capital = capital.next().map(|f| f.to_uppercase().collect::<String>() + capital.as_str()).unwrap_or_default();
+        let capital = capital
+            .next()
+            .map(|f| f.to_uppercase().collect::<String>() + capital.as_str())
+            .unwrap_or_default();
         texts.extend([format!(" {w}"), format!(" {capital}"), capital]);
     }
     // Formats: the characters their patterns match.
@@ -379,7 +399,14 @@ fn word_tokens(model: &Model, c: &Concept) -> Vec<TokenId> {
 fn describe(edits: &[Edit], atlas: &Atlas) -> Vec<String> {
     edits
         .iter()
-        .map(|e| format!("#{}: {} ({:+.2})", e.feature, atlas.feature(e.feature).map(|f| f.label.as_str()).unwrap_or("?"), e.value))
+        .map(|e| {
+            format!(
+                "#{}: {} ({:+.2})",
+                e.feature,
+                atlas.feature(e.feature).map(|f| f.label.as_str()).unwrap_or("?"),
+                e.value
+            )
+        })
         .collect()
 }
 
@@ -397,8 +424,11 @@ fn replies_json(replies: &[Reply], prompts: &[String]) -> Value {
 pub fn run(args: &AutoSteerEvalArgs) -> Result<(), BuildError> {
     let text = std::fs::read(&args.spec).map_err(|e| BuildError::io(&args.spec, e))?;
     let spec: Spec = serde_json::from_slice(&text).map_err(|e| BuildError::Input(format!("{}: {e}", args.spec.display())))?;
-    let concepts: Vec<&Concept> =
-        spec.concepts.iter().filter(|c| args.only.as_ref().is_none_or(|o| c.request.contains(o.as_str()))).collect();
+    let concepts: Vec<&Concept> = spec
+        .concepts
+        .iter()
+        .filter(|c| args.only.as_ref().is_none_or(|o| c.request.contains(o.as_str())))
+        .collect();
     if concepts.is_empty() || spec.prompts.is_empty() {
         return Err(BuildError::Input(format!("{}: no concepts or no prompts", args.spec.display())));
     }
@@ -410,9 +440,16 @@ pub fn run(args: &AutoSteerEvalArgs) -> Result<(), BuildError> {
         .collect::<Result<Vec<_>, _>>()?;
     let harness = Harness::new(&model, &sae, &atlas, Some(&args.minilm), prompts, args.max_tokens)?;
     let norm = residual_norm(&model, &sae, &harness.prompts)?;
-    eprintln!("autosteer-eval: median residual norm after block {} is {norm:.1}", sae.config().layer);
+    eprintln!(
+        "autosteer-eval: median residual norm after block {} is {norm:.1}",
+        sae.config().layer
+    );
     let token_sets: Vec<Vec<TokenId>> = concepts.iter().map(|c| word_tokens(&model, c)).collect();
-    let lens = if args.no_ceiling { Vec::new() } else { lens_scores(&model, &sae, &token_sets)? };
+    let lens = if args.no_ceiling {
+        Vec::new()
+    } else {
+        lens_scores(&model, &sae, &token_sets)?
+    };
     let judges = concepts.iter().map(|c| WordJudge::new(c)).collect::<Result<Vec<_>, _>>()?;
 
     // The base model's replies are the same for every concept; only their scores differ.
@@ -423,7 +460,9 @@ pub fn run(args: &AutoSteerEvalArgs) -> Result<(), BuildError> {
     let greedy_base: Vec<&Reply> = base_replies.iter().filter(|r| r.seed.is_none()).collect();
     let sampled_base: Vec<&Reply> = base_replies.iter().filter(|r| r.seed.is_some()).collect();
 
-    println!("| concept | kind | AutoSteer edits | words/100 t=0 base → steered | t=0.7 | distinct-2 | perplexity × base | pass | ceiling | ceiling pass |");
+    println!(
+        "| concept | kind | AutoSteer edits | words/100 t=0 base → steered | t=0.7 | distinct-2 | perplexity × base | pass | ceiling | ceiling pass |"
+    );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let (mut passed, mut ceiling_passed) = (0, 0);
     // A run resumes from its report: concepts already in it are kept, not redone (the whole
@@ -455,7 +494,10 @@ pub fn run(args: &AutoSteerEvalArgs) -> Result<(), BuildError> {
             continue;
         }
         let description = harness.embed(&c.description)?;
-        let base = (harness.score(&greedy_base, judge, &description)?, harness.score(&sampled_base, judge, &description)?);
+        let base = (
+            harness.score(&greedy_base, judge, &description)?,
+            harness.score(&sampled_base, judge, &description)?,
+        );
         let auto_started = std::time::Instant::now();
         let found = auto_steer(&model, &sae, &atlas, &c.request, &AutoSteerOptions::default())?;
         let auto_seconds = auto_started.elapsed().as_secs_f32();
@@ -464,7 +506,21 @@ pub fn run(args: &AutoSteerEvalArgs) -> Result<(), BuildError> {
         let pass = !found.edits.is_empty() && passes(&greedy, &base.0) && passes(&sampled, &base.1);
         passed += pass as usize;
 
-        let ceiling = if args.no_ceiling { None } else { Some(ceiling(&harness, &atlas, c, &lens[n], judge, &description, &base, norm, &found.edits.iter().map(|e| e.feature).collect::<Vec<_>>())?) };
+        let ceiling = if args.no_ceiling {
+            None
+        } else {
+            Some(ceiling(
+                &harness,
+                &atlas,
+                c,
+                &lens[n],
+                judge,
+                &description,
+                &base,
+                norm,
+                &found.edits.iter().map(|e| e.feature).collect::<Vec<_>>(),
+            )?)
+        };
         let ceiling_pass = ceiling.as_ref().is_some_and(|c| c.pass);
         ceiling_passed += ceiling_pass as usize;
         let edits = describe(&found.edits, &atlas);
@@ -498,9 +554,17 @@ pub fn run(args: &AutoSteerEvalArgs) -> Result<(), BuildError> {
             })),
         }));
         write(&rows, passed, ceiling_passed)?;
-        eprintln!("autosteer-eval: {}/{} concepts, {:.0} s", n + 1, concepts.len(), started.elapsed().as_secs_f32());
+        eprintln!(
+            "autosteer-eval: {}/{} concepts, {:.0} s",
+            n + 1,
+            concepts.len(),
+            started.elapsed().as_secs_f32()
+        );
     }
-    println!("\nAutoSteer passes {passed} of {} concepts; the ceiling passes {ceiling_passed}.", concepts.len());
+    println!(
+        "\nAutoSteer passes {passed} of {} concepts; the ceiling passes {ceiling_passed}.",
+        concepts.len()
+    );
     write(&rows, passed, ceiling_passed)
 }
 
@@ -529,7 +593,10 @@ fn ceiling(
     let mut candidates: Vec<u32> = (0..lens.len() as u32).collect();
     candidates.sort_by(|&a, &b| lens[b as usize].total_cmp(&lens[a as usize]));
     candidates.truncate(SCREEN_FROM_LENS);
-    let searched = atlas.search(&concept.description, SCREEN_FROM_SEARCH).into_iter().map(|h| h.feature);
+    let searched = atlas
+        .search(&concept.description, SCREEN_FROM_SEARCH)
+        .into_iter()
+        .map(|h| h.feature);
     for feature in searched.chain(also.iter().copied()) {
         if !candidates.contains(&feature) {
             candidates.push(feature);
@@ -602,8 +669,18 @@ mod tests {
 
     #[test]
     fn a_pass_needs_three_times_the_floored_base_rate_coherence_and_fluency() {
-        let base = Scores { rate: 0.1, distinct: 0.9, perplexity: 4.0, similarity: 0.0 };
-        let good = Scores { rate: 1.5, distinct: 0.8, perplexity: 11.0, similarity: 0.0 };
+        let base = Scores {
+            rate: 0.1,
+            distinct: 0.9,
+            perplexity: 4.0,
+            similarity: 0.0,
+        };
+        let good = Scores {
+            rate: 1.5,
+            distinct: 0.8,
+            perplexity: 11.0,
+            similarity: 0.0,
+        };
         assert!(passes(&good, &base));
         assert!(!passes(&Scores { rate: 1.4, ..good }, &base), "3 x the floor of 0.5");
         assert!(!passes(&Scores { distinct: 0.4, ..good }, &base));

@@ -22,8 +22,8 @@ use std::sync::Arc;
 
 use kindling_engine::steer::{Edit, steering_vector};
 use kindling_engine::{CaptureResidual, ChatMessage, Logits, TokenId};
-use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use rand::seq::SliceRandom;
 use serde_json::json;
 
 use crate::BuildError;
@@ -81,7 +81,9 @@ pub fn run(args: &SteerCalibrateArgs) -> Result<(), BuildError> {
     let norm = residual_norm(&model, &sae, &harness.prompts)?;
     eprintln!("steer-calibrate: median residual norm {norm:.1}");
 
-    let mut live: Vec<u32> = (0..sae.config().d_sae as u32).filter(|&j| atlas.feature(j).is_ok_and(|f| f.is_live())).collect();
+    let mut live: Vec<u32> = (0..sae.config().d_sae as u32)
+        .filter(|&j| atlas.feature(j).is_ok_and(|f| f.is_live()))
+        .collect();
     let mut calibration = live.clone();
     calibration.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(7));
     calibration.truncate(args.features);
@@ -110,7 +112,11 @@ pub fn run(args: &SteerCalibrateArgs) -> Result<(), BuildError> {
             runs.extend((0..harness.prompts.len()).map(|p| (p, None, vector.clone())));
         }
         let replies = harness.replies(&runs, args.max_tokens)?;
-        let base_effect = base.iter().map(|r| feature_on_reply(&harness, j, &harness.prompts[r.prompt], &r.tokens)).sum::<Result<f32, _>>()? / base.len() as f32;
+        let base_effect = base
+            .iter()
+            .map(|r| feature_on_reply(&harness, j, &harness.prompts[r.prompt], &r.tokens))
+            .sum::<Result<f32, _>>()?
+            / base.len() as f32;
         let mut settings = Vec::new();
         let (mut onset, mut visible, mut broke) = (None, None, None);
         for (k, &f) in FRACTIONS.iter().enumerate() {
@@ -160,7 +166,10 @@ pub fn run(args: &SteerCalibrateArgs) -> Result<(), BuildError> {
         "base_replies": base.iter().map(|r| r.text.clone()).collect::<Vec<_>>(), "base_perplexity": base_ppl,
         "onset": quantiles(&onsets), "visible": quantiles(&visibles), "break": quantiles(&breaks), "features": rows,
     });
-    println!("onset: {}\nvisible: {}\nbreak: {}", report["onset"], report["visible"], report["break"]);
+    println!(
+        "onset: {}\nvisible: {}\nbreak: {}",
+        report["onset"], report["visible"], report["break"]
+    );
     if let Some(out) = &args.out {
         crate::write_atomically(out, (serde_json::to_string_pretty(&report).expect("JSON") + "\n").as_bytes())?;
     }

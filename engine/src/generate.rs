@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::hook::{AddToResidual, ResidualHook};
-use crate::steer::SteeringVector;
 use crate::llama::{KvCache, Logits, to_host};
 use crate::sampling::Sampler;
+use crate::steer::SteeringVector;
 use crate::tokenizer::{StreamDecoder, TokenId};
 use crate::{EngineError, Model, SamplingParams};
 
@@ -347,7 +347,11 @@ impl Model {
         max_batch: usize,
         on_finish: impl FnMut(usize, BatchOutput) -> Result<bool, EngineError>,
     ) -> Result<(), EngineError> {
-        let requests = requests.into_iter().map(|(prompt, seed)| SteeredRequest { prompt, seed, steering: None });
+        let requests = requests.into_iter().map(|(prompt, seed)| SteeredRequest {
+            prompt,
+            seed,
+            steering: None,
+        });
         self.generate_steered_after(prefix, requests, params, max_batch, on_finish)
     }
 

@@ -318,7 +318,11 @@ impl Sae {
     /// trained otherwise it is an estimate.
     pub fn residual_norm(&self) -> f32 {
         let d = self.cfg.d_in;
-        let mut norms: Vec<f32> = self.w_dec.chunks_exact(d).map(|r| r.iter().map(|w| w * w).sum::<f32>().sqrt()).collect();
+        let mut norms: Vec<f32> = self
+            .w_dec
+            .chunks_exact(d)
+            .map(|r| r.iter().map(|w| w * w).sum::<f32>().sqrt())
+            .collect();
         norms.sort_by(f32::total_cmp);
         (d as f32).sqrt() * norms.get(norms.len() / 2).copied().unwrap_or(1.0)
     }

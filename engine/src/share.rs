@@ -239,9 +239,8 @@ impl SavedVariant {
         }
         let mut converted = self.clone();
         let convert = |e: &mut SavedEdit| {
-            let factor = per_unit_1(e.index_in_sae).ok_or_else(|| {
-                ShareError::Invalid(format!("no unit conversion for feature {}", e.index_in_sae))
-            })?;
+            let factor = per_unit_1(e.index_in_sae)
+                .ok_or_else(|| ShareError::Invalid(format!("no unit conversion for feature {}", e.index_in_sae)))?;
             e.value *= factor;
             Ok::<(), ShareError>(())
         };

@@ -565,7 +565,10 @@ pub fn steering_vector(sae: &Sae, units: &Units, edits: &[Edit]) -> Option<Steer
         let row = (j < sae.config().d_sae).then(|| sae.decoder_row(j))?;
         values.iter_mut().zip(row).for_each(|(o, w)| *o += scale * w);
     }
-    Some(SteeringVector { layer: sae.config().layer, values })
+    Some(SteeringVector {
+        layer: sae.config().layer,
+        values,
+    })
 }
 
 /// Where each scope of a variant fired (the position of the token whose features met its
@@ -746,8 +749,9 @@ impl<'s> Steer<'s> {
         let fired = self.fired.clone();
         let mut fired = fired.0.lock().expect("fired scopes lock");
         for (i, (position, features)) in positions.zip(encoded).enumerate() {
-            let value =
-                |f: u32| features.iter().find(|(j, _)| *j == f).map_or(0.0, |&(_, a)| a) / self.units.activation[f as usize].max(f32::MIN_POSITIVE);
+            let value = |f: u32| {
+                features.iter().find(|(j, _)| *j == f).map_or(0.0, |&(_, a)| a) / self.units.activation[f as usize].max(f32::MIN_POSITIVE)
+            };
             for (s, scope) in self.variant.scopes.iter().enumerate() {
                 if fired[s].is_none() && self.aborted.is_none() && scope.when.holds(value) {
                     fired[s] = Some(position);

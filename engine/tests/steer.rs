@@ -229,8 +229,10 @@ fn abort_when_stops_with_its_event_and_conditions_that_never_hold_change_nothing
 /// browser generates) and through the iterator.
 fn generate_both_ways(m: &Model, variant: Option<Variant>, tokens: usize) -> (Vec<u32>, Vec<u32>) {
     let stream = |variant: Option<Variant>| {
-        let hook: Option<Box<dyn ResidualHook>> = variant.map(|v| Box::new(Steer::new(sae(), units(), v).unwrap()) as Box<dyn ResidualHook>);
-        m.generate(prompt(m), SamplingParams::greedy(tokens), hook, CancelToken::new()).unwrap()
+        let hook: Option<Box<dyn ResidualHook>> =
+            variant.map(|v| Box::new(Steer::new(sae(), units(), v).unwrap()) as Box<dyn ResidualHook>);
+        m.generate(prompt(m), SamplingParams::greedy(tokens), hook, CancelToken::new())
+            .unwrap()
     };
     let blocking: Vec<u32> = stream(variant.clone()).map(|t| t.unwrap().id).collect();
     let mut non_blocking = Vec::new();
@@ -270,25 +272,41 @@ fn a_steering_unit_moves_the_residual_by_a_fixed_share_of_its_norm_for_every_lat
     use kindling_engine::steer::{RESIDUAL_FRACTION_PER_UNIT, steering_vector};
     let sae = sae();
     // The shipped SAE records its training normalisation: inputs scaled by s to norm √d_in.
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(shipped_dir().join("cfg.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(shipped_dir().join("cfg.json")).unwrap()).unwrap();
     let s = cfg["metadata"]["normalization"]["input_scale"].as_f64().unwrap() as f32;
     let trained_norm = (sae.config().d_in as f32).sqrt() / s;
-    assert!((sae.residual_norm() / trained_norm - 1.0).abs() < 1e-3, "{} vs {trained_norm}", sae.residual_norm());
+    assert!(
+        (sae.residual_norm() / trained_norm - 1.0).abs() < 1e-3,
+        "{} vs {trained_norm}",
+        sae.residual_norm()
+    );
 
     let activation: Vec<f32> = (0..sae.config().d_sae).map(|j| 1.0 + (j % 7) as f32).collect();
     let units = Units::new(sae, activation);
     for j in [0u32, 17, 4095, 8191] {
         let vector = steering_vector(sae, &units, &[Edit::nudge(j, 1.0)]).unwrap();
         let norm = vector.values.iter().map(|x| x * x).sum::<f32>().sqrt();
-        assert!((norm / (RESIDUAL_FRACTION_PER_UNIT * trained_norm) - 1.0).abs() < 1e-3, "latent {j}: {norm}");
+        assert!(
+            (norm / (RESIDUAL_FRACTION_PER_UNIT * trained_norm) - 1.0).abs() < 1e-3,
+            "latent {j}: {norm}"
+        );
         // An old value (unit 1: activation units) converts to the same latent change.
         let old = 0.8;
         let new = units.from_version_1(j, old).unwrap();
         assert!((new * units.steering[j as usize] - old * units.activation[j as usize]).abs() < 1e-4);
     }
     // Pins and multiplications act on the token's own activation: no fixed vector.
-    assert!(steering_vector(sae, &units, &[Edit { mode: Mode::Pin, ..Edit::nudge(3, 1.0) }]).is_none());
+    assert!(
+        steering_vector(
+            sae,
+            &units,
+            &[Edit {
+                mode: Mode::Pin,
+                ..Edit::nudge(3, 1.0)
+            }]
+        )
+        .is_none()
+    );
 }
 
 #[test]
@@ -303,7 +321,11 @@ fn batched_steering_vectors_generate_what_the_steer_hook_generates() {
     let vector = steering_vector(sae(), units(), &edits).map(std::sync::Arc::new);
     assert!(vector.is_some());
     // Three sequences in one batch: steered, base, steered again.
-    let requests = [vector.clone(), None, vector].map(|steering| SteeredRequest { prompt: prompt(m), seed: 0, steering });
+    let requests = [vector.clone(), None, vector].map(|steering| SteeredRequest {
+        prompt: prompt(m),
+        seed: 0,
+        steering,
+    });
     let mut out = vec![Vec::new(); 3];
     m.generate_steered(requests, &SamplingParams::greedy(24), 3, |i, o| {
         out[i] = o.tokens;
