@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use fancy_regex::Regex;
-use kindling_engine::autosteer::{AutoSteerOptions, auto_steer};
+use kindling_engine::autosteer::{AutoSteerOptions, auto_steer, distinct_bigrams, reply_nll};
 use kindling_engine::burn::tensor::{Tensor, TensorData};
 use kindling_engine::generate::SteeredRequest;
 use kindling_engine::steer::{Edit, SteeringVector, Units, steering_vector};
@@ -129,15 +129,6 @@ impl WordJudge {
     }
 }
 
-/// Distinct token bigrams / bigrams (1 for fewer than two tokens).
-pub(crate) fn distinct_2(tokens: &[TokenId]) -> f32 {
-    if tokens.len() < 2 {
-        return 1.0;
-    }
-    let pairs: HashSet<(TokenId, TokenId)> = tokens.windows(2).map(|w| (w[0], w[1])).collect();
-    pairs.len() as f32 / (tokens.len() - 1) as f32
-}
-
 /// One reply and the facts the judge needs about it.
 #[derive(Clone)]
 pub(crate) struct Reply {
@@ -232,33 +223,9 @@ impl<'a> Harness<'a> {
         }
         let mut replies: Vec<Reply> = out.into_iter().map(|r| r.expect("every run answers")).collect();
         for r in &mut replies {
-            r.nll = self.nll(&self.prompts[r.prompt], &r.tokens)?;
+            r.nll = reply_nll(self.model, &self.prompts[r.prompt], &r.tokens)?;
         }
         Ok(replies)
-    }
-
-    /// The base model's mean negative log-likelihood of `reply` after `prompt`.
-    fn nll(&self, prompt: &[TokenId], reply: &[TokenId]) -> Result<f32, BuildError> {
-        if reply.is_empty() {
-            return Ok(0.0);
-        }
-        let all: Vec<TokenId> = prompt.iter().chain(reply).copied().collect();
-        let mut cache = self.model.llama.new_cache();
-        let logits = self
-            .model
-            .llama
-            .forward(&all, &mut cache, None, Logits::All)?
-            .expect("Logits::All returns logits");
-        let logits = to_host(logits)?;
-        let vocab = logits.len() / all.len();
-        let mut total = 0.0f64;
-        for (k, &token) in reply.iter().enumerate() {
-            let row = &logits[(prompt.len() + k - 1) * vocab..(prompt.len() + k) * vocab];
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let log_sum = row.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln() + max as f64;
-            total += log_sum - row[token as usize] as f64;
-        }
-        Ok((total / reply.len() as f64) as f32)
     }
 
     fn score(&self, replies: &[&Reply], judge: &WordJudge, description: &[f32]) -> Result<Scores, BuildError> {
@@ -277,7 +244,7 @@ impl<'a> Harness<'a> {
             let (h, w) = judge.count(&r.text);
             hits += h;
             words += w;
-            distinct += distinct_2(&r.tokens);
+            distinct += distinct_bigrams(&r.tokens);
             nll += r.nll as f64 * r.tokens.len() as f64;
             tokens += r.tokens.len();
         }
@@ -544,6 +511,9 @@ pub fn run(args: &AutoSteerEvalArgs) -> Result<(), BuildError> {
             "base": { "t0": scores_json(&base.0), "t07": scores_json(&base.1) },
             "autosteer": {
                 "edits": edits, "seconds": auto_seconds,
+                "trials": found.trials.iter().take(12).map(|t| json!({
+                    "edits": describe(&t.edits, &atlas), "similarity_gain": t.gain, "distinct_tokens": t.coherence,
+                    "accepted": t.accepted })).collect::<Vec<_>>(),
                 "t0": scores_json(&greedy), "t07": scores_json(&sampled), "pass": pass,
                 "replies": replies_json(&replies, &spec.prompts),
             },
@@ -658,13 +628,6 @@ mod tests {
         let judge = WordJudge::new(&c).unwrap();
         assert_eq!(judge.count("Food, food and more FOOD? C'est bon."), (5, 7));
         assert_eq!(judge.count(""), (0, 0));
-    }
-
-    #[test]
-    fn distinct_bigrams_fall_with_repetition() {
-        assert_eq!(distinct_2(&[1]), 1.0);
-        assert_eq!(distinct_2(&[1, 2, 3, 4]), 1.0);
-        assert_eq!(distinct_2(&[1, 2, 1, 2, 1, 2]), 0.4);
     }
 
     #[test]

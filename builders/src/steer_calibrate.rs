@@ -27,7 +27,9 @@ use rand::seq::SliceRandom;
 use serde_json::json;
 
 use crate::BuildError;
-use crate::autosteer_eval::{Harness, distinct_2, residual_norm};
+use kindling_engine::autosteer::distinct_bigrams;
+
+use crate::autosteer_eval::{Harness, residual_norm};
 
 #[derive(clap::Args)]
 pub struct SteerCalibrateArgs {
@@ -126,7 +128,7 @@ pub fn run(args: &SteerCalibrateArgs) -> Result<(), BuildError> {
                 effect += feature_on_reply(&harness, j, &harness.prompts[r.prompt], &r.tokens)?;
             }
             let effect = effect / group.len() as f32 - base_effect;
-            let distinct = group.iter().map(|r| distinct_2(&r.tokens)).sum::<f32>() / group.len() as f32;
+            let distinct = group.iter().map(|r| distinct_bigrams(&r.tokens)).sum::<f32>() / group.len() as f32;
             let ppl = (group.iter().map(|r| r.nll).sum::<f32>() / group.len() as f32).exp();
             let changed = group.iter().map(|r| change(&r.tokens, &base[r.prompt].tokens)).sum::<f32>() / group.len() as f32;
             if visible.is_none() && changed >= VISIBLE_CHANGE {

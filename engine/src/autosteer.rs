@@ -136,6 +136,38 @@ pub fn distinct_ratio(tokens: &[u32]) -> f32 {
     tokens.iter().collect::<std::collections::BTreeSet<_>>().len() as f32 / tokens.len() as f32
 }
 
+/// Distinct token bigrams / bigrams (1.0 for fewer than two tokens): repetition lowers it.
+pub fn distinct_bigrams(tokens: &[TokenId]) -> f32 {
+    if tokens.len() < 2 {
+        return 1.0;
+    }
+    let pairs: std::collections::HashSet<(TokenId, TokenId)> = tokens.windows(2).map(|w| (w[0], w[1])).collect();
+    pairs.len() as f32 / (tokens.len() - 1) as f32
+}
+
+/// The base model's mean negative log-likelihood per token of `reply` after `prompt`
+/// (its perplexity is the exponential).
+pub fn reply_nll(model: &Model, prompt: &[TokenId], reply: &[TokenId]) -> Result<f32, EngineError> {
+    if reply.is_empty() {
+        return Ok(0.0);
+    }
+    let all: Vec<TokenId> = prompt.iter().chain(reply).copied().collect();
+    let mut cache = model.llama.new_cache();
+    let logits = model
+        .llama
+        .forward(&all, &mut cache, None, crate::Logits::All)?
+        .expect("Logits::All returns logits");
+    let logits = crate::to_host(logits.slice([prompt.len() - 1..all.len() - 1]))?;
+    let vocab = logits.len() / reply.len();
+    let mut total = 0.0f64;
+    for (row, &token) in logits.chunks_exact(vocab).zip(reply) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let log_sum = row.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln() + max as f64;
+        total += log_sum - row[token as usize] as f64;
+    }
+    Ok((total / reply.len() as f64) as f32)
+}
+
 /// Greedy replies to each prompt (as a user turn) under `edits`: (text, token ids). AutoSteer
 /// judges its trials on these, and its evaluation judges the result the same way.
 pub fn greedy_replies(
@@ -269,6 +301,14 @@ mod tests {
         assert_eq!(search_phrase("pirates"), "pirates");
         assert_eq!(search_phrase("be"), "be", "a frame alone is searched as it is");
         assert_eq!(search_phrase("  sadness "), "sadness");
+    }
+
+    #[test]
+    fn repetition_lowers_the_distinct_bigrams() {
+        assert_eq!(distinct_bigrams(&[]), 1.0);
+        assert_eq!(distinct_bigrams(&[1, 2, 3, 4]), 1.0);
+        assert_eq!(distinct_bigrams(&[7, 7, 7, 7]), 1.0 / 3.0);
+        assert_eq!(distinct_bigrams(&[1, 2, 1, 2, 1, 2]), 0.4);
     }
 
     #[test]
