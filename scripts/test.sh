@@ -7,6 +7,10 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
+echo "== cargo fmt --check"
+# Formatting first: it fails in a second, before the long builds.
+cargo fmt --all --check || { echo "formatting differs: run cargo fmt --all" >&2; exit 1; }
+
 scripts/fetch-model.sh
 scripts/fetch-minilm.sh
 

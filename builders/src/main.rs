@@ -13,7 +13,6 @@
 
 mod atlas;
 mod autosteer_eval;
-mod steer_calibrate;
 mod chats;
 mod embedder;
 mod evaluate;
@@ -22,6 +21,7 @@ mod harvest;
 mod minilm;
 mod progress;
 mod search_eval;
+mod steer_calibrate;
 mod train;
 mod workers;
 

@@ -11,7 +11,6 @@
 //!
 //! Results go to `labels.jsonl` (one line per latent), so a cut-off run resumes.
 
-
 use kindling_engine::{ChatMessage, LabelSource, Logits, Model, SamplingParams, TokenId};
 use serde_json::json;
 
@@ -330,7 +329,13 @@ mod tests {
         // keeps only the recurring words.
         assert_eq!(
             c,
-            ["humor", "humor (funny, joke, Cadbury)", "funny, joke, Cadbury", "so funny", "funny, joke"]
+            [
+                "humor",
+                "humor (funny, joke, Cadbury)",
+                "funny, joke, Cadbury",
+                "so funny",
+                "funny, joke"
+            ]
         );
         assert_eq!(Label::default().candidates().len(), 0);
     }

@@ -186,10 +186,7 @@ pub fn run(
             let vectors = embed_all(&judge, &texts)?;
             let (choose_v, rest) = vectors.split_at(choose.len());
             let (score_v, label_v) = rest.split_at(s.scoring.len());
-            let choosing: Vec<f32> = label_v
-                .iter()
-                .map(|l| detection_auc(l, choose_v, &choose_negatives))
-                .collect();
+            let choosing: Vec<f32> = label_v.iter().map(|l| detection_auc(l, choose_v, &choose_negatives)).collect();
             let best = (0..candidates.len())
                 .max_by(|&a, &b| choosing[a].total_cmp(&choosing[b]).then(b.cmp(&a)))
                 .expect("a candidate");
@@ -215,7 +212,10 @@ pub fn run(
         let workers = single_thread_pools(args.workers)?;
         let shares = shares(&todo, workers.len());
         let results = run_on_workers(&workers, &(0..workers.len()).collect::<Vec<_>>(), |w| {
-            shares[w].iter().map(|&f| Ok((f, score_one(f)?))).collect::<Result<Vec<_>, BuildError>>()
+            shares[w]
+                .iter()
+                .map(|&f| Ok((f, score_one(f)?)))
+                .collect::<Result<Vec<_>, BuildError>>()
         })?;
         for (f, result) in results.into_iter().flatten() {
             scored[f] = Some(result);
