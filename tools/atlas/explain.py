@@ -140,8 +140,9 @@ def material(vocab, feature, tokens, acts, args):
     if args.promoted:
         # Whole words only: promoted sub-word pieces ("ndrome", "steine") say little, and a
         # small explainer copies whatever list it is given.
-        promoted = [vocab.text([t]).strip() for t, _ in feature["promoted"][: args.promoted]]
-        promoted = [p for p in promoted if re.fullmatch(r"[A-Za-z]{3,}", p) and vocab.text([t for t, _ in feature["promoted"]]).count(" " + p) > 0]
+        # A whole word is a piece that starts a word (a leading space) and is all letters.
+        pieces = [vocab.text([t]) for t, _ in feature["promoted"][: args.promoted]]
+        promoted = [p.strip() for p in pieces if re.fullmatch(r" [A-Za-z]{3,}", p)]
         if promoted:
             text += "\nTokens it promotes: " + ", ".join(promoted)
     return text
