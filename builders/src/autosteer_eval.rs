@@ -129,6 +129,7 @@ impl WordJudge {
     }
 }
 
+
 /// One reply and the facts the judge needs about it.
 #[derive(Clone)]
 pub(crate) struct Reply {
@@ -227,6 +228,7 @@ impl<'a> Harness<'a> {
         }
         Ok(replies)
     }
+
 
     fn score(&self, replies: &[&Reply], judge: &WordJudge, description: &[f32]) -> Result<Scores, BuildError> {
         let (mut hits, mut words, mut distinct, mut nll, mut tokens) = (0, 0, 0.0, 0.0f64, 0usize);
@@ -511,9 +513,11 @@ pub fn run(args: &AutoSteerEvalArgs) -> Result<(), BuildError> {
             "base": { "t0": scores_json(&base.0), "t07": scores_json(&base.1) },
             "autosteer": {
                 "edits": edits, "seconds": auto_seconds,
+                "concept_tokens": found.concept_tokens.iter().map(|&t| model.tokenizer.decode(&[t], false).unwrap_or_default()).collect::<Vec<_>>(),
+                "examples": found.examples,
                 "trials": found.trials.iter().take(12).map(|t| json!({
-                    "edits": describe(&t.edits, &atlas), "similarity_gain": t.gain, "distinct_tokens": t.coherence,
-                    "accepted": t.accepted })).collect::<Vec<_>>(),
+                    "edits": describe(&t.edits, &atlas), "effect": t.effect, "perplexity_ratio": t.perplexity_ratio,
+                    "distinct": t.distinct, "accepted": t.accepted })).collect::<Vec<_>>(),
                 "t0": scores_json(&greedy), "t07": scores_json(&sampled), "pass": pass,
                 "replies": replies_json(&replies, &spec.prompts),
             },
@@ -629,6 +633,7 @@ mod tests {
         assert_eq!(judge.count("Food, food and more FOOD? C'est bon."), (5, 7));
         assert_eq!(judge.count(""), (0, 0));
     }
+
 
     #[test]
     fn a_pass_needs_three_times_the_floored_base_rate_coherence_and_fluency() {

@@ -298,10 +298,8 @@ fn autosteer(
     let sae = Sae::from_compact(&std::fs::read(sae_dir.join("kindling-sae.f16.safetensors"))?)?;
     let atlas = Atlas::load_dir(atlas_dir, &sae, false)?;
     let result = auto_steer(model, &sae, &atlas, description, &AutoSteerOptions::default())?;
-    println!(
-        "base: similarity {:.3}, coherence {:.2}",
-        result.base_similarity, result.base_coherence
-    );
+    let concept: Vec<String> = result.concept_tokens.iter().map(|&t| model.tokenizer.decode(&[t], false).unwrap_or_default()).collect();
+    println!("concept tokens: {concept:?}");
     for t in &result.trials {
         let edits: Vec<String> = t
             .edits
@@ -316,10 +314,11 @@ fn autosteer(
             })
             .collect();
         println!(
-            "{} gain {:+.3} coherence {:.2}  {}",
+            "{} effect {:+.1} perplexity {:.1}x distinct-2 {:.2}  {}",
             if t.accepted { "+" } else { " " },
-            t.gain,
-            t.coherence,
+            t.effect,
+            t.perplexity_ratio,
+            t.distinct,
             edits.join(" & ")
         );
     }

@@ -1,35 +1,53 @@
 //! AutoSteer and AutoConditional: from a short description ("be funny", "pirates") to
 //! edits or a condition, found by project code.
 //!
-//! AutoSteer searches the atlas for candidate features (with the description's topic, see
-//! [`search_phrase`]), then tries each at a few strengths on
-//! neutral prompts: greedy continuations are embedded with the atlas's sentence embedder and
-//! compared with the description. A candidate's gain is how much closer to the description
-//! its continuations get than the base model's; it counts only if the text stays coherent
-//! (distinct-token ratio at least 80% of the base's and at least one half: steering too hard
-//! makes a model repeat itself). The best candidate is kept, plus the second best when the
-//! two together still beat the best alone and stay coherent.
+//! AutoSteer chooses by **measured effect**, not by labels alone:
+//! 1. **Examples.** The model answers the trial prompts twice, plainly and with a system
+//!    prompt asking for the behaviour ("In every reply, talk about food."). The tokens the
+//!    examples use far more than the plain replies are the concept's tokens.
+//! 2. **Candidates** from three sources: the latents that separate the examples from the
+//!    plain replies (mean activation over their tokens, read by the SAE), the latents whose
+//!    decoder direction promotes concept tokens (the atlas's logit-lens `promoted` lists),
+//!    and atlas search on the description's topic ([`search_phrase`]).
+//! 3. **Trials.** Every candidate is nudged at each strength of the usable range (steering
+//!    units, [`crate::steer::STRENGTH_UNIT`]) on the trial prompts, all in batches of fixed
+//!    steering vectors. A trial's **effect** is the concept tokens' rate per 100 tokens of its
+//!    replies (the examples' tokens and the description's own words) minus the plain
+//!    replies' rate, plus the static embedder's similarity gain to the description (× 30),
+//!    so a topic that the model words differently still counts.
+//!    **Coherence**: the base model's perplexity of the replies at most 2.5× the plain
+//!    replies', and distinct token bigrams at least 0.6.
+//! 4. **Choice.** The coherent trial with the largest effect (the weaker strength on a tie);
+//!    then the best trial of another feature is tried together with it, and kept when the
+//!    pair is coherent and stronger.
+//!
+//! The steering evaluation (`kindling-build autosteer-eval`, docs/STEERING.md) judges the
+//! result on other prompts, with word lists and a judge that AutoSteer never sees.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use crate::atlas::Atlas;
-use crate::embed::StaticEmbedder;
+use crate::generate::SteeredRequest;
+use crate::inspect::Inspection;
+use crate::llama::{Logits, to_host};
 use crate::sae::Sae;
-use crate::steer::{Condition, Edit, Operand, Operator, Steer, Units, Variant};
+use crate::steer::{Condition, Edit, Operand, Operator, SteeringVector, Units, steering_vector};
 use crate::tokenizer::TokenId;
-use crate::{CancelToken, ChatMessage, EngineError, Model, ResidualHook, SamplingParams};
+use crate::{CancelToken, ChatMessage, EngineError, Model, SamplingParams};
 
 /// How hard AutoSteer looks.
 #[derive(Debug, Clone)]
 pub struct AutoSteerOptions {
-    /// Features from the atlas search to try.
-    pub candidates: usize,
+    /// Candidates from each source (contrast, promoted tokens, search); duplicates merge.
+    pub candidates_per_source: usize,
     /// Nudge strengths to try, in steering units.
     pub values: Vec<f32>,
-    /// Neutral user prompts the continuations answer.
+    /// Neutral user prompts the trials answer.
     pub prompts: Vec<String>,
-    /// Tokens generated per continuation.
+    /// Tokens generated per trial reply (the examples get twice as many).
     pub max_tokens: usize,
-    /// Stop trying further candidates after this long and choose among those tried (the
-    /// Goodfire SDK waits 60 s for an answer). Ignored in wasm, which has no clock here.
+    /// Stop starting new trials after this long and choose among those done.
     pub time_budget: Option<std::time::Duration>,
     /// Stops the search at once (its client went away): `auto_steer` answers
     /// `EngineError::Cancelled`.
@@ -39,38 +57,51 @@ pub struct AutoSteerOptions {
 impl Default for AutoSteerOptions {
     fn default() -> Self {
         Self {
-            candidates: 8,
-            values: vec![0.3, 0.6],
-            prompts: vec!["Tell me about your day.".into(), "What should I cook tonight?".into()],
-            max_tokens: 32,
+            candidates_per_source: 3,
+            values: vec![0.3, 0.5],
+            prompts: vec!["Tell me about your day.".into(), "What should I do this evening?".into()],
+            max_tokens: 24,
             time_budget: None,
             cancel: CancelToken::new(),
         }
     }
 }
 
-/// One tried candidate.
+/// One tried setting.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Trial {
     pub edits: Vec<Edit>,
-    /// Mean cosine of the continuations to the description, minus the base model's.
-    pub gain: f32,
-    /// Mean distinct-token ratio of the continuations.
-    pub coherence: f32,
+    /// Concept tokens per 100 tokens above the plain replies, plus 100 × the similarity gain.
+    pub effect: f32,
+    /// The base model's perplexity of the replies over its perplexity of its own replies.
+    pub perplexity_ratio: f32,
+    /// Distinct token bigrams of the replies (mean).
+    pub distinct: f32,
+    /// Coherent and with a positive effect.
     pub accepted: bool,
 }
 
-/// What AutoSteer chose, and every trial behind the choice (best first).
+/// Where a candidate came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Separates the example replies from the plain ones.
+    Contrast,
+    /// Its decoder direction promotes the concept's tokens.
+    Promotes,
+    /// Atlas search on the description.
+    Search,
+}
+
+/// What AutoSteer chose, and why: every trial (best first) and the concept tokens it counted.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AutoSteer {
     pub edits: Vec<Edit>,
-    pub base_similarity: f32,
-    pub base_coherence: f32,
     pub trials: Vec<Trial>,
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    pub candidates: Vec<(u32, Source)>,
+    /// The tokens the example replies used far more than the plain ones.
+    pub concept_tokens: Vec<TokenId>,
+    /// The example replies (written with the system prompt).
+    pub examples: Vec<String>,
 }
 
 /// What to search the atlas for: the description without its instruction frame ("talk about
@@ -128,20 +159,12 @@ impl Clock {
     }
 }
 
-/// Unique tokens / tokens (1.0 for an empty text).
-pub fn distinct_ratio(tokens: &[u32]) -> f32 {
-    if tokens.is_empty() {
-        return 1.0;
-    }
-    tokens.iter().collect::<std::collections::BTreeSet<_>>().len() as f32 / tokens.len() as f32
-}
-
 /// Distinct token bigrams / bigrams (1.0 for fewer than two tokens): repetition lowers it.
 pub fn distinct_bigrams(tokens: &[TokenId]) -> f32 {
     if tokens.len() < 2 {
         return 1.0;
     }
-    let pairs: std::collections::HashSet<(TokenId, TokenId)> = tokens.windows(2).map(|w| (w[0], w[1])).collect();
+    let pairs: HashSet<(TokenId, TokenId)> = tokens.windows(2).map(|w| (w[0], w[1])).collect();
     pairs.len() as f32 / (tokens.len() - 1) as f32
 }
 
@@ -153,11 +176,8 @@ pub fn reply_nll(model: &Model, prompt: &[TokenId], reply: &[TokenId]) -> Result
     }
     let all: Vec<TokenId> = prompt.iter().chain(reply).copied().collect();
     let mut cache = model.llama.new_cache();
-    let logits = model
-        .llama
-        .forward(&all, &mut cache, None, crate::Logits::All)?
-        .expect("Logits::All returns logits");
-    let logits = crate::to_host(logits.slice([prompt.len() - 1..all.len() - 1]))?;
+    let logits = model.llama.forward(&all, &mut cache, None, Logits::All)?.expect("Logits::All returns logits");
+    let logits = to_host(logits.slice([prompt.len() - 1..all.len() - 1]))?;
     let vocab = logits.len() / reply.len();
     let mut total = 0.0f64;
     for (row, &token) in logits.chunks_exact(vocab).zip(reply) {
@@ -168,112 +188,299 @@ pub fn reply_nll(model: &Model, prompt: &[TokenId], reply: &[TokenId]) -> Result
     Ok((total / reply.len() as f64) as f32)
 }
 
-/// Greedy replies to each prompt (as a user turn) under `edits`: (text, token ids). AutoSteer
-/// judges its trials on these, and its evaluation judges the result the same way.
-pub fn greedy_replies(
+/// Replies to `prompts` (token ids), each under its steering vector, greedy, in batches.
+fn replies(
     model: &Model,
-    sae: &Sae,
-    units: &Units,
-    edits: &[Edit],
-    prompts: &[String],
+    runs: &[(usize, Option<Arc<SteeringVector>>)],
+    prompts: &[Vec<TokenId>],
     max_tokens: usize,
     cancel: &CancelToken,
-) -> Result<Vec<(String, Vec<TokenId>)>, EngineError> {
-    let mut out = Vec::with_capacity(prompts.len());
-    for prompt in prompts {
-        cancel.check()?;
-        let tokens = model.tokenizer.encode_chat(&[ChatMessage::user(prompt.clone())])?;
-        let hook: Option<Box<dyn ResidualHook + '_>> = if edits.is_empty() {
-            None
-        } else {
-            let mut v = Variant::new("");
-            v.edits = edits.to_vec();
-            Some(Box::new(Steer::new(sae, units, v)?))
-        };
-        let mut stream = model.generate(tokens, SamplingParams::greedy(max_tokens), hook, cancel.clone())?;
-        let text = stream.collect_text()?;
-        cancel.check()?;
-        out.push((text, stream.generated().to_vec()));
-    }
+) -> Result<Vec<Vec<TokenId>>, EngineError> {
+    let mut out = vec![Vec::new(); runs.len()];
+    let requests = runs.iter().map(|(p, steering)| SteeredRequest {
+        prompt: prompts[*p].clone(),
+        seed: 0,
+        steering: steering.clone(),
+    });
+    model.generate_steered(requests, &SamplingParams::greedy(max_tokens), 32, |i, output| {
+        out[i] = output.tokens;
+        // Stop taking new sequences once cancelled; the running ones end within their budget.
+        Ok(!cancel.is_cancelled())
+    })?;
+    cancel.check()?;
     Ok(out)
 }
 
-/// Greedy continuations of the prompts under `edits`: (similarity to `target`, coherence).
-fn judge(
-    model: &Model,
-    sae: &Sae,
-    units: &Units,
-    edits: &[Edit],
-    embedder: &StaticEmbedder,
-    target: &[f32],
-    opts: &AutoSteerOptions,
-) -> Result<(f32, f32), EngineError> {
-    let (mut similarity, mut coherence) = (0.0, 0.0);
-    for (text, tokens) in greedy_replies(model, sae, units, edits, &opts.prompts, opts.max_tokens, &opts.cancel)? {
-        similarity += cosine(&embedder.embed(&text), target);
-        coherence += distinct_ratio(&tokens);
-    }
-    let n = opts.prompts.len().max(1) as f32;
-    Ok((similarity / n, coherence / n))
+/// Facts about a group of replies to the trial prompts.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    /// Concept tokens per 100 tokens.
+    rate: f32,
+    similarity: f32,
+    nll: f32,
+    distinct: f32,
 }
 
-/// Edits that make the model's replies closer to `description` (see the module docs).
-pub fn auto_steer(model: &Model, sae: &Sae, atlas: &Atlas, description: &str, opts: &AutoSteerOptions) -> Result<AutoSteer, EngineError> {
-    let units = Units::new(sae, atlas.units());
-    let embedder = atlas.embedder();
-    let target = embedder.embed(description);
-    let (base_similarity, base_coherence) = judge(model, sae, &units, &[], embedder, &target, opts)?;
-    let coherent = |c: f32| c >= 0.5 && c >= 0.8 * base_coherence;
-    let mut trials = Vec::new();
-    let clock = Clock::start();
-    for hit in atlas.search(search_phrase(description), opts.candidates) {
-        if opts.time_budget.is_some_and(|budget| clock.elapsed() >= budget) {
-            break;
+struct Judge<'a> {
+    model: &'a Model,
+    atlas: &'a Atlas,
+    concept: HashSet<TokenId>,
+    target: Vec<f32>,
+    prompts: &'a [Vec<TokenId>],
+}
+
+impl Judge<'_> {
+    /// Measures replies; their perplexity (a forward pass each) only when `fluency` is set.
+    fn measure(&self, replies: &[(usize, &Vec<TokenId>)], fluency: bool) -> Result<Measured, EngineError> {
+        let (mut hits, mut tokens, mut similarity, mut nll, mut distinct) = (0usize, 0usize, 0.0, 0.0f32, 0.0);
+        for &(p, reply) in replies {
+            hits += reply.iter().filter(|t| self.concept.contains(t)).count();
+            tokens += reply.len();
+            let text = self.model.tokenizer.decode(reply, true)?;
+            similarity += cosine(&self.atlas.embedder().embed(&text), &self.target);
+            if fluency {
+                nll += reply_nll(self.model, &self.prompts[p], reply)? * reply.len() as f32;
+            }
+            distinct += distinct_bigrams(reply);
         }
-        for &value in &opts.values {
-            let edits = vec![Edit::nudge(hit.feature, value)];
-            let (similarity, coherence) = judge(model, sae, &units, &edits, embedder, &target, opts)?;
-            let gain = similarity - base_similarity;
-            trials.push(Trial {
-                edits,
-                gain,
-                coherence,
-                accepted: coherent(coherence) && gain > 0.0,
-            });
-        }
+        let n = replies.len().max(1) as f32;
+        Ok(Measured {
+            rate: 100.0 * hits as f32 / tokens.max(1) as f32,
+            similarity: similarity / n,
+            nll: nll / tokens.max(1) as f32,
+            distinct: distinct / n,
+        })
     }
-    trials.sort_by(|a, b| b.accepted.cmp(&a.accepted).then(b.gain.total_cmp(&a.gain)));
-    let mut edits = Vec::new();
-    if let Some(best) = trials.first().filter(|t| t.accepted) {
-        edits = best.edits.clone();
-        // The best trial of another feature, tried together with the best.
-        let second = trials
-            .iter()
-            .find(|t| t.accepted && t.edits[0].feature != best.edits[0].feature)
-            .cloned();
-        if let Some(second) = second {
-            let both: Vec<Edit> = best.edits.iter().chain(&second.edits).copied().collect();
-            let (similarity, coherence) = judge(model, sae, &units, &both, embedder, &target, opts)?;
-            let gain = similarity - base_similarity;
-            let better = coherent(coherence) && gain > best.gain;
-            trials.push(Trial {
-                edits: both.clone(),
-                gain,
-                coherence,
-                accepted: better,
-            });
-            if better {
-                edits = both;
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// The tokens `examples` use far more than `plain`: at least twice, and at least three times
+/// as often as the plain replies (plus one), most frequent first.
+fn concept_tokens(examples: &[Vec<TokenId>], plain: &[Vec<TokenId>], limit: usize) -> Vec<TokenId> {
+    let count = |replies: &[Vec<TokenId>]| {
+        let mut counts: HashMap<TokenId, usize> = HashMap::new();
+        replies.iter().flatten().for_each(|&t| *counts.entry(t).or_default() += 1);
+        counts
+    };
+    let (ex, base) = (count(examples), count(plain));
+    let mut tokens: Vec<(TokenId, usize)> =
+        ex.into_iter().filter(|&(t, n)| n >= 2 && n >= 3 * (base.get(&t).copied().unwrap_or(0) + 1)).collect();
+    tokens.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    tokens.into_iter().take(limit).map(|(t, _)| t).collect()
+}
+
+/// Edits that make the model's replies carry `description`, chosen by measured effect (see
+/// the module docs).
+pub fn auto_steer(model: &Model, sae: &Sae, atlas: &Atlas, description: &str, opts: &AutoSteerOptions) -> Result<AutoSteer, EngineError> {
+    let clock = Clock::start();
+    let units = Units::new(sae, atlas.units());
+    let cancel = &opts.cancel;
+    let plain: Vec<Vec<TokenId>> = opts
+        .prompts
+        .iter()
+        .map(|p| model.tokenizer.encode_chat(&[ChatMessage::user(p.clone())]))
+        .collect::<Result<_, _>>()?;
+    let asked: Vec<Vec<TokenId>> = opts
+        .prompts
+        .iter()
+        .map(|p| {
+            let system = ChatMessage::new("system", format!("In every reply, {}.", description.trim().trim_end_matches('.')));
+            model.tokenizer.encode_chat(&[system, ChatMessage::user(p.clone())])
+        })
+        .collect::<Result<_, _>>()?;
+    let n = plain.len();
+
+    // 1. Plain replies and examples, in one batch.
+    let mut prompts = plain.clone();
+    prompts.extend(asked.iter().cloned());
+    let runs: Vec<(usize, Option<Arc<SteeringVector>>)> = (0..2 * n).map(|p| (p, None)).collect();
+    let first = replies(model, &runs, &prompts, 2 * opts.max_tokens, cancel)?;
+    let (base_replies, examples) = first.split_at(n);
+    let mut concept: Vec<TokenId> = concept_tokens(examples, base_replies, 24);
+    // The description's own words count too ("food" in "talk about food"), spelled as they
+    // appear inside a sentence and at its start.
+    for word in search_phrase(description).split_whitespace() {
+        for spelling in [format!(" {word}"), format!(" {}", word.to_lowercase()), word.to_string()] {
+            if let [token] = model.tokenizer.encode(&spelling, false).as_slice()
+                && !concept.contains(token)
+            {
+                concept.push(*token);
             }
         }
     }
-    trials.sort_by(|a, b| b.accepted.cmp(&a.accepted).then(b.gain.total_cmp(&a.gain)));
+
+    // 2. Candidates.
+    let k = opts.candidates_per_source;
+    let mut candidates: Vec<(u32, Source)> = Vec::new();
+    let add = |f: u32, source: Source, candidates: &mut Vec<(u32, Source)>| {
+        if atlas.feature(f).is_ok_and(|i| i.is_live()) && !candidates.iter().any(|c| c.0 == f) {
+            candidates.push((f, source));
+        }
+    };
+    for f in contrast_examples(model, sae, &units, &prompts, &first, n, k, cancel)? {
+        add(f, Source::Contrast, &mut candidates);
+    }
+    for f in promoting(atlas, &concept, k) {
+        add(f, Source::Promotes, &mut candidates);
+    }
+    for hit in atlas.search(search_phrase(description), k) {
+        add(hit.feature, Source::Search, &mut candidates);
+    }
+    // 3. Trials: the base first, then every candidate at every strength, in one batch.
+    let judge = Judge {
+        model,
+        atlas,
+        concept: concept.iter().copied().collect(),
+        target: atlas.embedder().embed(description),
+        prompts: &plain,
+    };
+    let base = judge.measure(&base_replies.iter().enumerate().collect::<Vec<_>>(), true)?;
+    let settings: Vec<Vec<Edit>> =
+        candidates.iter().flat_map(|&(f, _)| opts.values.iter().map(move |&v| vec![Edit::nudge(f, v)])).collect();
+    let mut trials = Vec::new();
+    // In rounds of whole candidates, so that a time budget stops between rounds.
+    for round in settings.chunks(4 * opts.values.len().max(1)) {
+        if opts.time_budget.is_some_and(|budget| clock.elapsed() >= budget) {
+            break;
+        }
+        trials.extend(run_trials(&judge, sae, &units, round, &plain, &base, opts)?);
+    }
+    trials.sort_by(|a, b| b.accepted.cmp(&a.accepted).then(b.effect.total_cmp(&a.effect)));
+
+    // 4. The best, and the best of another feature together with it.
+    let mut edits = Vec::new();
+    if let Some(best) = trials.first().filter(|t| t.accepted).cloned() {
+        edits = best.edits.clone();
+        let second = trials.iter().find(|t| t.accepted && t.edits[0].feature != best.edits[0].feature).cloned();
+        if let Some(second) = second
+            && opts.time_budget.is_none_or(|budget| clock.elapsed() < budget)
+        {
+            let both: Vec<Edit> = best.edits.iter().chain(&second.edits).copied().collect();
+            let mut pair = run_trials(&judge, sae, &units, std::slice::from_ref(&both), &plain, &base, opts)?;
+            let pair = pair.remove(0);
+            if pair.accepted && pair.effect > best.effect {
+                edits = both;
+            }
+            trials.push(pair);
+            trials.sort_by(|a, b| b.accepted.cmp(&a.accepted).then(b.effect.total_cmp(&a.effect)));
+        }
+    }
     Ok(AutoSteer {
         edits,
-        base_similarity,
-        base_coherence,
         trials,
+        candidates,
+        concept_tokens: concept,
+        examples: examples.iter().map(|r| model.tokenizer.decode(r, true)).collect::<Result<_, _>>()?,
     })
+}
+
+/// Runs each setting on the trial prompts and judges it against the plain replies.
+fn run_trials(
+    judge: &Judge,
+    sae: &Sae,
+    units: &Units,
+    settings: &[Vec<Edit>],
+    prompts: &[Vec<TokenId>],
+    base: &Measured,
+    opts: &AutoSteerOptions,
+) -> Result<Vec<Trial>, EngineError> {
+    let n = prompts.len();
+    let runs: Vec<(usize, Option<Arc<SteeringVector>>)> = settings
+        .iter()
+        .flat_map(|edits| {
+            let vector = steering_vector(sae, units, edits).map(Arc::new);
+            (0..n).map(move |p| (p, vector.clone()))
+        })
+        .collect();
+    let out = replies(judge.model, &runs, prompts, opts.max_tokens, &opts.cancel)?;
+    let mut trials = Vec::with_capacity(settings.len());
+    for (k, edits) in settings.iter().enumerate() {
+        let group: Vec<(usize, &Vec<TokenId>)> = (0..n).map(|p| (p, &out[k * n + p])).collect();
+        let m = judge.measure(&group, false)?;
+        let effect = (m.rate - base.rate) + SIMILARITY_WEIGHT * (m.similarity - base.similarity);
+        // Fluency costs a forward pass per reply: only for settings worth keeping.
+        let perplexity_ratio = if effect > 0.0 && m.distinct >= MIN_DISTINCT {
+            (judge.measure(&group, true)?.nll - base.nll).exp()
+        } else {
+            f32::INFINITY
+        };
+        trials.push(Trial {
+            edits: edits.clone(),
+            effect,
+            perplexity_ratio,
+            distinct: m.distinct,
+            accepted: effect > 0.0 && perplexity_ratio <= MAX_PERPLEXITY_RATIO && m.distinct >= MIN_DISTINCT,
+        });
+    }
+    Ok(trials)
+}
+
+/// A trial stays coherent below this perplexity ratio to the plain replies and above this
+/// share of distinct bigrams (margins on the evaluation's 3× and 0.5: trials are greedy and
+/// short, the evaluation also samples).
+const MAX_PERPLEXITY_RATIO: f32 = 2.5;
+/// Points of effect per unit of similarity gain: a gain of 0.1 (a clear topical shift for the
+/// static embedder) weighs as much as 3 concept tokens per 100. Similarity alone is noisy on
+/// 32-token replies, so the counted tokens lead.
+const SIMILARITY_WEIGHT: f32 = 30.0;
+const MIN_DISTINCT: f32 = 0.6;
+
+/// The latents whose mean activation (activation units) over the example replies' tokens
+/// exceeds that over the plain replies' most: `first` holds the plain replies then the
+/// examples, answering `prompts` in the same order.
+#[allow(clippy::too_many_arguments)]
+fn contrast_examples(
+    model: &Model,
+    sae: &Sae,
+    units: &Units,
+    prompts: &[Vec<TokenId>],
+    first: &[Vec<TokenId>],
+    n: usize,
+    k: usize,
+    cancel: &CancelToken,
+) -> Result<Vec<u32>, EngineError> {
+    let d_sae = sae.config().d_sae;
+    let mut means = [vec![0f32; d_sae], vec![0f32; d_sae]];
+    for (i, reply) in first.iter().enumerate() {
+        cancel.check()?;
+        if reply.is_empty() {
+            continue;
+        }
+        let tokens: Vec<TokenId> = prompts[i].iter().chain(reply).copied().collect();
+        let inspection = Inspection::run_cancellable(model, sae, &tokens, None, cancel)?;
+        let side = &mut means[usize::from(i >= n)];
+        for features in &inspection.features[prompts[i].len()..] {
+            for &(j, a) in features {
+                side[j as usize] += a / units.activation[j as usize] / reply.len() as f32;
+            }
+        }
+    }
+    let mut order: Vec<u32> = (0..d_sae as u32).filter(|&j| means[1][j as usize] > means[0][j as usize]).collect();
+    let gap = |j: u32| means[1][j as usize] - means[0][j as usize];
+    order.sort_by(|&a, &b| gap(b).total_cmp(&gap(a)));
+    order.truncate(k);
+    Ok(order)
+}
+
+/// The latents whose `promoted` tokens (the atlas's logit lens) include the most concept
+/// tokens, weighted by the promoted logit.
+fn promoting(atlas: &Atlas, concept: &[TokenId], k: usize) -> Vec<u32> {
+    if concept.is_empty() {
+        return Vec::new();
+    }
+    let wanted: HashSet<TokenId> = concept.iter().copied().collect();
+    let mut scored: Vec<(u32, f32)> = (0..atlas.d_sae() as u32)
+        .filter_map(|j| {
+            let info = atlas.feature(j).ok()?;
+            let score: f32 = info.promoted.iter().filter(|(t, _)| wanted.contains(t)).map(|(_, logit)| logit).sum();
+            (score > 0.0).then_some((j, score))
+        })
+        .collect();
+    scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    scored.into_iter().take(k).map(|(j, _)| j).collect()
 }
 
 /// A condition that holds when the text is about `description`: the best-matching features
@@ -312,10 +519,11 @@ mod tests {
     }
 
     #[test]
-    fn repetition_lowers_the_distinct_ratio() {
-        assert_eq!(distinct_ratio(&[]), 1.0);
-        assert_eq!(distinct_ratio(&[1, 2, 3, 4]), 1.0);
-        assert_eq!(distinct_ratio(&[7, 7, 7, 7]), 0.25);
-        assert_eq!(distinct_ratio(&[1, 2, 1, 2]), 0.5);
+    fn concept_tokens_are_the_ones_examples_use_far_more() {
+        let examples = vec![vec![1, 5, 5, 6, 7], vec![5, 6, 6, 8]];
+        let plain = vec![vec![1, 6, 7, 7], vec![1, 2]];
+        // 5: 3 times vs 0; 6: 3 times vs once (needs 6); 8: once only.
+        assert_eq!(concept_tokens(&examples, &plain, 10), vec![5]);
+        assert_eq!(concept_tokens(&examples, &plain, 0), Vec::<u32>::new());
     }
 }

@@ -1144,7 +1144,21 @@ impl Ember {
             .iter()
             .map(|e| json!([self.feature_out(e.feature, None), e.value]))
             .collect();
-        Ok(json!({ "edits": edits }))
+        // Why it chose what it chose (a Kindling field; the SDK reads only `edits`): every
+        // trial, best first, and the tokens it counted as the concept's.
+        let trials: Vec<Value> = found
+            .trials
+            .iter()
+            .map(|t| {
+                json!({
+                    "edits": t.edits.iter().map(|e| json!({ "index_in_sae": e.feature, "label": self.label(e.feature), "value": e.value })).collect::<Vec<_>>(),
+                    "effect": t.effect, "perplexity_ratio": t.perplexity_ratio, "distinct_bigrams": t.distinct, "accepted": t.accepted,
+                })
+            })
+            .collect();
+        let concept: Vec<String> =
+            found.concept_tokens.iter().map(|&t| self.model.tokenizer.decode(&[t], false).unwrap_or_default()).collect();
+        Ok(json!({ "edits": edits, "trials": trials, "concept_tokens": concept }))
     }
 
     /// `POST features/auto-conditional`.
