@@ -202,7 +202,7 @@ fn replies(
         seed: 0,
         steering: steering.clone(),
     });
-    model.generate_steered(requests, &SamplingParams::greedy(max_tokens), 32, |i, output| {
+    model.generate_steered(requests, &SamplingParams::greedy(max_tokens), 8, |i, output| {
         out[i] = output.tokens;
         // Stop taking new sequences once cancelled; the running ones end within their budget.
         Ok(!cancel.is_cancelled())
@@ -257,6 +257,28 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
+/// Every spelling (" food", "food", " Food") of the `words` whole-word tokens of the
+/// vocabulary nearest in meaning to `phrase` (the atlas's static embedder; words of three
+/// letters or more). A topic's own vocabulary, known without generating any text.
+fn meaning_tokens(model: &Model, atlas: &Atlas, phrase: &str, words: usize) -> Result<Vec<TokenId>, EngineError> {
+    let mut spellings: HashMap<String, Vec<TokenId>> = HashMap::new();
+    for id in 0..model.llama.config().vocab_size as TokenId {
+        let text = model.tokenizer.decode(&[id], false)?;
+        let word = text.strip_prefix(' ').unwrap_or(&text);
+        if word.len() >= 3 && word.bytes().all(|b| b.is_ascii_alphabetic()) {
+            spellings.entry(word.to_ascii_lowercase()).or_default().push(id);
+        }
+    }
+    let target = atlas.embedder().embed(phrase);
+    let mut scored: Vec<(f32, &String)> = spellings.keys().map(|w| (cosine(&atlas.embedder().embed(w), &target), w)).collect();
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(b.1)));
+    eprintln!("[trace] words {:?}", scored.iter().take(words).map(|(c, w)| format!("{w}:{c:.2}")).collect::<Vec<_>>());
+    Ok(scored.into_iter().take(words).flat_map(|(_, w)| spellings[w].iter().copied()).collect())
+}
+
+/// Words [`meaning_tokens`] takes.
+const MEANING_WORDS: usize = 12;
+
 /// The tokens `examples` use far more than `plain`: at least twice, and at least three times
 /// as often as the plain replies (plus one), most frequent first.
 fn concept_tokens(examples: &[Vec<TokenId>], plain: &[Vec<TokenId>], limit: usize) -> Vec<TokenId> {
@@ -299,18 +321,17 @@ pub fn auto_steer(model: &Model, sae: &Sae, atlas: &Atlas, description: &str, op
     let runs: Vec<(usize, Option<Arc<SteeringVector>>)> = (0..2 * n).map(|p| (p, None)).collect();
     let first = replies(model, &runs, &prompts, 2 * opts.max_tokens, cancel)?;
     let (base_replies, examples) = first.split_at(n);
-    let mut concept: Vec<TokenId> = concept_tokens(examples, base_replies, 24);
-    // The description's own words count too ("food" in "talk about food"), spelled as they
-    // appear inside a sentence and at its start.
-    for word in search_phrase(description).split_whitespace() {
-        for spelling in [format!(" {word}"), format!(" {}", word.to_lowercase()), word.to_string()] {
-            if let [token] = model.tokenizer.encode(&spelling, false).as_slice()
-                && !concept.contains(token)
-            {
-                concept.push(*token);
-            }
+    eprintln!("[trace] examples {:.2}s", clock.elapsed().as_secs_f32());
+    // The concept's tokens: words that mean what the description says, and the tokens the
+    // examples use far more than the plain replies (a style, a language, a format).
+    let mut concept = meaning_tokens(model, atlas, search_phrase(description), MEANING_WORDS)?;
+    eprintln!("[trace] meaning {:.2}s {:?}", clock.elapsed().as_secs_f32(), model.tokenizer.decode(&concept, false));
+    for token in concept_tokens(examples, base_replies, 24) {
+        if !concept.contains(&token) {
+            concept.push(token);
         }
     }
+    eprintln!("[trace] concept {:?}", concept.iter().map(|&t| model.tokenizer.decode(&[t], false).unwrap_or_default()).collect::<Vec<_>>());
 
     // 2. Candidates.
     let k = opts.candidates_per_source;
@@ -323,12 +344,13 @@ pub fn auto_steer(model: &Model, sae: &Sae, atlas: &Atlas, description: &str, op
     for f in contrast_examples(model, sae, &units, &prompts, &first, n, k, cancel)? {
         add(f, Source::Contrast, &mut candidates);
     }
-    for f in promoting(atlas, &concept, k) {
+    for f in promoting(model, sae, &concept, k)? {
         add(f, Source::Promotes, &mut candidates);
     }
     for hit in atlas.search(search_phrase(description), k) {
         add(hit.feature, Source::Search, &mut candidates);
     }
+    eprintln!("[trace] candidates {:.2}s", clock.elapsed().as_secs_f32());
     // 3. Trials: the base first, then every candidate at every strength, in one batch.
     let judge = Judge {
         model,
@@ -395,7 +417,9 @@ fn run_trials(
             (0..n).map(move |p| (p, vector.clone()))
         })
         .collect();
+    let t0 = web_time::Instant::now();
     let out = replies(judge.model, &runs, prompts, opts.max_tokens, &opts.cancel)?;
+    eprintln!("[trace] {} replies {:.2}s", runs.len(), t0.elapsed().as_secs_f32());
     let mut trials = Vec::with_capacity(settings.len());
     for (k, edits) in settings.iter().enumerate() {
         let group: Vec<(usize, &Vec<TokenId>)> = (0..n).map(|p| (p, &out[k * n + p])).collect();
@@ -415,6 +439,7 @@ fn run_trials(
             accepted: effect > 0.0 && perplexity_ratio <= MAX_PERPLEXITY_RATIO && m.distinct >= MIN_DISTINCT,
         });
     }
+    eprintln!("[trace] judged {:.2}s", t0.elapsed().as_secs_f32());
     Ok(trials)
 }
 
@@ -465,23 +490,38 @@ fn contrast_examples(
     Ok(order)
 }
 
-/// The latents whose `promoted` tokens (the atlas's logit lens) include the most concept
-/// tokens, weighted by the promoted logit.
-fn promoting(atlas: &Atlas, concept: &[TokenId], k: usize) -> Vec<u32> {
-    if concept.is_empty() {
-        return Vec::new();
+/// The latents whose decoder direction, read through the logit lens, promotes the concept
+/// tokens most: each latent's mean logit over the concept tokens, as a z-score against its
+/// logits for a fixed, even sample of the vocabulary (a direction that lifts every token
+/// promotes no concept). Every latent is scored, not only the atlas's top `promoted` lists,
+/// which miss a concept spread thinly over many words.
+fn promoting(model: &Model, sae: &Sae, concept: &[TokenId], k: usize) -> Result<Vec<u32>, EngineError> {
+    if concept.is_empty() || k == 0 {
+        return Ok(Vec::new());
     }
-    let wanted: HashSet<TokenId> = concept.iter().copied().collect();
-    let mut scored: Vec<(u32, f32)> = (0..atlas.d_sae() as u32)
-        .filter_map(|j| {
-            let info = atlas.feature(j).ok()?;
-            let score: f32 = info.promoted.iter().filter(|(t, _)| wanted.contains(t)).map(|(_, logit)| logit).sum();
-            (score > 0.0).then_some((j, score))
+    let vocab = model.llama.config().vocab_size;
+    let reference = (0..LENS_REFERENCE_TOKENS).map(|i| (i * vocab / LENS_REFERENCE_TOKENS) as TokenId);
+    let tokens: Vec<TokenId> = concept.iter().copied().chain(reference).collect();
+    let d_sae = sae.config().d_sae;
+    let rows: Vec<f32> = (0..d_sae).flat_map(|j| sae.decoder_row(j).iter().copied()).collect();
+    let logits = model.llama.logit_lens_tokens(&rows, &tokens)?;
+    let mut scored: Vec<(u32, f32)> = logits
+        .chunks_exact(tokens.len())
+        .enumerate()
+        .map(|(j, row)| {
+            let (wanted, reference) = row.split_at(concept.len());
+            let n = reference.len() as f32;
+            let mean = reference.iter().sum::<f32>() / n;
+            let std = (reference.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / n).sqrt().max(1e-6);
+            (j as u32, (wanted.iter().sum::<f32>() / wanted.len() as f32 - mean) / std)
         })
         .collect();
     scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    scored.into_iter().take(k).map(|(j, _)| j).collect()
+    Ok(scored.into_iter().take(k).map(|(j, _)| j).collect())
 }
+
+/// Vocabulary tokens that [`promoting`] measures a latent's typical logit on.
+const LENS_REFERENCE_TOKENS: usize = 512;
 
 /// A condition that holds when the text is about `description`: the best-matching features
 /// of the atlas (up to `features`, as a group: the strongest member counts) above `threshold`

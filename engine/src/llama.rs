@@ -168,13 +168,7 @@ impl Rope {
         let mut cos = Vec::with_capacity(n * d);
         let mut sin = Vec::with_capacity(n * d);
         for pos in 0..n {
-            for i in 0..d / 2 {
-                let freq = theta.powf(-2.0 * i as f32 / d as f32);
-                let angle = pos as f32 * freq;
-                let (s, c) = angle.sin_cos();
-                cos.extend([c, c]);
-                sin.extend([s, s]);
-            }
+            Self::push_position(d, theta, pos, &mut cos, &mut sin);
         }
         RopeTables {
             positions: n,
@@ -199,18 +193,79 @@ impl Rope {
         (t.cos.clone(), t.sin.clone())
     }
 
+    /// Appends position `pos`'s row (`head_dim` values) to the `cos` and `sin` tables.
+    fn push_position(d: usize, theta: f32, pos: usize, cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
+        for i in 0..d / 2 {
+            let freq = theta.powf(-2.0 * i as f32 / d as f32);
+            let angle = pos as f32 * freq;
+            let (s, c) = angle.sin_cos();
+            cos.extend([c, c]);
+            sin.extend([s, s]);
+        }
+    }
+
     /// Rotates `x` (`[heads, seq, head_dim]`) for positions `positions`.
     fn apply(&self, x: Tensor<3>, positions: Range<usize>) -> Tensor<3> {
-        let [heads, seq, d] = x.dims();
         let (cos, sin) = self.cos_sin(positions.end);
         let cos = cos.slice([positions.clone()]).unsqueeze::<3>();
         let sin = sin.slice([positions]).unsqueeze::<3>();
-        // rotate_pairs(x)[2i] = -x[2i+1], rotate_pairs(x)[2i+1] = x[2i]
-        let pairs = x.clone().reshape([heads, seq, d / 2, 2]);
-        let even = pairs.clone().slice([0..heads, 0..seq, 0..d / 2, 0..1]);
-        let odd = pairs.slice([0..heads, 0..seq, 0..d / 2, 1..2]);
-        let rotated = Tensor::cat(vec![odd.neg(), even], 3).reshape([heads, seq, d]);
-        x * cos + rotated * sin
+        rotate(x, cos, sin)
+    }
+
+    /// `cos` and `sin` rows for one position per sequence, `[positions.len(), 1, head_dim]`:
+    /// a batched decode step, where every sequence is at its own position.
+    fn at_positions(&self, positions: &[usize]) -> (Tensor<3>, Tensor<3>) {
+        let d = self.head_dim;
+        let (mut cos, mut sin) = (Vec::with_capacity(positions.len() * d), Vec::with_capacity(positions.len() * d));
+        for &pos in positions {
+            Self::push_position(d, self.theta, pos, &mut cos, &mut sin);
+        }
+        let shape = [positions.len(), 1, d];
+        (
+            Tensor::from_data(TensorData::new(cos, shape), &self.device),
+            Tensor::from_data(TensorData::new(sin, shape), &self.device),
+        )
+    }
+}
+
+/// RoPE's rotation of `x` (`[a, b, head_dim]`) by `cos` and `sin` (broadcast to its shape):
+/// `x·cos + rotate_pairs(x)·sin`, where `rotate_pairs(x)[2i] = -x[2i+1]` and
+/// `rotate_pairs(x)[2i+1] = x[2i]`.
+fn rotate(x: Tensor<3>, cos: Tensor<3>, sin: Tensor<3>) -> Tensor<3> {
+    let [a, b, d] = x.dims();
+    let pairs = x.clone().reshape([a, b, d / 2, 2]);
+    let even = pairs.clone().slice([0..a, 0..b, 0..d / 2, 0..1]);
+    let odd = pairs.slice([0..a, 0..b, 0..d / 2, 1..2]);
+    let rotated = Tensor::cat(vec![odd.neg(), even], 3).reshape([a, b, d]);
+    x * cos + rotated * sin
+}
+
+/// What every layer of one batched decode step shares (see [`Attention::forward_batch`]).
+struct BatchStep {
+    /// Each sequence's rotation at its own position, `[batch, 1, head_dim]`.
+    cos: Tensor<3>,
+    sin: Tensor<3>,
+    /// Keys read per sequence: the longest sequence's, after this step's.
+    keys: usize,
+    /// `[batch, 1, 1, keys]`: 0 for the keys a sequence has, −∞ for the padding beyond them.
+    padding: Tensor<4>,
+}
+
+impl BatchStep {
+    fn new(rope: &Rope, caches: &[KvCache], device: &Device) -> Self {
+        let positions: Vec<usize> = caches.iter().map(KvCache::len).collect();
+        let keys = positions.iter().max().map_or(1, |p| p + 1);
+        let padding: Vec<f32> = positions
+            .iter()
+            .flat_map(|&p| (0..keys).map(move |j| if j <= p { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        let (cos, sin) = rope.at_positions(&positions);
+        Self {
+            cos,
+            sin,
+            keys,
+            padding: Tensor::from_data(TensorData::new(padding, [positions.len(), 1, 1, keys]), device),
+        }
     }
 }
 
@@ -293,6 +348,21 @@ impl KvCache {
         );
         self.layers[layer] = Some((ks, vs));
         out
+    }
+
+    /// [`update`](Self::update) for one position, returning the first `keys` rows
+    /// (`keys > start`): those past `start` are padding for a batch, masked by its reader.
+    fn update_padded(&mut self, layer: usize, start: usize, k: Tensor<3>, v: Tensor<3>, keys: usize) -> (Tensor<3>, Tensor<3>) {
+        let (k, v) = self.update(layer, start, k, v);
+        let [heads, held, d] = k.dims();
+        if held >= keys {
+            return (k, v);
+        }
+        // Storage past `start` exists (it grows in chunks) but `update` returns only the
+        // written rows; zeros stand in for the rest.
+        let device = k.device();
+        let pad = || Tensor::zeros([heads, keys - held, d], &device);
+        (Tensor::cat(vec![k, pad()], 1), Tensor::cat(vec![v, pad()], 1))
     }
 }
 
@@ -433,19 +503,32 @@ impl Attention {
     }
 
     /// One decode step for several sequences: row `b` of `x` is the next token of the
-    /// sequence held in `caches[b]`. The projections run once for all rows; attention runs
-    /// per sequence against its own cache.
-    fn forward_batch(&self, x: Tensor<2>, layer: usize, rope: &Rope, caches: &mut [KvCache]) -> Tensor<2> {
-        let qkv = self.attn_qkv.forward(x);
-        let outs = caches
-            .iter_mut()
-            .enumerate()
-            .map(|(b, cache)| {
-                let start = cache.len();
-                self.attend(qkv.clone().slice([b..b + 1]), layer, start, rope, cache)
-            })
-            .collect();
-        self.attn_output.forward(Tensor::cat(outs, 0))
+    /// sequence held in `caches[b]`. Everything but the cache writes runs once for all rows:
+    /// the keys and values are stacked to the longest sequence's length, and `step.padding`
+    /// hides the rows a shorter sequence lacks. (Attending per sequence cost ~15 small tensor
+    /// operations per sequence and layer, which dominated batched decoding.)
+    fn forward_batch(&self, x: Tensor<2>, layer: usize, step: &BatchStep, caches: &mut [KvCache]) -> Tensor<2> {
+        let batch = caches.len();
+        let (h, hkv, d) = (self.n_head, self.n_head_kv, self.head_dim);
+        let qkv = self.attn_qkv.forward(x).reshape([batch, h + 2 * hkv, d]);
+        let qk = rotate(qkv.clone().slice([0..batch, 0..h + hkv]), step.cos.clone(), step.sin.clone());
+        let q = qk.clone().slice([0..batch, 0..h]);
+        let k = qk.slice([0..batch, h..h + hkv]);
+        let v = qkv.slice([0..batch, h + hkv..h + 2 * hkv]);
+        let (mut keys, mut values) = (Vec::with_capacity(batch), Vec::with_capacity(batch));
+        for (b, cache) in caches.iter_mut().enumerate() {
+            let start = cache.len();
+            let one = |t: &Tensor<3>| t.clone().slice([b..b + 1]).reshape([hkv, 1, d]);
+            let (ks, vs) = cache.update_padded(layer, start, one(&k), one(&v), step.keys);
+            keys.push(ks);
+            values.push(vs);
+        }
+        let (k, v) = (Tensor::stack::<4>(keys, 0), Tensor::stack::<4>(values, 0)); // [batch, hkv, keys, d]
+        let group = h / hkv;
+        let q = q.reshape([batch, hkv, group, d]);
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (d as f32).sqrt()) + step.padding.clone();
+        let out = softmax(scores, 3).matmul(v); // [batch, hkv, group, d]
+        self.attn_output.forward(out.reshape([batch, h * d]))
     }
 
     /// Attention of one sequence from its projected Q/K/V.
@@ -562,9 +645,9 @@ impl Block {
         residual + self.mlp.forward(self.ffn_norm.forward(x))
     }
 
-    fn forward_batch(&self, x: Tensor<2>, layer: usize, rope: &Rope, caches: &mut [KvCache]) -> Tensor<2> {
+    fn forward_batch(&self, x: Tensor<2>, layer: usize, step: &BatchStep, caches: &mut [KvCache]) -> Tensor<2> {
         let residual = x.clone();
-        let x = residual + self.attn.forward_batch(self.attn_norm.forward(x), layer, rope, caches);
+        let x = residual + self.attn.forward_batch(self.attn_norm.forward(x), layer, step, caches);
         let residual = x.clone();
         residual + self.mlp.forward(self.ffn_norm.forward(x))
     }
@@ -820,8 +903,9 @@ impl Llama {
             self.check_input(std::slice::from_ref(token), cache)?;
         }
         let mut x = self.embed(tokens);
+        let step = BatchStep::new(&self.rope, caches, &self.device);
         for (layer, block) in self.blocks.iter().enumerate() {
-            x = block.forward_batch(x, layer, &self.rope, caches);
+            x = block.forward_batch(x, layer, &step, caches);
             if let Some((at, rows)) = &added
                 && *at == layer
             {
@@ -837,6 +921,33 @@ impl Llama {
     /// (TransformerLens folds the gain into the unembedding the same way).
     pub fn logit_lens(&self, directions: Tensor<2>) -> Tensor<2> {
         self.output.forward(directions * self.output_norm.weight.clone().unsqueeze::<2>())
+    }
+
+    /// The logit lens on a few tokens: for each row of `directions` (`[rows, n_embd]`, row
+    /// major) its logit for each of `tokens`, through the final norm's weight and the LM head,
+    /// as `[rows, tokens.len()]`. The norm's 1/rms is left out (it scales a whole row alike).
+    /// Reading a handful of the head's rows costs a sliver of [`Llama::logit_lens`]'s
+    /// `[rows, vocab]` product: AutoSteer scores every latent this way.
+    pub fn logit_lens_tokens(&self, directions: &[f32], tokens: &[TokenId]) -> Result<Vec<f32>, EngineError> {
+        let n_embd = self.config.n_embd;
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            return Err(EngineError::BadToken(bad));
+        }
+        let rows = directions.len() / n_embd;
+        if rows == 0 || tokens.is_empty() {
+            return Ok(Vec::new());
+        }
+        let gain = to_host(self.output_norm.weight.clone())?;
+        // The head's rows, scaled by the norm's weight, as the columns of `[n_embd, tokens]`.
+        let mut head = vec![0f32; n_embd * tokens.len()];
+        for (c, &t) in tokens.iter().enumerate() {
+            for (i, x) in self.output.weight.dequantize_row(t as usize).into_iter().enumerate() {
+                head[i * tokens.len() + c] = x * gain[i];
+            }
+        }
+        let directions = Tensor::<2>::from_data(TensorData::new(directions[..rows * n_embd].to_vec(), [rows, n_embd]), &self.device);
+        let head = Tensor::<2>::from_data(TensorData::new(head, [n_embd, tokens.len()]), &self.device);
+        to_host(directions.matmul(head))
     }
 
     /// Whether `tokens` can be appended to `cache`.
