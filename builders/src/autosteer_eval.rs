@@ -60,6 +60,11 @@ pub struct AutoSteerEvalArgs {
     /// Keep the concepts already in `--out` and do only the others.
     #[arg(long)]
     pub resume: bool,
+    /// With `--resume`: run AutoSteer again on every concept, keeping the ceilings already in
+    /// `--out` (the ceiling search is most of the evaluation's time, and does not depend on
+    /// AutoSteer).
+    #[arg(long, requires = "resume")]
+    pub redo_autosteer: bool,
 }
 
 #[derive(Deserialize)]
@@ -210,7 +215,7 @@ impl<'a> Harness<'a> {
                 max_tokens,
                 ..SamplingParams::default()
             };
-            self.model.generate_steered(requests, &params, 32, |k, output| {
+            self.model.generate_steered(requests, &params, 8, |k, output| {
                 let i = picked[k];
                 out[i] = Some(Reply {
                     prompt: runs[i].0,
@@ -433,7 +438,6 @@ pub fn run(args: &AutoSteerEvalArgs) -> Result<(), BuildError> {
         "| concept | kind | AutoSteer edits | words/100 t=0 base → steered | t=0.7 | distinct-2 | perplexity × base | pass | ceiling | ceiling pass |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    let (mut passed, mut ceiling_passed) = (0, 0);
     // A run resumes from its report: concepts already in it are kept, not redone (the whole
     // evaluation takes hours on 2 cores).
     let mut rows: Vec<Value> = match args.out.as_ref().filter(|_| args.resume).and_then(|p| std::fs::read(p).ok()) {
@@ -444,10 +448,10 @@ pub fn run(args: &AutoSteerEvalArgs) -> Result<(), BuildError> {
         None => Vec::new(),
     };
     rows.retain(|r| concepts.iter().any(|c| r["request"] == c.request.as_str()));
-    passed += rows.iter().filter(|r| r["autosteer"]["pass"] == true).count();
-    ceiling_passed += rows.iter().filter(|r| r["ceiling"]["pass"] == true).count();
-    let write = |rows: &[Value], passed: usize, ceiling_passed: usize| -> Result<(), BuildError> {
-        let Some(out) = &args.out else { return Ok(()) };
+    let write = |rows: &[Value]| -> Result<(usize, usize), BuildError> {
+        let passed = rows.iter().filter(|r| r["autosteer"]["pass"] == true).count();
+        let ceiling_passed = rows.iter().filter(|r| r["ceiling"]["pass"] == true).count();
+        let Some(out) = &args.out else { return Ok((passed, ceiling_passed)) };
         let report = json!({
             "protocol": "replies to each neutral prompt greedily and at temperature 0.7 (seeds 11, 22, 33); pass at both: concept words per 100 words >= 3 x max(base, 0.5), distinct-2 >= 0.5, base-model perplexity <= 3 x base",
             "strength_unit": kindling_engine::steer::STRENGTH_UNIT,
@@ -455,13 +459,17 @@ pub fn run(args: &AutoSteerEvalArgs) -> Result<(), BuildError> {
             "base_replies": replies_json(&base_replies, &spec.prompts),
             "concepts": rows, "autosteer_passed": passed, "ceiling_passed": ceiling_passed, "total": concepts.len(),
         });
-        crate::write_atomically(out, (serde_json::to_string_pretty(&report).expect("JSON") + "\n").as_bytes())
+        crate::write_atomically(out, (serde_json::to_string_pretty(&report).expect("JSON") + "\n").as_bytes())?;
+        Ok((passed, ceiling_passed))
     };
     let started = std::time::Instant::now();
     for (n, (c, judge)) in concepts.iter().zip(&judges).enumerate() {
-        if rows.iter().any(|r| r["request"] == c.request.as_str()) {
+        let previous = rows.iter().position(|r| r["request"] == c.request.as_str());
+        if previous.is_some() && !args.redo_autosteer {
             continue;
         }
+        // The ceiling found before, kept when AutoSteer alone is run again.
+        let kept_ceiling = previous.map(|i| rows.remove(i)["ceiling"].clone()).filter(|c| !c.is_null());
         let description = harness.embed(&c.description)?;
         let base = (
             harness.score(&greedy_base, judge, &description)?,
@@ -473,9 +481,8 @@ pub fn run(args: &AutoSteerEvalArgs) -> Result<(), BuildError> {
         let vector = steering_vector(&sae, &harness.units, &found.edits).map(Arc::new);
         let (greedy, sampled, replies) = harness.protocol(vector, judge, &description)?;
         let pass = !found.edits.is_empty() && passes(&greedy, &base.0) && passes(&sampled, &base.1);
-        passed += pass as usize;
 
-        let ceiling = if args.no_ceiling {
+        let ceiling = if args.no_ceiling || kept_ceiling.is_some() {
             None
         } else {
             Some(ceiling(
@@ -490,8 +497,15 @@ pub fn run(args: &AutoSteerEvalArgs) -> Result<(), BuildError> {
                 &found.edits.iter().map(|e| e.feature).collect::<Vec<_>>(),
             )?)
         };
-        let ceiling_pass = ceiling.as_ref().is_some_and(|c| c.pass);
-        ceiling_passed += ceiling_pass as usize;
+        let ceiling = match kept_ceiling {
+            Some(kept) => kept,
+            None => ceiling.map_or(Value::Null, |c| json!({
+                "edits": describe(&c.edits, &atlas), "fraction_of_residual_norm": c.fraction,
+                "t0": scores_json(&c.greedy), "t07": scores_json(&c.sampled), "pass": c.pass,
+                "replies": replies_json(&c.replies, &spec.prompts),
+            })),
+        };
+        let ceiling_pass = ceiling["pass"] == true;
         let edits = describe(&found.edits, &atlas);
         println!(
             "| {} | {} | {} | {:.1} → {:.1} | {:.1} → {:.1} | {:.2} | {:.1} | {} | {} | {} |",
@@ -505,7 +519,7 @@ pub fn run(args: &AutoSteerEvalArgs) -> Result<(), BuildError> {
             greedy.distinct.min(sampled.distinct),
             (greedy.perplexity / base.0.perplexity).max(sampled.perplexity / base.1.perplexity),
             if pass { "yes" } else { "no" },
-            ceiling.as_ref().map(|c| describe(&c.edits, &atlas).join("; ")).unwrap_or_default(),
+            ceiling["edits"].as_array().map(|e| e.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("; ")).unwrap_or_default(),
             if ceiling_pass { "yes" } else { "no" },
         );
         rows.push(json!({
@@ -517,17 +531,13 @@ pub fn run(args: &AutoSteerEvalArgs) -> Result<(), BuildError> {
                 "examples": found.examples,
                 "trials": found.trials.iter().take(12).map(|t| json!({
                     "edits": describe(&t.edits, &atlas), "effect": t.effect, "perplexity_ratio": t.perplexity_ratio,
-                    "distinct": t.distinct, "accepted": t.accepted })).collect::<Vec<_>>(),
+                    "distinct": t.distinct, "accepted": t.accepted, "sample": t.sample })).collect::<Vec<_>>(),
                 "t0": scores_json(&greedy), "t07": scores_json(&sampled), "pass": pass,
                 "replies": replies_json(&replies, &spec.prompts),
             },
-            "ceiling": ceiling.map(|c| json!({
-                "edits": describe(&c.edits, &atlas), "fraction_of_residual_norm": c.fraction,
-                "t0": scores_json(&c.greedy), "t07": scores_json(&c.sampled), "pass": c.pass,
-                "replies": replies_json(&c.replies, &spec.prompts),
-            })),
+            "ceiling": ceiling,
         }));
-        write(&rows, passed, ceiling_passed)?;
+        write(&rows)?;
         eprintln!(
             "autosteer-eval: {}/{} concepts, {:.0} s",
             n + 1,
@@ -535,11 +545,12 @@ pub fn run(args: &AutoSteerEvalArgs) -> Result<(), BuildError> {
             started.elapsed().as_secs_f32()
         );
     }
+    let (passed, ceiling_passed) = write(&rows)?;
     println!(
         "\nAutoSteer passes {passed} of {} concepts; the ceiling passes {ceiling_passed}.",
         concepts.len()
     );
-    write(&rows, passed, ceiling_passed)
+    Ok(())
 }
 
 struct Ceiling {

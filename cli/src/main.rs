@@ -321,6 +321,7 @@ fn autosteer(
             t.distinct,
             edits.join(" & ")
         );
+        println!("      {:?}", t.sample);
     }
     println!("chosen: {:?}", result.edits);
     if let Some(prompt) = prompt {

@@ -79,6 +79,8 @@ pub struct Trial {
     pub distinct: f32,
     /// Coherent and with a positive effect.
     pub accepted: bool,
+    /// The first trial prompt's reply: what the setting does, for a person to read.
+    pub sample: String,
 }
 
 /// Where a candidate came from.
@@ -273,23 +275,36 @@ fn meaning_tokens(model: &Model, atlas: &Atlas, phrase: &str, words: usize) -> R
     let mut scored: Vec<(f32, &String)> = spellings.keys().map(|w| (cosine(&atlas.embedder().embed(w), &target), w)).collect();
     scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(b.1)));
     eprintln!("[trace] words {:?}", scored.iter().take(words).map(|(c, w)| format!("{w}:{c:.2}")).collect::<Vec<_>>());
-    Ok(scored.into_iter().take(words).flat_map(|(_, w)| spellings[w].iter().copied()).collect())
+    Ok(scored
+        .into_iter()
+        .take(words)
+        .filter(|(similarity, _)| *similarity >= MEANING_MIN_SIMILARITY)
+        .flat_map(|(_, w)| spellings[w].iter().copied())
+        .collect())
 }
 
-/// Words [`meaning_tokens`] takes.
+/// Words [`meaning_tokens`] takes at most, and how near in meaning (cosine) to the phrase.
 const MEANING_WORDS: usize = 12;
+const MEANING_MIN_SIMILARITY: f32 = 0.55;
 
-/// The tokens `examples` use far more than `plain`: at least twice, and at least three times
-/// as often as the plain replies (plus one), most frequent first.
+/// `description` as a sentence: "talk about food" → "Talk about food."
+fn instruction(description: &str) -> String {
+    let trimmed = description.trim().trim_end_matches('.');
+    let mut chars = trimmed.chars();
+    match chars.next() {
+        Some(first) => format!("{}{}.", first.to_uppercase(), chars.as_str()),
+        None => String::new(),
+    }
+}
+
+/// The tokens `examples` use and `plain` replies never do (three times or more), most frequent
+/// first: a language's or a style's own words ("le", "thee"). Tokens the plain replies use
+/// too ("you", "day") only measure the prompts.
 fn concept_tokens(examples: &[Vec<TokenId>], plain: &[Vec<TokenId>], limit: usize) -> Vec<TokenId> {
-    let count = |replies: &[Vec<TokenId>]| {
-        let mut counts: HashMap<TokenId, usize> = HashMap::new();
-        replies.iter().flatten().for_each(|&t| *counts.entry(t).or_default() += 1);
-        counts
-    };
-    let (ex, base) = (count(examples), count(plain));
-    let mut tokens: Vec<(TokenId, usize)> =
-        ex.into_iter().filter(|&(t, n)| n >= 2 && n >= 3 * (base.get(&t).copied().unwrap_or(0) + 1)).collect();
+    let mut counts: HashMap<TokenId, usize> = HashMap::new();
+    examples.iter().flatten().for_each(|&t| *counts.entry(t).or_default() += 1);
+    let used: HashSet<TokenId> = plain.iter().flatten().copied().collect();
+    let mut tokens: Vec<(TokenId, usize)> = counts.into_iter().filter(|&(t, n)| n >= 3 && !used.contains(&t)).collect();
     tokens.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     tokens.into_iter().take(limit).map(|(t, _)| t).collect()
 }
@@ -309,7 +324,9 @@ pub fn auto_steer(model: &Model, sae: &Sae, atlas: &Atlas, description: &str, op
         .prompts
         .iter()
         .map(|p| {
-            let system = ChatMessage::new("system", format!("In every reply, {}.", description.trim().trim_end_matches('.')));
+            // The request itself is the instruction ("Talk about food."): a frame such as "In
+            // every reply" leaks its own words ("always") into the examples.
+            let system = ChatMessage::new("system", instruction(description));
             model.tokenizer.encode_chat(&[system, ChatMessage::user(p.clone())])
         })
         .collect::<Result<_, _>>()?;
@@ -326,7 +343,7 @@ pub fn auto_steer(model: &Model, sae: &Sae, atlas: &Atlas, description: &str, op
     // examples use far more than the plain replies (a style, a language, a format).
     let mut concept = meaning_tokens(model, atlas, search_phrase(description), MEANING_WORDS)?;
     eprintln!("[trace] meaning {:.2}s {:?}", clock.elapsed().as_secs_f32(), model.tokenizer.decode(&concept, false));
-    for token in concept_tokens(examples, base_replies, 24) {
+    for token in concept_tokens(examples, base_replies, 12) {
         if !concept.contains(&token) {
             concept.push(token);
         }
@@ -437,6 +454,7 @@ fn run_trials(
             perplexity_ratio,
             distinct: m.distinct,
             accepted: effect > 0.0 && perplexity_ratio <= MAX_PERPLEXITY_RATIO && m.distinct >= MIN_DISTINCT,
+            sample: judge.model.tokenizer.decode(&out[k * n], true)?,
         });
     }
     eprintln!("[trace] judged {:.2}s", t0.elapsed().as_secs_f32());
@@ -560,9 +578,9 @@ mod tests {
 
     #[test]
     fn concept_tokens_are_the_ones_examples_use_far_more() {
-        let examples = vec![vec![1, 5, 5, 6, 7], vec![5, 6, 6, 8]];
+        let examples = vec![vec![1, 5, 5, 6, 7], vec![5, 6, 6, 8, 6]];
         let plain = vec![vec![1, 6, 7, 7], vec![1, 2]];
-        // 5: 3 times vs 0; 6: 3 times vs once (needs 6); 8: once only.
+        // 5: 3 times, never plain; 6: 4 times but plain uses it; 8: once only.
         assert_eq!(concept_tokens(&examples, &plain, 10), vec![5]);
         assert_eq!(concept_tokens(&examples, &plain, 0), Vec::<u32>::new());
     }
