@@ -300,6 +300,9 @@ fn autosteer(
     let result = auto_steer(model, &sae, &atlas, description, &AutoSteerOptions::default())?;
     let concept: Vec<String> = result.concept_tokens.iter().map(|&t| model.tokenizer.decode(&[t], false).unwrap_or_default()).collect();
     println!("concept tokens: {concept:?}");
+    for example in &result.examples {
+        println!("example: {example:?}");
+    }
     for t in &result.trials {
         let edits: Vec<String> = t
             .edits

@@ -41,8 +41,10 @@ use crate::{CancelToken, ChatMessage, EngineError, Model, SamplingParams};
 pub struct AutoSteerOptions {
     /// Candidates from each source (contrast, promoted tokens, search); duplicates merge.
     pub candidates_per_source: usize,
-    /// Nudge strengths to try, in steering units.
+    /// Nudge strengths to try, in steering units: every candidate at the middle one, the
+    /// `refine` most effective at all.
     pub values: Vec<f32>,
+    pub refine: usize,
     /// Neutral user prompts the trials answer.
     pub prompts: Vec<String>,
     /// Tokens generated per trial reply (the examples get twice as many).
@@ -58,9 +60,10 @@ impl Default for AutoSteerOptions {
     fn default() -> Self {
         Self {
             candidates_per_source: 3,
-            values: vec![0.3, 0.5],
+            values: vec![0.3, 0.45, 0.6],
+            refine: 3,
             prompts: vec!["Tell me about your day.".into(), "What should I do this evening?".into()],
-            max_tokens: 24,
+            max_tokens: 32,
             time_budget: None,
             cancel: CancelToken::new(),
         }
@@ -274,7 +277,6 @@ fn meaning_tokens(model: &Model, atlas: &Atlas, phrase: &str, words: usize) -> R
     let target = atlas.embedder().embed(phrase);
     let mut scored: Vec<(f32, &String)> = spellings.keys().map(|w| (cosine(&atlas.embedder().embed(w), &target), w)).collect();
     scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(b.1)));
-    eprintln!("[trace] words {:?}", scored.iter().take(words).map(|(c, w)| format!("{w}:{c:.2}")).collect::<Vec<_>>());
     Ok(scored
         .into_iter()
         .take(words)
@@ -297,14 +299,19 @@ fn instruction(description: &str) -> String {
     }
 }
 
-/// The tokens `examples` use and `plain` replies never do (three times or more), most frequent
-/// first: a language's or a style's own words ("le", "thee"). Tokens the plain replies use
-/// too ("you", "day") only measure the prompts.
+/// The tokens `examples` use at least four times as often as `plain` replies (plus one), most
+/// frequent first: a language's or a style's own words ("le", "thee"), a format's marks ("!",
+/// "1."). The margin keeps out words that differ by chance in so little text ("you", "day");
+/// a persona's rarer words ("matey") are lost with them.
 fn concept_tokens(examples: &[Vec<TokenId>], plain: &[Vec<TokenId>], limit: usize) -> Vec<TokenId> {
-    let mut counts: HashMap<TokenId, usize> = HashMap::new();
-    examples.iter().flatten().for_each(|&t| *counts.entry(t).or_default() += 1);
-    let used: HashSet<TokenId> = plain.iter().flatten().copied().collect();
-    let mut tokens: Vec<(TokenId, usize)> = counts.into_iter().filter(|&(t, n)| n >= 3 && !used.contains(&t)).collect();
+    let count = |replies: &[Vec<TokenId>]| {
+        let mut counts: HashMap<TokenId, usize> = HashMap::new();
+        replies.iter().flatten().for_each(|&t| *counts.entry(t).or_default() += 1);
+        counts
+    };
+    let (ex, base) = (count(examples), count(plain));
+    let mut tokens: Vec<(TokenId, usize)> =
+        ex.into_iter().filter(|&(t, n)| n >= 4 * (base.get(&t).copied().unwrap_or(0) + 1)).collect();
     tokens.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     tokens.into_iter().take(limit).map(|(t, _)| t).collect()
 }
@@ -324,10 +331,10 @@ pub fn auto_steer(model: &Model, sae: &Sae, atlas: &Atlas, description: &str, op
         .prompts
         .iter()
         .map(|p| {
-            // The request itself is the instruction ("Talk about food."): a frame such as "In
-            // every reply" leaks its own words ("always") into the examples.
-            let system = ChatMessage::new("system", instruction(description));
-            model.tokenizer.encode_chat(&[system, ChatMessage::user(p.clone())])
+            // The request itself is the instruction, after the question ("Tell me about your
+            // day. Talk about food."): SmolLM2 ignores most system prompts, and a frame such
+            // as "In every reply" leaks its own words ("always") into the examples.
+            model.tokenizer.encode_chat(&[ChatMessage::user(format!("{p} {}", instruction(description)))])
         })
         .collect::<Result<_, _>>()?;
     let n = plain.len();
@@ -338,17 +345,14 @@ pub fn auto_steer(model: &Model, sae: &Sae, atlas: &Atlas, description: &str, op
     let runs: Vec<(usize, Option<Arc<SteeringVector>>)> = (0..2 * n).map(|p| (p, None)).collect();
     let first = replies(model, &runs, &prompts, 2 * opts.max_tokens, cancel)?;
     let (base_replies, examples) = first.split_at(n);
-    eprintln!("[trace] examples {:.2}s", clock.elapsed().as_secs_f32());
     // The concept's tokens: words that mean what the description says, and the tokens the
     // examples use far more than the plain replies (a style, a language, a format).
     let mut concept = meaning_tokens(model, atlas, search_phrase(description), MEANING_WORDS)?;
-    eprintln!("[trace] meaning {:.2}s {:?}", clock.elapsed().as_secs_f32(), model.tokenizer.decode(&concept, false));
     for token in concept_tokens(examples, base_replies, 12) {
         if !concept.contains(&token) {
             concept.push(token);
         }
     }
-    eprintln!("[trace] concept {:?}", concept.iter().map(|&t| model.tokenizer.decode(&[t], false).unwrap_or_default()).collect::<Vec<_>>());
 
     // 2. Candidates.
     let k = opts.candidates_per_source;
@@ -367,7 +371,6 @@ pub fn auto_steer(model: &Model, sae: &Sae, atlas: &Atlas, description: &str, op
     for hit in atlas.search(search_phrase(description), k) {
         add(hit.feature, Source::Search, &mut candidates);
     }
-    eprintln!("[trace] candidates {:.2}s", clock.elapsed().as_secs_f32());
     // 3. Trials: the base first, then every candidate at every strength, in one batch.
     let judge = Judge {
         model,
@@ -377,15 +380,26 @@ pub fn auto_steer(model: &Model, sae: &Sae, atlas: &Atlas, description: &str, op
         prompts: &plain,
     };
     let base = judge.measure(&base_replies.iter().enumerate().collect::<Vec<_>>(), true)?;
-    let settings: Vec<Vec<Edit>> =
-        candidates.iter().flat_map(|&(f, _)| opts.values.iter().map(move |&v| vec![Edit::nudge(f, v)])).collect();
-    let mut trials = Vec::new();
-    // In rounds of whole candidates, so that a time budget stops between rounds.
-    for round in settings.chunks(4 * opts.values.len().max(1)) {
-        if opts.time_budget.is_some_and(|budget| clock.elapsed() >= budget) {
-            break;
-        }
-        trials.extend(run_trials(&judge, sae, &units, round, &plain, &base, opts)?);
+    // Every candidate at the middle strength first; then the most effective few at the
+    // others (a feature that does nothing at the middle rarely does at the ends, and the
+    // other strengths find where the effect peaks before coherence goes).
+    let mut values = opts.values.clone();
+    values.sort_by(f32::total_cmp);
+    let middle = values.get(values.len() / 2).copied().unwrap_or(0.45);
+    let first: Vec<Vec<Edit>> = candidates.iter().map(|&(f, _)| vec![Edit::nudge(f, middle)]).collect();
+    let mut trials = run_trials(&judge, sae, &units, &first, &plain, &base, opts)?;
+    if opts.time_budget.is_none_or(|budget| clock.elapsed() < budget) {
+        let mut ranked: Vec<&Trial> = trials.iter().filter(|t| t.effect > 0.0).collect();
+        ranked.sort_by(|a, b| b.effect.total_cmp(&a.effect));
+        let refine: Vec<Vec<Edit>> = ranked
+            .iter()
+            .take(opts.refine)
+            .flat_map(|t| {
+                let feature = t.edits[0].feature;
+                values.iter().filter(|&&v| v != middle).map(move |&v| vec![Edit::nudge(feature, v)])
+            })
+            .collect();
+        trials.extend(run_trials(&judge, sae, &units, &refine, &plain, &base, opts)?);
     }
     trials.sort_by(|a, b| b.accepted.cmp(&a.accepted).then(b.effect.total_cmp(&a.effect)));
 
@@ -434,9 +448,7 @@ fn run_trials(
             (0..n).map(move |p| (p, vector.clone()))
         })
         .collect();
-    let t0 = web_time::Instant::now();
     let out = replies(judge.model, &runs, prompts, opts.max_tokens, &opts.cancel)?;
-    eprintln!("[trace] {} replies {:.2}s", runs.len(), t0.elapsed().as_secs_f32());
     let mut trials = Vec::with_capacity(settings.len());
     for (k, edits) in settings.iter().enumerate() {
         let group: Vec<(usize, &Vec<TokenId>)> = (0..n).map(|p| (p, &out[k * n + p])).collect();
@@ -457,7 +469,6 @@ fn run_trials(
             sample: judge.model.tokenizer.decode(&out[k * n], true)?,
         });
     }
-    eprintln!("[trace] judged {:.2}s", t0.elapsed().as_secs_f32());
     Ok(trials)
 }
 
@@ -578,10 +589,11 @@ mod tests {
 
     #[test]
     fn concept_tokens_are_the_ones_examples_use_far_more() {
-        let examples = vec![vec![1, 5, 5, 6, 7], vec![5, 6, 6, 8, 6]];
-        let plain = vec![vec![1, 6, 7, 7], vec![1, 2]];
-        // 5: 3 times, never plain; 6: 4 times but plain uses it; 8: once only.
-        assert_eq!(concept_tokens(&examples, &plain, 10), vec![5]);
+        let examples = vec![vec![1, 5, 5, 6, 7, 9, 9], vec![5, 6, 6, 8, 5, 9, 9, 9, 9, 9, 9]];
+        let plain = vec![vec![1, 6, 7, 7, 9], vec![1, 2]];
+        // 5: 4 times, never plain; 9: 8 times vs once (needs 8); 6: 3 times vs once; 8: once.
+        assert_eq!(concept_tokens(&examples, &plain, 10), vec![9, 5]);
+        assert_eq!(concept_tokens(&examples, &plain, 1), vec![9]);
         assert_eq!(concept_tokens(&examples, &plain, 0), Vec::<u32>::new());
     }
 }
