@@ -1153,6 +1153,7 @@ impl Ember {
                 json!({
                     "edits": t.edits.iter().map(|e| json!({ "index_in_sae": e.feature, "label": self.label(e.feature), "value": e.value })).collect::<Vec<_>>(),
                     "effect": t.effect, "perplexity_ratio": t.perplexity_ratio, "distinct_bigrams": t.distinct, "accepted": t.accepted,
+                    "sample": t.sample,
                 })
             })
             .collect();

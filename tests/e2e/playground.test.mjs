@@ -284,6 +284,21 @@ test('hosted mode against the Kindling server streams a reply, and the key stays
     null, { timeout: 60_000 });
   await chat(p, 'Hi, how are you?', { compare: false });
   assert.ok((await lastReply(p, 'variant')).trim().length > 0);
+  // AutoSteer (answered by the server): its trials table says what it tried and which it
+  // chose, and the chosen edits land on the sliders.
+  await tab(p, 'edits');
+  await p.fill('[data-testid=autosteer]', 'talk about food');
+  await p.click('.autosteer button[type=submit]');
+  await p.waitForSelector('[data-testid=autosteer-trial]', { timeout: REPLY_TIMEOUT });
+  const trials = await p.$$eval('[data-testid=autosteer-trial]', (rows) =>
+    rows.map((r) => ({ cells: [...r.querySelectorAll('td')].map((c) => c.textContent), chosen: r.classList.contains('chosen') })));
+  assert.ok(trials.length >= 3, `${trials.length} trials`);
+  assert.ok(trials.every((t) => t.cells.length === 6 && /^#\d+ /.test(t.cells[0])), JSON.stringify(trials[0]));
+  const chosen = trials.filter((t) => t.chosen);
+  assert.equal(chosen.length, 1, JSON.stringify(trials));
+  assert.equal(chosen[0].cells[5], 'chosen');
+  assert.equal(await p.$$eval('[data-testid=edit-slider]', (s) => s.length), chosen[0].cells[1].split(' & ').length);
+  await shot(p, 'autosteer');
   await tab(p, 'variant');
   await p.click('[data-testid=share]');
   const link = await p.inputValue('[data-testid=share-link]');

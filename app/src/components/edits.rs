@@ -112,6 +112,9 @@ fn AutoSteer() -> impl IntoView {
     let session = crate::use_session();
     let spec = RwSignal::new(String::new());
     let running = RwSignal::new(false);
+    // What the last run tried, best first (the engine's `trials`), and what it chose.
+    let tried = RwSignal::new(Vec::<Value>::new());
+    let chosen = RwSignal::new(Value::Null);
     let run = move || {
         let specification = spec.get_untracked().trim().to_string();
         let Some(client) = session.client() else {
@@ -126,6 +129,8 @@ fn AutoSteer() -> impl IntoView {
             let body = json!({ "specification": specification, "model": client.model() });
             match client.post("/features/auto-edits", body).await {
                 Ok(answer) => {
+                    tried.set(answer["trials"].as_array().cloned().unwrap_or_default());
+                    chosen.set(answer["edits"].clone());
                     let pairs: Vec<(Value, f32)> = answer["edits"]
                         .as_array()
                         .into_iter()
@@ -159,7 +164,123 @@ fn AutoSteer() -> impl IntoView {
                     {move || if running.get() { "Working…" } else { "AutoSteer" }}
                 </button>
             </form>
+            <Show when=move || !tried.get().is_empty()>
+                <Trials tried=tried chosen=chosen />
+            </Show>
         </section>
+    }
+}
+
+/// AutoSteer's trials as a table: each setting, its effect and coherence, and why it was or
+/// wasn't chosen. Hovering a row shows the reply it produced.
+#[component]
+fn Trials(tried: RwSignal<Vec<Value>>, chosen: RwSignal<Value>) -> impl IntoView {
+    let rows = move || {
+        let chosen = chosen.get();
+        tried
+            .get()
+            .into_iter()
+            .map(|t| {
+                let row = TrialRow::from_json(&t, &chosen);
+                view! {
+                    <tr data-testid="autosteer-trial" class:chosen=row.chosen title=row.sample>
+                        <td>{row.features}</td>
+                        <td>{row.strengths}</td>
+                        <td>{format!("{:+.1}", row.effect)}</td>
+                        <td>{row.perplexity}</td>
+                        <td>{format!("{:.2}", row.distinct)}</td>
+                        <td>{row.verdict}</td>
+                    </tr>
+                }
+            })
+            .collect_view()
+    };
+    view! {
+        <table class="autosteer-trials" data-testid="autosteer-trials">
+            <caption>
+                "What AutoSteer tried, best first. Effect: the concept's words per 100 tokens above the plain replies. "
+                "Coherence: the base model's perplexity of the steered replies over that of its own (at most 2.5×), "
+                "and their share of distinct word pairs (at least 0.6). Hover a row to read its reply."
+            </caption>
+            <thead>
+                <tr>
+                    <th>"Feature"</th>
+                    <th>"Strength"</th>
+                    <th>"Effect"</th>
+                    <th>"Perplexity ×"</th>
+                    <th>"Distinct"</th>
+                    <th>"Verdict"</th>
+                </tr>
+            </thead>
+            <tbody>{rows}</tbody>
+        </table>
+    }
+}
+
+/// One row of [`Trials`], read from a trial of `features/auto-edits`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct TrialRow {
+    pub features: String,
+    pub strengths: String,
+    pub effect: f64,
+    pub perplexity: String,
+    pub distinct: f64,
+    pub verdict: &'static str,
+    pub chosen: bool,
+    pub sample: String,
+}
+
+impl TrialRow {
+    pub(crate) fn from_json(trial: &Value, chosen_edits: &Value) -> Self {
+        let edits = trial["edits"].as_array().cloned().unwrap_or_default();
+        let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+        let features = edits
+            .iter()
+            .map(|e| format!("#{} {}", e["index_in_sae"], text(&e["label"])))
+            .collect::<Vec<_>>()
+            .join(" & ");
+        let strengths = edits
+            .iter()
+            .map(|e| format!("{:+.2}", e["value"].as_f64().unwrap_or(0.0)))
+            .collect::<Vec<_>>()
+            .join(" & ");
+        // The chosen edits: `[[feature, value], …]` with the feature's `index_in_sae`.
+        let picked: Vec<(u64, f64)> = chosen_edits
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|pair| Some((pair[0]["index_in_sae"].as_u64()?, pair[1].as_f64()?)))
+            .collect();
+        let mine: Vec<(u64, f64)> = edits
+            .iter()
+            .filter_map(|e| Some((e["index_in_sae"].as_u64()?, e["value"].as_f64()?)))
+            .collect();
+        let chosen = !mine.is_empty()
+            && mine.len() == picked.len()
+            && mine.iter().zip(&picked).all(|(a, b)| a.0 == b.0 && (a.1 - b.1).abs() < 1e-4);
+        let effect = trial["effect"].as_f64().unwrap_or(0.0);
+        // JSON has no infinity: a trial with no effect was never scored for perplexity.
+        let ratio = trial["perplexity_ratio"].as_f64();
+        let accepted = trial["accepted"].as_bool().unwrap_or(false);
+        let verdict = if chosen {
+            "chosen"
+        } else if accepted {
+            "weaker"
+        } else if effect <= 0.0 || ratio.is_none() {
+            "no effect"
+        } else {
+            "incoherent"
+        };
+        Self {
+            features,
+            strengths,
+            effect,
+            perplexity: ratio.map_or("—".into(), |r| format!("{r:.1}")),
+            distinct: trial["distinct_bigrams"].as_f64().unwrap_or(0.0),
+            verdict,
+            chosen,
+            sample: text(&trial["sample"]),
+        }
     }
 }
 
