@@ -552,17 +552,93 @@ fn promoting(model: &Model, sae: &Sae, concept: &[TokenId], k: usize) -> Result<
 /// Vocabulary tokens that [`promoting`] measures a latent's typical logit on.
 const LENS_REFERENCE_TOKENS: usize = 512;
 
-/// A condition that holds when the text is about `description`: the best-matching features
-/// of the atlas (up to `features`, as a group: the strongest member counts) above `threshold`
-/// max activations.
-pub fn auto_conditional(atlas: &Atlas, description: &str, features: usize, threshold: f32) -> Option<Condition> {
-    let group: Vec<u32> = atlas
-        .search(search_phrase(description), features.max(1))
-        .into_iter()
-        .map(|h| h.feature)
-        .collect();
-    (!group.is_empty()).then(|| Condition::when(group, Operator::Gt, Operand::Number(threshold)))
+/// What AutoConditional chose, and the activations (activation units, each text's maximum
+/// over its tokens) that it chose by.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AutoConditional {
+    /// `feature > threshold`.
+    pub condition: Condition,
+    pub feature: u32,
+    pub threshold: f32,
+    /// The feature's maximum on each text about the description, and on each plain one.
+    pub on_topic: Vec<f32>,
+    pub plain: Vec<f32>,
+    /// Whether the feature separates them (else the atlas's best search hit at 0.5 stands in).
+    /// `None` from [`auto_conditional`]: not even the atlas matches the description.
+    pub separates: bool,
 }
+
+/// Texts about the description that AutoConditional measures on (`{}`: its topic phrase).
+const CONDITIONAL_PROMPTS: [&str; 3] = ["Tell me about {}.", "Write a few sentences about {}.", "What do you know about {}?"];
+
+/// A condition that holds when the conversation is about `description`, chosen by measured
+/// activations: the model writes about the description (three prompts) and answers the plain
+/// trial prompts; every latent's maximum over each text's tokens (prompt and reply) is read;
+/// the latent whose lowest maximum on the topic's texts clears its highest on the plain ones
+/// by the widest margin wins, with the threshold halfway between. A condition fires per
+/// token, so it must stay quiet on every plain token and fire somewhere in every topical text.
+pub fn auto_conditional(
+    model: &Model,
+    sae: &Sae,
+    atlas: &Atlas,
+    description: &str,
+    cancel: &CancelToken,
+) -> Result<Option<AutoConditional>, EngineError> {
+    let units = Units::new(sae, atlas.units());
+    let phrase = search_phrase(description);
+    let chat = |text: String| model.tokenizer.encode_chat(&[ChatMessage::user(text)]);
+    let topical: Vec<Vec<TokenId>> = CONDITIONAL_PROMPTS.iter().map(|p| chat(p.replace("{}", phrase))).collect::<Result<_, _>>()?;
+    let plain: Vec<Vec<TokenId>> = AutoSteerOptions::default().prompts.into_iter().map(chat).collect::<Result<_, _>>()?;
+    let prompts: Vec<Vec<TokenId>> = topical.iter().chain(&plain).cloned().collect();
+    let runs: Vec<(usize, Option<Arc<SteeringVector>>)> = (0..prompts.len()).map(|p| (p, None)).collect();
+    let written = replies(model, &runs, &prompts, CONDITIONAL_TOKENS, cancel)?;
+    // Per text, every latent's maximum (activation units) over its tokens.
+    let mut maxima: Vec<HashMap<u32, f32>> = Vec::with_capacity(prompts.len());
+    for (prompt, reply) in prompts.iter().zip(&written) {
+        let tokens: Vec<TokenId> = prompt.iter().chain(reply).copied().collect();
+        let inspection = Inspection::run_cancellable(model, sae, &tokens, None, cancel)?;
+        let mut max: HashMap<u32, f32> = HashMap::new();
+        // Position 0 (the attention sink) fires oddly for many latents.
+        for &(j, a) in inspection.features.iter().skip(1).flatten() {
+            let v = a / units.activation[j as usize];
+            let m = max.entry(j).or_insert(0.0);
+            *m = m.max(v);
+        }
+        maxima.push(max);
+    }
+    let (on, off) = maxima.split_at(topical.len());
+    let value = |m: &HashMap<u32, f32>, j: u32| m.get(&j).copied().unwrap_or(0.0);
+    let margin = |j: u32| {
+        let lowest_on = on.iter().map(|m| value(m, j)).fold(f32::INFINITY, f32::min);
+        let highest_off = off.iter().map(|m| value(m, j)).fold(0.0, f32::max);
+        (lowest_on - highest_off, lowest_on, highest_off)
+    };
+    let best = on[0]
+        .keys()
+        .copied()
+        .filter(|&j| atlas.feature(j).is_ok_and(|i| i.is_live()))
+        .map(|j| (j, margin(j)))
+        .filter(|(_, (gap, ..))| *gap > 0.0)
+        .max_by(|a, b| a.1.0.total_cmp(&b.1.0).then(b.0.cmp(&a.0)));
+    let (feature, threshold, separates) = match best {
+        Some((j, (_, lowest_on, highest_off))) => (j, (lowest_on + highest_off) / 2.0, true),
+        None => match atlas.search(phrase, 1).first() {
+            Some(hit) => (hit.feature, 0.5, false),
+            None => return Ok(None),
+        },
+    };
+    Ok(Some(AutoConditional {
+        condition: Condition::when(vec![feature], Operator::Gt, Operand::Number(threshold)),
+        feature,
+        threshold,
+        on_topic: on.iter().map(|m| value(m, feature)).collect(),
+        plain: off.iter().map(|m| value(m, feature)).collect(),
+        separates,
+    }))
+}
+
+/// Tokens of each text AutoConditional writes.
+const CONDITIONAL_TOKENS: usize = 32;
 
 #[cfg(test)]
 mod tests {

@@ -1163,11 +1163,12 @@ impl Ember {
     }
 
     /// `POST features/auto-conditional`.
-    pub fn auto_conditional(&self, request: &SpecificationRequest) -> Result<Value, EmberError> {
+    pub fn auto_conditional(&self, request: &SpecificationRequest, cancel: &CancelToken) -> Result<Value, EmberError> {
         self.check_model(&request.model)?;
         let spec = specification(&request.specification)?;
-        let condition =
-            auto_conditional(&self.atlas, spec, 3, 0.5).ok_or_else(|| EmberError::Invalid(format!("no feature matches {spec:?}")))?;
+        let found = auto_conditional(&self.model, &self.sae, &self.atlas, spec, cancel)?
+            .ok_or_else(|| EmberError::Invalid(format!("no feature matches {spec:?}")))?;
+        let condition = &found.condition;
         let conditionals: Vec<Value> = condition
             .comparisons
             .iter()
@@ -1179,7 +1180,13 @@ impl Ember {
                 json!({ "left_hand": { "features": left.iter().map(|&f| self.feature_json(f)).collect::<Vec<_>>() }, "right_hand": right, "operator": op })
             })
             .collect();
-        Ok(json!({ "conditional": { "conditionals": conditionals, "operator": condition.combine } }))
+        // Why (a Kindling field; the SDK reads only `conditional`): the feature's maximum on
+        // the texts about the description and on plain ones, in activation units.
+        let measured = json!({
+            "feature": found.feature, "label": self.label(found.feature), "threshold": found.threshold,
+            "on_topic": found.on_topic, "plain": found.plain, "separates": found.separates,
+        });
+        Ok(json!({ "conditional": { "conditionals": conditionals, "operator": condition.combine }, "measured": measured }))
     }
 
     /// `POST attributions/compute-logit-attribution`: the features whose ablation at the

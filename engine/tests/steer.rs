@@ -339,3 +339,37 @@ fn batched_steering_vectors_generate_what_the_steer_hook_generates() {
     assert_eq!(out[1], base);
     assert_eq!(out[2], one_by_one);
 }
+
+/// AutoConditional measures: its feature fires somewhere in texts about the topic that it
+/// never saw, and on no token of plain ones.
+#[test]
+fn auto_conditional_fires_on_unseen_text_about_its_topic_and_not_on_plain_text() {
+    use kindling_engine::Atlas;
+    use kindling_engine::autosteer::auto_conditional;
+    let m = model(Backend::Cpu);
+    let atlas = Atlas::load_dir(&common::repo_root().join("public/atlas"), sae(), false).expect("the shipped atlas");
+    let units = Units::new(sae(), atlas.units());
+    let found = auto_conditional(&m, sae(), &atlas, "pirates", &CancelToken::new()).unwrap().expect("a feature");
+    println!("{found:?}");
+    assert!(found.separates, "{found:?}");
+    assert!(found.on_topic.iter().all(|&v| v > found.threshold) && found.plain.iter().all(|&v| v < found.threshold));
+    let fires = |user: &str, assistant: &str| {
+        let tokens = m
+            .tokenizer
+            .encode_chat(&[ChatMessage::user(user), ChatMessage::new("assistant", assistant)])
+            .unwrap();
+        base_features(&m, &tokens).iter().skip(1).any(|features| {
+            found.condition.holds(|f| {
+                features.iter().find(|(j, _)| *j == f).map_or(0.0, |&(j, a)| a / units.activation[j as usize])
+            })
+        })
+    };
+    assert!(fires(
+        "Can you describe pirate life?",
+        "Pirates sailed the seas in wooden ships, raiding merchant vessels and burying their treasure."
+    ));
+    assert!(!fires(
+        "What did you do this morning?",
+        "I went to the library, read a book about gardening and had a cup of tea."
+    ));
+}

@@ -615,8 +615,8 @@ post_handler!(lookup, ember::LookupRequest, |e: &Ember, r, _| e.lookup(r));
 post_handler!(dashboard, ember::DashboardRequest, |e: &Ember, r, _| e.dashboard(r));
 post_handler!(neighbors, ember::NeighborsRequest, |e: &Ember, r, _| e.neighbors(r));
 post_handler!(auto_edits, ember::SpecificationRequest, |e: &Ember, r, c| e.auto_edits(r, c));
-post_handler!(auto_conditional, ember::SpecificationRequest, |e: &Ember, r, _| e
-    .auto_conditional(r));
+post_handler!(auto_conditional, ember::SpecificationRequest, |e: &Ember, r, c| e
+    .auto_conditional(r, c));
 post_handler!(tokenize, ember::TokenizeRequest, |e: &Ember, r, _| e.tokenize(r));
 post_handler!(attribute, ember::AttributionRequest, |e: &Ember, r, c| e.attribute(r, c));
 post_handler!(contrastive_dataset, ember::ContrastiveDatasetRequest, |e: &Ember, r, c| e

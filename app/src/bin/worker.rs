@@ -331,7 +331,7 @@ mod worker {
             ("POST", "/features/lookup") => ember.lookup(&parse(body)?)?,
             ("POST", "/features/dashboard") => ember.dashboard(&parse(body)?)?,
             ("POST", "/features/auto-edits") => ember.auto_edits(&parse(body)?, &uncancelled)?,
-            ("POST", "/features/auto-conditional") => ember.auto_conditional(&parse(body)?)?,
+            ("POST", "/features/auto-conditional") => ember.auto_conditional(&parse(body)?, &uncancelled)?,
             ("POST", "/attributions/neighbors") => ember.neighbors(&parse(body)?)?,
             ("POST", "/attributions/compute-logit-attribution") => ember.attribute(&parse(body)?, &uncancelled)?,
             ("POST", "/attributions/generate-contrastive-dataset") => ember.contrastive_dataset(&parse(body)?, &uncancelled)?,
