@@ -60,9 +60,9 @@ pub struct AutoSteerEvalArgs {
     /// Keep the concepts already in `--out` and do only the others.
     #[arg(long)]
     pub resume: bool,
-    /// With `--resume`: run AutoSteer again on every concept, keeping the ceilings already in
-    /// `--out` (the ceiling search is most of the evaluation's time, and does not depend on
-    /// AutoSteer).
+    /// With `--resume`: run AutoSteer again on the concepts already in `--out` (and on no
+    /// others), keeping their ceilings: the ceiling search is most of the evaluation's time,
+    /// and does not depend on AutoSteer.
     #[arg(long, requires = "resume")]
     pub redo_autosteer: bool,
 }
@@ -465,7 +465,7 @@ pub fn run(args: &AutoSteerEvalArgs) -> Result<(), BuildError> {
     let started = std::time::Instant::now();
     for (n, (c, judge)) in concepts.iter().zip(&judges).enumerate() {
         let previous = rows.iter().position(|r| r["request"] == c.request.as_str());
-        if previous.is_some() && !args.redo_autosteer {
+        if previous.is_some() != args.redo_autosteer {
             continue;
         }
         // The ceiling found before, kept when AutoSteer alone is run again.
