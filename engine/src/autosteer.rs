@@ -2,24 +2,28 @@
 //! edits or a condition, found by project code.
 //!
 //! AutoSteer chooses by **measured effect**, not by labels alone:
-//! 1. **Examples.** The model answers the trial prompts twice, plainly and with a system
-//!    prompt asking for the behaviour ("In every reply, talk about food."). The tokens the
-//!    examples use far more than the plain replies are the concept's tokens.
+//! 1. **The concept's tokens**, from two sources. *Meaning*: every spelling of the
+//!    vocabulary's whole words nearest to the description's topic in the atlas's static
+//!    embedder ([`search_phrase`]; "food" → food, meals, eating, cuisine…). *Examples*: the
+//!    model answers the trial prompts plainly and with the request appended ("Tell me about
+//!    your day. Answer in French."); the tokens the examples use four times as often as the
+//!    plain replies (plus one) join in ("le", "la", "!").
 //! 2. **Candidates** from three sources: the latents that separate the examples from the
 //!    plain replies (mean activation over their tokens, read by the SAE), the latents whose
-//!    decoder direction promotes concept tokens (the atlas's logit-lens `promoted` lists),
-//!    and atlas search on the description's topic ([`search_phrase`]).
-//! 3. **Trials.** Every candidate is nudged at each strength of the usable range (steering
-//!    units, [`crate::steer::STRENGTH_UNIT`]) on the trial prompts, all in batches of fixed
-//!    steering vectors. A trial's **effect** is the concept tokens' rate per 100 tokens of its
-//!    replies (the examples' tokens and the description's own words) minus the plain
-//!    replies' rate, plus the static embedder's similarity gain to the description (× 30),
-//!    so a topic that the model words differently still counts.
-//!    **Coherence**: the base model's perplexity of the replies at most 2.5× the plain
-//!    replies', and distinct token bigrams at least 0.6.
-//! 4. **Choice.** The coherent trial with the largest effect (the weaker strength on a tie);
-//!    then the best trial of another feature is tried together with it, and kept when the
-//!    pair is coherent and stronger.
+//!    decoder direction promotes the concept's tokens most through the logit lens (a z-score
+//!    against a sample of the vocabulary, every latent scored), and atlas search.
+//! 3. **Trials.** Every candidate is nudged at the middle strength on the trial prompts; the
+//!    three most effective are tried at the other strengths (steering units,
+//!    [`crate::steer::STRENGTH_UNIT`]), all in batches of fixed steering vectors. A trial's
+//!    **effect** is the concept tokens' rate per 100 tokens of its replies minus the plain
+//!    replies', plus the static embedder's similarity gain to the description (× 30).
+//!    **Coherence**: the base model's perplexity of the replies at most 2.5× that of the
+//!    plain replies, and distinct token bigrams at least 0.6.
+//! 4. **Choice.** The coherent trial with the largest effect; then the best trial of another
+//!    feature is tried together with it, and kept when the pair is coherent and stronger.
+//!
+//! AutoConditional ([`auto_conditional`]) measures too: the latent that fires on every text
+//! the model writes about the description and on no plain one, thresholded between them.
 //!
 //! The steering evaluation (`kindling-build autosteer-eval`, docs/STEERING.md) judges the
 //! result on other prompts, with word lists and a judge that AutoSteer never sees.
