@@ -61,8 +61,9 @@ pub struct AutoSteerEvalArgs {
     #[arg(long)]
     pub resume: bool,
     /// With `--resume`: run AutoSteer again on the concepts already in `--out` (and on no
-    /// others), keeping their ceilings: the ceiling search is most of the evaluation's time,
-    /// and does not depend on AutoSteer.
+    /// others), keeping their ceilings: the ceiling search is most of the evaluation's time.
+    /// A kept ceiling screened the earlier AutoSteer's picks among its candidates, not the
+    /// new ones'.
     #[arg(long, requires = "resume")]
     pub redo_autosteer: bool,
 }
@@ -133,7 +134,6 @@ impl WordJudge {
         (hits, words.len())
     }
 }
-
 
 /// One reply and the facts the judge needs about it.
 #[derive(Clone)]
@@ -233,7 +233,6 @@ impl<'a> Harness<'a> {
         }
         Ok(replies)
     }
-
 
     fn score(&self, replies: &[&Reply], judge: &WordJudge, description: &[f32]) -> Result<Scores, BuildError> {
         let (mut hits, mut words, mut distinct, mut nll, mut tokens) = (0, 0, 0.0, 0.0f64, 0usize);
@@ -451,7 +450,9 @@ pub fn run(args: &AutoSteerEvalArgs) -> Result<(), BuildError> {
     let write = |rows: &[Value]| -> Result<(usize, usize), BuildError> {
         let passed = rows.iter().filter(|r| r["autosteer"]["pass"] == true).count();
         let ceiling_passed = rows.iter().filter(|r| r["ceiling"]["pass"] == true).count();
-        let Some(out) = &args.out else { return Ok((passed, ceiling_passed)) };
+        let Some(out) = &args.out else {
+            return Ok((passed, ceiling_passed));
+        };
         let report = json!({
             "protocol": "replies to each neutral prompt greedily and at temperature 0.7 (seeds 11, 22, 33); pass at both: concept words per 100 words >= 3 x max(base, 0.5), distinct-2 >= 0.5, base-model perplexity <= 3 x base",
             "strength_unit": kindling_engine::steer::STRENGTH_UNIT,
@@ -499,11 +500,13 @@ pub fn run(args: &AutoSteerEvalArgs) -> Result<(), BuildError> {
         };
         let ceiling = match kept_ceiling {
             Some(kept) => kept,
-            None => ceiling.map_or(Value::Null, |c| json!({
-                "edits": describe(&c.edits, &atlas), "fraction_of_residual_norm": c.fraction,
-                "t0": scores_json(&c.greedy), "t07": scores_json(&c.sampled), "pass": c.pass,
-                "replies": replies_json(&c.replies, &spec.prompts),
-            })),
+            None => ceiling.map_or(Value::Null, |c| {
+                json!({
+                    "edits": describe(&c.edits, &atlas), "fraction_of_residual_norm": c.fraction,
+                    "t0": scores_json(&c.greedy), "t07": scores_json(&c.sampled), "pass": c.pass,
+                    "replies": replies_json(&c.replies, &spec.prompts),
+                })
+            }),
         };
         let ceiling_pass = ceiling["pass"] == true;
         let edits = describe(&found.edits, &atlas);
@@ -519,7 +522,10 @@ pub fn run(args: &AutoSteerEvalArgs) -> Result<(), BuildError> {
             greedy.distinct.min(sampled.distinct),
             (greedy.perplexity / base.0.perplexity).max(sampled.perplexity / base.1.perplexity),
             if pass { "yes" } else { "no" },
-            ceiling["edits"].as_array().map(|e| e.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("; ")).unwrap_or_default(),
+            ceiling["edits"]
+                .as_array()
+                .map(|e| e.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("; "))
+                .unwrap_or_default(),
             if ceiling_pass { "yes" } else { "no" },
         );
         rows.push(json!({
@@ -644,7 +650,6 @@ mod tests {
         assert_eq!(judge.count("Food, food and more FOOD? C'est bon."), (5, 7));
         assert_eq!(judge.count(""), (0, 0));
     }
-
 
     #[test]
     fn a_pass_needs_three_times_the_floored_base_rate_coherence_and_fluency() {

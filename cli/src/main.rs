@@ -298,7 +298,11 @@ fn autosteer(
     let sae = Sae::from_compact(&std::fs::read(sae_dir.join("kindling-sae.f16.safetensors"))?)?;
     let atlas = Atlas::load_dir(atlas_dir, &sae, false)?;
     let result = auto_steer(model, &sae, &atlas, description, &AutoSteerOptions::default())?;
-    let concept: Vec<String> = result.concept_tokens.iter().map(|&t| model.tokenizer.decode(&[t], false).unwrap_or_default()).collect();
+    let concept: Vec<String> = result
+        .concept_tokens
+        .iter()
+        .map(|&t| model.tokenizer.decode(&[t], false).unwrap_or_default())
+        .collect();
     println!("concept tokens: {concept:?}");
     for example in &result.examples {
         println!("example: {example:?}");

@@ -51,7 +51,9 @@ pub struct AutoSteerOptions {
     pub refine: usize,
     /// Neutral user prompts the trials answer.
     pub prompts: Vec<String>,
-    /// Tokens generated per trial reply (the examples get twice as many).
+    /// Tokens generated per trial reply (the examples and the plain replies get twice as
+    /// many, and the plain ones are measured whole: a known bias of the baseline, see
+    /// docs/STEERING.md).
     pub max_tokens: usize,
     /// Stop starting new trials after this long and choose among those done.
     pub time_budget: Option<std::time::Duration>,
@@ -78,7 +80,7 @@ impl Default for AutoSteerOptions {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Trial {
     pub edits: Vec<Edit>,
-    /// Concept tokens per 100 tokens above the plain replies, plus 100 × the similarity gain.
+    /// Concept tokens per 100 tokens above the plain replies, plus 30 × the similarity gain.
     pub effect: f32,
     /// The base model's perplexity of the replies over its perplexity of its own replies.
     pub perplexity_ratio: f32,
@@ -107,9 +109,10 @@ pub struct AutoSteer {
     pub edits: Vec<Edit>,
     pub trials: Vec<Trial>,
     pub candidates: Vec<(u32, Source)>,
-    /// The tokens the example replies used far more than the plain ones.
+    /// The concept's tokens: the meaning tokens, then those the examples use far more than
+    /// the plain replies.
     pub concept_tokens: Vec<TokenId>,
-    /// The example replies (written with the system prompt).
+    /// The example replies (the trial prompts with the request appended).
     pub examples: Vec<String>,
 }
 
@@ -185,7 +188,10 @@ pub fn reply_nll(model: &Model, prompt: &[TokenId], reply: &[TokenId]) -> Result
     }
     let all: Vec<TokenId> = prompt.iter().chain(reply).copied().collect();
     let mut cache = model.llama.new_cache();
-    let logits = model.llama.forward(&all, &mut cache, None, Logits::All)?.expect("Logits::All returns logits");
+    let logits = model
+        .llama
+        .forward(&all, &mut cache, None, Logits::All)?
+        .expect("Logits::All returns logits");
     let logits = to_host(logits.slice([prompt.len() - 1..all.len() - 1]))?;
     let vocab = logits.len() / reply.len();
     let mut total = 0.0f64;
@@ -228,6 +234,8 @@ struct Measured {
     similarity: f32,
     nll: f32,
     distinct: f32,
+    /// Tokens of the shortest reply.
+    shortest: usize,
 }
 
 struct Judge<'a> {
@@ -258,6 +266,7 @@ impl Judge<'_> {
             similarity: similarity / n,
             nll: nll / tokens.max(1) as f32,
             distinct: distinct / n,
+            shortest: replies.iter().map(|(_, r)| r.len()).min().unwrap_or(0),
         })
     }
 }
@@ -314,8 +323,10 @@ fn concept_tokens(examples: &[Vec<TokenId>], plain: &[Vec<TokenId>], limit: usiz
         counts
     };
     let (ex, base) = (count(examples), count(plain));
-    let mut tokens: Vec<(TokenId, usize)> =
-        ex.into_iter().filter(|&(t, n)| n >= 4 * (base.get(&t).copied().unwrap_or(0) + 1)).collect();
+    let mut tokens: Vec<(TokenId, usize)> = ex
+        .into_iter()
+        .filter(|&(t, n)| n >= 4 * (base.get(&t).copied().unwrap_or(0) + 1))
+        .collect();
     tokens.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     tokens.into_iter().take(limit).map(|(t, _)| t).collect()
 }
@@ -338,10 +349,15 @@ pub fn auto_steer(model: &Model, sae: &Sae, atlas: &Atlas, description: &str, op
             // The request itself is the instruction, after the question ("Tell me about your
             // day. Talk about food."): SmolLM2 ignores most system prompts, and a frame such
             // as "In every reply" leaks its own words ("always") into the examples.
-            model.tokenizer.encode_chat(&[ChatMessage::user(format!("{p} {}", instruction(description)))])
+            model
+                .tokenizer
+                .encode_chat(&[ChatMessage::user(format!("{p} {}", instruction(description)))])
         })
         .collect::<Result<_, _>>()?;
     let n = plain.len();
+    if n == 0 {
+        return Err(EngineError::EmptyInput);
+    }
 
     // 1. Plain replies and examples, in one batch.
     let mut prompts = plain.clone();
@@ -375,7 +391,8 @@ pub fn auto_steer(model: &Model, sae: &Sae, atlas: &Atlas, description: &str, op
     for hit in atlas.search(search_phrase(description), k) {
         add(hit.feature, Source::Search, &mut candidates);
     }
-    // 3. Trials: the base first, then every candidate at every strength, in one batch.
+    // 3. Trials: the base first, then every candidate at the middle strength, then the best
+    //    few at the others.
     let judge = Judge {
         model,
         atlas,
@@ -411,7 +428,10 @@ pub fn auto_steer(model: &Model, sae: &Sae, atlas: &Atlas, description: &str, op
     let mut edits = Vec::new();
     if let Some(best) = trials.first().filter(|t| t.accepted).cloned() {
         edits = best.edits.clone();
-        let second = trials.iter().find(|t| t.accepted && t.edits[0].feature != best.edits[0].feature).cloned();
+        let second = trials
+            .iter()
+            .find(|t| t.accepted && t.edits[0].feature != best.edits[0].feature)
+            .cloned();
         if let Some(second) = second
             && opts.time_budget.is_none_or(|budget| clock.elapsed() < budget)
         {
@@ -469,7 +489,11 @@ fn run_trials(
             effect,
             perplexity_ratio,
             distinct: m.distinct,
-            accepted: effect > 0.0 && perplexity_ratio <= MAX_PERPLEXITY_RATIO && m.distinct >= MIN_DISTINCT,
+            // A setting that ends a reply at once says nothing, however fluent and distinct.
+            accepted: effect > 0.0
+                && perplexity_ratio <= MAX_PERPLEXITY_RATIO
+                && m.distinct >= MIN_DISTINCT
+                && m.shortest >= MIN_REPLY_TOKENS,
             sample: judge.model.tokenizer.decode(&out[k * n], true)?,
         });
     }
@@ -485,6 +509,8 @@ const MAX_PERPLEXITY_RATIO: f32 = 2.5;
 /// 32-token replies, so the counted tokens lead.
 const SIMILARITY_WEIGHT: f32 = 30.0;
 const MIN_DISTINCT: f32 = 0.6;
+/// Tokens every reply of an accepted trial has at least.
+const MIN_REPLY_TOKENS: usize = 8;
 
 /// The latents whose mean activation (activation units) over the example replies' tokens
 /// exceeds that over the plain replies' most: `first` holds the plain replies then the
@@ -545,7 +571,9 @@ fn promoting(model: &Model, sae: &Sae, concept: &[TokenId], k: usize) -> Result<
             let (wanted, reference) = row.split_at(concept.len());
             let n = reference.len() as f32;
             let mean = reference.iter().sum::<f32>() / n;
-            let std = (reference.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / n).sqrt().max(1e-6);
+            let std = (reference.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / n)
+                .sqrt()
+                .max(1e-6);
             (j as u32, (wanted.iter().sum::<f32>() / wanted.len() as f32 - mean) / std)
         })
         .collect();
@@ -568,7 +596,6 @@ pub struct AutoConditional {
     pub on_topic: Vec<f32>,
     pub plain: Vec<f32>,
     /// Whether the feature separates them (else the atlas's best search hit at 0.5 stands in).
-    /// `None` from [`auto_conditional`]: not even the atlas matches the description.
     pub separates: bool,
 }
 
@@ -581,6 +608,7 @@ const CONDITIONAL_PROMPTS: [&str; 3] = ["Tell me about {}.", "Write a few senten
 /// the latent whose lowest maximum on the topic's texts clears its highest on the plain ones
 /// by the widest margin wins, with the threshold halfway between. A condition fires per
 /// token, so it must stay quiet on every plain token and fire somewhere in every topical text.
+/// `None`: not even the atlas's search matches the description.
 pub fn auto_conditional(
     model: &Model,
     sae: &Sae,
@@ -591,8 +619,15 @@ pub fn auto_conditional(
     let units = Units::new(sae, atlas.units());
     let phrase = search_phrase(description);
     let chat = |text: String| model.tokenizer.encode_chat(&[ChatMessage::user(text)]);
-    let topical: Vec<Vec<TokenId>> = CONDITIONAL_PROMPTS.iter().map(|p| chat(p.replace("{}", phrase))).collect::<Result<_, _>>()?;
-    let plain: Vec<Vec<TokenId>> = AutoSteerOptions::default().prompts.into_iter().map(chat).collect::<Result<_, _>>()?;
+    let topical: Vec<Vec<TokenId>> = CONDITIONAL_PROMPTS
+        .iter()
+        .map(|p| chat(p.replace("{}", phrase)))
+        .collect::<Result<_, _>>()?;
+    let plain: Vec<Vec<TokenId>> = AutoSteerOptions::default()
+        .prompts
+        .into_iter()
+        .map(chat)
+        .collect::<Result<_, _>>()?;
     let prompts: Vec<Vec<TokenId>> = topical.iter().chain(&plain).cloned().collect();
     let runs: Vec<(usize, Option<Arc<SteeringVector>>)> = (0..prompts.len()).map(|p| (p, None)).collect();
     let written = replies(model, &runs, &prompts, CONDITIONAL_TOKENS, cancel)?;

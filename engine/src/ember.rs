@@ -1157,8 +1157,11 @@ impl Ember {
                 })
             })
             .collect();
-        let concept: Vec<String> =
-            found.concept_tokens.iter().map(|&t| self.model.tokenizer.decode(&[t], false).unwrap_or_default()).collect();
+        let concept: Vec<String> = found
+            .concept_tokens
+            .iter()
+            .map(|&t| self.model.tokenizer.decode(&[t], false).unwrap_or_default())
+            .collect();
         Ok(json!({ "edits": edits, "trials": trials, "concept_tokens": concept }))
     }
 

@@ -349,7 +349,9 @@ fn auto_conditional_fires_on_unseen_text_about_its_topic_and_not_on_plain_text()
     let m = model(Backend::Cpu);
     let atlas = Atlas::load_dir(&common::repo_root().join("public/atlas"), sae(), false).expect("the shipped atlas");
     let units = Units::new(sae(), atlas.units());
-    let found = auto_conditional(&m, sae(), &atlas, "pirates", &CancelToken::new()).unwrap().expect("a feature");
+    let found = auto_conditional(&m, sae(), &atlas, "pirates", &CancelToken::new())
+        .unwrap()
+        .expect("a feature");
     println!("{found:?}");
     assert!(found.separates, "{found:?}");
     assert!(found.on_topic.iter().all(|&v| v > found.threshold) && found.plain.iter().all(|&v| v < found.threshold));
@@ -360,7 +362,10 @@ fn auto_conditional_fires_on_unseen_text_about_its_topic_and_not_on_plain_text()
             .unwrap();
         base_features(&m, &tokens).iter().skip(1).any(|features| {
             found.condition.holds(|f| {
-                features.iter().find(|(j, _)| *j == f).map_or(0.0, |&(j, a)| a / units.activation[j as usize])
+                features
+                    .iter()
+                    .find(|(j, _)| *j == f)
+                    .map_or(0.0, |&(j, a)| a / units.activation[j as usize])
             })
         })
     };

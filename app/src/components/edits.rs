@@ -124,6 +124,7 @@ fn AutoSteer() -> impl IntoView {
             return;
         }
         running.set(true);
+        tried.set(Vec::new());
         session.info("AutoSteer is trying edits (this takes a while)…");
         leptos::task::spawn_local(async move {
             let body = json!({ "specification": specification, "model": client.model() });
@@ -198,7 +199,8 @@ fn Trials(tried: RwSignal<Vec<Value>>, chosen: RwSignal<Value>) -> impl IntoView
     view! {
         <table class="autosteer-trials" data-testid="autosteer-trials">
             <caption>
-                "What AutoSteer tried, best first. Effect: the concept's words per 100 tokens above the plain replies. "
+                "What AutoSteer tried, best first. Effect: the concept's words per 100 tokens above the plain replies "
+                "(plus 30 × the gain in meaning similarity to the description). "
                 "Coherence: the base model's perplexity of the steered replies over that of its own (at most 2.5×), "
                 "and their share of distinct word pairs (at least 0.6). Hover a row to read its reply."
             </caption>
@@ -255,18 +257,18 @@ impl TrialRow {
             .iter()
             .filter_map(|e| Some((e["index_in_sae"].as_u64()?, e["value"].as_f64()?)))
             .collect();
-        let chosen = !mine.is_empty()
-            && mine.len() == picked.len()
-            && mine.iter().zip(&picked).all(|(a, b)| a.0 == b.0 && (a.1 - b.1).abs() < 1e-4);
+        let chosen =
+            !mine.is_empty() && mine.len() == picked.len() && mine.iter().zip(&picked).all(|(a, b)| a.0 == b.0 && (a.1 - b.1).abs() < 1e-4);
         let effect = trial["effect"].as_f64().unwrap_or(0.0);
-        // JSON has no infinity: a trial with no effect was never scored for perplexity.
+        // JSON has no infinity: a trial without effect, or too repetitive, was never scored
+        // for perplexity (null).
         let ratio = trial["perplexity_ratio"].as_f64();
         let accepted = trial["accepted"].as_bool().unwrap_or(false);
         let verdict = if chosen {
             "chosen"
         } else if accepted {
             "weaker"
-        } else if effect <= 0.0 || ratio.is_none() {
+        } else if effect <= 0.0 {
             "no effect"
         } else {
             "incoherent"
