@@ -52,8 +52,7 @@ pub struct AutoSteerOptions {
     /// Neutral user prompts the trials answer.
     pub prompts: Vec<String>,
     /// Tokens generated per trial reply (the examples and the plain replies get twice as
-    /// many, and the plain ones are measured whole: a known bias of the baseline, see
-    /// docs/STEERING.md).
+    /// many; the baseline is measured on the plain replies' first `max_tokens`).
     pub max_tokens: usize,
     /// Stop starting new trials after this long and choose among those done.
     pub time_budget: Option<std::time::Duration>,
@@ -400,7 +399,11 @@ pub fn auto_steer(model: &Model, sae: &Sae, atlas: &Atlas, description: &str, op
         target: atlas.embedder().embed(description),
         prompts: &plain,
     };
-    let base = judge.measure(&base_replies.iter().enumerate().collect::<Vec<_>>(), true)?;
+    // The baseline on the plain replies' first `max_tokens` tokens, the trials' length
+    // (greedy, so the same text a trial-length run writes): rates and perplexity per token
+    // drift along a reply.
+    let plain_prefixes: Vec<Vec<TokenId>> = base_replies.iter().map(|r| r[..r.len().min(opts.max_tokens)].to_vec()).collect();
+    let base = judge.measure(&plain_prefixes.iter().enumerate().collect::<Vec<_>>(), true)?;
     // Every candidate at the middle strength first; then the most effective few at the
     // others (a feature that does nothing at the middle rarely does at the ends, and the
     // other strengths find where the effect peaks before coherence goes).
