@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use futures::channel::{mpsc, oneshot};
+use kindling_ember::worker::{FromWorker, ToWorker};
 use serde_json::{Value, json};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
@@ -144,24 +145,27 @@ impl LocalEngine {
             .and_then(|w| w.document())
             .and_then(|d| d.base_uri().ok().flatten())
             .unwrap_or_default();
-        let load = json!({ "type": "load", "backend": backend, "base": base }).to_string();
+        let load = ToWorker::Load {
+            backend: backend.to_string(),
+            base,
+        }
+        .to_text();
         let on_message = {
             let pending = pending.clone();
             let worker = worker.clone();
             Closure::<dyn FnMut(web_sys::MessageEvent)>::new(move |event: web_sys::MessageEvent| {
-                let Some(text) = event.data().as_string() else { return };
-                let Ok(message) = serde_json::from_str::<Value>(&text) else {
+                let Some(message) = event.data().as_string().as_deref().and_then(FromWorker::from_text) else {
                     return;
                 };
                 // The worker listens only once its wasm has started (a message posted before
                 // that is dropped), so it says so first and the load request answers that.
-                if message["type"] == "started" {
+                if message == FromWorker::Started {
                     if worker.post_message(&JsValue::from_str(&load)).is_err() {
                         on_load(LoadEvent::Failed("cannot reach the engine worker".into()));
                     }
                     return;
                 }
-                handle_worker_message(&message, &pending, &*on_load);
+                handle_worker_message(message, &pending, &*on_load);
             })
         };
         worker.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
@@ -178,8 +182,13 @@ impl LocalEngine {
         let id = self.next_id.get();
         self.next_id.set(id + 1);
         self.pending.borrow_mut().insert(id, pending);
-        let message = json!({ "type": "call", "id": id, "method": method, "path": path, "body": body });
-        if let Err(e) = self.worker.post_message(&JsValue::from_str(&message.to_string())) {
+        let message = ToWorker::Call {
+            id,
+            method: method.to_string(),
+            path: path.to_string(),
+            body: body.cloned().unwrap_or(Value::Null),
+        };
+        if let Err(e) = self.worker.post_message(&JsValue::from_str(&message.to_text())) {
             let error = ApiError::from_js("cannot reach the engine worker", e);
             match self.pending.borrow_mut().remove(&id) {
                 Some(Pending::Once(tx)) => drop(tx.send(Err(error))),
@@ -191,8 +200,7 @@ impl LocalEngine {
     }
 
     fn cancel(&self, id: u64) {
-        let message = json!({ "type": "cancel", "id": id });
-        let _ = self.worker.post_message(&JsValue::from_str(&message.to_string()));
+        let _ = self.worker.post_message(&JsValue::from_str(&ToWorker::Cancel { id }.to_text()));
     }
 }
 
@@ -202,41 +210,40 @@ impl Drop for LocalEngine {
     }
 }
 
-fn handle_worker_message(message: &Value, pending: &Rc<RefCell<HashMap<u64, Pending>>>, on_load: &impl Fn(LoadEvent)) {
-    let number = |key: &str| message[key].as_f64().unwrap_or(0.0);
-    match message["type"].as_str() {
-        Some("build") => on_load(LoadEvent::Build(message["build"].as_str().unwrap_or_default().to_string())),
-        Some("progress") => on_load(LoadEvent::Progress {
-            file: message["file"].as_str().unwrap_or_default().to_string(),
-            loaded: number("loaded"),
-            total: number("total"),
-            cached: message["cached"].as_bool().unwrap_or(false),
+fn handle_worker_message(message: FromWorker, pending: &Rc<RefCell<HashMap<u64, Pending>>>, on_load: &impl Fn(LoadEvent)) {
+    match message {
+        FromWorker::Started => {}
+        FromWorker::Build { build } => on_load(LoadEvent::Build(build)),
+        FromWorker::Progress {
+            file,
+            loaded,
+            total,
+            cached,
+        } => on_load(LoadEvent::Progress {
+            file,
+            loaded,
+            total,
+            cached,
         }),
-        Some("ready") => on_load(LoadEvent::Ready {
-            backend: message["backend"].as_str().unwrap_or("cpu").to_string(),
-            model: message["model"].as_str().unwrap_or_default().to_string(),
-            seconds: number("seconds"),
-            cached: message["cached"].as_bool().unwrap_or(false),
+        FromWorker::Ready {
+            backend,
+            model,
+            seconds,
+            cached,
+        } => on_load(LoadEvent::Ready {
+            backend,
+            model,
+            seconds,
+            cached,
         }),
-        Some("load_error") => on_load(LoadEvent::Failed(
-            message["message"].as_str().unwrap_or("loading failed").to_string(),
-        )),
-        Some("chunk") => {
-            let id = message["id"].as_u64().unwrap_or(0);
+        FromWorker::LoadError { message } => on_load(LoadEvent::Failed(message)),
+        FromWorker::Chunk { id, chunk } => {
             if let Some(Pending::Stream(tx)) = pending.borrow().get(&id) {
-                let _ = tx.unbounded_send(Ok(message["chunk"].clone()));
+                let _ = tx.unbounded_send(Ok(chunk));
             }
         }
-        Some("result") => {
-            let id = message["id"].as_u64().unwrap_or(0);
-            let result = if message["ok"].as_bool() == Some(true) {
-                Ok(message["value"].clone())
-            } else {
-                Err(ApiError::new(
-                    message["status"].as_u64().unwrap_or(500) as u16,
-                    message["message"].as_str().unwrap_or("the engine failed"),
-                ))
-            };
+        FromWorker::Result { id, outcome } => {
+            let result = outcome.into_result().map_err(|(status, message)| ApiError::new(status, message));
             match pending.borrow_mut().remove(&id) {
                 Some(Pending::Once(tx)) => drop(tx.send(result)),
                 // A stream ends by closing its channel; only an error needs saying.
@@ -248,7 +255,6 @@ fn handle_worker_message(message: &Value, pending: &Rc<RefCell<HashMap<u64, Pend
                 None => {}
             }
         }
-        _ => {}
     }
 }
 

@@ -11,7 +11,7 @@
 pub mod client;
 mod components;
 
-use kindling_engine::share::{FeatureRef, SavedVariant};
+use kindling_ember::variant::{FeatureRef, SavedVariant};
 use leptos::prelude::*;
 
 use crate::client::Client;

@@ -100,3 +100,38 @@ pub fn contrast(
     };
     Ok((ranked(1.0), ranked(-1.0)))
 }
+
+/// The neutral prompts [`contrastive_replies`] asks.
+pub const CONTRASTIVE_PROMPTS: [&str; 4] = [
+    "Tell me about your day.",
+    "What should I cook tonight?",
+    "Describe the sea.",
+    "Give me advice about work.",
+];
+
+/// Two paired datasets for [`contrast`]: the model's greedy replies (48 tokens) to
+/// [`CONTRASTIVE_PROMPTS`] as it is, and as asked in a system prompt to respond in a way
+/// that is `specification`. Each is a list of (prompt, reply).
+pub fn contrastive_replies(model: &Model, specification: &str) -> Result<[Vec<(String, String)>; 2], EngineError> {
+    let asked = format!("Respond in a way that is: {specification}.");
+    let conversation = |system: Option<&str>, prompt: &str| {
+        let mut messages: Vec<ChatMessage> = system.into_iter().map(|s| ChatMessage::new("system", s)).collect();
+        messages.push(ChatMessage::user(prompt));
+        messages
+    };
+    let prompts = CONTRASTIVE_PROMPTS
+        .iter()
+        .map(|p| conversation(None, p))
+        .chain(CONTRASTIVE_PROMPTS.iter().map(|p| conversation(Some(&asked), p)))
+        .map(|m| model.tokenizer.encode_chat(&m))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut replies = model.generate_batch(&prompts, &crate::SamplingParams::greedy(48))?.into_iter();
+    let mut dataset = || -> Vec<(String, String)> {
+        CONTRASTIVE_PROMPTS
+            .iter()
+            .zip(replies.by_ref())
+            .map(|(prompt, reply)| (prompt.to_string(), reply.text))
+            .collect()
+    };
+    Ok([dataset(), dataset()])
+}

@@ -24,11 +24,11 @@
 //! ```
 
 pub mod atlas;
+pub mod attribution;
 pub mod autosteer;
 pub mod backend;
 pub mod contrast;
 pub mod embed;
-pub mod ember;
 pub mod generate;
 pub mod gguf;
 pub mod hook;
@@ -38,7 +38,6 @@ pub mod logits;
 pub mod quant;
 pub mod sae;
 pub mod sampling;
-pub mod share;
 pub mod steer;
 pub mod tokenizer;
 
@@ -48,9 +47,8 @@ pub use atlas::{Atlas, AtlasError, Context, FeatureInfo, Hit, LabelSource};
 pub use backend::Backend;
 /// The burn version the engine is built on, for crates that pass tensors to it.
 pub use burn;
-pub use contrast::{assistant_mask, contrast};
+pub use contrast::{assistant_mask, contrast, contrastive_replies};
 pub use embed::{EmbedError, StaticEmbedder, WordPiece};
-pub use ember::{Ember, EmberError};
 pub use generate::{BatchOutput, CancelToken, FinishReason, GeneratedToken, Interrupt, TokenStream};
 pub use hook::{AddToResidual, CancelBetweenBlocks, CaptureResidual, ResidualHook};
 pub use inspect::{Aggregate, Inspection};
@@ -58,7 +56,6 @@ pub use llama::{Config, KvCache, Llama, Logits, to_host};
 pub use logits::{NextToken, next_tokens};
 pub use sae::{FeatureCapture, Sae, SaeConfig, SaeError, Splice, SpliceMode};
 pub use sampling::{Sampler, SamplingParams};
-pub use share::{SavedVariant, ShareError};
 pub use steer::{FeatureIds, FiredScopes, Steer, Variant, VariantError};
 pub use tokenizer::{ChatMessage, StreamDecoder, TokenId, Tokenizer};
 

@@ -32,7 +32,6 @@ use std::sync::{Arc, Mutex};
 
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 
 use crate::hook::ResidualHook;
 use crate::sae::{Feature, Sae};
@@ -319,118 +318,6 @@ impl Variant {
         }
         limit("edits", total, MAX_EDITS)
     }
-
-    /// Kindling's JSON layout.
-    pub fn to_json(&self) -> String {
-        serde_json::to_string_pretty(self).expect("a variant serializes")
-    }
-
-    /// Reads Kindling's JSON layout and validates it for an SAE of `d_sae` latents.
-    pub fn from_json(text: &str, d_sae: usize) -> Result<Self, VariantError> {
-        let v: Variant = serde_json::from_str(text).map_err(|e| VariantError::Json(e.to_string()))?;
-        v.validate(d_sae)?;
-        Ok(v)
-    }
-}
-
-/// The Goodfire SDK's layouts (`../shared/reference/goodfire-api.md` §4.5–4.7): the
-/// `controller` field of a chat request, and `Variant.json()`.
-///
-/// Features are keyed by `index_in_sae`; the `uuid` the SDK echoes back is made from the
-/// SAE and index ([`FeatureIds`]) and is otherwise ignored, dashed or not. A `pin` whose value is
-/// another feature, and scopes nested deeper than one level, are refused with a clear
-/// error (the SDK's `Variant` never produces either).
-impl Variant {
-    /// Reads a `controller` object.
-    pub fn from_controller(base_model: &str, controller: &Value, d_sae: usize) -> Result<Self, VariantError> {
-        let mut v = Variant::new(base_model);
-        v.edits = interventions(controller)?;
-        for scope in array(controller, "scopes")? {
-            let when = condition(&scope["conditionals"])?;
-            let inner = &scope["controller"];
-            if inner.is_object() && !array(inner, "scopes")?.is_empty() {
-                return Err(VariantError::Json("scopes nested inside a scope are not supported".into()));
-            }
-            let then = match scope["event_name"].as_str() {
-                Some(event) => Action::Abort(event.to_string()),
-                None => Action::Set(if inner.is_object() { interventions(inner)? } else { Vec::new() }),
-            };
-            v.scopes.push(Scope { when, then });
-        }
-        v.validate(d_sae)?;
-        Ok(v)
-    }
-
-    /// The `controller` object for this variant (`label(i)` names feature `i`).
-    pub fn to_controller(&self, ids: &FeatureIds, label: &dyn Fn(u32) -> String) -> Value {
-        let feature = |i: u32| json!({ "uuid": ids.uuid(i), "label": label(i), "index_in_sae": i, "max_activation_strength": 1 });
-        let group = |g: &[u32]| json!({ "features": g.iter().map(|&i| feature(i)).collect::<Vec<_>>() });
-        let controller = |edits: &[Edit], scopes: Vec<Value>| {
-            let interventions: Vec<Value> = edits
-                .iter()
-                .map(|e| json!({ "mode": e.mode, "features": group(&[e.feature]), "value": e.value }))
-                .collect();
-            json!({ "interventions": interventions, "scopes": scopes, "name": "controller__kindling",
-                    "nonzero_strength_threshold": null, "min_nudge_entropy": null, "max_nudge_entropy": null })
-        };
-        let scopes = self
-            .scopes
-            .iter()
-            .map(|s| {
-                let conditionals: Vec<Value> = s
-                    .when
-                    .comparisons
-                    .iter()
-                    .map(|c| {
-                        let right = match &c.right {
-                            Operand::Number(n) => json!(n),
-                            Operand::Group(g) => group(g),
-                        };
-                        json!({ "left_hand": group(&c.left), "right_hand": right, "operator": c.op })
-                    })
-                    .collect();
-                let (edits, event): (&[Edit], Value) = match &s.then {
-                    Action::Set(e) => (e, Value::Null),
-                    Action::Abort(name) => (&[], json!(name)),
-                };
-                json!({ "conditionals": { "conditionals": conditionals, "operator": s.when.combine },
-                        "controller": controller(edits, Vec::new()), "is_active": false, "event_name": event })
-            })
-            .collect();
-        controller(&self.edits, scopes)
-    }
-
-    /// Reads the SDK's `Variant.json()` (edits only: the SDK cannot serialize scopes).
-    pub fn from_goodfire_json(text: &str, d_sae: usize) -> Result<Self, VariantError> {
-        let v: Value = serde_json::from_str(text).map_err(|e| VariantError::Json(e.to_string()))?;
-        let base_model = v["base_model"]
-            .as_str()
-            .ok_or_else(|| VariantError::Json("missing string \"base_model\"".into()))?;
-        let mut out = Variant::new(base_model);
-        for edit in array(&v, "edits")? {
-            let feature = index(&edit["index_in_sae"])?;
-            let value = number(&edit["value"], "value")?;
-            out.edits.push(Edit::nudge(feature, value));
-        }
-        if !array(&v, "scopes")?.is_empty() {
-            return Err(VariantError::Json(
-                "Goodfire Variant.json() scopes are not readable (the SDK cannot write them)".into(),
-            ));
-        }
-        out.validate(d_sae)?;
-        Ok(out)
-    }
-
-    /// The SDK's `Variant.json()` for the edits (nudges only; scopes have no form there).
-    pub fn to_goodfire_json(&self, ids: &FeatureIds, label: &dyn Fn(u32) -> String) -> Value {
-        let edits: Vec<Value> = self
-            .edits
-            .iter()
-            .filter(|e| e.mode == Mode::Nudge)
-            .map(|e| json!({ "feature_id": ids.uuid(e.feature), "feature_label": label(e.feature), "index_in_sae": e.feature, "value": e.value }))
-            .collect();
-        json!({ "base_model": self.base_model, "edits": edits, "scopes": [] })
-    }
 }
 
 /// Feature UUIDs tied to one SAE: the first 80 bits come from the SAE's SHA-256, the last 48
@@ -473,74 +360,6 @@ impl FeatureIds {
         }
         u32::try_from(u64::from_str_radix(&hex[20..], 16).ok()?).ok()
     }
-}
-
-fn array<'v>(v: &'v Value, key: &str) -> Result<&'v [Value], VariantError> {
-    match &v[key] {
-        Value::Array(a) => Ok(a),
-        Value::Null => Ok(&[]),
-        _ => Err(VariantError::Json(format!("\"{key}\" must be a list"))),
-    }
-}
-
-fn number(v: &Value, what: &str) -> Result<f32, VariantError> {
-    v.as_f64()
-        .map(|x| x as f32)
-        .ok_or_else(|| VariantError::Json(format!("\"{what}\" must be a number, found {v}")))
-}
-
-fn index(v: &Value) -> Result<u32, VariantError> {
-    v.as_u64()
-        .and_then(|i| u32::try_from(i).ok())
-        .ok_or_else(|| VariantError::Json(format!("\"index_in_sae\" must be a feature index, found {v}")))
-}
-
-/// `{"features": [FeatureJSON, ...]}` → indices.
-fn group(v: &Value) -> Result<Vec<u32>, VariantError> {
-    array(v, "features")?.iter().map(|f| index(&f["index_in_sae"])).collect()
-}
-
-fn interventions(controller: &Value) -> Result<Vec<Edit>, VariantError> {
-    let mut edits = Vec::new();
-    for i in array(controller, "interventions")? {
-        let mode: Mode = serde_json::from_value(i["mode"].clone())
-            .map_err(|_| VariantError::Json(format!("intervention mode must be nudge, pin or mul, found {}", i["mode"])))?;
-        if i["value"].is_object() {
-            return Err(VariantError::Json("pinning a feature to another feature is not supported".into()));
-        }
-        let value = number(&i["value"], "value")?;
-        for feature in group(&i["features"])? {
-            edits.push(Edit { feature, mode, value });
-        }
-    }
-    Ok(edits)
-}
-
-fn condition(v: &Value) -> Result<Condition, VariantError> {
-    let combine: Combine = serde_json::from_value(v["operator"].clone())
-        .map_err(|_| VariantError::Json(format!("conditional group operator must be AND or OR, found {}", v["operator"])))?;
-    let comparisons = array(v, "conditionals")?
-        .iter()
-        .map(|c| {
-            let op: Operator = serde_json::from_value(c["operator"].clone()).map_err(|_| {
-                VariantError::Json(format!(
-                    "comparison operator must be one of > < >= <= == !=, found {}",
-                    c["operator"]
-                ))
-            })?;
-            let right = if c["right_hand"].is_object() {
-                Operand::Group(group(&c["right_hand"])?)
-            } else {
-                Operand::Number(number(&c["right_hand"], "right_hand")?)
-            };
-            Ok(Comparison {
-                left: group(&c["left_hand"])?,
-                op,
-                right,
-            })
-        })
-        .collect::<Result<_, VariantError>>()?;
-    Ok(Condition { combine, comparisons })
 }
 
 /// A fixed direction added to the residual after the SAE's block at every position: what
@@ -602,45 +421,6 @@ pub const STRENGTH_UNIT: u32 = 2;
 /// visibly from 0.05–0.2 of the norm (median 0.1) and stop being text from 0.4–0.65 (median
 /// 0.5; 39 of 40 by 0.65), so ±1 spans the whole useful range of nearly every latent.
 pub const RESIDUAL_FRACTION_PER_UNIT: f32 = 0.65;
-
-/// Where replies start to change visibly, in steering units: the median over latents that
-/// `kindling-build steer-calibrate` measured (docs/STEERING.md).
-pub const VISIBLE_FROM: f32 = VISIBLE_FRACTION / RESIDUAL_FRACTION_PER_UNIT;
-/// Where text starts to fall apart for some latents (the 10th percentile of the measured
-/// breaks), in steering units.
-pub const BREAKS_FROM: f32 = BREAK_FRACTION / RESIDUAL_FRACTION_PER_UNIT;
-const VISIBLE_FRACTION: f32 = 0.1;
-const BREAK_FRACTION: f32 = 0.4;
-
-/// What a steering strength does, as a slider shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StrengthZone {
-    /// Below [`VISIBLE_FROM`]: replies barely change.
-    Subtle,
-    /// From [`VISIBLE_FROM`] to [`BREAKS_FROM`]: clear steering, text intact.
-    Clear,
-    /// From [`BREAKS_FROM`]: strong, and for some features the text breaks.
-    Strong,
-}
-
-impl StrengthZone {
-    /// The zone of a nudge of `value` (either sign) in steering units.
-    pub fn of(value: f32) -> Self {
-        match value.abs() {
-            v if v < VISIBLE_FROM => Self::Subtle,
-            v if v < BREAKS_FROM => Self::Clear,
-            _ => Self::Strong,
-        }
-    }
-
-    pub fn describe(self) -> &'static str {
-        match self {
-            Self::Subtle => "subtle",
-            Self::Clear => "clear steering",
-            Self::Strong => "strong: text may break",
-        }
-    }
-}
 
 /// The two scales values are written in, per latent, as raw activations per unit.
 #[derive(Debug, Clone, PartialEq)]
@@ -881,87 +661,6 @@ mod tests {
     }
 
     #[test]
-    fn json_round_trips_and_reports_errors() {
-        let mut v = Variant::new("SmolLM2-135M-Instruct");
-        v.set(&[5, 6], 0.5);
-        v.edits.push(Edit {
-            feature: 7,
-            mode: Mode::Pin,
-            value: -0.3,
-        });
-        v.set_when(
-            Condition::when(vec![1, 2], Operator::Gt, Operand::Number(0.75)),
-            vec![Edit::nudge(3, 0.7)],
-        );
-        v.abort_when(Condition::when(vec![4], Operator::Ge, Operand::Group(vec![1])), "stop-1");
-        let back = Variant::from_json(&v.to_json(), 10).unwrap();
-        assert_eq!(back, v);
-        assert!(matches!(Variant::from_json("{\"base_model\": 3}", 10), Err(VariantError::Json(_))));
-        assert!(matches!(
-            Variant::from_json(&v.to_json(), 5),
-            Err(VariantError::UnknownFeature { feature: 5, .. })
-        ));
-        let absurd = v.to_json().replace("0.7", "1e30");
-        assert!(matches!(Variant::from_json(&absurd, 10), Err(VariantError::BadValue { .. })));
-    }
-
-    /// The controller the SDK sends for `variant.set_when(pirate[0] > 0.75, {funny[0]: 0.7});
-    /// variant.abort_when(pirate > 0.75)` (goodfire-api.md §4.6, verified on the wire).
-    const SDK_CONTROLLER: &str = r#"{"interventions": [], "scopes": [
-      {"conditionals": {"conditionals": [{"left_hand": {"features": [{"uuid": "00000000000000000000000000000001", "label": "feature 0", "index_in_sae": 0, "max_activation_strength": 1}]},
-         "right_hand": 0.75, "operator": ">"}], "operator": "AND"},
-       "controller": {"interventions": [{"mode": "nudge", "features": {"features": [{"uuid": "00000000000000000000000000000001", "label": "feature 0", "index_in_sae": 0, "max_activation_strength": 1}]}, "value": 0.7}],
-         "scopes": [], "name": "controller__13986557", "nonzero_strength_threshold": null, "min_nudge_entropy": null, "max_nudge_entropy": null},
-       "is_active": false, "event_name": null},
-      {"conditionals": {"conditionals": [{"left_hand": {"features": [
-          {"uuid": "00000000000000000000000000000001", "label": "feature 0", "index_in_sae": 0, "max_activation_strength": 1},
-          {"uuid": "00000000000000000000000000000002", "label": "feature 1", "index_in_sae": 1, "max_activation_strength": 1}]},
-         "right_hand": 0.75, "operator": ">"}], "operator": "AND"},
-       "controller": {"interventions": [], "scopes": [], "name": "controller__13986557", "nonzero_strength_threshold": null, "min_nudge_entropy": null, "max_nudge_entropy": null},
-       "is_active": false, "event_name": "24e31fd7-11a8-45d4-95e0-6873d09da7e4"}],
-     "name": "controller__13986557", "nonzero_strength_threshold": null, "min_nudge_entropy": null, "max_nudge_entropy": null}"#;
-
-    #[test]
-    fn reads_and_writes_the_goodfire_controller() {
-        let controller: Value = serde_json::from_str(SDK_CONTROLLER).unwrap();
-        let v = Variant::from_controller("meta-llama/Llama-3.3-70B-Instruct", &controller, 8192).unwrap();
-        assert!(v.edits.is_empty());
-        assert_eq!(
-            v.scopes[0],
-            Scope {
-                when: Condition::when(vec![0], Operator::Gt, Operand::Number(0.75)),
-                then: Action::Set(vec![Edit::nudge(0, 0.7)])
-            }
-        );
-        assert_eq!(v.scopes[1].when.comparisons[0].left, [0, 1]);
-        assert_eq!(v.scopes[1].then, Action::Abort("24e31fd7-11a8-45d4-95e0-6873d09da7e4".into()));
-        let again = Variant::from_controller(
-            &v.base_model,
-            &v.to_controller(&FeatureIds::new("ab"), &|i| format!("feature {i}")),
-            8192,
-        )
-        .unwrap();
-        assert_eq!(again, v);
-        // Unknown ids, pins to features and malformed parts are refused.
-        assert!(matches!(
-            Variant::from_controller("m", &controller, 1),
-            Err(VariantError::UnknownFeature { feature: 1, .. })
-        ));
-        let pin_to_feature =
-            json!({"interventions": [{"mode": "pin", "features": {"features": [{"index_in_sae": 3}]}, "value": {"index_in_sae": 4}}]});
-        assert!(
-            Variant::from_controller("m", &pin_to_feature, 10)
-                .unwrap_err()
-                .to_string()
-                .contains("another feature")
-        );
-        let bad_mode = json!({"interventions": [{"mode": "boost", "features": {"features": [{"index_in_sae": 3}]}, "value": 1}]});
-        assert!(Variant::from_controller("m", &bad_mode, 10).is_err());
-        let bad_scopes = json!({"interventions": [], "scopes": 7});
-        assert!(Variant::from_controller("m", &bad_scopes, 10).is_err());
-    }
-
-    #[test]
     fn feature_ids_name_one_latent_of_one_sae() {
         let ids = FeatureIds::new("b179c9523d0e6a0f98a330c7562b682750a6f8c8");
         let id = ids.uuid(300);
@@ -972,22 +671,5 @@ mod tests {
         for bad in ["", "not-a-uuid", &id[..35], &format!("{id}0")] {
             assert_eq!(ids.parse(bad), None, "{bad:?}");
         }
-    }
-
-    #[test]
-    fn reads_and_writes_the_goodfire_variant_json() {
-        let text = r#"{"base_model": "meta-llama/Llama-3.3-70B-Instruct",
-          "edits": [{"feature_id": "a16920eb-459c-4862-9c42-d0711c9c700c", "feature_label": "The assistant should roleplay as a pirate", "index_in_sae": 33234, "value": 0.9}],
-          "scopes": []}"#;
-        let v = Variant::from_goodfire_json(text, 65536).unwrap();
-        assert_eq!(v.edits, [Edit::nudge(33234, 0.9)]);
-        let back = v.to_goodfire_json(&FeatureIds::new("ab"), &|_| "pirate".into());
-        assert_eq!(Variant::from_goodfire_json(&back.to_string(), 65536).unwrap(), v);
-        assert!(matches!(
-            Variant::from_goodfire_json(text, 8192),
-            Err(VariantError::UnknownFeature { feature: 33234, .. })
-        ));
-        assert!(Variant::from_goodfire_json("{\"edits\": []}", 10).is_err());
-        assert!(Variant::from_goodfire_json(&text.replace("0.9", "\"lots\""), 65536).is_err());
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! Every Goodfire API endpoint under `/api/inference/v1/` (the real `goodfire` and `openai`
 //! SDKs drive it unchanged), OpenAI-style `/v1/chat/completions` and `/v1/models`, and the
-//! playground's static files at `/`. The Ember operations themselves live in
-//! [`kindling_engine::ember`]; this crate only adapts them to HTTP:
+//! playground's static files at `/`. The routes come from the protocol's route table
+//! ([`kindling_ember::Route::ALL`]) and are answered by its [`dispatch`] over the local
+//! engine ([`Ember`]); this crate only adapts them to HTTP:
 //!
 //! * model work (tokenizing included) runs on blocking threads, at most `max_running` at a
 //!   time, with at most `max_queued` more waiting; beyond that a request gets 429 (the SDK
@@ -36,13 +37,15 @@ use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt as _;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use kindling_ember::routes::{API_PREFIX, OPENAI_PREFIX};
+use kindling_ember::wire::{self, ChatRequest};
+use kindling_ember::{Ember, EmberError, Request as ApiRequest, Route, dispatch};
 use kindling_engine::CancelToken;
-use kindling_engine::ember::{self, ChatRequest, Ember, EmberError};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -292,29 +295,16 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
 
 /// The whole application: API routes, static files, and the layers around them.
 pub fn router(state: AppState) -> Router {
-    let api = Router::new()
-        .route("/chat/completions", post(chat_completions))
-        .route("/chat-attribution/compute-logits", post(compute_logits))
-        .route("/chat-attribution/compute-features", post(compute_features))
-        .route("/chat-attribution/contrast", post(contrast))
-        .route("/features/search", get(search))
-        .route("/features/rerank", post(rerank))
-        .route("/features/", get(list))
-        .route("/features/lookup", post(lookup))
-        .route("/features/dashboard", post(dashboard))
-        .route("/features/auto-edits", post(auto_edits))
-        .route("/features/auto-conditional", post(auto_conditional))
-        .route("/attributions/neighbors", post(neighbors))
-        .route("/attributions/compute-logit-attribution", post(attribute))
-        .route("/attributions/generate-contrastive-dataset", post(contrastive_dataset))
-        .route("/chat/tokenize", post(tokenize))
-        .route("/models", get(models));
-    let openai = Router::new()
-        .route("/chat/completions", post(chat_completions))
-        .route("/models", get(models));
+    let (mut api, mut openai) = (Router::new(), Router::new());
+    for route in Route::ALL {
+        api = api.route(route.path(), endpoint(route));
+        if route.openai_alias() {
+            openai = openai.route(route.path(), endpoint(route));
+        }
+    }
     let mut app = Router::new()
-        .nest("/api/inference/v1", api)
-        .nest("/v1", openai)
+        .nest(API_PREFIX, api)
+        .nest(OPENAI_PREFIX, openai)
         .route("/health", get(health))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
@@ -450,7 +440,7 @@ async fn log_request(request: Request, next: Next) -> Response {
         .map_or_else(|| request.uri().path().to_string(), |p| p.as_str().to_string());
     let response = next.run(request).await;
     let line = json!({
-        "time": ember::now(), "method": method.as_str(), "route": route,
+        "time": wire::now(), "method": method.as_str(), "route": route,
         "status": response.status().as_u16(), "ms": started.elapsed().as_millis() as u64,
     });
     eprintln!("{line}");
@@ -523,15 +513,40 @@ async fn health(State(state): State<AppState>) -> Json<Value> {
     Json(json!({ "status": "ok", "running": running, "queued": state.waiting.load(Ordering::SeqCst) }))
 }
 
-async fn models(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({ "object": "list", "data": [{ "id": state.ember.name, "object": "model", "created": 0, "owned_by": "kindling" }] }))
+/// The handler of one route of the table: its request parsed from the query string (GET) or
+/// the JSON body (POST; axum's extractor answers a body that is not JSON with 400 and one
+/// without a JSON content type with 415), then answered.
+fn endpoint(route: Route) -> MethodRouter<AppState> {
+    match route.method() {
+        kindling_ember::Method::Get => get(move |State(state): State<AppState>, uri: axum::http::Uri| async move {
+            answer(state, ApiRequest::from_query(route, uri.query().unwrap_or(""))?).await
+        }),
+        kindling_ember::Method::Post => post(move |State(state): State<AppState>, ApiJson(body): ApiJson<Value>| async move {
+            answer(state, ApiRequest::from_json(route, body)?).await
+        }),
+    }
 }
 
-async fn chat_completions(State(state): State<AppState>, ApiJson(request): ApiJson<ChatRequest>) -> Result<Response, ApiError> {
-    if !request.stream {
-        let value = state.run(move |e, cancel| e.chat_completion(&request, cancel.clone())).await?;
+/// Answers a parsed request: a streamed chat as server-sent events, work on the model in a
+/// slot on a blocking thread, table lookups at once.
+async fn answer(state: AppState, request: ApiRequest) -> Result<Response, ApiError> {
+    if let ApiRequest::Chat(chat) = request {
+        if chat.stream {
+            return stream_chat(state, chat).await;
+        }
+        let request = ApiRequest::Chat(chat);
+        let value = state.run(move |ember, cancel| dispatch(ember, &request, cancel)).await?;
         return Ok(Json(value).into_response());
     }
+    if !request.route().is_model_work() {
+        return Ok(Json(dispatch(&*state.ember, &request, &CancelToken::new())?).into_response());
+    }
+    let value = state.run(move |ember, cancel| dispatch(ember, &request, cancel)).await?;
+    Ok(Json(value).into_response())
+}
+
+/// A streamed chat reply: one SSE event per chunk, then `[DONE]`.
+async fn stream_chat(state: AppState, request: ChatRequest) -> Result<Response, ApiError> {
     let permit = state.slot().await?;
     let cancel = state.cancel_token();
     let cancel_on_drop = CancelOnDrop(cancel.clone());
@@ -593,47 +608,6 @@ async fn chat_completions(State(state): State<AppState>, ApiJson(request): ApiJs
 fn sse_frame(value: &Value) -> Bytes {
     let json = value.to_string().replace("data: ", "data:\\u0020");
     Bytes::from(format!("data: {json}\n\n"))
-}
-
-/// A POST route whose JSON body is `$request`, answered by `$work(ember, request, cancel)`
-/// on a blocking thread in a slot.
-macro_rules! post_handler {
-    ($name:ident, $request:ty, $work:expr) => {
-        async fn $name(State(state): State<AppState>, ApiJson(request): ApiJson<$request>) -> Result<Response, ApiError> {
-            let value = state.run(move |ember, cancel| $work(ember, &request, cancel)).await?;
-            Ok(Json(value).into_response())
-        }
-    };
-}
-
-post_handler!(compute_logits, ember::LogitsRequest, |e: &Ember, r, c| e.compute_logits(r, c));
-post_handler!(compute_features, ember::ComputeFeaturesRequest, |e: &Ember, r, c| e
-    .compute_features(r, c));
-post_handler!(contrast, ember::ContrastRequest, |e: &Ember, r, c| e.contrast(r, c));
-post_handler!(rerank, ember::RerankRequest, |e: &Ember, r, _| e.rerank(r));
-post_handler!(lookup, ember::LookupRequest, |e: &Ember, r, _| e.lookup(r));
-post_handler!(dashboard, ember::DashboardRequest, |e: &Ember, r, _| e.dashboard(r));
-post_handler!(neighbors, ember::NeighborsRequest, |e: &Ember, r, _| e.neighbors(r));
-post_handler!(auto_edits, ember::SpecificationRequest, |e: &Ember, r, c| e.auto_edits(r, c));
-post_handler!(auto_conditional, ember::SpecificationRequest, |e: &Ember, r, c| e
-    .auto_conditional(r, c));
-post_handler!(tokenize, ember::TokenizeRequest, |e: &Ember, r, _| e.tokenize(r));
-post_handler!(attribute, ember::AttributionRequest, |e: &Ember, r, c| e.attribute(r, c));
-post_handler!(contrastive_dataset, ember::ContrastiveDatasetRequest, |e: &Ember, r, c| e
-    .contrastive_dataset(r, c));
-
-/// Query parameters, repeated keys kept (`features/?feature_id=a&feature_id=b`).
-fn query_pairs(uri: &axum::http::Uri) -> Vec<(String, String)> {
-    form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()).into_owned().collect()
-}
-
-async fn search(State(state): State<AppState>, uri: axum::http::Uri) -> Result<Json<Value>, ApiError> {
-    let pairs = query_pairs(&uri);
-    Ok(Json(state.run(move |e, _| e.search_query(&pairs)).await?))
-}
-
-async fn list(State(state): State<AppState>, uri: axum::http::Uri) -> Result<Json<Value>, ApiError> {
-    Ok(Json(state.ember.list_query(&query_pairs(&uri))?))
 }
 
 #[cfg(test)]

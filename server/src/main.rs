@@ -7,13 +7,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
-use kindling_engine::ember::{Ember, Limits};
+use kindling_ember::wire::Limits;
+use kindling_ember::{Ember, MODEL_NAME};
 use kindling_engine::{Atlas, Backend, Model, Sae};
 use kindling_server::{AppState, Settings, serve};
 use sha2::{Digest, Sha256};
-
-/// The name requests use for the model Kindling ships.
-const MODEL_NAME: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
 
 #[derive(Parser, Debug)]
 #[command(

@@ -1,9 +1,10 @@
 //! The engine in a dedicated Web Worker, so the page never freezes while the model runs.
 //!
-//! The page posts JSON messages: `load` (fetch the model, SAE and atlas from beside the page,
-//! through Cache Storage, then build the engine), `call` (one Goodfire API request, answered
-//! exactly as the server would answer it) and `cancel` (stop a streamed reply). The worker
-//! answers with `progress`, `ready`/`load_error`, `chunk` and `result` messages.
+//! The page posts [`ToWorker`] messages: `load` (fetch the model, SAE and atlas from beside
+//! the page, through Cache Storage, then build the engine), `call` (one Goodfire API request,
+//! routed through the protocol's route table and answered exactly as the server would answer
+//! it) and `cancel` (stop a streamed reply). The worker answers with [`FromWorker`] messages:
+//! `progress`, `ready`/`load_error`, `chunk` and `result`.
 
 #[cfg(not(target_arch = "wasm32"))]
 fn main() {}
@@ -19,16 +20,14 @@ mod worker {
     use std::collections::HashMap;
     use std::rc::Rc;
 
-    use kindling_engine::ember::{Ember, EmberError};
+    use kindling_ember::worker::{FromWorker, Outcome, ToWorker};
+    use kindling_ember::{Ember, EmberError, MODEL_NAME, Request, Route, dispatch};
     use kindling_engine::{Atlas, Backend, CancelToken, Model, Sae, StaticEmbedder};
-    use serde::de::DeserializeOwned;
-    use serde_json::{Value, json};
+    use serde_json::Value;
     use sha2::{Digest, Sha256};
     use wasm_bindgen::prelude::*;
     use wasm_bindgen_futures::{JsFuture, spawn_local};
 
-    /// The model name requests must carry (as on the server).
-    const MODEL_NAME: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
     const MODEL_FILE: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
     const SAE_FILE: &str = "kindling-sae.f16.safetensors";
     /// Cache Storage bucket; entries are keyed by URL plus the file's sha256, so a new file
@@ -46,30 +45,36 @@ mod worker {
         js_sys::global().unchecked_into()
     }
 
-    fn post(message: Value) {
-        let _ = scope().post_message(&JsValue::from_str(&message.to_string()));
+    fn post(message: FromWorker) {
+        let _ = scope().post_message(&JsValue::from_str(&message.to_text()));
+    }
+
+    fn progress(file: &str, loaded: f64, total: f64, cached: bool) {
+        post(FromWorker::Progress {
+            file: file.to_string(),
+            loaded,
+            total,
+            cached,
+        });
     }
 
     pub fn start() {
         console_error_panic_hook::set_once();
         let on_message = Closure::<dyn FnMut(web_sys::MessageEvent)>::new(|event: web_sys::MessageEvent| {
-            let Some(text) = event.data().as_string() else { return };
-            let Ok(message) = serde_json::from_str::<Value>(&text) else {
+            let Some(message) = event.data().as_string().as_deref().and_then(ToWorker::from_text) else {
                 return;
             };
-            match message["type"].as_str() {
-                Some("load") => spawn_local(load(message)),
-                Some("call") => spawn_local(call(message)),
-                Some("cancel") => {
-                    let id = message["id"].as_u64().unwrap_or(0);
+            match message {
+                ToWorker::Load { backend, base } => spawn_local(load(backend, base)),
+                ToWorker::Call { id, method, path, body } => spawn_local(call(id, method, path, body)),
+                ToWorker::Cancel { id } => {
                     STREAMS.with(|s| s.borrow().get(&id).map(CancelToken::cancel));
                 }
-                _ => {}
             }
         });
         scope().set_onmessage(Some(on_message.as_ref().unchecked_ref()));
         on_message.forget();
-        post(json!({ "type": "started" }));
+        post(FromWorker::Started);
     }
 
     // --- loading ------------------------------------------------------------------------
@@ -82,20 +87,20 @@ mod worker {
         gpu: Option<Ember>,
     }
 
-    async fn load(message: Value) {
+    async fn load(backend: String, base: String) {
         let started = js_sys::Date::now();
-        let base = message["base"].as_str().unwrap_or("./").to_string();
-        let backend = message["backend"].as_str().unwrap_or("cpu").to_string();
         match build(&base, &backend).await {
             Ok(engines) => {
                 let backend = if engines.gpu.is_some() { "webgpu" } else { "cpu" };
                 EMBER.with(|e| *e.borrow_mut() = Some(Rc::new(engines)));
-                post(
-                    json!({ "type": "ready", "backend": backend, "model": MODEL_NAME, "cached": ALL_CACHED.get(),
-                             "seconds": (js_sys::Date::now() - started) / 1000.0 }),
-                );
+                post(FromWorker::Ready {
+                    backend: backend.to_string(),
+                    model: MODEL_NAME.to_string(),
+                    cached: ALL_CACHED.get(),
+                    seconds: (js_sys::Date::now() - started) / 1000.0,
+                });
             }
-            Err(e) => post(json!({ "type": "load_error", "message": e })),
+            Err(message) => post(FromWorker::LoadError { message }),
         }
     }
 
@@ -137,7 +142,7 @@ mod worker {
         )
         .await?;
 
-        post(json!({ "type": "progress", "file": "building the engine", "loaded": 0, "total": 0 }));
+        progress("building the engine", 0.0, 0.0, false);
         let device = Backend::Cpu.device().map_err(|e| e.to_string())?;
         let model = Model::from_bytes(&model_bytes, Backend::Cpu, &device).map_err(|e| format!("the model file: {e}"))?;
         let gpu_model = if on_gpu { Some(gpu_model(&model_bytes).await?) } else { None };
@@ -157,12 +162,12 @@ mod worker {
     /// The model on WebGPU.
     #[cfg(feature = "webgpu")]
     async fn gpu_model(model_bytes: &[u8]) -> Result<Model, String> {
-        post(json!({ "type": "progress", "file": "starting WebGPU", "loaded": 0, "total": 0 }));
+        progress("starting WebGPU", 0.0, 0.0, false);
         let gpu = kindling_engine::burn::tensor::Device::wgpu_options()
             .init_async()
             .await
             .map_err(|e| format!("WebGPU could not start ({e}); choose CPU"))?;
-        post(json!({ "type": "progress", "file": "moving the model to the GPU", "loaded": 0, "total": 0 }));
+        progress("moving the model to the GPU", 0.0, 0.0, false);
         Model::from_bytes(model_bytes, Backend::Wgpu, &gpu).map_err(|e| format!("the model on WebGPU: {e}"))
     }
 
@@ -246,13 +251,12 @@ mod worker {
             .flatten()
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0);
-        let progress =
-            |loaded: usize| post(json!({ "type": "progress", "file": file, "loaded": loaded, "total": total, "cached": cached }));
+        let report = |loaded: usize| progress(file, loaded as f64, total, cached);
         let body = response.body().ok_or_else(|| format!("{file}: empty response"))?;
         let reader: web_sys::ReadableStreamDefaultReader = body.get_reader().unchecked_into();
         let mut bytes = Vec::with_capacity(total as usize);
         let mut reported = 0;
-        progress(0);
+        report(0);
         loop {
             let chunk = JsFuture::from(reader.read())
                 .await
@@ -268,83 +272,51 @@ mod worker {
             bytes.extend(js_sys::Uint8Array::new(&value).to_vec());
             if bytes.len() - reported >= 1 << 20 {
                 reported = bytes.len();
-                progress(reported);
+                report(reported);
             }
         }
-        post(json!({ "type": "progress", "file": file, "loaded": bytes.len(), "total": bytes.len(), "cached": cached }));
+        progress(file, bytes.len() as f64, bytes.len() as f64, cached);
         Ok(bytes)
     }
 
     // --- calls --------------------------------------------------------------------------
 
-    async fn call(message: Value) {
-        let id = message["id"].as_u64().unwrap_or(0);
-        let Some(engines) = EMBER.with(|e| e.borrow().clone()) else {
-            post(json!({ "type": "result", "id": id, "ok": false, "status": 503, "message": "the model is still loading" }));
-            return;
-        };
-        let method = message["method"].as_str().unwrap_or("GET");
-        let path = message["path"].as_str().unwrap_or("");
-        let body = &message["body"];
-        let result = if method == "POST" && path == "/chat/completions" && body["stream"] == json!(true) {
-            stream_chat(&engines, id, body).await.map_err(|e| (e.status(), e.to_string()))
-        } else {
-            dispatch(&engines.cpu, method, path, body)
-        };
-        post(match result {
-            Ok(value) => json!({ "type": "result", "id": id, "ok": true, "value": value }),
-            Err((status, message)) => json!({ "type": "result", "id": id, "ok": false, "status": status, "message": message }),
+    async fn call(id: u64, method: String, path: String, body: Value) {
+        let result = answer(id, &method, &path, body).await;
+        post(FromWorker::Result {
+            id,
+            outcome: Outcome::from_result(result),
         });
     }
 
-    fn parse<T: DeserializeOwned>(body: &Value) -> Result<T, EmberError> {
-        serde_json::from_value(body.clone()).map_err(|e| EmberError::Invalid(e.to_string()))
-    }
-
-    fn to_value(value: impl serde::Serialize) -> Result<Value, EmberError> {
-        serde_json::to_value(value).map_err(|e| EmberError::Invalid(e.to_string()))
-    }
-
-    /// One Goodfire API request, routed as the server routes it.
-    fn dispatch(ember: &Ember, method: &str, path: &str, body: &Value) -> Result<Value, (u16, String)> {
-        let (route, query) = path.split_once('?').unwrap_or((path, ""));
-        match serve(ember, method, route, query, body) {
-            Ok(Some(value)) => Ok(value),
-            Ok(None) => Err((404, format!("no such endpoint: {method} {route}"))),
-            Err(e) => Err((e.status(), e.to_string())),
+    /// One Goodfire API request, routed through the same table as the server's.
+    async fn answer(id: u64, method: &str, path: &str, body: Value) -> Result<Value, EmberError> {
+        let Some(engines) = EMBER.with(|e| e.borrow().clone()) else {
+            return Err(EmberError::Unavailable("the model is still loading".into()));
+        };
+        let (path, query) = path.split_once('?').unwrap_or((path, ""));
+        let route = Route::find(method, path).ok_or_else(|| EmberError::NoRoute {
+            method: method.to_string(),
+            path: path.to_string(),
+        })?;
+        let request = match route.method() {
+            kindling_ember::Method::Get => Request::from_query(route, query)?,
+            kindling_ember::Method::Post => Request::from_json(route, body)?,
+        };
+        if let Request::Chat(chat) = &request
+            && chat.stream
+        {
+            return stream_chat(&engines, id, chat).await;
         }
-    }
-
-    /// The answer of one endpoint, or `None` when there is no such endpoint.
-    fn serve(ember: &Ember, method: &str, route: &str, query: &str, body: &Value) -> Result<Option<Value>, EmberError> {
-        let pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes()).into_owned().collect();
         // A request runs to its end here: the worker's one thread hears no cancel meanwhile.
-        let uncancelled = CancelToken::new();
-        Ok(Some(match (method, route) {
-            ("POST", "/chat/completions") => ember.chat_completion(&parse(body)?, uncancelled.clone())?,
-            ("POST", "/chat-attribution/compute-logits") => to_value(ember.compute_logits(&parse(body)?, &uncancelled)?)?,
-            ("POST", "/chat-attribution/compute-features") => ember.compute_features(&parse(body)?, &uncancelled)?,
-            ("POST", "/chat-attribution/contrast") => ember.contrast(&parse(body)?, &uncancelled)?,
-            ("GET", "/features/search") => ember.search_query(&pairs)?,
-            ("POST", "/features/rerank") => ember.rerank(&parse(body)?)?,
-            ("GET", "/features/") => ember.list_query(&pairs)?,
-            ("POST", "/features/lookup") => ember.lookup(&parse(body)?)?,
-            ("POST", "/features/dashboard") => ember.dashboard(&parse(body)?)?,
-            ("POST", "/features/auto-edits") => ember.auto_edits(&parse(body)?, &uncancelled)?,
-            ("POST", "/features/auto-conditional") => ember.auto_conditional(&parse(body)?, &uncancelled)?,
-            ("POST", "/attributions/neighbors") => ember.neighbors(&parse(body)?)?,
-            ("POST", "/attributions/compute-logit-attribution") => ember.attribute(&parse(body)?, &uncancelled)?,
-            ("POST", "/attributions/generate-contrastive-dataset") => ember.contrastive_dataset(&parse(body)?, &uncancelled)?,
-            ("POST", "/chat/tokenize") => ember.tokenize(&parse(body)?)?,
-            _ => return Ok(None),
-        }))
+        dispatch(&engines.cpu, &request, &CancelToken::new())
     }
 
     /// Streams a reply chunk by chunk, going back to the event loop between chunks so that a
     /// `cancel` message (the stop button) is heard.
-    async fn stream_chat(engines: &Engines, id: u64, body: &Value) -> Result<Value, EmberError> {
+    async fn stream_chat(engines: &Engines, id: u64, request: &kindling_ember::wire::ChatRequest) -> Result<Value, EmberError> {
         let ember = engines.gpu.as_ref().unwrap_or(&engines.cpu);
-        let plan = ember.plan_chat(&parse(body)?)?;
+        let plan = ember.plan_chat(request)?;
         let cancel = CancelToken::new();
         STREAMS.with(|s| s.borrow_mut().insert(id, cancel.clone()));
         let result = (async {
@@ -356,7 +328,7 @@ mod worker {
                     chunks.next_chunk()?
                 };
                 let Some(chunk) = chunk else { break };
-                post(json!({ "type": "chunk", "id": id, "chunk": chunk }));
+                post(FromWorker::Chunk { id, chunk });
                 yield_to_event_loop().await;
                 if cancel.is_cancelled() {
                     chunks.cancel();

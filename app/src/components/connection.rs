@@ -10,7 +10,7 @@ use wasm_bindgen_futures::JsFuture;
 use crate::client::{Client, Hosted, LoadEvent, LocalEngine};
 
 /// The model the in-browser engine runs (the name requests carry).
-pub const LOCAL_MODEL: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
+pub const LOCAL_MODEL: &str = kindling_ember::MODEL_NAME;
 const MODE_KEY: &str = "kindling.mode";
 const HOSTED_URL_KEY: &str = "kindling.hosted.url";
 const HOSTED_MODEL_KEY: &str = "kindling.hosted.model";

@@ -1,15 +1,15 @@
 //! Edits: a slider per edited feature, AutoSteer from a description, and Contrast between
 //! two chat datasets.
 
-use kindling_engine::share::{EditMode, SavedEdit};
-use kindling_engine::steer::{BREAKS_FROM, StrengthZone, VISIBLE_FROM};
+use kindling_ember::units::{BREAKS_FROM, StrengthZone, VISIBLE_FROM};
+use kindling_ember::variant::{EditMode, SavedEdit};
 use leptos::prelude::*;
 use serde_json::{Value, json};
 
 use super::features::add_edit;
 
 /// The slider's track, coloured by zone on both sides of zero: grey where replies barely
-/// change, green where steering is clear, amber where text may break (steer::StrengthZone).
+/// change, green where steering is clear, amber where text may break (kindling_ember::units::StrengthZone).
 fn zone_track() -> String {
     // Positions on a -1..1 track, in percent.
     let at = |v: f32| 50.0 + 50.0 * v.clamp(-1.0, 1.0);

@@ -1,6 +1,6 @@
 //! Feature search by meaning, and a dashboard card per feature.
 
-use kindling_engine::share::{EditMode, FeatureRef, SavedEdit};
+use kindling_ember::variant::{EditMode, FeatureRef, SavedEdit};
 use leptos::prelude::*;
 use serde_json::{Value, json};
 

@@ -1,7 +1,7 @@
 //! Inspect: the last conversation's tokens shaded by a feature's activation, each token's top
 //! features, next-token logits, and an export of the activations.
 
-use kindling_engine::share::FeatureRef;
+use kindling_ember::variant::FeatureRef;
 use leptos::prelude::*;
 use serde_json::{Value, json};
 

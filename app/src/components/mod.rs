@@ -8,7 +8,7 @@ mod inspect;
 mod rules;
 mod variant;
 
-use kindling_engine::share::SavedVariant;
+use kindling_ember::variant::SavedVariant;
 use leptos::prelude::*;
 
 use crate::Session;

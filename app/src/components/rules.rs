@@ -1,7 +1,7 @@
 //! Conditional rules: IF feature clauses (AND/OR) THEN edits or ABORT, built by hand or by
 //! AutoConditional from a description.
 
-use kindling_engine::share::{Clause, EditMode, FeatureRef, Rule, RuleAction, SavedEdit};
+use kindling_ember::variant::{Clause, EditMode, FeatureRef, Rule, RuleAction, SavedEdit};
 use leptos::prelude::*;
 use serde_json::json;
 

@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 
-use kindling_engine::share::{FeatureRef, Mismatch, SavedVariant};
-use kindling_engine::steer::STRENGTH_UNIT;
+use kindling_ember::units::STRENGTH_UNIT;
+use kindling_ember::variant::{FeatureRef, Mismatch, SavedVariant};
 use leptos::prelude::*;
 use serde_json::json;
 use wasm_bindgen::JsCast;

@@ -1,11 +1,10 @@
-//! The Ember operations behind one type, speaking the Goodfire SDK's JSON.
+//! The local provider: Kindling's engine (model, SAE, atlas) answering the API.
 //!
-//! [`Ember`] holds the model, the SAE and the atlas, and answers every request of the
-//! Goodfire API (`../shared/reference/goodfire-api.md` §2) with typed request and response
-//! bodies: chat (streamed token by token through a callback), logits, feature search,
-//! rerank, lookup, listing by id, neighbours, inspection, contrast, AutoSteer and
-//! AutoConditional. The server (`kindling-server`) adds only HTTP around it, and the browser
-//! app calls the same methods in its worker, so both speak one protocol.
+//! [`Ember`] holds the model, the SAE and the atlas, and answers every route
+//! ([`Provider`]) with the wire types of [`crate::wire`]: chat (streamed piece by piece),
+//! logits, feature search, rerank, lookup, listing by id, neighbours, inspection, contrast,
+//! AutoSteer, AutoConditional and attribution. The server and the browser worker dispatch to
+//! it through the route table, so both speak one protocol.
 //!
 //! Conventions of this implementation, beyond what the SDK fixes:
 //! * Feature ids are [`FeatureIds`] UUIDs: tied to the SAE's SHA-256 and the latent's index.
@@ -17,98 +16,33 @@
 //!   `max_completion_tokens` above the limit is lowered to it, not refused, since the SDK
 //!   always sends 2048.
 
-use serde::{Deserialize, Serialize};
+mod controller;
+
+use kindling_engine::atlas::{Atlas, Hit};
+use kindling_engine::attribution::logit_attribution;
+use kindling_engine::autosteer::{AutoSteerOptions, auto_conditional, auto_steer};
+use kindling_engine::contrast::contrastive_replies;
+use kindling_engine::inspect::Inspection;
+use kindling_engine::logits::next_tokens;
+use kindling_engine::sae::Sae;
+use kindling_engine::steer::{Comparison, FeatureIds, FiredScopes, Operand, Steer, Units, Variant, VariantError};
+use kindling_engine::tokenizer::{ChatMessage, TokenId};
+use kindling_engine::{
+    AtlasError, CancelToken, EngineError, FinishReason, GeneratedToken, Interrupt, Model, ResidualHook, SamplingParams, TokenStream,
+};
 use serde_json::{Value, json};
 
-use crate::atlas::{Atlas, Hit};
-use crate::autosteer::{AutoSteerOptions, auto_conditional, auto_steer};
-use crate::inspect::Inspection;
-use crate::logits::next_tokens;
-use crate::sae::Sae;
-use crate::steer::{Comparison, FeatureIds, FiredScopes, Operand, Steer, Units, Variant, VariantError};
-use crate::tokenizer::{ChatMessage, TokenId};
-use crate::{CancelToken, EngineError, FinishReason, Interrupt, Model, ResidualHook, SamplingParams};
+pub use controller::read_controller;
 
-/// Bytes of message content allowed per prompt token: checked before templating and
-/// tokenizing, so an oversized conversation costs nothing. English runs about 4 bytes a token;
-/// 16 leaves room for any text that fits the token limit.
-pub const BYTES_PER_PROMPT_TOKEN: usize = 16;
+use crate::EmberError;
+use crate::routes::{ListQuery, Provider, SearchQuery};
+use crate::units;
+use crate::wire::*;
 
-/// How much one request may ask for.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Limits {
-    /// Tokens of a templated conversation (prompt of a chat, input of an inspection).
-    pub max_prompt_tokens: usize,
-    /// Tokens one chat completion may generate (larger requests are lowered to this).
-    pub max_new_tokens: usize,
-    pub max_messages: usize,
-    /// Conversations per contrast dataset.
-    pub max_conversations: usize,
-    /// Features per rerank, list, lookup or neighbours request.
-    pub max_features: usize,
-    /// Results per search, rerank or neighbours request.
-    pub max_top_k: usize,
-    /// Tokens of all conversations of one contrast together.
-    pub max_contrast_tokens: usize,
-    /// Wall time one contrast may take before it is stopped with an error.
-    pub contrast_budget: std::time::Duration,
-}
-
-impl Limits {
-    /// The most bytes of message content a conversation may carry
-    /// ([`BYTES_PER_PROMPT_TOKEN`] per allowed token).
-    pub fn max_prompt_bytes(&self) -> usize {
-        self.max_prompt_tokens.saturating_mul(BYTES_PER_PROMPT_TOKEN)
-    }
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        // The real API's limits where it had them (goodfire-api.md §2.15); prompts sized for
-        // a 135M model on a CPU.
-        Self {
-            max_prompt_tokens: 4096,
-            max_new_tokens: 1024,
-            max_messages: 128,
-            max_conversations: 64,
-            max_features: 8192,
-            max_top_k: 8192,
-            max_contrast_tokens: 32_768,
-            // Within the SDK's 60 s timeout.
-            contrast_budget: std::time::Duration::from_secs(50),
-        }
-    }
-}
-
-/// Why a request was not served.
-#[derive(Debug, thiserror::Error)]
-pub enum EmberError {
-    /// The request is well-formed JSON but cannot be served as sent (HTTP 422).
-    #[error("{0}")]
-    Invalid(String),
-    /// The request names a model this service does not run (HTTP 404).
-    #[error("unknown model {found:?}: this server runs {serves:?}")]
-    UnknownModel { found: String, serves: String },
-    /// The request's client went away, or the server is stopping (HTTP 499, as nginx logs a
-    /// closed request; nobody reads the answer).
-    #[error("cancelled: the client went away or the server is stopping")]
-    Cancelled,
-    /// The engine failed (HTTP 500).
-    #[error(transparent)]
-    Engine(EngineError),
-}
-
-impl EmberError {
-    /// The HTTP status the Goodfire SDK maps this error from.
-    pub fn status(&self) -> u16 {
-        match self {
-            EmberError::Invalid(_) => 422,
-            EmberError::UnknownModel { .. } => 404,
-            EmberError::Cancelled => 499,
-            EmberError::Engine(_) => 500,
-        }
-    }
-}
+// The protocol's copy of the unit's definition must be the engine's (the page reads the copy).
+const _: () = assert!(units::STRENGTH_UNIT == kindling_engine::steer::STRENGTH_UNIT);
+const _: () = assert!(units::RESIDUAL_FRACTION_PER_UNIT == kindling_engine::steer::RESIDUAL_FRACTION_PER_UNIT);
+const _: () = assert!(units::MAX_EDIT_VALUE == kindling_engine::steer::MAX_VALUE);
 
 impl From<EngineError> for EmberError {
     fn from(e: EngineError) -> Self {
@@ -119,9 +53,9 @@ impl From<EngineError> for EmberError {
             | EngineError::BadToken(_)
             | EngineError::Tokenizer(_)
             | EngineError::OutOfTime { .. }
-            | EngineError::Atlas(crate::AtlasError::UnknownFeature { .. }) => EmberError::Invalid(e.to_string()),
+            | EngineError::Atlas(AtlasError::UnknownFeature { .. }) => EmberError::Invalid(e.to_string()),
             EngineError::Cancelled => EmberError::Cancelled,
-            e => EmberError::Engine(e),
+            e => EmberError::Failed(e.to_string()),
         }
     }
 }
@@ -132,232 +66,16 @@ impl From<VariantError> for EmberError {
     }
 }
 
-impl From<crate::AtlasError> for EmberError {
-    fn from(e: crate::AtlasError) -> Self {
+impl From<AtlasError> for EmberError {
+    fn from(e: AtlasError) -> Self {
         EngineError::from(e).into()
     }
-}
-
-// ---------------------------------------------------------------------------------------
-// Wire types (goodfire-api.md §2). Unknown request fields are ignored: the OpenAI SDK adds
-// its own (`n`, `stream_options`, ...).
-
-/// A chat message as the SDKs send it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
-}
-
-/// `stop`: one string or several.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(untagged)]
-pub enum Stop {
-    One(String),
-    Many(Vec<String>),
-}
-
-/// `POST chat/completions` (also the OpenAI-style `/v1/chat/completions`).
-#[derive(Debug, Clone, Deserialize)]
-pub struct ChatRequest {
-    pub messages: Vec<Message>,
-    pub model: String,
-    #[serde(default)]
-    pub stream: bool,
-    pub max_completion_tokens: Option<i64>,
-    /// The OpenAI name of `max_completion_tokens`.
-    pub max_tokens: Option<i64>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub stop: Option<Stop>,
-    pub seed: Option<i64>,
-    pub controller: Option<Value>,
-}
-
-/// `POST chat-attribution/compute-logits`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct LogitsRequest {
-    pub messages: Vec<Message>,
-    pub model: String,
-    #[serde(default = "ten")]
-    pub top_k: i64,
-    pub filter_vocabulary: Option<Vec<String>>,
-    pub controller: Option<Value>,
-}
-
-fn ten() -> i64 {
-    10
-}
-
-/// `POST features/rerank`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct RerankRequest {
-    pub query: String,
-    pub model: String,
-    #[serde(default = "ten")]
-    pub top_k: i64,
-    pub feature_ids: Vec<String>,
-}
-
-/// `POST features/lookup`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct LookupRequest {
-    pub indices: Vec<i64>,
-    pub model: String,
-}
-
-/// `POST attributions/neighbors`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct NeighborsRequest {
-    pub feature_indices: Vec<i64>,
-    pub model: String,
-    #[serde(default = "ten")]
-    pub top_k: i64,
-}
-
-/// `POST features/dashboard` (Kindling's own): everything the atlas knows of one feature.
-#[derive(Debug, Clone, Deserialize)]
-pub struct DashboardRequest {
-    pub feature_id: String,
-    pub model: String,
-}
-
-/// `POST chat-attribution/compute-features`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct ComputeFeaturesRequest {
-    pub messages: Vec<Message>,
-    pub model: String,
-    pub controller: Option<Value>,
-    /// Aggregation happens in the SDK; accepted and ignored.
-    pub aggregate_by: Option<String>,
-    pub include_feature_indexes: Option<Vec<i64>>,
-}
-
-/// `POST chat-attribution/contrast`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct ContrastRequest {
-    pub dataset_1: Vec<Vec<Message>>,
-    pub dataset_2: Vec<Vec<Message>>,
-    pub model: String,
-    #[serde(default = "five")]
-    pub k_to_add: i64,
-    #[serde(default = "five")]
-    pub k_to_remove: i64,
-}
-
-fn five() -> i64 {
-    5
-}
-
-/// `POST features/auto-edits` and `features/auto-conditional`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct SpecificationRequest {
-    pub specification: String,
-    pub model: String,
-}
-
-/// `POST attributions/compute-logit-attribution`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AttributionRequest {
-    pub messages: Vec<Message>,
-    pub model: String,
-    pub start_index: i64,
-    pub end_index: Option<i64>,
-}
-
-/// `POST attributions/generate-contrastive-dataset` (the SDK sends no model).
-#[derive(Debug, Clone, Deserialize)]
-pub struct ContrastiveDatasetRequest {
-    pub specification: String,
-}
-
-/// `POST chat/tokenize`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct TokenizeRequest {
-    pub messages: Vec<Message>,
-    pub model: String,
-}
-
-/// A feature in a search-style answer (`id`; `lookup` answers use `uuid` instead).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FeatureOut {
-    pub id: String,
-    pub label: String,
-    pub index_in_sae: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub relevance: Option<f32>,
-    /// Share of tokens it fires on (Kindling's addition; Goodfire clients ignore it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub density: Option<f32>,
-    /// Its activation histogram, for a sparkline (Kindling's addition).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub histogram: Option<Vec<u32>>,
-}
-
-/// `compute-logits`'s answer: `{"logits": {token: logit}}`, keys in order of logit.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct LogitsResponse {
-    pub logits: OrderedMap,
-}
-
-/// A JSON object whose keys keep their order (most likely token first).
-#[derive(Debug, Clone, PartialEq)]
-pub struct OrderedMap(pub Vec<(String, f32)>);
-
-impl Serialize for OrderedMap {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let mut map = serializer.serialize_map(Some(self.0.len()))?;
-        for (k, v) in &self.0 {
-            map.serialize_entry(k, v)?;
-        }
-        map.end()
-    }
-}
-
-/// One streamed piece of a chat reply.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ChatDelta {
-    /// The generated token's position in the reply (0, 1, ...).
-    pub index: usize,
-    pub text: String,
-    /// Rules that fired since the previous piece.
-    pub rules: Vec<RuleFired>,
-}
-
-/// A rule of the variant (a `set_when` or `abort_when` scope) that fired during a reply. Sent
-/// to clients as `kindling_rules_fired` on the stream chunk that follows it (an extra key,
-/// which the Goodfire and OpenAI SDKs ignore).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct RuleFired {
-    /// The scope's place in the controller's `scopes`.
-    pub rule: usize,
-    /// The reply token whose features met the condition; `None` when a prompt token did.
-    pub token_index: Option<usize>,
-    /// That reply token's text (empty for a prompt token).
-    pub token: String,
-}
-
-/// How a chat reply ended.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ChatEnd {
-    /// `"stop"` (end of turn, stop string or abort) or `"length"`.
-    pub finish_reason: &'static str,
-    /// The `abort_when` event that stopped it, if one did.
-    pub event: Option<String>,
-    /// Generated tokens.
-    pub tokens: usize,
-    /// True when the caller stopped it (client gone).
-    pub cancelled: bool,
-    /// Rules that fired after the last piece (an `abort_when` rule always lands here).
-    pub rules: Vec<RuleFired>,
 }
 
 /// A chat reply being generated. Text that might be the start of a stop string is held back
 /// until it is known not to be one.
 pub struct ChatRun<'e> {
-    stream: crate::TokenStream<'e>,
+    stream: TokenStream<'e>,
     stop: Vec<String>,
     cancel: CancelToken,
     text: String,
@@ -399,7 +117,7 @@ impl ChatRun<'_> {
     }
 
     /// Takes the token stream's next item; returns the piece of text that is now safe to send.
-    fn accept(&mut self, item: Option<Result<crate::GeneratedToken, EngineError>>) -> Result<Option<ChatDelta>, EmberError> {
+    fn accept(&mut self, item: Option<Result<GeneratedToken, EngineError>>) -> Result<Option<ChatDelta>, EmberError> {
         let token = match item {
             Some(Ok(token)) => token,
             Some(Err(EngineError::Aborted { event })) => {
@@ -669,7 +387,7 @@ impl Ember {
     pub fn variant(&self, controller: Option<&Value>) -> Result<Variant, EmberError> {
         match controller {
             None | Some(Value::Null) => Ok(Variant::new(self.name.clone())),
-            Some(c @ Value::Object(_)) => Ok(Variant::from_controller(&self.name, c, self.d_sae())?),
+            Some(c @ Value::Object(_)) => Ok(read_controller(&self.name, c, self.d_sae())?),
             Some(other) => Err(EmberError::Invalid(format!("\"controller\" must be an object, found {other}"))),
         }
     }
@@ -854,13 +572,25 @@ impl Ember {
             rules: Vec::new(),
         })
     }
+}
+
+impl Provider for Ember {
+    type Cancel = CancelToken;
+
+    fn provider_name(&self) -> String {
+        "Kindling's engine".into()
+    }
+
+    fn models(&self) -> Vec<String> {
+        vec![self.name.clone()]
+    }
 
     /// A whole (non-streamed) chat completion in the SDK's `ChatCompletion` shape.
-    pub fn chat_completion(&self, request: &ChatRequest, cancel: CancelToken) -> Result<Value, EmberError> {
+    fn chat_completion(&self, request: &ChatRequest, cancel: &CancelToken) -> Result<Value, EmberError> {
         let plan = self.plan_chat(request)?;
         let mut content = String::new();
         let mut rules = Vec::new();
-        let mut end = self.run_chat(&plan, cancel, |d| {
+        let mut end = self.run_chat(&plan, cancel.clone(), |d| {
             content.push_str(&d.text);
             rules.extend(d.rules);
             true
@@ -879,7 +609,7 @@ impl Ember {
 
     /// `compute-logits`: the next-token logits after the conversation, under its controller,
     /// most likely first.
-    pub fn compute_logits(&self, request: &LogitsRequest, cancel: &CancelToken) -> Result<LogitsResponse, EmberError> {
+    fn compute_logits(&self, request: &LogitsRequest, cancel: &CancelToken) -> Result<Value, EmberError> {
         self.check_model(&request.model)?;
         let tokens = self.continuation_tokens(&self.messages(&request.messages)?)?;
         let variant = self.variant(request.controller.as_ref())?;
@@ -905,43 +635,22 @@ impl Ember {
                 logits.push((t.text, t.logit));
             }
         }
-        Ok(LogitsResponse {
+        Ok(json!(LogitsResponse {
             logits: OrderedMap(logits),
-        })
+        }))
     }
 
     // --- features -------------------------------------------------------------------------
 
-    /// `GET features/search`.
-    pub fn search(&self, query: &str, model: &str, top_k: i64) -> Result<Value, EmberError> {
-        self.check_model(model)?;
-        let k = self.top_k(top_k)?.min(100);
-        Ok(json!({ "features": self.hits_out(self.atlas.search(query, k)) }))
-    }
-
-    /// `GET features/search?query=&model=&perPage=` from its query pairs (`top_k` is accepted
-    /// for `perPage`; the model defaults to this one).
-    pub fn search_query(&self, pairs: &[(String, String)]) -> Result<Value, EmberError> {
-        let get = |key: &str| pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
-        let query = get("query").ok_or_else(|| EmberError::Invalid("missing query parameter \"query\"".into()))?;
-        let model = get("model").unwrap_or(&self.name);
-        let top_k = match get("perPage").or_else(|| get("top_k")) {
-            None => 10,
-            Some(v) => v
-                .parse::<i64>()
-                .map_err(|_| EmberError::Invalid(format!("perPage must be an integer, got {v:?}")))?,
-        };
-        self.search(query, model, top_k)
-    }
-
-    /// `GET features/?feature_id=a&feature_id=b` from its query pairs.
-    pub fn list_query(&self, pairs: &[(String, String)]) -> Result<Value, EmberError> {
-        let ids: Vec<String> = pairs.iter().filter(|(k, _)| k == "feature_id").map(|(_, v)| v.clone()).collect();
-        self.list(&ids)
+    /// `GET features/search` (the model defaults to this one).
+    fn search(&self, request: &SearchQuery) -> Result<Value, EmberError> {
+        self.check_model(request.model.as_deref().unwrap_or(&self.name))?;
+        let k = self.top_k(request.top_k)?.min(100);
+        Ok(json!({ "features": self.hits_out(self.atlas.search(&request.query, k)) }))
     }
 
     /// `POST features/rerank`.
-    pub fn rerank(&self, request: &RerankRequest) -> Result<Value, EmberError> {
+    fn rerank(&self, request: &RerankRequest) -> Result<Value, EmberError> {
         self.check_model(&request.model)?;
         if request.feature_ids.len() > self.limits.max_features {
             return Err(EmberError::Invalid(format!(
@@ -961,7 +670,8 @@ impl Ember {
 
     /// `GET features/?feature_id=...`: the features these ids name (ids of another SAE are
     /// left out, as the SDK expects; malformed ids are an error).
-    pub fn list(&self, ids: &[String]) -> Result<Value, EmberError> {
+    fn list(&self, request: &ListQuery) -> Result<Value, EmberError> {
+        let ids = &request.feature_ids;
         if ids.len() > self.limits.max_features {
             return Err(EmberError::Invalid(format!(
                 "{} feature ids, at most {}",
@@ -983,7 +693,7 @@ impl Ember {
     }
 
     /// `POST features/lookup`.
-    pub fn lookup(&self, request: &LookupRequest) -> Result<Value, EmberError> {
+    fn lookup(&self, request: &LookupRequest) -> Result<Value, EmberError> {
         self.check_model(&request.model)?;
         let features = self.indices(&request.indices)?;
         // Beside each feature, what one value of the old steering unit is in the current one:
@@ -997,11 +707,11 @@ impl Ember {
                 out
             })
             .collect();
-        Ok(json!({ "features": features, "strength_unit": crate::steer::STRENGTH_UNIT }))
+        Ok(json!({ "features": features, "strength_unit": units::STRENGTH_UNIT }))
     }
 
     /// `POST attributions/neighbors`: by decoder cosine to the group's centroid.
-    pub fn neighbors(&self, request: &NeighborsRequest) -> Result<Value, EmberError> {
+    fn neighbors(&self, request: &NeighborsRequest) -> Result<Value, EmberError> {
         self.check_model(&request.model)?;
         let group = self.indices(&request.feature_indices)?;
         if group.is_empty() {
@@ -1015,7 +725,7 @@ impl Ember {
     /// `POST features/dashboard`: a feature's card: label and its score, density, histogram,
     /// the tokens it promotes and suppresses, its top contexts (token texts with activations in
     /// max-activation units) and its nearest neighbours by decoder direction.
-    pub fn dashboard(&self, request: &DashboardRequest) -> Result<Value, EmberError> {
+    fn dashboard(&self, request: &DashboardRequest) -> Result<Value, EmberError> {
         self.check_model(&request.model)?;
         let feature = self.parse_id(&request.feature_id)?;
         let info = self.atlas.feature(feature)?;
@@ -1051,7 +761,7 @@ impl Ember {
 
     /// `POST chat-attribution/compute-features`: every token of the templated conversation
     /// with its active features (strongest first, in max-activation units).
-    pub fn compute_features(&self, request: &ComputeFeaturesRequest, cancel: &CancelToken) -> Result<Value, EmberError> {
+    fn compute_features(&self, request: &ComputeFeaturesRequest, cancel: &CancelToken) -> Result<Value, EmberError> {
         self.check_model(&request.model)?;
         let messages = self.messages(&request.messages)?;
         let variant = self.variant(request.controller.as_ref())?;
@@ -1087,7 +797,7 @@ impl Ember {
     /// `POST chat-attribution/contrast`: `dataset_1_features` are stronger in dataset 1's
     /// assistant turns, `dataset_2_features` in dataset 2's. At most
     /// [`Limits::max_contrast_tokens`] in all, stopped after [`Limits::contrast_budget`].
-    pub fn contrast(&self, request: &ContrastRequest, cancel: &CancelToken) -> Result<Value, EmberError> {
+    fn contrast(&self, request: &ContrastRequest, cancel: &CancelToken) -> Result<Value, EmberError> {
         self.check_model(&request.model)?;
         let (a, b) = (&request.dataset_1, &request.dataset_2);
         if a.is_empty() || a.len() != b.len() || a.len() > self.limits.max_conversations {
@@ -1118,7 +828,7 @@ impl Ember {
         let (a, b) = (read(a)?, read(b)?);
         let k = self.top_k(request.k_to_add.max(request.k_to_remove))?;
         let interrupt = Interrupt::new(cancel.clone()).with_budget(self.limits.contrast_budget);
-        let (ones, twos) = crate::contrast(&self.model, &self.sae, &a, &b, &self.units.activation, k, &interrupt)?;
+        let (ones, twos) = kindling_engine::contrast(&self.model, &self.sae, &a, &b, &self.units.activation, k, &interrupt)?;
         let out = |list: Vec<(u32, f32)>, k: i64| -> Vec<FeatureOut> {
             list.into_iter()
                 .take(k.max(0) as usize)
@@ -1129,7 +839,7 @@ impl Ember {
     }
 
     /// `POST features/auto-edits`: AutoSteer.
-    pub fn auto_edits(&self, request: &SpecificationRequest, cancel: &CancelToken) -> Result<Value, EmberError> {
+    fn auto_edits(&self, request: &SpecificationRequest, cancel: &CancelToken) -> Result<Value, EmberError> {
         self.check_model(&request.model)?;
         let spec = specification(&request.specification)?;
         // Within the SDK's 60 s timeout, on a busy 2-core machine too.
@@ -1166,7 +876,7 @@ impl Ember {
     }
 
     /// `POST features/auto-conditional`.
-    pub fn auto_conditional(&self, request: &SpecificationRequest, cancel: &CancelToken) -> Result<Value, EmberError> {
+    fn auto_conditional(&self, request: &SpecificationRequest, cancel: &CancelToken) -> Result<Value, EmberError> {
         self.check_model(&request.model)?;
         let spec = specification(&request.specification)?;
         let found = auto_conditional(&self.model, &self.sae, &self.atlas, spec, cancel)?
@@ -1193,12 +903,10 @@ impl Ember {
     }
 
     /// `POST attributions/compute-logit-attribution`: the features whose ablation at the
-    /// position that predicts the token at `startIndex` (× 0 there, from the SAE's block on)
-    /// lowers that token's logit most, among the strongest features at that position.
-    /// `value` is the logit drop; `tokens` lists where the feature is active before the
-    /// token. The context before the predicting position is run once and its KV cache
-    /// shared, so each candidate costs one token's pass.
-    pub fn attribute(&self, request: &AttributionRequest, cancel: &CancelToken) -> Result<Value, EmberError> {
+    /// position that predicts the token at `startIndex` lowers that token's logit most
+    /// ([`kindling_engine::attribution`]). `value` is the logit drop; `tokens` lists where the
+    /// feature is active before the token.
+    fn attribute(&self, request: &AttributionRequest, cancel: &CancelToken) -> Result<Value, EmberError> {
         const CANDIDATES: usize = 16;
         self.check_model(&request.model)?;
         let messages = self.messages(&request.messages)?;
@@ -1218,95 +926,48 @@ impl Ember {
                 "attribution covers one token: endIndex must equal startIndex".into(),
             ));
         }
-        let (context, target) = (&tokens[..index], tokens[index] as usize);
-        let mut before = self.model.llama.new_cache();
-        let mut cancellable = crate::CancelBetweenBlocks(cancel.clone());
-        self.model
-            .llama
-            .forward(&context[..index - 1], &mut before, Some(&mut cancellable), crate::Logits::Last)?;
-        let logit_of = |variant: Option<&Variant>| -> Result<f32, EmberError> {
-            cancel.check()?;
-            let mut cache = before.clone();
-            let mut steer = variant.map(|v| Steer::new(&self.sae, &self.units, v.clone())).transpose()?;
-            let hook = steer.as_mut().map(|s| s as &mut dyn ResidualHook);
-            let logits = self
-                .model
-                .llama
-                .forward(&context[index - 1..], &mut cache, hook, crate::Logits::Last)?
-                .expect("Logits::Last returns logits");
-            Ok(crate::to_host(logits)?[target])
-        };
-        let base = logit_of(None)?;
-        let inspection = Inspection::run_cancellable(&self.model, &self.sae, context, None, cancel)?;
-        let mut at_last: Vec<(u32, f32)> = inspection.features[index - 1]
-            .iter()
-            .map(|&(f, a)| (f, a / self.units.activation[f as usize]))
-            .collect();
-        at_last.sort_by(|a, b| b.1.total_cmp(&a.1));
-        let mut found = Vec::new();
-        for &(f, _) in at_last.iter().take(CANDIDATES) {
-            let mut ablated = Variant::new(self.name.clone());
-            ablated.edits.push(crate::steer::Edit {
-                feature: f,
-                mode: crate::steer::Mode::Mul,
-                value: 0.0,
-            });
-            let drop = base - logit_of(Some(&ablated))?;
-            if drop > 0.0 {
-                let active: Vec<Value> = inspection
-                    .vector(f)?
+        let found = logit_attribution(
+            &self.model,
+            &self.sae,
+            &self.units,
+            &tokens[..index],
+            tokens[index],
+            CANDIDATES,
+            cancel,
+        )?;
+        let to_ablate: Vec<Value> = found
+            .into_iter()
+            .map(|a| {
+                let active: Vec<Value> = a
+                    .active
                     .iter()
-                    .enumerate()
-                    .filter(|(_, a)| **a > 0.0)
-                    .map(|(i, a)| json!({ "index": i, "activation_strength": a / self.units.activation[f as usize] }))
+                    .map(|&(i, strength)| json!({ "index": i, "activation_strength": strength }))
                     .collect();
-                found.push((drop, json!({ "id": self.ids.uuid(f), "value": drop, "tokens": active })));
-            }
-        }
-        found.sort_by(|a, b| b.0.total_cmp(&a.0));
-        Ok(json!({ "to_ablate": found.into_iter().map(|f| f.1).collect::<Vec<_>>(), "num_input_tokens": tokens.len() }))
+                json!({ "id": self.ids.uuid(a.feature), "value": a.drop, "tokens": active })
+            })
+            .collect();
+        Ok(json!({ "to_ablate": to_ablate, "num_input_tokens": tokens.len() }))
     }
 
     /// `POST attributions/generate-contrastive-dataset`: `[dataset_1, dataset_2]`, the model's
-    /// replies to a few neutral prompts as it is, and as asked to follow `specification` in a
-    /// system prompt: two paired datasets for [`contrast`](Self::contrast).
-    /// Its work is fixed (8 replies of 48 tokens), so it checks `cancel` only before starting.
-    pub fn contrastive_dataset(&self, request: &ContrastiveDatasetRequest, cancel: &CancelToken) -> Result<Value, EmberError> {
-        const PROMPTS: [&str; 4] = [
-            "Tell me about your day.",
-            "What should I cook tonight?",
-            "Describe the sea.",
-            "Give me advice about work.",
-        ];
+    /// replies to a few neutral prompts as it is, and as asked to follow `specification`
+    /// ([`contrastive_replies`]): two paired datasets for `contrast`.
+    /// Its work is fixed (8 short replies), so it checks `cancel` only before starting.
+    fn contrastive_dataset(&self, request: &ContrastiveDatasetRequest, cancel: &CancelToken) -> Result<Value, EmberError> {
         let spec = specification(&request.specification)?;
-        let asked = format!("Respond in a way that is: {spec}.");
-        let conversation = |system: Option<&str>, prompt: &str| {
-            let mut messages: Vec<ChatMessage> = system.into_iter().map(|s| ChatMessage::new("system", s)).collect();
-            messages.push(ChatMessage::user(prompt));
-            messages
-        };
-        let sets: Vec<Vec<ChatMessage>> = PROMPTS
-            .iter()
-            .map(|p| conversation(None, p))
-            .chain(PROMPTS.iter().map(|p| conversation(Some(&asked), p)))
-            .collect();
-        let prompts = sets
-            .iter()
-            .map(|m| self.model.tokenizer.encode_chat(m))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(EngineError::from)?;
         cancel.check()?;
-        let replies = self.model.generate_batch(&prompts, &SamplingParams::greedy(48))?;
-        let dataset = |half: usize| -> Vec<Value> {
-            (0..PROMPTS.len())
-                .map(|i| json!([{ "role": "user", "content": PROMPTS[i] }, { "role": "assistant", "content": replies[half * PROMPTS.len() + i].text }]))
+        let [plain, asked] = contrastive_replies(&self.model, spec)?;
+        let dataset = |pairs: Vec<(String, String)>| -> Vec<Value> {
+            pairs
+                .into_iter()
+                .map(|(prompt, reply)| json!([{ "role": "user", "content": prompt }, { "role": "assistant", "content": reply }]))
                 .collect()
         };
-        Ok(json!([dataset(0), dataset(1)]))
+        Ok(json!([dataset(plain), dataset(asked)]))
     }
 
     /// `POST chat/tokenize`.
-    pub fn tokenize(&self, request: &TokenizeRequest) -> Result<Value, EmberError> {
+    fn tokenize(&self, request: &TokenizeRequest) -> Result<Value, EmberError> {
         self.check_model(&request.model)?;
         let tokens = self.conversation_tokens(&self.messages(&request.messages)?)?;
         let values = tokens
@@ -1314,94 +975,5 @@ impl Ember {
             .map(|&t| Ok(json!({ "value": self.model.tokenizer.decode(&[t], false).map_err(EngineError::from)? })))
             .collect::<Result<Vec<_>, EmberError>>()?;
         Ok(json!({ "tokens": values }))
-    }
-}
-
-fn specification(spec: &str) -> Result<&str, EmberError> {
-    let spec = spec.trim();
-    if spec.is_empty() || spec.len() > 1000 {
-        return Err(EmberError::Invalid("the specification must be 1 to 1000 characters".into()));
-    }
-    Ok(spec)
-}
-
-/// Bytes at the end of `text` that could begin a stop string.
-fn held_back(text: &str, stops: &[String]) -> usize {
-    let mut hold = 0;
-    for stop in stops {
-        for (i, _) in stop.char_indices().skip(1) {
-            if text.ends_with(&stop[..i]) {
-                hold = hold.max(i);
-            }
-        }
-    }
-    hold
-}
-
-/// Seconds since the Unix epoch (`web_time` reads `Date.now()` in the browser).
-pub fn now() -> u64 {
-    web_time::SystemTime::now()
-        .duration_since(web_time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-/// A completion id unique within the process (`chatcmpl-`, the time, a counter).
-pub fn completion_id() -> String {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    format!(
-        "chatcmpl-{:x}{:06x}",
-        now(),
-        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    )
-}
-
-/// One SSE chunk of a streamed reply, in the shape the SDK's parser needs (every field in
-/// every chunk; goodfire-api.md §2.1.3).
-/// A stream chunk with the rules that fired before it, if any (`kindling_rules_fired`).
-fn with_rules_fired(mut chunk: Value, rules: &[RuleFired]) -> Value {
-    if !rules.is_empty() {
-        chunk["kindling_rules_fired"] = json!(rules);
-    }
-    chunk
-}
-
-pub fn chunk_json(
-    id: &str,
-    created: u64,
-    model: &str,
-    index: usize,
-    content: &str,
-    finish_reason: Option<&str>,
-    events: &[String],
-) -> Value {
-    json!({
-        "object": "chat.completion.chunk", "id": id, "created": created, "model": model, "system_fingerprint": "",
-        "gf_event_names": if events.is_empty() { Value::Null } else { json!(events) },
-        "choices": [{ "index": 0, "delta": { "role": "assistant", "content": content }, "gf_token_index": index, "finish_reason": finish_reason }],
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn holds_back_what_may_start_a_stop_string() {
-        let stops = vec!["<|eot_id|>".to_string(), "END".to_string()];
-        assert_eq!(held_back("hello <|eo", &stops), 4);
-        assert_eq!(held_back("hello E", &stops), 1);
-        assert_eq!(held_back("hello", &stops), 0);
-        assert_eq!(held_back("é", &["éx".to_string()]), 2, "whole characters only");
-    }
-
-    #[test]
-    fn chunks_carry_every_field_the_sdk_requires() {
-        let c = chunk_json("chatcmpl-1", 7, "m", 3, "Hi", None, &[]);
-        assert_eq!(c["choices"][0]["delta"]["role"], "assistant");
-        assert_eq!(c["choices"][0]["gf_token_index"], 3);
-        assert!(c["choices"][0].as_object().unwrap().contains_key("finish_reason"));
-        assert_eq!(c["system_fingerprint"], "");
-        let c = chunk_json("chatcmpl-1", 7, "m", 3, "", Some("stop"), &["ev".into()]);
-        assert_eq!(c["gf_event_names"], json!(["ev"]));
     }
 }

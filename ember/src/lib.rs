@@ -1,0 +1,32 @@
+//! The Ember protocol: what Kindling says on the wire, between the engine and its shells.
+//!
+//! ```text
+//! kindling-engine (model, SAE, steering, inspection, contrast, AutoSteer, attribution)
+//!     └─▶ kindling-ember
+//!           ├─ wire      request and reply bodies of the Goodfire API, limits, stream chunks
+//!           ├─ variant   the one variant wire model: files, share links, `controller` JSON
+//!           ├─ routes    the route table, request parsing, the Provider trait, dispatch
+//!           ├─ error     EmberError and its HTTP status
+//!           └─ local     (feature `engine`) the engine as a Provider
+//!                 └─▶ shells: kindling-server (axum), the browser worker, the page
+//! ```
+//!
+//! Without the `engine` feature this crate does not depend on burn, so the page (which only
+//! reads variants, share links and units) compiles none of it.
+
+pub mod error;
+#[cfg(feature = "engine")]
+pub mod local;
+pub mod routes;
+pub mod units;
+pub mod variant;
+pub mod wire;
+pub mod worker;
+
+pub use error::EmberError;
+#[cfg(feature = "engine")]
+pub use local::Ember;
+pub use routes::{Method, Provider, Request, Route, dispatch};
+
+/// The model Kindling runs, as requests name it.
+pub const MODEL_NAME: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
