@@ -33,8 +33,9 @@ use std::sync::Arc;
 
 use crate::atlas::Atlas;
 use crate::generate::SteeredRequest;
+use crate::host::to_host;
 use crate::inspect::Inspection;
-use crate::llama::{Logits, to_host};
+use crate::llama::Logits;
 use crate::sae::Sae;
 use crate::steer::{Condition, Edit, Operand, Operator, SteeringVector, Units, steering_vector};
 use crate::tokenizer::TokenId;

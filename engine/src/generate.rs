@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::hook::{AddToResidual, ResidualHook};
-use crate::llama::{KvCache, Logits, to_host};
+use crate::host::to_host;
+use crate::llama::{KvCache, Logits};
 use crate::sampling::Sampler;
 use crate::steer::SteeringVector;
 use crate::tokenizer::{StreamDecoder, TokenId};

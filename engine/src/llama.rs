@@ -10,8 +10,10 @@
 //! `MUL_MAT(token_embd.weight, result_norm)`).
 //!
 //! One model serves every backend: tensors live on a burn [`Device`]. Linear layers keep their
-//! quantized blocks; on the CPU they multiply with [`crate::quant`]'s kernels, on wgpu with an f32
-//! copy of the weight on the device (see [`Linear`]).
+//! quantized blocks and multiply through [`crate::kernels`], the one place a backend's own
+//! kernels plug in. Every pass (prefill, decode, batched decode, the browser's asynchronous one)
+//! runs the blocks in one loop (`Llama::residual`); what differs between them is where the
+//! keys and values go (`Pass`) and what happens between blocks (`BetweenBlocks`).
 
 use std::ops::Range;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -21,9 +23,13 @@ use burn::tensor::{Bool, Device, Tensor, TensorData};
 
 use crate::EngineError;
 use crate::backend::Backend;
+use crate::between_blocks::{BetweenBlocks, without_waiting};
 use crate::gguf::{Gguf, TensorType};
 use crate::hook::ResidualHook;
+use crate::host::{to_host, to_host_async};
+use crate::kernels::QuantMatmul;
 use crate::quant::QMatrix;
+use crate::spinning;
 use crate::tokenizer::TokenId;
 
 /// Hyperparameters, resolved from GGUF metadata (`llama.*` keys).
@@ -240,7 +246,7 @@ fn rotate(x: Tensor<3>, cos: Tensor<3>, sin: Tensor<3>) -> Tensor<3> {
     x * cos + rotated * sin
 }
 
-/// What every layer of one batched decode step shares (see [`Attention::forward_batch`]).
+/// What every layer of one batched decode step shares (see [`Attention::attend_batch`]).
 struct BatchStep {
     /// Each sequence's rotation at its own position, `[batch, 1, head_dim]`.
     cos: Tensor<3>,
@@ -265,6 +271,35 @@ impl BatchStep {
             sin,
             keys,
             padding: Tensor::from_data(TensorData::new(padding, [positions.len(), 1, 1, keys]), device),
+        }
+    }
+}
+
+/// Where a pass's new tokens sit and where their keys and values go: what the passes differ
+/// in, inside the blocks.
+// One per pass, on the stack: the size of the `Batch` variant costs nothing.
+#[allow(clippy::large_enum_variant)]
+enum Pass<'a> {
+    /// Consecutive positions `cache.len()..` of one sequence (a prefill or a decode step).
+    Sequence { rope: &'a Rope, cache: &'a mut KvCache },
+    /// The next position of each of several sequences, one token each (a batched decode step).
+    Batch { step: BatchStep, caches: &'a mut [KvCache] },
+}
+
+impl Pass<'_> {
+    /// Records that the pass's `tokens` positions are in the cache(s).
+    fn advance(self, tokens: usize) {
+        match self {
+            Pass::Sequence { cache, .. } => cache.len += tokens,
+            Pass::Batch { caches, .. } => caches.iter_mut().for_each(|c| c.len += 1),
+        }
+    }
+
+    /// Marks the cache(s) as spent: some blocks hold this pass's keys and values, others not.
+    fn truncate(&mut self) {
+        match self {
+            Pass::Sequence { cache, .. } => cache.truncated = true,
+            Pass::Batch { caches, .. } => caches.iter_mut().for_each(|c| c.truncated = true),
         }
     }
 }
@@ -366,17 +401,12 @@ impl KvCache {
     }
 }
 
-/// A linear layer `y = x · Wᵀ` whose weight stays quantized.
-///
-/// * CPU backend: the activations are read back to host memory (no copy on burn-flex) and
-///   multiplied by [`QMatrix::matmul`]'s quantized kernels; a Q4_1 weight costs 6 bits.
-/// * wgpu: burn's quantized formats cannot hold GGUF's asymmetric Q4_1 blocks exactly and
-///   its Q4 matmul is unreliable on WebGPU limits (prior-art §0.5), so the weight is
-///   dequantized once, at load time, to an f32 `[in, out]` tensor on the device.
+/// A linear layer `y = x · Wᵀ` whose weight stays quantized, multiplied by its backend's
+/// kernel ([`QuantMatmul`]).
 #[derive(Debug, Clone)]
 struct Linear {
     weight: QMatrix,
-    dense: Option<Tensor<2>>,
+    matmul: QuantMatmul,
 }
 
 impl Linear {
@@ -397,67 +427,14 @@ impl Linear {
     }
 
     fn new(weight: QMatrix, backend: Backend, device: &Device) -> Result<Self, EngineError> {
-        let dense = match backend {
-            Backend::Cpu => None,
-            Backend::Wgpu => {
-                let data = TensorData::new(weight.dequantize(), [weight.rows, weight.cols]);
-                Some(Tensor::<2>::from_data(data, device).transpose())
-            }
-        };
-        Ok(Self { weight, dense })
+        let matmul = QuantMatmul::new(&weight, backend, device);
+        Ok(Self { weight, matmul })
     }
 
     /// # Shapes
     /// `x`: `[seq, in]` → `[seq, out]`
     fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        match &self.dense {
-            Some(w) => x.matmul(w.clone()),
-            None => {
-                let device = x.device();
-                let [seq, _] = x.dims();
-                // Activations are f32 on every backend the engine creates.
-                let y = self.weight.matmul(&to_host(x).expect("f32 activations"));
-                Tensor::from_data(TensorData::new(y, [seq, self.weight.rows]), &device)
-            }
-        }
-    }
-}
-
-/// The tensor's values in host memory, row-major.
-pub fn to_host<const D: usize>(x: Tensor<D>) -> Result<Vec<f32>, EngineError> {
-    x.into_data()
-        .try_into_vec::<f32>()
-        .map_err(|e| EngineError::Backend(format!("reading a tensor back: {e:?}")))
-}
-
-/// [`to_host`] without blocking on the device (the only way to read a tensor on WebGPU in the
-/// browser).
-pub async fn to_host_async<const D: usize>(x: Tensor<D>) -> Result<Vec<f32>, EngineError> {
-    x.into_data_async()
-        .await
-        .map_err(|e| EngineError::Backend(format!("reading a tensor back: {e:?}")))?
-        .try_into_vec::<f32>()
-        .map_err(|e| EngineError::Backend(format!("reading a tensor back: {e:?}")))
-}
-
-/// Runs `hook` on a CPU copy of the device tensor `x` (read back asynchronously) and puts the
-/// result back on `x`'s device.
-async fn hook_on_host(hook: &mut dyn ResidualHook, layer: usize, positions: Range<usize>, x: Tensor<2>) -> Result<Tensor<2>, EngineError> {
-    let device = x.device();
-    let [rows, width] = x.dims();
-    let values = to_host_async(x).await?;
-    #[cfg(feature = "cpu")]
-    {
-        let host = Tensor::<2>::from_data(TensorData::new(values, [rows, width]), &Device::flex());
-        let edited = to_host(hook.after_block(layer, positions, host))?;
-        Ok(Tensor::from_data(TensorData::new(edited, [rows, width]), &device))
-    }
-    #[cfg(not(feature = "cpu"))]
-    {
-        let _ = (hook, layer, positions, values, device, rows, width);
-        Err(EngineError::Unsupported(
-            "residual hooks on wgpu without blocking need the cpu feature".into(),
-        ))
+        self.matmul.forward(&self.weight, x)
     }
 }
 
@@ -497,20 +474,27 @@ struct Attention {
 impl Attention {
     /// # Shapes
     /// `x`: `[seq, n_embd]` (normalized) → `[seq, n_embd]`
-    fn forward(&self, x: Tensor<2>, layer: usize, start: usize, rope: &Rope, cache: &mut KvCache) -> Tensor<2> {
-        let out = self.attend(self.attn_qkv.forward(x), layer, start, rope, cache);
+    fn forward(&self, x: Tensor<2>, layer: usize, pass: &mut Pass) -> Tensor<2> {
+        let qkv = self.attn_qkv.forward(x);
+        let out = match pass {
+            Pass::Sequence { rope, cache } => self.attend(qkv, layer, rope, cache),
+            Pass::Batch { step, caches } => self.attend_batch(qkv, layer, step, caches),
+        };
         self.attn_output.forward(out)
     }
 
-    /// One decode step for several sequences: row `b` of `x` is the next token of the
-    /// sequence held in `caches[b]`. Everything but the cache writes runs once for all rows:
-    /// the keys and values are stacked to the longest sequence's length, and `step.padding`
-    /// hides the rows a shorter sequence lacks. (Attending per sequence cost ~15 small tensor
-    /// operations per sequence and layer, which dominated batched decoding.)
-    fn forward_batch(&self, x: Tensor<2>, layer: usize, step: &BatchStep, caches: &mut [KvCache]) -> Tensor<2> {
+    /// Attention of one decode step for several sequences: row `b` of `qkv` is the next token
+    /// of the sequence held in `caches[b]`. Everything but the cache writes runs once for all
+    /// rows: the keys and values are stacked to the longest sequence's length, and
+    /// `step.padding` hides the rows a shorter sequence lacks. (Attending per sequence cost ~15
+    /// small tensor operations per sequence and layer, which dominated batched decoding.)
+    ///
+    /// # Shapes
+    /// `qkv`: `[batch, (n_head + 2 n_head_kv) head_dim]` → `[batch, n_head head_dim]`
+    fn attend_batch(&self, qkv: Tensor<2>, layer: usize, step: &BatchStep, caches: &mut [KvCache]) -> Tensor<2> {
         let batch = caches.len();
         let (h, hkv, d) = (self.n_head, self.n_head_kv, self.head_dim);
-        let qkv = self.attn_qkv.forward(x).reshape([batch, h + 2 * hkv, d]);
+        let qkv = qkv.reshape([batch, h + 2 * hkv, d]);
         let qk = rotate(qkv.clone().slice([0..batch, 0..h + hkv]), step.cos.clone(), step.sin.clone());
         let q = qk.clone().slice([0..batch, 0..h]);
         let k = qk.slice([0..batch, h..h + hkv]);
@@ -528,15 +512,16 @@ impl Attention {
         let q = q.reshape([batch, hkv, group, d]);
         let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (d as f32).sqrt()) + step.padding.clone();
         let out = softmax(scores, 3).matmul(v); // [batch, hkv, group, d]
-        self.attn_output.forward(out.reshape([batch, h * d]))
+        out.reshape([batch, h * d])
     }
 
-    /// Attention of one sequence from its projected Q/K/V.
+    /// Attention of one sequence from its projected Q/K/V, at positions `cache.len()..`.
     ///
     /// # Shapes
     /// `qkv`: `[seq, (n_head + 2 n_head_kv) head_dim]` → `[seq, n_head head_dim]`
-    fn attend(&self, qkv: Tensor<2>, layer: usize, start: usize, rope: &Rope, cache: &mut KvCache) -> Tensor<2> {
+    fn attend(&self, qkv: Tensor<2>, layer: usize, rope: &Rope, cache: &mut KvCache) -> Tensor<2> {
         let [seq, _] = qkv.dims();
+        let start = cache.len();
         let (h, hkv, d) = (self.n_head, self.n_head_kv, self.head_dim);
         let qkv = qkv.reshape([seq, h + 2 * hkv, d]).swap_dims(0, 1); // [h + 2 hkv, seq, d]
         // Rotate the query and key heads in one go (they sit next to each other).
@@ -638,16 +623,9 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: Tensor<2>, layer: usize, start: usize, rope: &Rope, cache: &mut KvCache) -> Tensor<2> {
+    fn forward(&self, x: Tensor<2>, layer: usize, pass: &mut Pass) -> Tensor<2> {
         let residual = x.clone();
-        let x = residual + self.attn.forward(self.attn_norm.forward(x), layer, start, rope, cache);
-        let residual = x.clone();
-        residual + self.mlp.forward(self.ffn_norm.forward(x))
-    }
-
-    fn forward_batch(&self, x: Tensor<2>, layer: usize, step: &BatchStep, caches: &mut [KvCache]) -> Tensor<2> {
-        let residual = x.clone();
-        let x = residual + self.attn.forward_batch(self.attn_norm.forward(x), layer, step, caches);
+        let x = residual + self.attn.forward(self.attn_norm.forward(x), layer, pass);
         let residual = x.clone();
         residual + self.mlp.forward(self.ffn_norm.forward(x))
     }
@@ -789,52 +767,30 @@ impl Llama {
         &self,
         tokens: &[TokenId],
         cache: &mut KvCache,
-        mut hook: Option<&mut dyn ResidualHook>,
+        hook: Option<&mut dyn ResidualHook>,
         logits: Logits,
     ) -> Result<Option<Tensor<2>>, EngineError> {
-        // The CPU kernels fan out over rayon's threads some 120 times per token, with serial
-        // work between them; rayon's idle workers fall asleep in those gaps and each fan-out
-        // would wait for a wake-up. So the pass runs on a pool worker while the other workers
-        // keep stealing until it ends (llama.cpp's threads spin the same way).
-        #[cfg(not(target_arch = "wasm32"))]
-        if self.backend == Backend::Cpu && rayon::current_thread_index().is_none() {
-            return on_spinning_pool(|| self.forward(tokens, cache, hook, logits));
-        }
-        self.check_input(tokens, cache)?;
-        let start = cache.len();
-        let end = start + tokens.len();
-        let deepest = self.config.n_layer - 1;
-        let last_layer = match (logits, hook.as_deref().and_then(|h| h.last_layer())) {
-            (Logits::None, Some(layer)) => layer.min(deepest),
-            _ => deepest,
-        };
-        let positions = start..end;
-
-        let mut x = self.embed(tokens);
-        for (layer, block) in self.blocks.iter().enumerate().take(last_layer + 1) {
-            if hook.as_deref().is_some_and(|h| h.cancelled()) {
-                // Some blocks already hold this pass's keys and values: the cache is spent.
+        spinning::run(self.backend, || {
+            self.check_input(tokens, cache)?;
+            let deepest = self.config.n_layer - 1;
+            let last_layer = match (logits, hook.as_deref().and_then(|h| h.last_layer())) {
+                (Logits::None, Some(layer)) => layer.min(deepest),
+                _ => deepest,
+            };
+            let positions = cache.len()..cache.len() + tokens.len();
+            let between = BetweenBlocks::hook(hook, positions);
+            let pass = Pass::Sequence { rope: &self.rope, cache };
+            let x = without_waiting(self.residual(tokens, pass, last_layer, between))?;
+            if last_layer < deepest {
                 cache.truncated = true;
-                return Err(EngineError::Cancelled);
+                return Ok(None);
             }
-            x = block.forward(x, layer, start, &self.rope, cache);
-            if let Some(h) = hook.as_deref_mut()
-                && h.wants(layer)
-            {
-                x = h.after_block(layer, positions.clone(), x);
-            }
-        }
-        cache.len = end;
-        if last_layer + 1 < self.config.n_layer {
-            cache.truncated = true;
-            return Ok(None);
-        }
-        let x = match logits {
-            Logits::None => return Ok(None),
-            Logits::Last => x.slice([tokens.len() - 1..tokens.len()]),
-            Logits::All => x,
-        };
-        Ok(Some(self.output.forward(self.output_norm.forward(x))))
+            Ok(match logits {
+                Logits::None => None,
+                Logits::Last => Some(self.head(x.slice([tokens.len() - 1..tokens.len()]))),
+                Logits::All => Some(self.head(x)),
+            })
+        })
     }
 
     /// The last position's next-token logits for `tokens`, in host memory, without ever
@@ -847,7 +803,7 @@ impl Llama {
         &self,
         tokens: &[TokenId],
         cache: &mut KvCache,
-        mut hook: Option<&mut dyn ResidualHook>,
+        hook: Option<&mut dyn ResidualHook>,
     ) -> Result<Vec<f32>, EngineError> {
         if self.backend != Backend::Wgpu {
             let logits = self
@@ -856,20 +812,11 @@ impl Llama {
             return to_host(logits);
         }
         self.check_input(tokens, cache)?;
-        let start = cache.len();
-        let positions = start..start + tokens.len();
-        let mut x = self.embed(tokens);
-        for (layer, block) in self.blocks.iter().enumerate() {
-            x = block.forward(x, layer, start, &self.rope, cache);
-            if let Some(h) = hook.as_deref_mut()
-                && h.wants(layer)
-            {
-                x = hook_on_host(h, layer, positions.clone(), x).await?;
-            }
-        }
-        cache.len = positions.end;
-        let last = x.slice([tokens.len() - 1..tokens.len()]);
-        to_host_async(self.output.forward(self.output_norm.forward(last))).await
+        let positions = cache.len()..cache.len() + tokens.len();
+        let between = BetweenBlocks::hook_on_host(hook, positions);
+        let pass = Pass::Sequence { rope: &self.rope, cache };
+        let x = self.residual(tokens, pass, self.config.n_layer - 1, between).await?;
+        to_host_async(self.head(x.slice([tokens.len() - 1..tokens.len()]))).await
     }
 
     /// One decode step for several independent sequences at once: `tokens[b]` is appended to
@@ -889,31 +836,55 @@ impl Llama {
         caches: &mut [KvCache],
         added: Option<(usize, Tensor<2>)>,
     ) -> Result<Tensor<2>, EngineError> {
-        #[cfg(not(target_arch = "wasm32"))]
-        if self.backend == Backend::Cpu && rayon::current_thread_index().is_none() {
-            return on_spinning_pool(|| self.forward_batch_adding(tokens, caches, added));
-        }
-        if tokens.is_empty() || tokens.len() != caches.len() {
-            return Err(EngineError::BadBatch {
-                tokens: tokens.len(),
-                caches: caches.len(),
-            });
-        }
-        for (token, cache) in tokens.iter().zip(caches.iter()) {
-            self.check_input(std::slice::from_ref(token), cache)?;
-        }
-        let mut x = self.embed(tokens);
-        let step = BatchStep::new(&self.rope, caches, &self.device);
-        for (layer, block) in self.blocks.iter().enumerate() {
-            x = block.forward_batch(x, layer, &step, caches);
-            if let Some((at, rows)) = &added
-                && *at == layer
-            {
-                x = x + rows.clone();
+        spinning::run(self.backend, || {
+            if tokens.is_empty() || tokens.len() != caches.len() {
+                return Err(EngineError::BadBatch {
+                    tokens: tokens.len(),
+                    caches: caches.len(),
+                });
             }
+            for (token, cache) in tokens.iter().zip(caches.iter()) {
+                self.check_input(std::slice::from_ref(token), cache)?;
+            }
+            let between = match added {
+                Some((layer, rows)) => BetweenBlocks::Add { layer, rows },
+                None => BetweenBlocks::Nothing,
+            };
+            let step = BatchStep::new(&self.rope, caches, &self.device);
+            let pass = Pass::Batch { step, caches };
+            let x = without_waiting(self.residual(tokens, pass, self.config.n_layer - 1, between))?;
+            Ok(self.head(x))
+        })
+    }
+
+    /// The residual stream after block `last_layer` for `tokens`: the loop over the blocks that
+    /// every forward pass runs. On success the cache(s) hold the tokens' positions (up to
+    /// `last_layer` only, if it is not the deepest: the caller marks them truncated).
+    ///
+    /// Async only for [`BetweenBlocks::HookOnHost`]; other passes complete in one poll.
+    async fn residual(
+        &self,
+        tokens: &[TokenId],
+        mut pass: Pass<'_>,
+        last_layer: usize,
+        mut between: BetweenBlocks<'_>,
+    ) -> Result<Tensor<2>, EngineError> {
+        let mut x = self.embed(tokens);
+        for (layer, block) in self.blocks.iter().enumerate().take(last_layer + 1) {
+            if between.cancelled() {
+                pass.truncate();
+                return Err(EngineError::Cancelled);
+            }
+            x = block.forward(x, layer, &mut pass);
+            x = between.after_block(layer, x).await?;
         }
-        caches.iter_mut().for_each(|c| c.len += 1);
-        Ok(self.output.forward(self.output_norm.forward(x)))
+        pass.advance(tokens.len());
+        Ok(x)
+    }
+
+    /// The logits for the final residual `x` (`[seq, n_embd]` → `[seq, vocab]`).
+    fn head(&self, x: Tensor<2>) -> Tensor<2> {
+        self.output.forward(self.output_norm.forward(x))
     }
 
     /// The logits that residual-stream `directions` (`[rows, n_embd]`) add through the final
@@ -972,30 +943,5 @@ impl Llama {
     fn embed(&self, tokens: &[TokenId]) -> Tensor<2> {
         let rows: Vec<f32> = tokens.iter().flat_map(|&t| self.token_embd.dequantize_row(t as usize)).collect();
         Tensor::from_data(TensorData::new(rows, [tokens.len(), self.config.n_embd]), &self.device)
-    }
-}
-
-/// Runs `f` on a rayon worker while the pool's other workers spin, stealing work, until it
-/// returns.
-#[cfg(not(target_arch = "wasm32"))]
-fn on_spinning_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    let done = std::sync::atomic::AtomicBool::new(false);
-    rayon::scope(|scope| {
-        for _ in 1..rayon::current_num_threads() {
-            scope.spawn(|_| steal_until(&done));
-        }
-        let out = f();
-        done.store(true, std::sync::atomic::Ordering::Release);
-        out
-    })
-}
-
-/// Runs pending rayon jobs on this worker, spinning between them, until `done` is set.
-#[cfg(not(target_arch = "wasm32"))]
-fn steal_until(done: &std::sync::atomic::AtomicBool) {
-    while !done.load(std::sync::atomic::Ordering::Acquire) {
-        if rayon::yield_now() != Some(rayon::Yield::Executed) {
-            std::hint::spin_loop();
-        }
     }
 }

@@ -434,7 +434,7 @@ pub fn top_k_positive(row: &[f32], k: usize) -> Vec<Feature> {
 /// The residual as host rows.
 pub(crate) fn residual_rows(residual: &Tensor<2>) -> Vec<f32> {
     // A hook cannot return an error; the residual is the model's own f32 tensor.
-    crate::llama::to_host(residual.clone()).expect("the residual reads back as f32")
+    crate::host::to_host(residual.clone()).expect("the residual reads back as f32")
 }
 
 /// Records the active SAE features at every token a forward pass sees (prefill and each
