@@ -9,7 +9,9 @@
 //!   all-MiniLM-L6-v2.
 //! * `atlas`: the feature atlas (statistics, contexts, logit effects, labels, label quality).
 //! * `search-eval`: precision@10 of atlas search on the repository's query set.
-//! * `ship`: the SAELens and compact files plus their manifest under `public/sae/`.
+//! * `ship`: the compact SAE file and its manifest under `public/sae/`.
+//! * `export-saelens`: the SAELens files (`cfg.json`, `sae_weights.safetensors`) of the
+//!   compact SAE, which the repository does not carry.
 
 mod atlas;
 mod autosteer_eval;
@@ -174,7 +176,7 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Write the shipped SAE (SAELens + compact + manifest) from a training run and its evaluation.
+    /// Write the shipped SAE (compact file + manifest) from a training run and its evaluation.
     Ship {
         #[arg(long)]
         trained: PathBuf,
@@ -185,6 +187,16 @@ enum Command {
         #[arg(long)]
         layer_comparison: Option<PathBuf>,
         #[arg(long, default_value = "public/sae")]
+        out: PathBuf,
+    },
+    /// Write the SAELens layout (cfg.json + sae_weights.safetensors, f32) of a compact SAE
+    /// file into OUT, loadable with SAELens's `SAE.load_from_disk`; the written files are read
+    /// back and checked to hold exactly the compact file's weights.
+    ExportSaelens {
+        #[arg(long, default_value = "public/sae/kindling-sae.f16.safetensors")]
+        compact: PathBuf,
+        /// A folder (data/ is ignored by git; so are these two names under public/sae/).
+        #[arg(long, default_value = "data/sae/saelens")]
         out: PathBuf,
     },
 }
@@ -390,6 +402,7 @@ fn main() -> ExitCode {
             out,
             command,
         }),
+        Command::ExportSaelens { compact, out } => export::export_saelens(&compact, &out).map(|_| ()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,6 +12,9 @@
 //!   `W_dec [d_sae, d_in]`, `b_enc`, `b_dec`; f32), read with [`Sae::from_saelens`];
 //! * the compact file the browser loads: the same tensors in f16 with the config in the
 //!   safetensors metadata under `"kindling_sae"`, read with [`Sae::from_compact`].
+//!
+//! Only the compact file is committed; [`saelens_from_compact`] (the command
+//! `kindling-build export-saelens`) writes the SAELens layout from it.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -567,4 +570,28 @@ pub fn saelens_cfg(cfg: &SaeConfig, extra_metadata: &HashMap<String, Value>) -> 
         "hook_name": cfg.hook_name(),
         "metadata": metadata,
     })
+}
+
+/// The SAELens layout of an SAE: `cfg.json` text and `sae_weights.safetensors` bytes.
+#[derive(Debug, Clone)]
+pub struct SaelensFiles {
+    pub cfg_json: String,
+    pub weights: Vec<u8>,
+}
+
+/// The SAELens files holding the same SAE as a compact file. f16 → f32 is exact, so the f32
+/// weights are the compact file's values; `cfg.json` is the config from its metadata. The
+/// output depends on nothing but the input bytes, so an export's SHA-256 can stand for it.
+pub fn saelens_from_compact(compact: &[u8]) -> Result<SaelensFiles, SaeError> {
+    let sae = Sae::from_compact(compact)?;
+    let (_, metadata) = SafeTensors::read_metadata(compact).map_err(|e| SaeError::File(e.to_string()))?;
+    let cfg_text = metadata.metadata().as_ref().and_then(|m| m.get("kindling_sae"));
+    let cfg: Value =
+        serde_json::from_str(cfg_text.ok_or_else(|| SaeError::Config("the file carries no \"kindling_sae\" metadata".into()))?)
+            .map_err(|e| SaeError::Config(format!("not JSON: {e}")))?;
+    // The weights file carries the config in its metadata too, so that `Sae::from_compact`
+    // reads it alone; SAELens ignores the metadata.
+    let weights = sae.to_safetensors(false, &cfg)?;
+    let cfg_json = serde_json::to_string_pretty(&cfg).expect("a JSON value serialises") + "\n";
+    Ok(SaelensFiles { cfg_json, weights })
 }

@@ -1022,9 +1022,11 @@ fn mutated_sae_files_load_or_fail_within_bounds() {
         let (bytes, desc) = mutate_safetensors(&mut rng, &header, data, "kindling_sae");
         case(&mut stats, &|| desc.clone(), SAE_BOUND, || Sae::from_compact(&bytes).map(use_sae));
     }
+    // The SAELens files are not committed: mutate the export of the compact file.
+    let export = kindling_engine::sae::saelens_from_compact(&compact).unwrap();
     drop(compact);
-    let weights = read("public/sae/sae_weights.safetensors");
-    let cfg_json: Value = serde_json::from_slice(&read("public/sae/cfg.json")).unwrap();
+    let weights = export.weights;
+    let cfg_json: Value = serde_json::from_str(&export.cfg_json).unwrap();
     let (header, data) = st_parse(&weights);
     // The SAELens config travels as its own file: mutate it as if it were metadata.
     let mut with_cfg = header.clone();

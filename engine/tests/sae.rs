@@ -4,7 +4,7 @@
 mod common;
 
 use common::{ids, model, prompt};
-use kindling_engine::sae::{saelens_cfg, top_k_positive};
+use kindling_engine::sae::{saelens_cfg, saelens_from_compact, top_k_positive};
 use kindling_engine::{Backend, FeatureCapture, Logits, ResidualHook, Sae, SaeConfig, SaeError, Splice, SpliceMode};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -220,20 +220,30 @@ fn shipped() -> (Sae, serde_json::Value) {
 }
 
 #[test]
-fn the_shipped_sae_fits_the_model_and_both_forms_agree() {
+fn the_shipped_sae_fits_the_model_and_its_saelens_export_agrees() {
     let (sae, manifest) = shipped();
     let model = model(Backend::Cpu);
     sae.check_model(model.llama.config(), Some(kindling_engine::SMOLLM2_SHA256))
         .unwrap();
     assert_eq!(manifest["config"]["hook_name"], sae.config().hook_name());
     let dir = shipped_dir();
-    let saelens = Sae::from_saelens(
-        &std::fs::read_to_string(dir.join("cfg.json")).unwrap(),
-        &std::fs::read(dir.join("sae_weights.safetensors")).unwrap(),
-    )
-    .unwrap();
+    // The SAELens form is not committed: `kindling-build export-saelens` derives it.
+    let compact = std::fs::read(dir.join("kindling-sae.f16.safetensors")).unwrap();
+    let export = saelens_from_compact(&compact).unwrap();
+    let saelens = Sae::from_saelens(&export.cfg_json, &export.weights).unwrap();
     assert_eq!(saelens.config(), sae.config());
-    // Every file's sha256 is the one the manifest records.
+    for ((name, a, _), (_, b, _)) in saelens.tensors().into_iter().zip(sae.tensors()) {
+        assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{name} differs");
+    }
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&export.cfg_json).unwrap(),
+        manifest["config"]
+    );
+    // The shipped atlas accepts an SAE loaded from the export (it records the export's sha256).
+    let atlas: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(common::repo_root().join("public/atlas/atlas.json")).unwrap()).unwrap();
+    assert_eq!(atlas["sae"]["saelens_sha256"].as_str(), saelens.sha256());
+    // Every committed file's sha256 is the one the manifest records.
     for file in manifest["files"].as_array().unwrap() {
         let bytes = std::fs::read(dir.join(file["file"].as_str().unwrap())).unwrap();
         use sha2::Digest;

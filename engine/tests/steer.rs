@@ -272,8 +272,8 @@ fn a_steering_unit_moves_the_residual_by_a_fixed_share_of_its_norm_for_every_lat
     use kindling_engine::steer::{RESIDUAL_FRACTION_PER_UNIT, steering_vector};
     let sae = sae();
     // The shipped SAE records its training normalisation: inputs scaled by s to norm √d_in.
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(shipped_dir().join("cfg.json")).unwrap()).unwrap();
-    let s = cfg["metadata"]["normalization"]["input_scale"].as_f64().unwrap() as f32;
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(shipped_dir().join("manifest.json")).unwrap()).unwrap();
+    let s = manifest["config"]["metadata"]["normalization"]["input_scale"].as_f64().unwrap() as f32;
     let trained_norm = (sae.config().d_in as f32).sqrt() / s;
     assert!(
         (sae.residual_norm() / trained_norm - 1.0).abs() < 1e-3,

@@ -42,7 +42,7 @@ pub struct AtlasArgs {
     /// Set from the global --model.
     #[arg(skip)]
     pub model_path: PathBuf,
-    /// `public/sae`: the compact file, the SAELens files and the manifest.
+    /// `public/sae`: the compact file and its manifest.
     #[arg(long, default_value = "public/sae")]
     pub sae_dir: PathBuf,
     /// Its held-out windows are the atlas's text.

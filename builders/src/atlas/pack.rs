@@ -108,7 +108,11 @@ pub fn run(
             }
         })
         .collect();
-    let saelens = args.sae_dir.join("sae_weights.safetensors");
+    // The SAELens weights are not committed: hash the export `export-saelens` writes, which
+    // depends only on the compact file, so that an SAE loaded from it finds this atlas too.
+    let compact = args.sae_dir.join(crate::export::COMPACT);
+    let compact_bytes = std::fs::read(&compact).map_err(|e| BuildError::io(&compact, e))?;
+    let saelens_weights = kindling_engine::sae::saelens_from_compact(&compact_bytes)?.weights;
     let index = AtlasIndex {
         format: "kindling-atlas".into(),
         version: ATLAS_VERSION,
@@ -116,7 +120,7 @@ pub fn run(
             layer: sae.config().layer,
             d_sae,
             compact_sha256: sae.sha256().unwrap_or_default().to_string(),
-            saelens_sha256: sha256_file(&saelens)?,
+            saelens_sha256: format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(&saelens_weights)),
         },
         model_sha256: sha256_file(&args.model_path)?,
         embedder_sha256: sha256_file(&args.embedder)?,
