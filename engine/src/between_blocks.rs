@@ -59,7 +59,7 @@ impl BetweenBlocks<'_> {
     /// Whether the work the pass belongs to was cancelled (asked before every block).
     pub(crate) fn cancelled(&self) -> bool {
         match self {
-            BetweenBlocks::Hook { hook, .. } | BetweenBlocks::HookOnHost { hook, .. } => hook.cancelled(),
+            BetweenBlocks::Hook { hook, .. } | BetweenBlocks::HookOnHost { hook, .. } => (**hook).cancelled(),
             BetweenBlocks::Nothing | BetweenBlocks::Add { .. } => false,
         }
     }

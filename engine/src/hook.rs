@@ -186,4 +186,10 @@ impl<H: ResidualHook + ?Sized> ResidualHook for &mut H {
     fn interrupt(&self) -> Option<String> {
         (**self).interrupt()
     }
+
+    // Every provided method must be passed on too: a lent hook that answered the default
+    // would never be cancelled (`BetweenBlocks` asks through a `&&mut dyn ResidualHook`).
+    fn cancelled(&self) -> bool {
+        (**self).cancelled()
+    }
 }

@@ -14,6 +14,7 @@
 //! which aborts the run with the case number. The tests take one lock so that the counts of
 //! one are not mixed with another's.
 
+#[path = "integration/common.rs"]
 mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};

@@ -1,9 +1,7 @@
 //! The SAE API: loading and its errors, numerics against a straightforward implementation,
 //! and the hooks on the real model.
 
-mod common;
-
-use common::{ids, model, prompt};
+use crate::common::{ids, model, prompt};
 use kindling_engine::sae::{saelens_cfg, saelens_from_compact, top_k_positive};
 use kindling_engine::{Backend, FeatureCapture, Logits, ResidualHook, Sae, SaeConfig, SaeError, Splice, SpliceMode};
 use rand::{Rng, SeedableRng};
@@ -208,7 +206,7 @@ fn feature_capture_reports_every_token_in_prefill_and_decode() {
 
 /// Where the shipped SAE lives (`public/sae/`; `KINDLING_SAE_DIR` points elsewhere).
 fn shipped_dir() -> std::path::PathBuf {
-    std::env::var_os("KINDLING_SAE_DIR").map_or_else(|| common::repo_root().join("public/sae"), std::path::PathBuf::from)
+    std::env::var_os("KINDLING_SAE_DIR").map_or_else(|| crate::common::repo_root().join("public/sae"), std::path::PathBuf::from)
 }
 
 /// The committed SAE and its manifest.
@@ -241,7 +239,7 @@ fn the_shipped_sae_fits_the_model_and_its_saelens_export_agrees() {
     );
     // The shipped atlas accepts an SAE loaded from the export (it records the export's sha256).
     let atlas: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(common::repo_root().join("public/atlas/atlas.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(crate::common::repo_root().join("public/atlas/atlas.json")).unwrap()).unwrap();
     assert_eq!(atlas["sae"]["saelens_sha256"].as_str(), saelens.sha256());
     // Every committed file's sha256 is the one the manifest records.
     for file in manifest["files"].as_array().unwrap() {
@@ -263,7 +261,7 @@ fn the_shipped_sae_reconstructs_a_fixed_prompt_as_well_as_reported() {
     // A fixed prompt from the SAE's own distribution: the first held-out window of each chat
     // source (tests/fixtures/sae_heldout_windows.json), each run on its own as in evaluation.
     let fixture: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(common::repo_root().join("tests/fixtures/sae_heldout_windows.json")).unwrap())
+        serde_json::from_str(&std::fs::read_to_string(crate::common::repo_root().join("tests/fixtures/sae_heldout_windows.json")).unwrap())
             .unwrap();
     let d = sae.config().d_in;
     let mut kept: Vec<f32> = Vec::new();

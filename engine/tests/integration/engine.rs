@@ -1,11 +1,9 @@
 //! The engine's behaviour on the real model: residual hooks, generation, bad input.
 
-mod common;
-
 use std::ops::Range;
 
+use crate::common::{fixture, ids, model, model_path, prompt};
 use burn::tensor::Tensor;
-use common::{fixture, ids, model, model_path, prompt};
 use kindling_engine::gguf::GgufError;
 use kindling_engine::{
     AddToResidual, Backend, CancelToken, CaptureResidual, ChatMessage, EngineError, FinishReason, Logits, Model, ResidualHook,

@@ -1,12 +1,10 @@
 //! Steering on the real model with the shipped SAE: identity without edits, edits measured
 //! back through the SAE, conditional scopes firing where they should, aborts.
 
-mod common;
-
 use std::ops::Range;
 use std::sync::OnceLock;
 
-use common::model;
+use crate::common::model;
 use kindling_engine::burn::tensor::Tensor;
 use kindling_engine::steer::{Condition, Edit, Mode, Operand, Operator, Units};
 use kindling_engine::{
@@ -15,7 +13,7 @@ use kindling_engine::{
 };
 
 fn shipped_dir() -> std::path::PathBuf {
-    std::env::var_os("KINDLING_SAE_DIR").map_or_else(|| common::repo_root().join("public/sae"), std::path::PathBuf::from)
+    std::env::var_os("KINDLING_SAE_DIR").map_or_else(|| crate::common::repo_root().join("public/sae"), std::path::PathBuf::from)
 }
 
 fn sae() -> &'static Sae {
@@ -347,7 +345,7 @@ fn auto_conditional_fires_on_unseen_text_about_its_topic_and_not_on_plain_text()
     use kindling_engine::Atlas;
     use kindling_engine::autosteer::auto_conditional;
     let m = model(Backend::Cpu);
-    let atlas = Atlas::load_dir(&common::repo_root().join("public/atlas"), sae(), false).expect("the shipped atlas");
+    let atlas = Atlas::load_dir(&crate::common::repo_root().join("public/atlas"), sae(), false).expect("the shipped atlas");
     let units = Units::new(sae(), atlas.units());
     let found = auto_conditional(&m, sae(), &atlas, "pirates", &CancelToken::new())
         .unwrap()

@@ -4,9 +4,7 @@
 //! Tolerances follow machine-facts §B.6: llama.cpp itself is 0.1–0.35 logits (mean) from an
 //! exact f64 forward pass, because it quantizes activations and keeps the KV cache in f16.
 
-mod common;
-
-use common::{fixture, ids, model, prompt};
+use crate::common::{fixture, ids, model, prompt};
 use kindling_engine::{Backend, CancelToken, ChatMessage, Logits, SamplingParams};
 
 #[test]

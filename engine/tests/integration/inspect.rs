@@ -1,12 +1,10 @@
 //! Inspect on the real model: per-token features, top, lookup, vectors and the dense matrix
 //! agree with each other and with a direct SAE encode of the captured residual.
 
-mod common;
-
-use common::model;
+use crate::common::model;
 use kindling_engine::steer::{Edit, Units};
 use kindling_engine::{
-    Aggregate, Backend, CancelToken, CaptureResidual, ChatMessage, Inspection, Interrupt, Logits, Sae, SaeConfig, Variant,
+    Aggregate, Backend, CancelToken, CaptureResidual, ChatMessage, EngineError, Inspection, Interrupt, Logits, Sae, SaeConfig, Variant,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -164,4 +162,37 @@ fn contrast_reads_assistant_tokens_and_ranks_both_directions() {
     // The same data on both sides separates nothing.
     let (x, y) = contrast(m, &sae, &plain, &plain, &units, 5, &Interrupt::new(CancelToken::new())).unwrap();
     assert!(x.is_empty() && y.is_empty());
+}
+
+/// A long inspection stops between blocks once its token is cancelled (a client that leaves
+/// frees the server's slot), rather than running to its end.
+#[test]
+fn a_cancelled_inspection_stops_between_blocks() {
+    let model = model(Backend::Cpu);
+    let sae = &sae();
+    let tokens = model
+        .tokenizer
+        .encode(&"The cat sat on the mat and looked at the dog. ".repeat(120), false);
+    let started = std::time::Instant::now();
+    let whole = Inspection::run(model, sae, &tokens, None);
+    let full = started.elapsed();
+    assert!(whole.is_ok());
+    let cancel = CancelToken::new();
+    let canceller = {
+        let cancel = cancel.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(full / 10);
+            cancel.cancel();
+        })
+    };
+    let started = std::time::Instant::now();
+    let stopped = Inspection::run_cancellable(model, sae, &tokens, None, &cancel);
+    let took = started.elapsed();
+    canceller.join().unwrap();
+    assert!(matches!(stopped, Err(EngineError::Cancelled)), "{:?}", stopped.map(|_| ()));
+    assert!(
+        took < full / 2,
+        "cancelled after {:?} it still took {took:?} (whole: {full:?})",
+        full / 10
+    );
 }
