@@ -11,6 +11,13 @@ echo "== cargo fmt --check"
 # Formatting first: it fails in a second, before the long builds.
 cargo fmt --all --check || { echo "formatting differs: run cargo fmt --all" >&2; exit 1; }
 
+echo "== cargo clippy -D warnings, cargo doc -D warnings"
+# Lints are [workspace.lints] in Cargo.toml. The page is linted for wasm32, where its UI
+# lives; its workers need burn for wasm32 and are checked by the e2e build instead.
+cargo clippy --release --workspace --all-targets -- -D warnings
+cargo clippy -p kindling-app --target wasm32-unknown-unknown --lib --bin kindling-app -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --release --workspace --no-deps
+
 scripts/fetch-model.sh
 scripts/fetch-minilm.sh
 

@@ -9,6 +9,9 @@ use std::rc::Rc;
 
 use futures::channel::{mpsc, oneshot};
 use kindling_ember::worker::{FromWorker, ToWorker};
+
+pub use crate::logic::error_message;
+use crate::logic::{SseFrames, Utf8Decoder};
 use serde_json::{Value, json};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
@@ -390,23 +393,6 @@ async fn http_with_signal(
     Ok(response)
 }
 
-/// The message of an error body: Goodfire/Kindling's `{"error": {"message"}}`, `{"detail"}`,
-/// or the status text.
-pub fn error_message(body: &str, status_text: &str) -> String {
-    let value: Value = serde_json::from_str(body).unwrap_or(Value::Null);
-    value["error"]["message"]
-        .as_str()
-        .or_else(|| value["detail"].as_str())
-        .map(str::to_string)
-        .unwrap_or_else(|| {
-            if status_text.is_empty() {
-                "request failed".into()
-            } else {
-                status_text.into()
-            }
-        })
-}
-
 /// Reads a server-sent-event reply and forwards its `data:` chunks until `[DONE]`.
 async fn stream_sse(
     hosted: &Hosted,
@@ -445,52 +431,5 @@ async fn stream_sse(
                 return Ok(());
             }
         }
-    }
-}
-
-/// UTF-8 across chunk boundaries (a character may be split between two reads).
-#[derive(Default)]
-struct Utf8Decoder {
-    tail: Vec<u8>,
-}
-
-impl Utf8Decoder {
-    fn decode(&mut self, bytes: &[u8]) -> String {
-        self.tail.extend_from_slice(bytes);
-        let valid = match std::str::from_utf8(&self.tail) {
-            Ok(_) => self.tail.len(),
-            Err(e) if e.error_len().is_none() => e.valid_up_to(),
-            // Invalid bytes (not just a cut character): decode lossily and move on.
-            Err(_) => self.tail.len(),
-        };
-        let rest = self.tail.split_off(valid);
-        let text = String::from_utf8_lossy(&self.tail).into_owned();
-        self.tail = rest;
-        text
-    }
-}
-
-/// Splits a server-sent-event byte stream into the `data:` payloads of whole frames.
-#[derive(Default)]
-pub struct SseFrames {
-    buffer: String,
-}
-
-impl SseFrames {
-    pub fn push(&mut self, text: &str) -> Vec<String> {
-        self.buffer.push_str(&text.replace("\r\n", "\n"));
-        let mut out = Vec::new();
-        while let Some(end) = self.buffer.find("\n\n") {
-            let frame: String = self.buffer.drain(..end + 2).collect();
-            let data: Vec<&str> = frame
-                .lines()
-                .filter_map(|l| l.strip_prefix("data:"))
-                .map(|d| d.strip_prefix(' ').unwrap_or(d))
-                .collect();
-            if !data.is_empty() {
-                out.push(data.join("\n"));
-            }
-        }
-        out
     }
 }

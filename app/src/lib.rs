@@ -1,103 +1,23 @@
 //! The Kindling playground: steer SmolLM2 by its SAE features, in the browser.
 //!
-//! The page holds the UI only; the model runs in a Web Worker ([`client::LocalEngine`]) or on a
-//! hosted Ember-compatible endpoint ([`client::Hosted`]). Every panel talks to either through
-//! one [`client::Client`] in the Goodfire wire format, and edits one shared
-//! [`SavedVariant`] (Goodfire terms: feature UUIDs and labels), which is also what is
+//! The page holds the UI only; the model runs in a Web Worker (`client::LocalEngine`) or on a
+//! hosted Ember-compatible endpoint (`client::Hosted`). Every panel talks to either through
+//! one `client::Client` in the Goodfire wire format, and edits one shared
+//! [`kindling_ember::variant::SavedVariant`] (Goodfire terms: feature UUIDs and labels), which is also what is
 //! exported, imported and shared as a link.
 
-#![cfg(target_arch = "wasm32")]
+pub mod logic;
 
+// The UI and its glue: only for the browser (natively they would pull in a DOM for no use).
+#[cfg(target_arch = "wasm32")]
 pub mod client;
+#[cfg(target_arch = "wasm32")]
 mod components;
+#[cfg(target_arch = "wasm32")]
+mod session;
 
-use kindling_ember::variant::{FeatureRef, SavedVariant};
-use leptos::prelude::*;
-
-use crate::client::Client;
+#[cfg(target_arch = "wasm32")]
 pub use components::App;
-
-/// The state every panel shares, provided as context by [`App`].
-#[derive(Clone, Copy)]
-pub struct Session {
-    /// The endpoint, once connected (`None` while the model loads or after a failure).
-    pub client: RwSignal<Option<Client>, LocalStorage>,
-    /// The variant being built: edits and rules.
-    pub variant: RwSignal<SavedVariant>,
-    /// Features met in this session (searched, opened, in rules), for the rule builder and
-    /// the inspector's pickers.
-    pub known: RwSignal<Vec<FeatureRef>>,
-    /// The feature whose dashboard card is open.
-    pub card: RwSignal<Option<FeatureRef>>,
-    /// The last conversation, for the inspector: (role, content) pairs.
-    pub conversation: RwSignal<Vec<(String, String)>>,
-    /// Messages for the user, oldest first. An error stays until dismissed (a later notice
-    /// must not hide why a share link did not open); a notice replaces the previous notice.
-    pub notices: RwSignal<Vec<Notice>>,
-    /// Where the engine runs and its build, for the footer: the in-page worker's build id
-    /// (as its loader said it), or "hosted".
-    pub engine_build: RwSignal<Option<String>>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Notice {
-    pub id: u64,
-    pub error: bool,
-    pub text: String,
-}
-
-/// How many errors stay on screen at once.
-const MAX_ERRORS: usize = 3;
-
-impl Session {
-    pub fn client(&self) -> Option<Client> {
-        self.client.get_untracked()
-    }
-
-    pub fn error(&self, text: impl std::fmt::Display) {
-        self.push_notice(true, text.to_string());
-    }
-
-    pub fn info(&self, text: impl Into<String>) {
-        self.push_notice(false, text.into());
-    }
-
-    pub fn dismiss(&self, id: u64) {
-        self.notices.update(|n| n.retain(|notice| notice.id != id));
-    }
-
-    fn push_notice(&self, error: bool, text: String) {
-        self.notices.update(|notices| {
-            let id = notices.iter().map(|n| n.id + 1).max().unwrap_or(0);
-            if error {
-                let errors = notices.iter().filter(|n| n.error).count();
-                if errors >= MAX_ERRORS {
-                    let oldest = notices.iter().position(|n| n.error).expect("an error exists");
-                    notices.remove(oldest);
-                }
-            } else {
-                notices.retain(|n| n.error);
-            }
-            notices.push(Notice { id, error, text });
-        });
-    }
-
-    /// The request `controller` of the current variant (none for the base model).
-    pub fn controller(&self) -> Option<serde_json::Value> {
-        let variant = self.variant.get_untracked();
-        (!variant.is_base()).then(|| variant.to_controller())
-    }
-}
-
-pub fn use_session() -> Session {
-    expect_context::<Session>()
-}
-
-/// A feature named in an API answer (`id` in search-style answers, `uuid` in lookups).
-pub fn feature_ref(value: &serde_json::Value) -> Option<FeatureRef> {
-    Some(FeatureRef {
-        uuid: value["id"].as_str().or_else(|| value["uuid"].as_str())?.to_string(),
-        label: value["label"].as_str().unwrap_or_default().to_string(),
-        index_in_sae: value["index_in_sae"].as_u64()? as u32,
-    })
-}
+pub use logic::feature_ref;
+#[cfg(target_arch = "wasm32")]
+pub use session::{Notice, Session, use_session};

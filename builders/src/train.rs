@@ -441,92 +441,6 @@ impl Trainer {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cosine(a: &[f32], b: &[f32]) -> f32 {
-        dot(a, b) / (dot(a, a).sqrt() * dot(b, b).sqrt()).max(1e-12)
-    }
-
-    /// Data made of a few planted unit directions, 3 active per sample: the SAE must find
-    /// every planted direction as a decoder row (cosine ≥ 0.9).
-    #[test]
-    fn recovers_planted_sparse_directions() {
-        let (d, n_true, active) = (32, 24, 3);
-        let mut rng = ChaCha8Rng::seed_from_u64(7);
-        let mut truth: Vec<f32> = (0..n_true * d).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
-        normalise_rows(&mut truth, d);
-        let sample = |rng: &mut ChaCha8Rng, rows: usize| -> Vec<f32> {
-            let mut x = vec![0.0f32; rows * d];
-            for r in x.chunks_exact_mut(d) {
-                for _ in 0..active {
-                    let j = rng.random_range(0..n_true);
-                    let a = 1.0 + rng.random::<f32>();
-                    r.iter_mut().zip(&truth[j * d..(j + 1) * d]).for_each(|(x, t)| *x += a * t);
-                }
-            }
-            x
-        };
-        let cfg = TrainConfig {
-            d_in: d,
-            d_sae: 48,
-            k: active,
-            k_aux: 16,
-            aux_coef: 1.0 / 32.0,
-            lr: 1e-2,
-            batch: 256,
-            dead_after_tokens: 2048,
-            seed: 1,
-        };
-        let device = kindling_engine::Backend::Cpu.device().unwrap();
-        let mut trainer = Trainer::new(cfg.clone(), &sample(&mut rng, 1024), device);
-        let mut last = StepStats::default();
-        for step in 0..1500 {
-            let lr_scale = if step > 1200 { 0.2 } else { 1.0 };
-            last = trainer.step(&sample(&mut rng, cfg.batch), lr_scale).unwrap();
-        }
-        assert!(last.fvu < 0.1, "FVU {}", last.fvu);
-        for j in 0..n_true {
-            let t = &truth[j * d..(j + 1) * d];
-            let best = trainer.dec.chunks_exact(d).map(|w| cosine(w, t)).fold(f32::MIN, f32::max);
-            assert!(best >= 0.9, "planted direction {j}: best decoder cosine {best:.3}");
-        }
-    }
-
-    #[test]
-    fn checkpoints_round_trip() {
-        let cfg = TrainConfig {
-            d_in: 8,
-            d_sae: 16,
-            k: 2,
-            k_aux: 4,
-            aux_coef: 0.03,
-            lr: 1e-3,
-            batch: 8,
-            dead_after_tokens: 16,
-            seed: 3,
-        };
-        let device = kindling_engine::Backend::Cpu.device().unwrap();
-        let x: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
-        let mut a = Trainer::new(cfg.clone(), &x, device.clone());
-        a.step(&x, 1.0).unwrap();
-        let dir = std::env::temp_dir().join(format!("kindling-ckpt-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("c.safetensors");
-        a.save(&path, &serde_json::json!({"epoch": 1})).unwrap();
-        let mut b = Trainer::new(cfg.clone(), &x, device.clone());
-        assert_eq!(b.load(&path).unwrap()["epoch"], 1);
-        // Both continue identically.
-        let (sa, sb) = (a.step(&x, 1.0).unwrap(), b.step(&x, 1.0).unwrap());
-        assert_eq!(sa.fvu, sb.fvu);
-        assert_eq!(a.dec, b.dec);
-        let mut other = Trainer::new(TrainConfig { k: 3, ..cfg }, &x, device);
-        assert!(other.load(&path).is_err(), "a checkpoint of another config must be refused");
-        std::fs::remove_dir_all(dir).ok();
-    }
-}
-
 impl Trainer {
     /// The trained SAE on raw residual units: the input scale `s` is folded in
     /// (`W_enc ← s·encᵀ`, `b_dec ← b_dec/s`, `W_dec ← dec/s`), so activations are unchanged.
@@ -700,10 +614,11 @@ pub fn run(args: &TrainArgs) -> Result<(), BuildError> {
         };
         let x = rows.gather(order.indices(step), scale);
         last = trainer.step(&x, lr_scale)?;
-        let ema = |avg: f32, v: f32| {
-            if avg.is_nan() { v } else { 0.95 * avg + 0.05 * v }
+        fvu_avg = if fvu_avg.is_nan() {
+            last.fvu
+        } else {
+            0.95 * fvu_avg + 0.05 * last.fvu
         };
-        fvu_avg = ema(fvu_avg, last.fvu);
         l0_avg = if step == 0 { last.l0 } else { 0.95 * l0_avg + 0.05 * last.l0 };
         aux_avg = 0.95 * aux_avg + 0.05 * last.aux_loss;
         let extra = format!(
@@ -741,4 +656,90 @@ pub fn run(args: &TrainArgs) -> Result<(), BuildError> {
     crate::export::write_trained(&args.out, &sae, &summary)?;
     eprintln!("[train] wrote {} ({:.0} s)", args.out.display(), started.elapsed().as_secs_f64());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cosine(a: &[f32], b: &[f32]) -> f32 {
+        dot(a, b) / (dot(a, a).sqrt() * dot(b, b).sqrt()).max(1e-12)
+    }
+
+    /// Data made of a few planted unit directions, 3 active per sample: the SAE must find
+    /// every planted direction as a decoder row (cosine ≥ 0.9).
+    #[test]
+    fn recovers_planted_sparse_directions() {
+        let (d, n_true, active) = (32, 24, 3);
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let mut truth: Vec<f32> = (0..n_true * d).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
+        normalise_rows(&mut truth, d);
+        let sample = |rng: &mut ChaCha8Rng, rows: usize| -> Vec<f32> {
+            let mut x = vec![0.0f32; rows * d];
+            for r in x.chunks_exact_mut(d) {
+                for _ in 0..active {
+                    let j = rng.random_range(0..n_true);
+                    let a = 1.0 + rng.random::<f32>();
+                    r.iter_mut().zip(&truth[j * d..(j + 1) * d]).for_each(|(x, t)| *x += a * t);
+                }
+            }
+            x
+        };
+        let cfg = TrainConfig {
+            d_in: d,
+            d_sae: 48,
+            k: active,
+            k_aux: 16,
+            aux_coef: 1.0 / 32.0,
+            lr: 1e-2,
+            batch: 256,
+            dead_after_tokens: 2048,
+            seed: 1,
+        };
+        let device = kindling_engine::Backend::Cpu.device().unwrap();
+        let mut trainer = Trainer::new(cfg.clone(), &sample(&mut rng, 1024), device);
+        let mut last = StepStats::default();
+        for step in 0..1500 {
+            let lr_scale = if step > 1200 { 0.2 } else { 1.0 };
+            last = trainer.step(&sample(&mut rng, cfg.batch), lr_scale).unwrap();
+        }
+        assert!(last.fvu < 0.1, "FVU {}", last.fvu);
+        for j in 0..n_true {
+            let t = &truth[j * d..(j + 1) * d];
+            let best = trainer.dec.chunks_exact(d).map(|w| cosine(w, t)).fold(f32::MIN, f32::max);
+            assert!(best >= 0.9, "planted direction {j}: best decoder cosine {best:.3}");
+        }
+    }
+
+    #[test]
+    fn checkpoints_round_trip() {
+        let cfg = TrainConfig {
+            d_in: 8,
+            d_sae: 16,
+            k: 2,
+            k_aux: 4,
+            aux_coef: 0.03,
+            lr: 1e-3,
+            batch: 8,
+            dead_after_tokens: 16,
+            seed: 3,
+        };
+        let device = kindling_engine::Backend::Cpu.device().unwrap();
+        let x: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut a = Trainer::new(cfg.clone(), &x, device.clone());
+        a.step(&x, 1.0).unwrap();
+        let dir = std::env::temp_dir().join(format!("kindling-ckpt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.safetensors");
+        a.save(&path, &serde_json::json!({"epoch": 1})).unwrap();
+        let mut b = Trainer::new(cfg.clone(), &x, device.clone());
+        assert_eq!(b.load(&path).unwrap()["epoch"], 1);
+        // Both continue identically.
+        let (sa, sb) = (a.step(&x, 1.0).unwrap(), b.step(&x, 1.0).unwrap());
+        assert_eq!(sa.fvu, sb.fvu);
+        assert_eq!(a.dec, b.dec);
+        let mut other = Trainer::new(TrainConfig { k: 3, ..cfg }, &x, device);
+        assert!(other.load(&path).is_err(), "a checkpoint of another config must be refused");
+        std::fs::remove_dir_all(dir).ok();
+    }
 }

@@ -91,7 +91,7 @@ impl CaptureResidual {
 
     /// Number of positions captured.
     pub fn len(&self) -> usize {
-        if self.width == 0 { 0 } else { self.first().len() / self.width }
+        self.first().len().checked_div(self.width).unwrap_or(0)
     }
 
     /// Whether nothing was captured.

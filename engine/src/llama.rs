@@ -10,7 +10,7 @@
 //! `MUL_MAT(token_embd.weight, result_norm)`).
 //!
 //! One model serves every backend: tensors live on a burn [`Device`]. Linear layers keep their
-//! quantized blocks and multiply through [`crate::kernels`], the one place a backend's own
+//! quantized blocks and multiply through `kernels`, the one place a backend's own
 //! kernels plug in. Every pass (prefill, decode, batched decode, the browser's asynchronous one)
 //! runs the blocks in one loop (`Llama::residual`); what differs between them is where the
 //! keys and values go (`Pass`) and what happens between blocks (`BetweenBlocks`).

@@ -472,6 +472,8 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     fn scaled_sum_x4(d: [&[f32]; 4], x: &ActivationsQ8, block: impl Fn(usize, usize, __m256i) -> __m256) -> [f32; 4] {
         let mut acc = [_mm256_setzero_ps(); 4];
+        // `i` indexes the four weight rows' scales as well as the activations.
+        #[allow(clippy::needless_range_loop)]
         for i in 0..x.d.len() {
             let a = activations(&x.blocks[i]);
             for r in 0..4 {

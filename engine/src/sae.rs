@@ -137,7 +137,7 @@ const Q8_ENCODE_MAX_ROWS: usize = 4;
 /// `W_encᵀ` (`w_enc` is `[d_in, d_sae]`) as Q8_0: per block of 32 inputs one f16 scale and 32
 /// signed bytes, as GGUF stores it.
 fn encoder_q8(w_enc: &[f32], d_in: usize, d_sae: usize) -> Option<QMatrix> {
-    if d_in % 32 != 0 {
+    if !d_in.is_multiple_of(32) {
         return None;
     }
     let mut bytes = Vec::with_capacity(d_sae * d_in / 32 * 34);

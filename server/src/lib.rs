@@ -20,8 +20,8 @@
 //!   browsers get CORS headers only for the origins `--cors-origin` allows;
 //! * a handler that panics answers 500;
 //! * errors are JSON with a clear message, in the statuses the SDK maps (goodfire-api.md §1.6);
-//! * request logs are one JSON line each: method, route, status, duration. Never the query
-//!   string, the body or the `Authorization` header.
+//! * request logs are `tracing` events, one JSON line each: method, route, status, duration.
+//!   Never the query string, the body or the `Authorization` header.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -43,7 +43,7 @@ use futures_util::StreamExt as _;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use kindling_ember::routes::{API_PREFIX, OPENAI_PREFIX};
-use kindling_ember::wire::{self, ChatRequest};
+use kindling_ember::wire::ChatRequest;
 use kindling_ember::{Ember, EmberError, Request as ApiRequest, Route, dispatch};
 use kindling_engine::CancelToken;
 use serde::de::DeserializeOwned;
@@ -439,11 +439,13 @@ async fn log_request(request: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map_or_else(|| request.uri().path().to_string(), |p| p.as_str().to_string());
     let response = next.run(request).await;
-    let line = json!({
-        "time": wire::now(), "method": method.as_str(), "route": route,
-        "status": response.status().as_u16(), "ms": started.elapsed().as_millis() as u64,
-    });
-    eprintln!("{line}");
+    tracing::info!(
+        target: "kindling_server::request",
+        method = method.as_str(),
+        route,
+        status = response.status().as_u16(),
+        ms = started.elapsed().as_millis() as u64
+    );
     response
 }
 
@@ -475,7 +477,7 @@ pub async fn serve(
                 Err(e) => {
                     // Out of file descriptors, or a connection reset before it was accepted:
                     // wait a moment instead of spinning.
-                    eprintln!("kindling-server: accept failed: {e}");
+                    tracing::warn!("kindling-server: accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -500,7 +502,7 @@ pub async fn serve(
     state.shutdown.cancel();
     tokio::select! {
         () = graceful.shutdown() => {}
-        () = tokio::time::sleep(drain) => eprintln!("kindling-server: connections still open after {} s; closing them", drain.as_secs()),
+        () = tokio::time::sleep(drain) => tracing::warn!("kindling-server: connections still open after {} s; closing them", drain.as_secs()),
     }
     Ok(())
 }

@@ -12,6 +12,8 @@ use kindling_ember::{Ember, MODEL_NAME};
 use kindling_engine::{Atlas, Backend, Model, Sae};
 use kindling_server::{AppState, Settings, serve};
 use sha2::{Digest, Sha256};
+use tracing::{error, info};
+use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -74,10 +76,16 @@ struct Args {
 }
 
 fn main() {
+    // One JSON line per event on stderr (RUST_LOG picks the level; info by default).
+    tracing_subscriber::fmt()
+        .json()
+        .with_writer(std::io::stderr)
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("kindling-server: cannot start the async runtime: {e}");
+            error!("kindling-server: cannot start the async runtime: {e}");
             std::process::exit(1);
         }
     };
@@ -86,10 +94,10 @@ fn main() {
     // for longer than that on a blocking thread.
     runtime.shutdown_timeout(Duration::from_secs(2));
     if let Err(e) = result {
-        eprintln!("kindling-server: {e}");
+        error!("kindling-server: {e}");
         std::process::exit(1);
     }
-    eprintln!("kindling-server: stopped");
+    info!("kindling-server: stopped");
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -118,7 +126,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         header_read_timeout: Duration::from_secs(args.header_timeout.max(1)),
     };
     settings.check()?;
-    eprintln!("kindling-server: loading {}", args.model.display());
+    info!("kindling-server: loading {}", args.model.display());
     let model = Model::load(&args.model, Backend::Cpu)?;
     let sae_file = args.sae_dir.join("kindling-sae.f16.safetensors");
     let sae = Sae::from_compact(&std::fs::read(&sae_file).map_err(|e| format!("cannot read {}: {e}", sae_file.display()))?)?;
@@ -137,7 +145,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let state = AppState::new(ember, settings);
     let address = SocketAddr::new(args.host, args.port);
     let listener = tokio::net::TcpListener::bind(address).await?;
-    eprintln!(
+    info!(
         "kindling-server: listening on http://{} (Goodfire base_url; OpenAI base_url http://{0}/api/inference/v1){}",
         listener.local_addr()?,
         if keyed { ", API key required" } else { "" }
@@ -180,5 +188,5 @@ async fn shutdown() {
         () = ctrl_c => {},
         () = terminate => {},
     }
-    eprintln!("kindling-server: shutting down");
+    info!("kindling-server: shutting down");
 }

@@ -7,8 +7,8 @@ use futures::StreamExt;
 use leptos::prelude::*;
 use serde_json::{Value, json};
 
-use super::visible_token;
 use crate::client::Client;
+use crate::logic::visible_token;
 
 /// One message in a column.
 #[derive(Debug, Clone, PartialEq)]

@@ -271,12 +271,13 @@ pub fn Connection() -> impl IntoView {
         }
         store(HOSTED_URL_KEY, &hosted.base_url);
         store(HOSTED_MODEL_KEY, &hosted.model);
-        if !hosted.api_key.is_empty() && !anyway {
-            if let Some(host) = plain_http_host(&hosted.base_url) {
-                running.set("not connected".into());
-                insecure.set(Some(host));
-                return;
-            }
+        if !hosted.api_key.is_empty()
+            && !anyway
+            && let Some(host) = plain_http_host(&hosted.base_url)
+        {
+            running.set("not connected".into());
+            insecure.set(Some(host));
+            return;
         }
         insecure.set(None);
         // The key is kept only once a request with it has worked (below).

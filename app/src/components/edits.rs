@@ -4,6 +4,8 @@
 use kindling_ember::units::{BREAKS_FROM, StrengthZone, VISIBLE_FROM};
 use kindling_ember::variant::{EditMode, SavedEdit};
 use leptos::prelude::*;
+
+use crate::logic::{TrialRow, parse_dataset};
 use serde_json::{Value, json};
 
 use super::features::add_edit;
@@ -217,105 +219,6 @@ fn Trials(tried: RwSignal<Vec<Value>>, chosen: RwSignal<Value>) -> impl IntoView
             <tbody>{rows}</tbody>
         </table>
     }
-}
-
-/// One row of [`Trials`], read from a trial of `features/auto-edits`.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct TrialRow {
-    pub features: String,
-    pub strengths: String,
-    pub effect: f64,
-    pub perplexity: String,
-    pub distinct: f64,
-    pub verdict: &'static str,
-    pub chosen: bool,
-    pub sample: String,
-}
-
-impl TrialRow {
-    pub(crate) fn from_json(trial: &Value, chosen_edits: &Value) -> Self {
-        let edits = trial["edits"].as_array().cloned().unwrap_or_default();
-        let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
-        let features = edits
-            .iter()
-            .map(|e| format!("#{} {}", e["index_in_sae"], text(&e["label"])))
-            .collect::<Vec<_>>()
-            .join(" & ");
-        let strengths = edits
-            .iter()
-            .map(|e| format!("{:+.2}", e["value"].as_f64().unwrap_or(0.0)))
-            .collect::<Vec<_>>()
-            .join(" & ");
-        // The chosen edits: `[[feature, value], …]` with the feature's `index_in_sae`.
-        let picked: Vec<(u64, f64)> = chosen_edits
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|pair| Some((pair[0]["index_in_sae"].as_u64()?, pair[1].as_f64()?)))
-            .collect();
-        let mine: Vec<(u64, f64)> = edits
-            .iter()
-            .filter_map(|e| Some((e["index_in_sae"].as_u64()?, e["value"].as_f64()?)))
-            .collect();
-        let chosen =
-            !mine.is_empty() && mine.len() == picked.len() && mine.iter().zip(&picked).all(|(a, b)| a.0 == b.0 && (a.1 - b.1).abs() < 1e-4);
-        let effect = trial["effect"].as_f64().unwrap_or(0.0);
-        // JSON has no infinity: a trial without effect, or too repetitive, was never scored
-        // for perplexity (null).
-        let ratio = trial["perplexity_ratio"].as_f64();
-        let accepted = trial["accepted"].as_bool().unwrap_or(false);
-        let verdict = if chosen {
-            "chosen"
-        } else if accepted {
-            "weaker"
-        } else if effect <= 0.0 {
-            "no effect"
-        } else {
-            "incoherent"
-        };
-        Self {
-            features,
-            strengths,
-            effect,
-            perplexity: ratio.map_or("—".into(), |r| format!("{r:.1}")),
-            distinct: trial["distinct_bigrams"].as_f64().unwrap_or(0.0),
-            verdict,
-            chosen,
-            sample: text(&trial["sample"]),
-        }
-    }
-}
-
-/// Reads a chat dataset: conversations separated by blank lines, each line `user: …` or
-/// `assistant: …` (a line without a role continues the previous message).
-fn parse_dataset(text: &str) -> Result<Vec<Vec<Value>>, String> {
-    let mut conversations = Vec::new();
-    for (n, block) in text.split("\n\n").map(str::trim).filter(|b| !b.is_empty()).enumerate() {
-        let mut messages: Vec<(String, String)> = Vec::new();
-        for line in block.lines() {
-            let (role, rest) = match line.split_once(':') {
-                Some((r, rest)) if ["user", "assistant", "system"].contains(&r.trim().to_lowercase().as_str()) => {
-                    (r.trim().to_lowercase(), rest.trim())
-                }
-                _ => match messages.last_mut() {
-                    Some(last) => {
-                        last.1.push('\n');
-                        last.1.push_str(line);
-                        continue;
-                    }
-                    None => return Err(format!("conversation {}: start each message with “user:” or “assistant:”", n + 1)),
-                },
-            };
-            messages.push((role, rest.to_string()));
-        }
-        conversations.push(
-            messages
-                .into_iter()
-                .map(|(role, content)| json!({ "role": role, "content": content }))
-                .collect(),
-        );
-    }
-    Ok(conversations)
 }
 
 /// Contrast: features that tell two chat datasets apart.

@@ -4,8 +4,8 @@ use kindling_ember::variant::{EditMode, FeatureRef, SavedEdit};
 use leptos::prelude::*;
 use serde_json::{Value, json};
 
-use super::{shade, visible_token};
 use crate::Session;
+use crate::logic::{shade, visible_token};
 
 /// Adds an edit of `feature` to the variant (or says it is already there).
 pub(crate) fn add_edit(session: Session, feature: &FeatureRef, value: f32) {

@@ -5,8 +5,8 @@ use kindling_ember::variant::FeatureRef;
 use leptos::prelude::*;
 use serde_json::{Value, json};
 
-use super::{shade, visible_token};
 use crate::components::rules::FeaturePicker;
+use crate::logic::{shade, visible_token};
 
 /// One token and its active features (index → activation in max-activation units).
 #[derive(Debug, Clone, PartialEq)]

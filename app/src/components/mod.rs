@@ -130,14 +130,3 @@ fn NoticeBar() -> impl IntoView {
         </For>
     }
 }
-
-/// Shades a token by how strongly a feature fires on it (activation in max-activation units).
-pub(crate) fn shade(activation: f32) -> String {
-    let alpha = (activation.clamp(0.0, 1.0) * 0.85).max(0.0);
-    format!("background-color: rgba(255, 128, 0, {alpha:.3})")
-}
-
-/// A token's text made visible: newlines and leading spaces would otherwise vanish.
-pub(crate) fn visible_token(text: &str) -> String {
-    text.replace('\n', "⏎")
-}

@@ -183,7 +183,7 @@ fn cancellation_stops_the_stream() {
         .generate(prompt_ids, SamplingParams::greedy(100), None, cancel.clone())
         .unwrap();
     let mut n = 0;
-    while let Some(token) = stream.next() {
+    for token in stream.by_ref() {
         token.unwrap();
         n += 1;
         if n == 3 {

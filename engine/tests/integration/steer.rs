@@ -347,7 +347,7 @@ fn auto_conditional_fires_on_unseen_text_about_its_topic_and_not_on_plain_text()
     let m = model(Backend::Cpu);
     let atlas = Atlas::load_dir(&crate::common::repo_root().join("public/atlas"), sae(), false).expect("the shipped atlas");
     let units = Units::new(sae(), atlas.units());
-    let found = auto_conditional(&m, sae(), &atlas, "pirates", &CancelToken::new())
+    let found = auto_conditional(m, sae(), &atlas, "pirates", &CancelToken::new())
         .unwrap()
         .expect("a feature");
     println!("{found:?}");
@@ -358,7 +358,7 @@ fn auto_conditional_fires_on_unseen_text_about_its_topic_and_not_on_plain_text()
             .tokenizer
             .encode_chat(&[ChatMessage::user(user), ChatMessage::new("assistant", assistant)])
             .unwrap();
-        base_features(&m, &tokens).iter().skip(1).any(|features| {
+        base_features(m, &tokens).iter().skip(1).any(|features| {
             found.condition.holds(|f| {
                 features
                     .iter()
