@@ -10,8 +10,8 @@ use std::rc::Rc;
 use futures::channel::{mpsc, oneshot};
 use kindling_ember::worker::{FromWorker, ToWorker};
 
+use crate::logic::SseFrames;
 pub use crate::logic::error_message;
-use crate::logic::{SseFrames, Utf8Decoder};
 use serde_json::{Value, json};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
@@ -403,7 +403,11 @@ async fn stream_sse(
     let response = http_with_signal(hosted, "POST", "/chat/completions", Some(body), "text/event-stream", signal).await?;
     let stream = response.body().ok_or_else(|| ApiError::new(0, "the reply has no body"))?;
     let reader: web_sys::ReadableStreamDefaultReader = stream.get_reader().unchecked_into();
-    let mut decoder = Utf8Decoder::default();
+    // The browser's own streaming UTF-8 decoder: a character cut between two reads waits for
+    // its rest; bad bytes become U+FFFD.
+    let decoder = web_sys::TextDecoder::new().map_err(|e| ApiError::from_js("this browser has no TextDecoder", e))?;
+    let streaming = web_sys::TextDecodeOptions::new();
+    streaming.set_stream(true);
     let mut frames = SseFrames::default();
     loop {
         let Ok(result) = JsFuture::from(reader.read()).await else {
@@ -418,8 +422,10 @@ async fn stream_sse(
             return Ok(());
         }
         let value = js_sys::Reflect::get(&result, &"value".into()).unwrap_or(JsValue::UNDEFINED);
-        let bytes = js_sys::Uint8Array::new(&value).to_vec();
-        for data in frames.push(&decoder.decode(&bytes)) {
+        let text = decoder
+            .decode_with_js_u8_array_and_options(&js_sys::Uint8Array::new(&value), &streaming)
+            .map_err(|e| ApiError::from_js("the reply is not text", e))?;
+        for data in frames.push(&text) {
             if data == "[DONE]" {
                 return Ok(());
             }

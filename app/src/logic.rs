@@ -1,4 +1,4 @@
-//! The page's logic that needs no DOM: reading streams and error bodies, AutoSteer's trials,
+//! The page's logic that needs no DOM: reading event streams and error bodies, AutoSteer's trials,
 //! chat datasets, token shading. Compiled on every target, so `cargo test` checks it natively;
 //! the components and the worker glue around it are wasm32 only.
 
@@ -20,28 +20,6 @@ pub fn error_message(body: &str, status_text: &str) -> String {
                 status_text.into()
             }
         })
-}
-
-/// UTF-8 across chunk boundaries (a character may be split between two reads).
-#[derive(Default)]
-pub struct Utf8Decoder {
-    tail: Vec<u8>,
-}
-
-impl Utf8Decoder {
-    pub fn decode(&mut self, bytes: &[u8]) -> String {
-        self.tail.extend_from_slice(bytes);
-        let valid = match std::str::from_utf8(&self.tail) {
-            Ok(_) => self.tail.len(),
-            Err(e) if e.error_len().is_none() => e.valid_up_to(),
-            // Invalid bytes (not just a cut character): decode lossily and move on.
-            Err(_) => self.tail.len(),
-        };
-        let rest = self.tail.split_off(valid);
-        let text = String::from_utf8_lossy(&self.tail).into_owned();
-        self.tail = rest;
-        text
-    }
 }
 
 /// Splits a server-sent-event byte stream into the `data:` payloads of whole frames.
@@ -198,16 +176,6 @@ mod tests {
         assert_eq!(error_message(r#"{"detail": "only detail"}"#, "Bad"), "only detail");
         assert_eq!(error_message("<html>gateway</html>", "Bad Gateway"), "Bad Gateway");
         assert_eq!(error_message("", ""), "request failed");
-    }
-
-    #[test]
-    fn utf8_split_across_reads_is_joined_and_bad_bytes_do_not_stop_the_stream() {
-        let mut decoder = Utf8Decoder::default();
-        let bytes = "naïve ☕".as_bytes();
-        let (a, b) = bytes.split_at(3); // inside "ï"
-        let (b, c) = b.split_at(b.len() - 1); // inside "☕"
-        assert_eq!(decoder.decode(a) + &decoder.decode(b) + &decoder.decode(c), "naïve ☕");
-        assert_eq!(decoder.decode(&[0xff, b'x']), "\u{fffd}x");
     }
 
     #[test]

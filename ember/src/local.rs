@@ -37,6 +37,7 @@ pub use controller::read_controller;
 use crate::EmberError;
 use crate::routes::{ListQuery, Provider, SearchQuery};
 use crate::units;
+use crate::variant::FeatureRef;
 use crate::wire::*;
 
 // The protocol's copy of the unit's definition must be the engine's (the page reads the copy).
@@ -347,7 +348,12 @@ impl Ember {
 
     /// `Feature.json()` as the SDK reads it back (`uuid`, not `id`).
     fn feature_json(&self, feature: u32) -> Value {
-        json!({ "uuid": self.ids.uuid(feature), "label": self.label(feature), "index_in_sae": feature, "max_activation_strength": 1 })
+        FeatureRef {
+            uuid: self.ids.uuid(feature),
+            label: self.label(feature),
+            index_in_sae: feature,
+        }
+        .to_goodfire()
     }
 
     fn index(&self, i: i64) -> Result<u32, EmberError> {
