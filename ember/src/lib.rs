@@ -17,6 +17,7 @@
 pub mod error;
 #[cfg(feature = "engine")]
 pub mod local;
+pub mod replies;
 pub mod routes;
 pub mod units;
 pub mod variant;

@@ -30,11 +30,16 @@ use kindling_engine::tokenizer::{ChatMessage, TokenId};
 use kindling_engine::{
     AtlasError, CancelToken, EngineError, FinishReason, GeneratedToken, Interrupt, Model, ResidualHook, SamplingParams, TokenStream,
 };
-use serde_json::{Value, json};
+use serde_json::Value;
 
 pub use controller::read_controller;
 
 use crate::EmberError;
+use crate::replies::{
+    self, Ablation, Activation, ActiveAt, AutoEdits, ChatCompletion, Choice, Conditionals, ContextOut, Contrast, ContrastiveDatasets,
+    Dashboard, FeatureGroup, Features, GoodfireFeature, LogitAttribution, LookedUp, Lookup, Measured, Neighbors, RightHand,
+    TokenActivations, TokenFeatures, TokenText, TokenValue, Tokens, TrialEdit, TrialOut, Usage,
+};
 use crate::routes::{ListQuery, Provider, SearchQuery};
 use crate::units;
 use crate::variant::FeatureRef;
@@ -346,8 +351,8 @@ impl Ember {
         hits.into_iter().map(|h| self.feature_out(h.feature, Some(h.score))).collect()
     }
 
-    /// `Feature.json()` as the SDK reads it back (`uuid`, not `id`).
-    fn feature_json(&self, feature: u32) -> Value {
+    /// A feature as the SDK's `Feature.json()` writes it.
+    fn goodfire_feature(&self, feature: u32) -> GoodfireFeature {
         FeatureRef {
             uuid: self.ids.uuid(feature),
             label: self.label(feature),
@@ -592,7 +597,7 @@ impl Provider for Ember {
     }
 
     /// A whole (non-streamed) chat completion in the SDK's `ChatCompletion` shape.
-    fn chat_completion(&self, request: &ChatRequest, cancel: &CancelToken) -> Result<Value, EmberError> {
+    fn chat_completion(&self, request: &ChatRequest, cancel: &CancelToken) -> Result<ChatCompletion, EmberError> {
         let plan = self.plan_chat(request)?;
         let mut content = String::new();
         let mut rules = Vec::new();
@@ -602,20 +607,35 @@ impl Provider for Ember {
             true
         })?;
         rules.append(&mut end.rules);
-        let answer = json!({
-            "id": completion_id(), "object": "chat.completion", "created": now(), "model": self.name,
-            "system_fingerprint": "", "gf_event_names": end.event.iter().collect::<Vec<_>>(),
-            "choices": [{ "index": 0, "message": { "role": "assistant", "content": content }, "finish_reason": end.finish_reason }],
-            "usage": { "prompt_tokens": plan.prompt.len(), "completion_tokens": end.tokens, "total_tokens": plan.prompt.len() + end.tokens },
-        });
-        Ok(with_rules_fired(answer, &rules))
+        Ok(ChatCompletion {
+            id: completion_id(),
+            object: "chat.completion",
+            created: now(),
+            model: self.name.clone(),
+            system_fingerprint: String::new(),
+            gf_event_names: end.event.into_iter().collect(),
+            choices: vec![Choice {
+                index: 0,
+                message: Message {
+                    role: "assistant".into(),
+                    content,
+                },
+                finish_reason: end.finish_reason,
+            }],
+            usage: Usage {
+                prompt_tokens: plan.prompt.len(),
+                completion_tokens: end.tokens,
+                total_tokens: plan.prompt.len() + end.tokens,
+            },
+            kindling_rules_fired: rules,
+        })
     }
 
     // --- logits ---------------------------------------------------------------------------
 
     /// `compute-logits`: the next-token logits after the conversation, under its controller,
     /// most likely first.
-    fn compute_logits(&self, request: &LogitsRequest, cancel: &CancelToken) -> Result<Value, EmberError> {
+    fn compute_logits(&self, request: &LogitsRequest, cancel: &CancelToken) -> Result<LogitsResponse, EmberError> {
         self.check_model(&request.model)?;
         let tokens = self.continuation_tokens(&self.messages(&request.messages)?)?;
         let variant = self.variant(request.controller.as_ref())?;
@@ -641,22 +661,24 @@ impl Provider for Ember {
                 logits.push((t.text, t.logit));
             }
         }
-        Ok(json!(LogitsResponse {
+        Ok(LogitsResponse {
             logits: OrderedMap(logits),
-        }))
+        })
     }
 
     // --- features -------------------------------------------------------------------------
 
     /// `GET features/search` (the model defaults to this one).
-    fn search(&self, request: &SearchQuery) -> Result<Value, EmberError> {
+    fn search(&self, request: &SearchQuery) -> Result<Features, EmberError> {
         self.check_model(request.model.as_deref().unwrap_or(&self.name))?;
         let k = self.top_k(request.top_k)?.min(100);
-        Ok(json!({ "features": self.hits_out(self.atlas.search(&request.query, k)) }))
+        Ok(Features {
+            features: self.hits_out(self.atlas.search(&request.query, k)),
+        })
     }
 
     /// `POST features/rerank`.
-    fn rerank(&self, request: &RerankRequest) -> Result<Value, EmberError> {
+    fn rerank(&self, request: &RerankRequest) -> Result<Features, EmberError> {
         self.check_model(&request.model)?;
         if request.feature_ids.len() > self.limits.max_features {
             return Err(EmberError::Invalid(format!(
@@ -671,12 +693,14 @@ impl Provider for Ember {
             .map(|id| self.parse_id(id))
             .collect::<Result<Vec<_>, _>>()?;
         let hits = self.atlas.rerank(&features, &request.query, self.top_k(request.top_k)?)?;
-        Ok(json!({ "features": self.hits_out(hits) }))
+        Ok(Features {
+            features: self.hits_out(hits),
+        })
     }
 
     /// `GET features/?feature_id=...`: the features these ids name (ids of another SAE are
     /// left out, as the SDK expects; malformed ids are an error).
-    fn list(&self, request: &ListQuery) -> Result<Value, EmberError> {
+    fn list(&self, request: &ListQuery) -> Result<Features, EmberError> {
         let ids = &request.feature_ids;
         if ids.len() > self.limits.max_features {
             return Err(EmberError::Invalid(format!(
@@ -695,29 +719,31 @@ impl Provider for Ember {
                 out.push(self.feature_out(f, None));
             }
         }
-        Ok(json!({ "features": out }))
+        Ok(Features { features: out })
     }
 
     /// `POST features/lookup`.
-    fn lookup(&self, request: &LookupRequest) -> Result<Value, EmberError> {
+    fn lookup(&self, request: &LookupRequest) -> Result<Lookup, EmberError> {
         self.check_model(&request.model)?;
         let features = self.indices(&request.indices)?;
         // Beside each feature, what one value of the old steering unit is in the current one:
         // the page converts variants saved before unit 2 with it (a Kindling field; the SDK
         // ignores keys it does not know).
-        let features: Vec<Value> = features
+        let features = features
             .iter()
-            .map(|&f| {
-                let mut out = self.feature_json(f);
-                out["strength_per_unit_1"] = json!(self.units.from_version_1(f, 1.0));
-                out
+            .map(|&f| LookedUp {
+                feature: self.goodfire_feature(f),
+                strength_per_unit_1: self.units.from_version_1(f, 1.0),
             })
             .collect();
-        Ok(json!({ "features": features, "strength_unit": units::STRENGTH_UNIT }))
+        Ok(Lookup {
+            features,
+            strength_unit: units::STRENGTH_UNIT,
+        })
     }
 
     /// `POST attributions/neighbors`: by decoder cosine to the group's centroid.
-    fn neighbors(&self, request: &NeighborsRequest) -> Result<Value, EmberError> {
+    fn neighbors(&self, request: &NeighborsRequest) -> Result<Neighbors, EmberError> {
         self.check_model(&request.model)?;
         let group = self.indices(&request.feature_indices)?;
         if group.is_empty() {
@@ -725,27 +751,26 @@ impl Provider for Ember {
         }
         let hits = self.atlas.neighbors(&self.sae, &group, self.top_k(request.top_k)?)?;
         let out: Vec<FeatureOut> = hits.into_iter().map(|h| self.feature_out(h.feature, None)).collect();
-        Ok(json!({ "neighbors": out }))
+        Ok(Neighbors { neighbors: out })
     }
 
     /// `POST features/dashboard`: a feature's card: label and its score, density, histogram,
     /// the tokens it promotes and suppresses, its top contexts (token texts with activations in
     /// max-activation units) and its nearest neighbours by decoder direction.
-    fn dashboard(&self, request: &DashboardRequest) -> Result<Value, EmberError> {
+    fn dashboard(&self, request: &DashboardRequest) -> Result<Dashboard, EmberError> {
         self.check_model(&request.model)?;
         let feature = self.parse_id(&request.feature_id)?;
         let info = self.atlas.feature(feature)?;
         let unit = self.units.activation[feature as usize];
         let text = |id: TokenId| self.model.tokenizer.decode(&[id], false).unwrap_or_default();
         let tokens =
-            |list: &[(TokenId, f32)]| -> Vec<Value> { list.iter().map(|&(t, v)| json!({ "token": text(t), "value": v })).collect() };
-        let contexts: Vec<Value> = match self.atlas.contexts(feature) {
+            |list: &[(TokenId, f32)]| -> Vec<TokenValue> { list.iter().map(|&(t, value)| TokenValue { token: text(t), value }).collect() };
+        let contexts: Vec<ContextOut> = match self.atlas.contexts(feature) {
             Ok(list) => list
                 .into_iter()
-                .map(|c| {
-                    let pieces: Vec<String> = c.tokens.iter().map(|&t| text(t)).collect();
-                    let acts: Vec<f32> = c.activations.iter().map(|a| a / unit).collect();
-                    json!({ "tokens": pieces, "activations": acts })
+                .map(|c| ContextOut {
+                    tokens: c.tokens.iter().map(|&t| text(t)).collect(),
+                    activations: c.activations.iter().map(|a| a / unit).collect(),
                 })
                 .collect(),
             Err(_) => Vec::new(),
@@ -756,18 +781,24 @@ impl Provider for Ember {
             .into_iter()
             .map(|h| self.feature_out(h.feature, Some(h.score)))
             .collect();
-        Ok(json!({
-            "feature": self.feature_out(feature, None),
-            "label_source": info.label_source, "label_score": info.label_score,
-            "density": info.density, "max_activation": info.max_activation, "max_observed": info.max_observed,
-            "histogram": info.histogram, "promoted": tokens(&info.promoted), "suppressed": tokens(&info.suppressed),
-            "contexts": contexts, "neighbors": neighbors,
-        }))
+        Ok(Dashboard {
+            feature: self.feature_out(feature, None),
+            label_source: wire_name(&info.label_source),
+            label_score: info.label_score,
+            density: info.density,
+            max_activation: info.max_activation,
+            max_observed: info.max_observed,
+            histogram: info.histogram.clone(),
+            promoted: tokens(&info.promoted),
+            suppressed: tokens(&info.suppressed),
+            contexts,
+            neighbors,
+        })
     }
 
     /// `POST chat-attribution/compute-features`: every token of the templated conversation
     /// with its active features (strongest first, in max-activation units).
-    fn compute_features(&self, request: &ComputeFeaturesRequest, cancel: &CancelToken) -> Result<Value, EmberError> {
+    fn compute_features(&self, request: &ComputeFeaturesRequest, cancel: &CancelToken) -> Result<TokenFeatures, EmberError> {
         self.check_model(&request.model)?;
         let messages = self.messages(&request.messages)?;
         let variant = self.variant(request.controller.as_ref())?;
@@ -789,21 +820,25 @@ impl Provider for Ember {
                 .map(|&(f, a)| (f, a / self.units.activation[f as usize]))
                 .collect();
             attributions.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            let attributions: Vec<Value> = attributions
-                .into_iter()
-                .map(|(f, a)| json!({ "id": self.ids.uuid(f), "index_in_sae": f, "activation_strength": a }))
-                .collect();
-            out.push(
-                json!({ "token": self.model.tokenizer.decode(&[token], false).map_err(EngineError::from)?, "attributions": attributions }),
-            );
+            out.push(TokenActivations {
+                token: self.model.tokenizer.decode(&[token], false).map_err(EngineError::from)?,
+                attributions: attributions
+                    .into_iter()
+                    .map(|(f, a)| Activation {
+                        id: self.ids.uuid(f),
+                        index_in_sae: f,
+                        activation_strength: a,
+                    })
+                    .collect(),
+            });
         }
-        Ok(json!({ "tokens": out }))
+        Ok(TokenFeatures { tokens: out })
     }
 
     /// `POST chat-attribution/contrast`: `dataset_1_features` are stronger in dataset 1's
     /// assistant turns, `dataset_2_features` in dataset 2's. At most
     /// [`Limits::max_contrast_tokens`] in all, stopped after [`Limits::contrast_budget`].
-    fn contrast(&self, request: &ContrastRequest, cancel: &CancelToken) -> Result<Value, EmberError> {
+    fn contrast(&self, request: &ContrastRequest, cancel: &CancelToken) -> Result<Contrast, EmberError> {
         self.check_model(&request.model)?;
         let (a, b) = (&request.dataset_1, &request.dataset_2);
         if a.is_empty() || a.len() != b.len() || a.len() > self.limits.max_conversations {
@@ -841,11 +876,14 @@ impl Provider for Ember {
                 .map(|(f, _)| self.feature_out(f, None))
                 .collect()
         };
-        Ok(json!({ "dataset_1_features": out(ones, request.k_to_remove), "dataset_2_features": out(twos, request.k_to_add) }))
+        Ok(Contrast {
+            dataset_1_features: out(ones, request.k_to_remove),
+            dataset_2_features: out(twos, request.k_to_add),
+        })
     }
 
     /// `POST features/auto-edits`: AutoSteer.
-    fn auto_edits(&self, request: &SpecificationRequest, cancel: &CancelToken) -> Result<Value, EmberError> {
+    fn auto_edits(&self, request: &SpecificationRequest, cancel: &CancelToken) -> Result<AutoEdits, EmberError> {
         self.check_model(&request.model)?;
         let spec = specification(&request.specification)?;
         // Within the SDK's 60 s timeout, on a busy 2-core machine too.
@@ -855,64 +893,86 @@ impl Provider for Ember {
             ..AutoSteerOptions::default()
         };
         let found = auto_steer(&self.model, &self.sae, &self.atlas, spec, &opts)?;
-        let edits: Vec<Value> = found
-            .edits
-            .iter()
-            .map(|e| json!([self.feature_out(e.feature, None), e.value]))
-            .collect();
-        // Why it chose what it chose (a Kindling field; the SDK reads only `edits`): every
+        let edits = found.edits.iter().map(|e| (self.feature_out(e.feature, None), e.value)).collect();
+        // Why it chose what it chose (Kindling's fields; the SDK reads only `edits`): every
         // trial, best first, and the tokens it counted as the concept's.
-        let trials: Vec<Value> = found
+        let trials = found
             .trials
             .iter()
-            .map(|t| {
-                json!({
-                    "edits": t.edits.iter().map(|e| json!({ "index_in_sae": e.feature, "label": self.label(e.feature), "value": e.value })).collect::<Vec<_>>(),
-                    "effect": t.effect, "perplexity_ratio": t.perplexity_ratio, "distinct_bigrams": t.distinct, "accepted": t.accepted,
-                    "sample": t.sample,
-                })
+            .map(|t| TrialOut {
+                edits: t
+                    .edits
+                    .iter()
+                    .map(|e| TrialEdit {
+                        index_in_sae: e.feature,
+                        label: self.label(e.feature),
+                        value: e.value,
+                    })
+                    .collect(),
+                effect: t.effect,
+                perplexity_ratio: t.perplexity_ratio.is_finite().then_some(t.perplexity_ratio),
+                distinct_bigrams: t.distinct,
+                accepted: t.accepted,
+                sample: t.sample.clone(),
             })
             .collect();
-        let concept: Vec<String> = found
+        let concept_tokens = found
             .concept_tokens
             .iter()
             .map(|&t| self.model.tokenizer.decode(&[t], false).unwrap_or_default())
             .collect();
-        Ok(json!({ "edits": edits, "trials": trials, "concept_tokens": concept }))
+        Ok(AutoEdits {
+            edits,
+            trials,
+            concept_tokens,
+        })
     }
 
     /// `POST features/auto-conditional`.
-    fn auto_conditional(&self, request: &SpecificationRequest, cancel: &CancelToken) -> Result<Value, EmberError> {
+    fn auto_conditional(&self, request: &SpecificationRequest, cancel: &CancelToken) -> Result<replies::AutoConditional, EmberError> {
         self.check_model(&request.model)?;
         let spec = specification(&request.specification)?;
         let found = auto_conditional(&self.model, &self.sae, &self.atlas, spec, cancel)?
             .ok_or_else(|| EmberError::Invalid(format!("no feature matches {spec:?}")))?;
-        let condition = &found.condition;
-        let conditionals: Vec<Value> = condition
+        let group = |features: &[u32]| FeatureGroup {
+            features: features.iter().map(|&f| self.goodfire_feature(f)).collect(),
+        };
+        let conditionals = found
+            .condition
             .comparisons
             .iter()
-            .map(|Comparison { left, op, right }| {
-                let right = match right {
-                    Operand::Number(n) => json!(n),
-                    Operand::Group(g) => self.feature_json(g[0]),
-                };
-                json!({ "left_hand": { "features": left.iter().map(|&f| self.feature_json(f)).collect::<Vec<_>>() }, "right_hand": right, "operator": op })
+            .map(|Comparison { left, op, right }| replies::Comparison {
+                left_hand: group(left),
+                right_hand: match right {
+                    Operand::Number(n) => RightHand::Number(*n),
+                    Operand::Group(g) => RightHand::Feature(self.goodfire_feature(g[0])),
+                },
+                operator: wire_name(op),
             })
             .collect();
-        // Why (a Kindling field; the SDK reads only `conditional`): the feature's maximum on
-        // the texts about the description and on plain ones, in activation units.
-        let measured = json!({
-            "feature": found.feature, "label": self.label(found.feature), "threshold": found.threshold,
-            "on_topic": found.on_topic, "plain": found.plain, "separates": found.separates,
-        });
-        Ok(json!({ "conditional": { "conditionals": conditionals, "operator": condition.combine }, "measured": measured }))
+        Ok(replies::AutoConditional {
+            conditional: Conditionals {
+                conditionals,
+                operator: wire_name(&found.condition.combine),
+            },
+            // Why (Kindling's field; the SDK reads only `conditional`): the feature's maximum
+            // on the texts about the description and on plain ones, in activation units.
+            measured: Measured {
+                feature: found.feature,
+                label: self.label(found.feature),
+                threshold: found.threshold,
+                on_topic: found.on_topic,
+                plain: found.plain,
+                separates: found.separates,
+            },
+        })
     }
 
     /// `POST attributions/compute-logit-attribution`: the features whose ablation at the
     /// position that predicts the token at `startIndex` lowers that token's logit most
     /// ([`kindling_engine::attribution`]). `value` is the logit drop; `tokens` lists where the
     /// feature is active before the token.
-    fn attribute(&self, request: &AttributionRequest, cancel: &CancelToken) -> Result<Value, EmberError> {
+    fn attribute(&self, request: &AttributionRequest, cancel: &CancelToken) -> Result<LogitAttribution, EmberError> {
         const CANDIDATES: usize = 16;
         self.check_model(&request.model)?;
         let messages = self.messages(&request.messages)?;
@@ -941,45 +1001,75 @@ impl Provider for Ember {
             CANDIDATES,
             cancel,
         )?;
-        let to_ablate: Vec<Value> = found
+        let to_ablate = found
             .into_iter()
-            .map(|a| {
-                let active: Vec<Value> = a
+            .map(|a| Ablation {
+                id: self.ids.uuid(a.feature),
+                value: a.drop,
+                tokens: a
                     .active
                     .iter()
-                    .map(|&(i, strength)| json!({ "index": i, "activation_strength": strength }))
-                    .collect();
-                json!({ "id": self.ids.uuid(a.feature), "value": a.drop, "tokens": active })
+                    .map(|&(index, activation_strength)| ActiveAt {
+                        index,
+                        activation_strength,
+                    })
+                    .collect(),
             })
             .collect();
-        Ok(json!({ "to_ablate": to_ablate, "num_input_tokens": tokens.len() }))
+        Ok(LogitAttribution {
+            to_ablate,
+            num_input_tokens: tokens.len(),
+        })
     }
 
     /// `POST attributions/generate-contrastive-dataset`: `[dataset_1, dataset_2]`, the model's
     /// replies to a few neutral prompts as it is, and as asked to follow `specification`
     /// ([`contrastive_replies`]): two paired datasets for `contrast`.
     /// Its work is fixed (8 short replies), so it checks `cancel` only before starting.
-    fn contrastive_dataset(&self, request: &ContrastiveDatasetRequest, cancel: &CancelToken) -> Result<Value, EmberError> {
+    fn contrastive_dataset(&self, request: &ContrastiveDatasetRequest, cancel: &CancelToken) -> Result<ContrastiveDatasets, EmberError> {
         let spec = specification(&request.specification)?;
         cancel.check()?;
         let [plain, asked] = contrastive_replies(&self.model, spec)?;
-        let dataset = |pairs: Vec<(String, String)>| -> Vec<Value> {
+        let dataset = |pairs: Vec<(String, String)>| -> Vec<Vec<Message>> {
             pairs
                 .into_iter()
-                .map(|(prompt, reply)| json!([{ "role": "user", "content": prompt }, { "role": "assistant", "content": reply }]))
+                .map(|(prompt, reply)| {
+                    vec![
+                        Message {
+                            role: "user".into(),
+                            content: prompt,
+                        },
+                        Message {
+                            role: "assistant".into(),
+                            content: reply,
+                        },
+                    ]
+                })
                 .collect()
         };
-        Ok(json!([dataset(plain), dataset(asked)]))
+        Ok(ContrastiveDatasets([dataset(plain), dataset(asked)]))
     }
 
     /// `POST chat/tokenize`.
-    fn tokenize(&self, request: &TokenizeRequest) -> Result<Value, EmberError> {
+    fn tokenize(&self, request: &TokenizeRequest) -> Result<Tokens, EmberError> {
         self.check_model(&request.model)?;
         let tokens = self.conversation_tokens(&self.messages(&request.messages)?)?;
-        let values = tokens
+        let tokens = tokens
             .iter()
-            .map(|&t| Ok(json!({ "value": self.model.tokenizer.decode(&[t], false).map_err(EngineError::from)? })))
+            .map(|&t| {
+                Ok(TokenText {
+                    value: self.model.tokenizer.decode(&[t], false).map_err(EngineError::from)?,
+                })
+            })
             .collect::<Result<Vec<_>, EmberError>>()?;
-        Ok(json!({ "tokens": values }))
+        Ok(Tokens { tokens })
+    }
+}
+
+/// The name an engine enum has on the wire (its serde name: `">"`, `"AND"`, `"model"`).
+fn wire_name<T: serde::Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(Value::String(name)) => name,
+        other => unreachable!("{other:?} is not a unit variant's name"),
     }
 }

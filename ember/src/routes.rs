@@ -7,9 +7,13 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::EmberError;
+use crate::replies::{
+    AutoConditional, AutoEdits, ChatCompletion, Contrast, ContrastiveDatasets, Dashboard, Features, LogitAttribution, Lookup, Models,
+    Neighbors, TokenFeatures, Tokens,
+};
 use crate::wire::{
     AttributionRequest, ChatRequest, ComputeFeaturesRequest, ContrastRequest, ContrastiveDatasetRequest, DashboardRequest, LogitsRequest,
-    LookupRequest, NeighborsRequest, RerankRequest, SpecificationRequest, TokenizeRequest,
+    LogitsResponse, LookupRequest, NeighborsRequest, RerankRequest, SpecificationRequest, TokenizeRequest,
 };
 
 /// Where the Goodfire API lives on a server; the worker takes paths relative to it.
@@ -279,49 +283,49 @@ pub trait Provider {
     }
 
     /// A whole (non-streamed) chat completion.
-    fn chat_completion(&self, _request: &ChatRequest, _cancel: &Self::Cancel) -> Result<Value, EmberError> {
+    fn chat_completion(&self, _request: &ChatRequest, _cancel: &Self::Cancel) -> Result<ChatCompletion, EmberError> {
         Err(self.unsupported(Route::ChatCompletions))
     }
-    fn compute_logits(&self, _request: &LogitsRequest, _cancel: &Self::Cancel) -> Result<Value, EmberError> {
+    fn compute_logits(&self, _request: &LogitsRequest, _cancel: &Self::Cancel) -> Result<LogitsResponse, EmberError> {
         Err(self.unsupported(Route::ComputeLogits))
     }
-    fn compute_features(&self, _request: &ComputeFeaturesRequest, _cancel: &Self::Cancel) -> Result<Value, EmberError> {
+    fn compute_features(&self, _request: &ComputeFeaturesRequest, _cancel: &Self::Cancel) -> Result<TokenFeatures, EmberError> {
         Err(self.unsupported(Route::ComputeFeatures))
     }
-    fn contrast(&self, _request: &ContrastRequest, _cancel: &Self::Cancel) -> Result<Value, EmberError> {
+    fn contrast(&self, _request: &ContrastRequest, _cancel: &Self::Cancel) -> Result<Contrast, EmberError> {
         Err(self.unsupported(Route::Contrast))
     }
-    fn search(&self, _request: &SearchQuery) -> Result<Value, EmberError> {
+    fn search(&self, _request: &SearchQuery) -> Result<Features, EmberError> {
         Err(self.unsupported(Route::Search))
     }
-    fn rerank(&self, _request: &RerankRequest) -> Result<Value, EmberError> {
+    fn rerank(&self, _request: &RerankRequest) -> Result<Features, EmberError> {
         Err(self.unsupported(Route::Rerank))
     }
-    fn list(&self, _request: &ListQuery) -> Result<Value, EmberError> {
+    fn list(&self, _request: &ListQuery) -> Result<Features, EmberError> {
         Err(self.unsupported(Route::List))
     }
-    fn lookup(&self, _request: &LookupRequest) -> Result<Value, EmberError> {
+    fn lookup(&self, _request: &LookupRequest) -> Result<Lookup, EmberError> {
         Err(self.unsupported(Route::Lookup))
     }
-    fn dashboard(&self, _request: &DashboardRequest) -> Result<Value, EmberError> {
+    fn dashboard(&self, _request: &DashboardRequest) -> Result<Dashboard, EmberError> {
         Err(self.unsupported(Route::Dashboard))
     }
-    fn auto_edits(&self, _request: &SpecificationRequest, _cancel: &Self::Cancel) -> Result<Value, EmberError> {
+    fn auto_edits(&self, _request: &SpecificationRequest, _cancel: &Self::Cancel) -> Result<AutoEdits, EmberError> {
         Err(self.unsupported(Route::AutoEdits))
     }
-    fn auto_conditional(&self, _request: &SpecificationRequest, _cancel: &Self::Cancel) -> Result<Value, EmberError> {
+    fn auto_conditional(&self, _request: &SpecificationRequest, _cancel: &Self::Cancel) -> Result<AutoConditional, EmberError> {
         Err(self.unsupported(Route::AutoConditional))
     }
-    fn neighbors(&self, _request: &NeighborsRequest) -> Result<Value, EmberError> {
+    fn neighbors(&self, _request: &NeighborsRequest) -> Result<Neighbors, EmberError> {
         Err(self.unsupported(Route::Neighbors))
     }
-    fn attribute(&self, _request: &AttributionRequest, _cancel: &Self::Cancel) -> Result<Value, EmberError> {
+    fn attribute(&self, _request: &AttributionRequest, _cancel: &Self::Cancel) -> Result<LogitAttribution, EmberError> {
         Err(self.unsupported(Route::LogitAttribution))
     }
-    fn contrastive_dataset(&self, _request: &ContrastiveDatasetRequest, _cancel: &Self::Cancel) -> Result<Value, EmberError> {
+    fn contrastive_dataset(&self, _request: &ContrastiveDatasetRequest, _cancel: &Self::Cancel) -> Result<ContrastiveDatasets, EmberError> {
         Err(self.unsupported(Route::ContrastiveDataset))
     }
-    fn tokenize(&self, _request: &TokenizeRequest) -> Result<Value, EmberError> {
+    fn tokenize(&self, _request: &TokenizeRequest) -> Result<Tokens, EmberError> {
         Err(self.unsupported(Route::Tokenize))
     }
 }
@@ -330,32 +334,28 @@ pub trait Provider {
 /// send its chunks as they come, so it does not pass through here.
 pub fn dispatch<P: Provider + ?Sized>(provider: &P, request: &Request, cancel: &P::Cancel) -> Result<Value, EmberError> {
     match request {
-        Request::Chat(r) => provider.chat_completion(r, cancel),
-        Request::Logits(r) => provider.compute_logits(r, cancel),
-        Request::ComputeFeatures(r) => provider.compute_features(r, cancel),
-        Request::Contrast(r) => provider.contrast(r, cancel),
-        Request::Search(r) => provider.search(r),
-        Request::Rerank(r) => provider.rerank(r),
-        Request::List(r) => provider.list(r),
-        Request::Lookup(r) => provider.lookup(r),
-        Request::Dashboard(r) => provider.dashboard(r),
-        Request::AutoEdits(r) => provider.auto_edits(r, cancel),
-        Request::AutoConditional(r) => provider.auto_conditional(r, cancel),
-        Request::Neighbors(r) => provider.neighbors(r),
-        Request::LogitAttribution(r) => provider.attribute(r, cancel),
-        Request::ContrastiveDataset(r) => provider.contrastive_dataset(r, cancel),
-        Request::Tokenize(r) => provider.tokenize(r),
-        Request::Models => Ok(models_json(&provider.models())),
+        Request::Chat(r) => json(provider.chat_completion(r, cancel)?),
+        Request::Logits(r) => json(provider.compute_logits(r, cancel)?),
+        Request::ComputeFeatures(r) => json(provider.compute_features(r, cancel)?),
+        Request::Contrast(r) => json(provider.contrast(r, cancel)?),
+        Request::Search(r) => json(provider.search(r)?),
+        Request::Rerank(r) => json(provider.rerank(r)?),
+        Request::List(r) => json(provider.list(r)?),
+        Request::Lookup(r) => json(provider.lookup(r)?),
+        Request::Dashboard(r) => json(provider.dashboard(r)?),
+        Request::AutoEdits(r) => json(provider.auto_edits(r, cancel)?),
+        Request::AutoConditional(r) => json(provider.auto_conditional(r, cancel)?),
+        Request::Neighbors(r) => json(provider.neighbors(r)?),
+        Request::LogitAttribution(r) => json(provider.attribute(r, cancel)?),
+        Request::ContrastiveDataset(r) => json(provider.contrastive_dataset(r, cancel)?),
+        Request::Tokenize(r) => json(provider.tokenize(r)?),
+        Request::Models => json(Models::of(&provider.models())),
     }
 }
 
-/// `GET models`, in the OpenAI SDK's list shape.
-pub fn models_json(names: &[String]) -> Value {
-    let data: Vec<Value> = names
-        .iter()
-        .map(|id| serde_json::json!({ "id": id, "object": "model", "created": 0, "owned_by": "kindling" }))
-        .collect();
-    serde_json::json!({ "object": "list", "data": data })
+/// A reply as JSON (replies are plain data: serializing them cannot fail).
+fn json(reply: impl serde::Serialize) -> Result<Value, EmberError> {
+    serde_json::to_value(reply).map_err(|e| EmberError::Failed(format!("a reply did not serialize: {e}")))
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use crate::replies::GoodfireFeature;
 use crate::units::{MAX_EDIT_VALUE, STRENGTH_UNIT};
 
 /// The prefix of a share link's payload; a new encoding gets a new one.
@@ -122,8 +123,13 @@ pub struct FeatureRef {
 
 impl FeatureRef {
     /// `Feature.json()` as the SDK sends it inside a controller.
-    pub fn to_goodfire(&self) -> Value {
-        json!({ "uuid": self.uuid, "label": self.label, "index_in_sae": self.index_in_sae, "max_activation_strength": 1 })
+    pub fn to_goodfire(&self) -> GoodfireFeature {
+        GoodfireFeature {
+            uuid: self.uuid.clone(),
+            label: self.label.clone(),
+            index_in_sae: self.index_in_sae,
+            max_activation_strength: 1,
+        }
     }
 }
 
@@ -389,7 +395,7 @@ impl SavedVariant {
                     .clauses
                     .iter()
                     .map(|c| {
-                        let features: Vec<Value> = c.features.iter().map(FeatureRef::to_goodfire).collect();
+                        let features: Vec<GoodfireFeature> = c.features.iter().map(FeatureRef::to_goodfire).collect();
                         json!({ "left_hand": { "features": features }, "right_hand": c.value, "operator": c.operator })
                     })
                     .collect();

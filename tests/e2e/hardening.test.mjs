@@ -279,7 +279,7 @@ test('an API key is kept only once it works, in this tab unless remembered, and 
 
 // --- Share links that lie -------------------------------------------------------------------
 
-/** A share link's payload for any variant JSON, made as engine::share makes one. */
+/** A share link's payload for any variant JSON, made as kindling_ember::variant makes one. */
 function shareLink(variant) {
   const json = Buffer.from(JSON.stringify(variant));
   const packed = Buffer.concat([createHash('sha256').update(json).digest().subarray(0, 4), deflateRawSync(json, { level: 9 })]);
