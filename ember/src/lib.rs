@@ -7,6 +7,7 @@
 //!           ├─ variant   the one variant wire model: files, share links, `controller` JSON
 //!           ├─ routes    the route table, request parsing, the Provider trait, dispatch
 //!           ├─ error     EmberError and its HTTP status
+//!           ├─ ids       feature ids: UUIDs from the SAE's sha256 and the latent's index
 //!           └─ local     (feature `engine`) the engine as a Provider
 //!                 └─▶ shells: kindling-server (axum), the browser worker, the page
 //! ```
@@ -15,6 +16,7 @@
 //! reads variants, share links and units) compiles none of it.
 
 pub mod error;
+pub mod ids;
 #[cfg(feature = "engine")]
 pub mod local;
 pub mod replies;

@@ -25,7 +25,7 @@ use kindling_engine::contrast::contrastive_replies;
 use kindling_engine::inspect::Inspection;
 use kindling_engine::logits::next_tokens;
 use kindling_engine::sae::Sae;
-use kindling_engine::steer::{Comparison, FeatureIds, FiredScopes, Operand, Steer, Units, Variant, VariantError};
+use kindling_engine::steer::{Comparison, FiredScopes, Operand, Steer, Units, Variant, VariantError};
 use kindling_engine::tokenizer::{ChatMessage, TokenId};
 use kindling_engine::{
     AtlasError, CancelToken, EngineError, FinishReason, GeneratedToken, Interrupt, Model, ResidualHook, SamplingParams, TokenStream,
@@ -35,6 +35,7 @@ use serde_json::Value;
 pub use controller::read_controller;
 
 use crate::EmberError;
+use crate::ids::FeatureIds;
 use crate::replies::{
     self, Ablation, Activation, ActiveAt, AutoEdits, ChatCompletion, Choice, Conditionals, ContextOut, Contrast, ContrastiveDatasets,
     Dashboard, FeatureGroup, Features, GoodfireFeature, LogitAttribution, LookedUp, Lookup, Measured, Neighbors, RightHand,
@@ -295,7 +296,7 @@ pub struct Ember {
 impl Ember {
     pub fn new(model: Model, sae: Sae, atlas: Atlas, name: impl Into<String>) -> Self {
         let units = Units::new(&sae, atlas.units());
-        let ids = atlas.feature_ids();
+        let ids = FeatureIds::new(atlas.sae_sha256());
         Self {
             model,
             sae,

@@ -221,9 +221,9 @@ impl Atlas {
         Ok(atlas)
     }
 
-    /// The UUIDs of this atlas's SAE's features.
-    pub fn feature_ids(&self) -> crate::FeatureIds {
-        crate::FeatureIds::new(&self.index.sae.compact_sha256)
+    /// SHA-256 of the SAE file this atlas belongs to (feature ids are made from it).
+    pub fn sae_sha256(&self) -> &str {
+        &self.index.sae.compact_sha256
     }
 
     /// Adds the top contexts (`contexts.safetensors`).

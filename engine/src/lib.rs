@@ -61,7 +61,7 @@ pub use llama::{Config, KvCache, Llama, Logits};
 pub use logits::{NextToken, next_tokens};
 pub use sae::{FeatureCapture, Sae, SaeConfig, SaeError, Splice, SpliceMode};
 pub use sampling::{Sampler, SamplingParams};
-pub use steer::{FeatureIds, FiredScopes, Steer, Variant, VariantError};
+pub use steer::{FiredScopes, Steer, Variant, VariantError};
 pub use tokenizer::{ChatMessage, StreamDecoder, TokenId, Tokenizer};
 
 use gguf::{Gguf, GgufError};
