@@ -34,6 +34,12 @@ pub enum EmberError {
     /// The provider failed (HTTP 500).
     #[error("{0}")]
     Failed(String),
+    /// A remote provider's rate limit was reached, or would be by this request (HTTP 429).
+    #[error("{0}")]
+    RateLimited(String),
+    /// A remote provider failed, or answered what cannot be read (HTTP 502).
+    #[error("{0}")]
+    BadGateway(String),
 }
 
 impl EmberError {
@@ -46,6 +52,8 @@ impl EmberError {
             EmberError::Cancelled => 499,
             EmberError::Unavailable(_) => 503,
             EmberError::Failed(_) => 500,
+            EmberError::RateLimited(_) => 429,
+            EmberError::BadGateway(_) => 502,
         }
     }
 }

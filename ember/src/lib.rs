@@ -8,6 +8,7 @@
 //!           ├─ routes    the route table, request parsing, the Provider trait, dispatch
 //!           ├─ error     EmberError and its HTTP status
 //!           ├─ ids       feature ids: UUIDs from the SAE's sha256 and the latent's index
+//!           ├─ neuronpedia  Neuronpedia's API behind the same routes (no I/O: a Transport)
 //!           └─ local     (feature `engine`) the engine as a Provider
 //!                 └─▶ shells: kindling-server (axum), the browser worker, the page
 //! ```
@@ -19,6 +20,7 @@ pub mod error;
 pub mod ids;
 #[cfg(feature = "engine")]
 pub mod local;
+pub mod neuronpedia;
 pub mod replies;
 pub mod routes;
 pub mod units;
