@@ -580,6 +580,11 @@ impl<T: Transport> Neuronpedia<T> {
         &self.ids
     }
 
+    /// The transport, for a shell that streams a steer-chat itself.
+    pub fn transport(&self) -> &T {
+        &self.transport
+    }
+
     /// Why Neuronpedia cannot serve `route`, or `None` when it can (chat serves nudges only:
     /// see [`Neuronpedia::plan_chat`]).
     pub fn limitation(route: Route) -> Option<&'static str> {

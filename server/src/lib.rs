@@ -56,6 +56,8 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use tower_http::services::ServeDir;
 
+pub mod upstream;
+
 /// How the server runs, beyond the engine.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -115,10 +117,17 @@ impl Settings {
     }
 }
 
+/// What answers the routes: Kindling's engine, or Neuronpedia (`--upstream`).
+#[derive(Clone)]
+pub enum Backend {
+    Local(Arc<Ember>),
+    Neuronpedia(Arc<upstream::Upstream>),
+}
+
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
-    ember: Arc<Ember>,
+    backend: Backend,
     settings: Arc<Settings>,
     slots: Arc<Semaphore>,
     waiting: Arc<AtomicUsize>,
@@ -129,16 +138,25 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(ember: Ember, settings: Settings) -> Self {
+        Self::with_backend(Backend::Local(Arc::new(ember)), settings)
+    }
+
+    pub fn with_backend(backend: Backend, settings: Settings) -> Self {
         let slots = Arc::new(Semaphore::new(settings.max_running.max(1)));
         let keys = Arc::new(ApiKeys::new(&settings.api_keys));
         Self {
-            ember: Arc::new(ember),
+            backend,
             settings: Arc::new(settings),
             slots,
             waiting: Arc::new(AtomicUsize::new(0)),
             shutdown: CancelToken::new(),
             keys,
         }
+    }
+
+    /// Whether requests need an API key.
+    pub fn keyed(&self) -> bool {
+        !self.settings.api_keys.is_empty()
     }
 
     /// A slot to run model work in, waiting in the queue if there is room in it. A request
@@ -172,15 +190,14 @@ impl AppState {
     /// and frees the slot.
     async fn run<T: Send + 'static>(
         &self,
-        work: impl FnOnce(&Ember, &CancelToken) -> Result<T, EmberError> + Send + 'static,
+        work: impl FnOnce(&CancelToken) -> Result<T, EmberError> + Send + 'static,
     ) -> Result<T, ApiError> {
         let permit = self.slot().await?;
         let cancel = self.cancel_token();
         let _cancel_on_drop = CancelOnDrop(cancel.clone());
-        let ember = self.ember.clone();
         let out = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            work(&ember, &cancel)
+            work(&cancel)
         })
         .await
         .map_err(worker_failed)?;
@@ -532,29 +549,89 @@ fn endpoint(route: Route) -> MethodRouter<AppState> {
 /// Answers a parsed request: a streamed chat as server-sent events, work on the model in a
 /// slot on a blocking thread, table lookups at once.
 async fn answer(state: AppState, request: ApiRequest) -> Result<Response, ApiError> {
+    let ember = match &state.backend {
+        Backend::Local(ember) => ember.clone(),
+        Backend::Neuronpedia(upstream) => return answer_upstream(state.clone(), upstream.clone(), request).await,
+    };
     if let ApiRequest::Chat(chat) = request {
         if chat.stream {
-            return stream_chat(state, chat).await;
+            return stream_chat(state, ember, chat).await;
         }
         let request = ApiRequest::Chat(chat);
-        let value = state.run(move |ember, cancel| dispatch(ember, &request, cancel)).await?;
+        let value = state.run(move |cancel| dispatch(&*ember, &request, cancel)).await?;
         return Ok(Json(value).into_response());
     }
     if !request.route().is_model_work() {
-        return Ok(Json(dispatch(&*state.ember, &request, &CancelToken::new())?).into_response());
+        return Ok(Json(dispatch(&*ember, &request, &CancelToken::new())?).into_response());
     }
-    let value = state.run(move |ember, cancel| dispatch(ember, &request, cancel)).await?;
+    let value = state.run(move |cancel| dispatch(&*ember, &request, cancel)).await?;
     Ok(Json(value).into_response())
 }
 
+/// Answers a request through Neuronpedia: each call to it blocks, so it runs in a slot on a
+/// blocking thread like model work.
+async fn answer_upstream(state: AppState, upstream: Arc<upstream::Upstream>, request: ApiRequest) -> Result<Response, ApiError> {
+    if let ApiRequest::Chat(chat) = &request
+        && chat.stream
+    {
+        let chat = chat.clone();
+        return stream_upstream(state, upstream, chat).await;
+    }
+    let value = state.run(move |_| upstream::answer(&upstream, &request)).await?;
+    Ok(Json(value).into_response())
+}
+
+/// A streamed chat through Neuronpedia: its cumulative snapshots become Ember chunks.
+async fn stream_upstream(state: AppState, upstream: Arc<upstream::Upstream>, request: ChatRequest) -> Result<Response, ApiError> {
+    let permit = state.slot().await?;
+    let (planned_tx, planned_rx) = oneshot::channel::<Result<(), EmberError>>();
+    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let plan = match upstream::plan_stream(&upstream, &request) {
+            Ok(plan) => plan,
+            Err(e) => {
+                let _ = planned_tx.send(Err(e));
+                return;
+            }
+        };
+        if planned_tx.send(Ok(())).is_err() {
+            return;
+        }
+        match upstream::stream(&upstream, &plan, |chunk| tx.blocking_send(sse_frame(&chunk)).is_ok()) {
+            Ok(true) => {
+                let _ = tx.blocking_send(Bytes::from_static(b"data: [DONE]\n\n"));
+            }
+            Ok(false) => {}
+            Err(e) => {
+                let _ = tx.blocking_send(sse_frame(&json!({ "error": { "message": e.to_string() } })));
+            }
+        }
+    });
+    planned_rx
+        .await
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the upstream failed while planning the reply"))??;
+    Ok(sse_response(Body::from_stream(
+        tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, Infallible>),
+    )))
+}
+
+/// An SSE response around a body of frames.
+fn sse_response(body: Body) -> Response {
+    let mut response = Response::new(body);
+    let headers: &mut HeaderMap = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
 /// A streamed chat reply: one SSE event per chunk, then `[DONE]`.
-async fn stream_chat(state: AppState, request: ChatRequest) -> Result<Response, ApiError> {
+async fn stream_chat(state: AppState, ember: Arc<Ember>, request: ChatRequest) -> Result<Response, ApiError> {
     let permit = state.slot().await?;
     let cancel = state.cancel_token();
     let cancel_on_drop = CancelOnDrop(cancel.clone());
     let (planned_tx, planned_rx) = oneshot::channel::<Result<(), EmberError>>();
     let (tx, rx) = mpsc::channel::<Bytes>(64);
-    let ember = state.ember.clone();
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
         // Planning templates and tokenizes the conversation: CPU work, so it runs here, in
@@ -598,11 +675,7 @@ async fn stream_chat(state: AppState, request: ChatRequest) -> Result<Response, 
         let _alive = &cancel_on_drop;
         Ok::<_, Infallible>(bytes)
     });
-    let mut response = Response::new(Body::from_stream(stream));
-    let headers: &mut HeaderMap = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    Ok(response)
+    Ok(sse_response(Body::from_stream(stream)))
 }
 
 /// `data: <compact JSON>\n\n`, with `data: ` inside strings written as `data:\u0020` (the SDK

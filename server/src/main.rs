@@ -10,7 +10,7 @@ use clap::Parser;
 use kindling_ember::wire::Limits;
 use kindling_ember::{Ember, MODEL_NAME};
 use kindling_engine::{Atlas, Backend, Model, Sae};
-use kindling_server::{AppState, Settings, serve};
+use kindling_server::{AppState, Settings, serve, upstream};
 use sha2::{Digest, Sha256};
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
@@ -70,6 +70,17 @@ struct Args {
     /// Most tokens one completion generates (larger requests are lowered to this).
     #[arg(long, default_value_t = 1024)]
     max_new_tokens: usize,
+    /// Serve the API from a hosted provider instead of the local model: `neuronpedia` (Llama-3.3-70B
+    /// with Goodfire's SAE) or `neuronpedia:MODEL/SOURCE` (any public Neuronpedia pair).
+    #[arg(long)]
+    upstream: Option<String>,
+    /// The upstream's base URL (tests point it at the contract double).
+    #[arg(long, default_value = kindling_ember::neuronpedia::BASE_URL)]
+    upstream_url: String,
+    /// A file holding the Neuronpedia API key sent as x-api-key (else NEURONPEDIA_API_KEY; none
+    /// is needed for public models).
+    #[arg(long)]
+    upstream_key_file: Option<PathBuf>,
     /// Directories served at `/`, first match wins.
     #[arg(long = "static", default_values = ["dist", "public"])]
     static_dirs: Vec<PathBuf>,
@@ -126,6 +137,25 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         header_read_timeout: Duration::from_secs(args.header_timeout.max(1)),
     };
     settings.check()?;
+    if let Some(spec) = &args.upstream {
+        let source = upstream::parse_upstream(spec)?;
+        let key = match &args.upstream_key_file {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read the upstream key file {}: {e}", path.display()))?
+                .trim()
+                .to_string(),
+            None => std::env::var("NEURONPEDIA_API_KEY").unwrap_or_default().trim().to_string(),
+        };
+        info!(
+            "kindling-server: answering through Neuronpedia ({}) at {}{}",
+            source.spec(),
+            args.upstream_url,
+            if key.is_empty() { "" } else { " with an API key" }
+        );
+        let upstream = upstream::upstream(source, Some(&args.upstream_url), upstream::Secret::new(key));
+        let state = AppState::with_backend(kindling_server::Backend::Neuronpedia(std::sync::Arc::new(upstream)), settings);
+        return listen(state, args.host, args.port).await;
+    }
     info!("kindling-server: loading {}", args.model.display());
     let model = Model::load(&args.model, Backend::Cpu)?;
     let sae_file = args.sae_dir.join("kindling-sae.f16.safetensors");
@@ -141,9 +171,13 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         max_new_tokens: args.max_new_tokens,
         ..Limits::default()
     };
-    let keyed = !settings.api_keys.is_empty();
-    let state = AppState::new(ember, settings);
-    let address = SocketAddr::new(args.host, args.port);
+    listen(AppState::new(ember, settings), args.host, args.port).await
+}
+
+/// Serves `state` at `host:port` until Ctrl-C or SIGTERM.
+async fn listen(state: AppState, host: IpAddr, port: u16) -> Result<(), Box<dyn std::error::Error>> {
+    let keyed = state.keyed();
+    let address = SocketAddr::new(host, port);
     let listener = tokio::net::TcpListener::bind(address).await?;
     info!(
         "kindling-server: listening on http://{} (Goodfire base_url; OpenAI base_url http://{0}/api/inference/v1){}",
