@@ -12,6 +12,8 @@ use kindling_ember::worker::{FromWorker, ToWorker};
 
 use crate::logic::SseFrames;
 pub use crate::logic::error_message;
+use crate::neuronpedia::Remote;
+use kindling_ember::Route;
 use serde_json::{Value, json};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
@@ -52,7 +54,7 @@ impl std::fmt::Display for ApiError {
 }
 
 impl ApiError {
-    fn new(status: u16, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: u16, message: impl Into<String>) -> Self {
         Self {
             status,
             message: message.into(),
@@ -266,6 +268,8 @@ fn handle_worker_message(message: FromWorker, pending: &Rc<RefCell<HashMap<u64, 
 pub enum Client {
     Local(Rc<LocalEngine>, String),
     Hosted(Rc<Hosted>),
+    /// Neuronpedia, called from this page.
+    Neuronpedia(Rc<Remote>),
 }
 
 impl Client {
@@ -274,6 +278,24 @@ impl Client {
         match self {
             Client::Local(_, model) => model.clone(),
             Client::Hosted(h) => h.model.clone(),
+            Client::Neuronpedia(remote) => remote.source().model_name(),
+        }
+    }
+
+    /// Why this endpoint cannot serve `route`, for greying out what needs it; `None` when it
+    /// can (or may: a hosted endpoint says so when asked).
+    pub fn limitation(&self, route: Route) -> Option<String> {
+        match self {
+            Client::Neuronpedia(_) => Remote::limitation(route).map(|why| format!("Neuronpedia cannot do this: {why}.")),
+            _ => None,
+        }
+    }
+
+    /// The Neuronpedia provider, when that is what the page talks to.
+    pub fn neuronpedia(&self) -> Option<Rc<Remote>> {
+        match self {
+            Client::Neuronpedia(remote) => Some(remote.clone()),
+            _ => None,
         }
     }
 
@@ -294,6 +316,7 @@ impl Client {
                 engine.send(method, path, body.as_ref(), Pending::Once(tx));
                 rx.await.unwrap_or_else(|_| Err(ApiError::new(0, "the engine worker went away")))
             }
+            Client::Neuronpedia(remote) => crate::neuronpedia::request(remote, method, path, body.as_ref()).await,
             Client::Hosted(hosted) => {
                 let response = http(hosted, method, path, body.as_ref(), "application/json").await?;
                 let text = JsFuture::from(response.text().map_err(|e| ApiError::from_js("reading the answer", e))?)
@@ -318,12 +341,17 @@ impl Client {
                     stop: Rc::new(move || engine.cancel(id)),
                 }
             }
-            Client::Hosted(hosted) => {
+            Client::Hosted(_) | Client::Neuronpedia(_) => {
                 let abort = web_sys::AbortController::new().ok();
                 let signal = abort.as_ref().map(|a| a.signal());
-                let hosted = hosted.clone();
+                let client = self.clone();
                 wasm_bindgen_futures::spawn_local(async move {
-                    if let Err(e) = stream_sse(&hosted, &body, signal, &tx).await {
+                    let streamed = match &client {
+                        Client::Hosted(hosted) => stream_sse(hosted, &body, signal, &tx).await,
+                        Client::Neuronpedia(remote) => crate::neuronpedia::stream_chat(remote, &body, signal, &tx).await,
+                        Client::Local(..) => Ok(()),
+                    };
+                    if let Err(e) = streamed {
                         let _ = tx.unbounded_send(Err(e));
                     }
                 });

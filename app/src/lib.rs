@@ -1,7 +1,8 @@
 //! The Kindling playground: steer SmolLM2 by its SAE features, in the browser.
 //!
 //! The page holds the UI only; the model runs in a Web Worker (`client::LocalEngine`) or on a
-//! hosted Ember-compatible endpoint (`client::Hosted`). Every panel talks to either through
+//! hosted Ember-compatible endpoint (`client::Hosted`), or is Neuronpedia's, called from the
+//! page (`neuronpedia`). Every panel talks to either through
 //! one `client::Client` in the Goodfire wire format, and edits one shared
 //! [`kindling_ember::variant::SavedVariant`] (Goodfire terms: feature UUIDs and labels), which is also what is
 //! exported, imported and shared as a link.
@@ -13,6 +14,8 @@ pub mod logic;
 pub mod client;
 #[cfg(target_arch = "wasm32")]
 mod components;
+#[cfg(target_arch = "wasm32")]
+pub mod neuronpedia;
 #[cfg(target_arch = "wasm32")]
 mod session;
 

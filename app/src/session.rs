@@ -70,6 +70,11 @@ impl Session {
         });
     }
 
+    /// Why the connected endpoint cannot serve `route` (tracked: panels grey out with it).
+    pub fn limitation(&self, route: kindling_ember::Route) -> Option<String> {
+        self.client.with(|c| c.as_ref().and_then(|c| c.limitation(route)))
+    }
+
     /// The request `controller` of the current variant (none for the base model).
     pub fn controller(&self) -> Option<serde_json::Value> {
         let variant = self.variant.get_untracked();

@@ -215,6 +215,21 @@ pub struct SavedVariant {
     /// them to the current unit. Rule thresholds are activations, whose unit did not change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strength_unit: Option<u32>,
+    /// Where its features live when not in Kindling's own SAE: a hosted provider's model and
+    /// SAE source (a Neuronpedia pair), so a share link opens on the same features. `None`:
+    /// the model's own SAE, on whatever endpoint serves it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<ProviderRef>,
+}
+
+/// A hosted provider's model and SAE source, as variants record them. Never a key or a URL
+/// with credentials: a link carries only what names the features.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderRef {
+    /// `"neuronpedia"`.
+    pub name: String,
+    pub model_id: String,
+    pub source: String,
 }
 
 const OPERATORS: [&str; 6] = [">", "<", ">=", "<=", "==", "!="];
@@ -227,6 +242,7 @@ impl SavedVariant {
             scopes: Vec::new(),
             rules: Vec::new(),
             strength_unit: Some(STRENGTH_UNIT),
+            provider: None,
         }
     }
 
@@ -292,6 +308,15 @@ impl SavedVariant {
             text("feature label", &f.label)
         };
         text("model name", &self.base_model)?;
+        if let Some(provider) = &self.provider {
+            if provider.name != "neuronpedia" {
+                return bad(format!(
+                    "provider {:?} is not known to this build (it knows \"neuronpedia\")",
+                    provider.name
+                ));
+            }
+            crate::neuronpedia::Source::new(&provider.model_id, &provider.source).map_err(|e| ShareError::Invalid(e.to_string()))?;
+        }
         if let Some(unit) = self.strength_unit
             && !(1..=STRENGTH_UNIT).contains(&unit)
         {
@@ -589,6 +614,30 @@ mod tests {
         assert!(link.starts_with(LINK_VERSION));
         assert!(link.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)), "{link}");
         assert_eq!(SavedVariant::from_link(&link).unwrap(), v);
+    }
+
+    #[test]
+    fn links_carry_the_provider_and_refuse_a_bad_one() {
+        let mut v = variant();
+        v.rules.clear();
+        v.provider = Some(ProviderRef {
+            name: "neuronpedia".into(),
+            model_id: "llama3.3-70b-it".into(),
+            source: "50-resid-post-gf".into(),
+        });
+        let opened = SavedVariant::from_link(&v.to_link()).unwrap();
+        assert_eq!(opened.provider, v.provider);
+        for (name, model, source) in [("elsewhere", "m", "s"), ("neuronpedia", "../../x", "s"), ("neuronpedia", "m", "")] {
+            v.provider = Some(ProviderRef {
+                name: name.into(),
+                model_id: model.into(),
+                source: source.into(),
+            });
+            assert!(
+                matches!(SavedVariant::from_link(&v.to_link()), Err(ShareError::Invalid(_))),
+                "{name} {model} {source}"
+            );
+        }
     }
 
     #[test]

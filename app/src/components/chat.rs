@@ -57,10 +57,13 @@ fn history(column: &[Message]) -> Vec<Value> {
         .collect()
 }
 
-/// Streams one reply into the last message of `column`. Returns false when stopped.
+/// Streams one reply into the last message of `column`. Returns false when stopped. A
+/// provider that answers base and variant in one call (Neuronpedia's steer-chat) sends the
+/// base reply beside each chunk: it goes into the last message of `base`, when given.
 async fn stream_reply(
     client: Client,
     column: RwSignal<Vec<Message>>,
+    base: Option<RwSignal<Vec<Message>>>,
     controller: Option<Value>,
     rules: Vec<String>,
     sampling: Sampling,
@@ -97,10 +100,19 @@ async fn stream_reply(
                         .filter_map(|e| e.as_str())
                         .map(|e| format!("Aborted: “{e}”")),
                 );
+                let upstream = &chunk["kindling_upstream"];
+                events.extend(upstream_events(upstream));
                 edit_last(&|m| {
                     m.text.push_str(&piece);
                     m.events.extend(events.iter().cloned());
                 });
+                if let (Some(base), Some(text)) = (base, upstream["base_reply"].as_str()) {
+                    base.update(|c| {
+                        if let Some(last) = c.last_mut() {
+                            last.text = text.to_string();
+                        }
+                    });
+                }
             }
             Err(e) => {
                 let text = e.to_string();
@@ -110,6 +122,42 @@ async fn stream_reply(
     }
     stop.set_value(None);
     edit_last(&|m| m.streaming = false);
+    if let Some(base) = base {
+        base.update(|c| {
+            if let Some(last) = c.last_mut() {
+                last.streaming = false;
+            }
+        });
+    }
+}
+
+/// What a remote provider's last chunk says of how it steered: each feature's value and the
+/// raw coefficient it became, and the provider's own link to the reply.
+fn upstream_events(upstream: &Value) -> Vec<String> {
+    let mut events: Vec<String> = upstream["features"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|f| {
+            let value = f["value"].as_f64().unwrap_or(0.0);
+            let max_act = match f["max_act_approx"].as_f64() {
+                Some(m) => format!("maxActApprox {m:.2}"),
+                None => format!("no maxActApprox, {} assumed", kindling_ember::neuronpedia::FALLBACK_MAX_ACT),
+            };
+            format!(
+                "Sent to {}: #{} “{}” {value:+.2} → strength {:.2} ({value:+.2} × {} × {max_act})",
+                upstream["provider"].as_str().unwrap_or("the provider"),
+                f["index_in_sae"],
+                f["label"].as_str().unwrap_or_default(),
+                f["coefficient"].as_f64().unwrap_or(0.0),
+                kindling_ember::neuronpedia::MAX_ACTS_PER_UNIT,
+            )
+        })
+        .collect();
+    if let Some(url) = upstream["share_url"].as_str() {
+        events.push(format!("Neuronpedia's page for this reply: {url}"));
+    }
+    events
 }
 
 /// What `kindling_rules_fired` on a chunk says, one sentence per rule (`rules` describes the
@@ -190,10 +238,16 @@ pub fn Chat() -> impl IntoView {
         if compare {
             base.update(|c| c.push(Message::user(prompt)));
         }
+        // Neuronpedia answers both sides in one call: the base column fills from it.
+        let together = compare && client.neuronpedia().is_some();
+        if together {
+            base.update(|c| c.push(Message::assistant()));
+        }
         busy.set(true);
         stopped.set(false);
         leptos::task::spawn_local(async move {
-            stream_reply(client.clone(), steered, controller, rules, sampling, stop).await;
+            let mirror = together.then_some(base);
+            stream_reply(client.clone(), steered, mirror, controller, rules, sampling, stop).await;
             session.conversation.set(
                 steered
                     .get_untracked()
@@ -202,9 +256,9 @@ pub fn Chat() -> impl IntoView {
                     .map(|m| (m.role.to_string(), m.text.clone()))
                     .collect(),
             );
-            if compare && !stopped.get_untracked() {
+            if compare && !together && !stopped.get_untracked() {
                 base.update(|c| c.push(Message::assistant()));
-                stream_reply(client, base, None, Vec::new(), sampling, stop).await;
+                stream_reply(client, base, None, None, Vec::new(), sampling, stop).await;
             }
             busy.set(false);
         });

@@ -1,11 +1,15 @@
-//! Where the model runs: in this page (CPU or WebGPU) or on a hosted endpoint; loading
-//! progress; the backend indicator.
+//! Where the model runs: in this page (CPU or WebGPU), on a hosted endpoint, or at
+//! Neuronpedia (Llama-3.3-70B with Goodfire's SAE, called from this page); loading progress;
+//! the backend indicator.
 
 use std::rc::Rc;
 
 use leptos::prelude::*;
 use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::JsFuture;
+
+use kindling_ember::neuronpedia;
+use kindling_ember::variant::ProviderRef;
 
 use crate::client::{Client, Hosted, LoadEvent, LocalEngine};
 
@@ -17,6 +21,9 @@ const HOSTED_MODEL_KEY: &str = "kindling.hosted.model";
 /// The API key, once a request with it has succeeded: in sessionStorage (this tab only) by
 /// default, in localStorage when the user ticks "remember on this device".
 const HOSTED_KEY_KEY: &str = "kindling.hosted.key";
+const NEURONPEDIA_URL_KEY: &str = "kindling.neuronpedia.url";
+const NEURONPEDIA_MODEL_KEY: &str = "kindling.neuronpedia.model";
+const NEURONPEDIA_SOURCE_KEY: &str = "kindling.neuronpedia.source";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -26,6 +33,7 @@ enum Mode {
     Cpu,
     WebGpu,
     Hosted,
+    Neuronpedia,
 }
 
 impl Mode {
@@ -35,6 +43,7 @@ impl Mode {
             Mode::Cpu => "cpu",
             Mode::WebGpu => "webgpu",
             Mode::Hosted => "hosted",
+            Mode::Neuronpedia => "neuronpedia",
         }
     }
 
@@ -43,6 +52,7 @@ impl Mode {
             "cpu" => Mode::Cpu,
             "webgpu" => Mode::WebGpu,
             "hosted" => Mode::Hosted,
+            "neuronpedia" => Mode::Neuronpedia,
             _ => Mode::Auto,
         }
     }
@@ -163,7 +173,31 @@ async fn webgpu_adapter() -> Adapter {
 #[component]
 pub fn Connection() -> impl IntoView {
     let session = crate::use_session();
-    let mode = RwSignal::new(Mode::parse(&stored(MODE_KEY).unwrap_or_default()));
+    // A shared variant made on Neuronpedia opens there, on its model and source.
+    let linked = session
+        .variant
+        .with_untracked(|v| v.provider.clone())
+        .filter(|p| p.name == "neuronpedia");
+    let mode = RwSignal::new(if linked.is_some() {
+        Mode::Neuronpedia
+    } else {
+        Mode::parse(&stored(MODE_KEY).unwrap_or_default())
+    });
+    let np_url = RwSignal::new(stored(NEURONPEDIA_URL_KEY).unwrap_or_else(|| neuronpedia::BASE_URL.to_string()));
+    let np_model = RwSignal::new(
+        linked
+            .as_ref()
+            .map(|p| p.model_id.clone())
+            .or_else(|| stored(NEURONPEDIA_MODEL_KEY))
+            .unwrap_or_else(|| neuronpedia::DEFAULT_MODEL.to_string()),
+    );
+    let np_source = RwSignal::new(
+        linked
+            .as_ref()
+            .map(|p| p.source.clone())
+            .or_else(|| stored(NEURONPEDIA_SOURCE_KEY))
+            .unwrap_or_else(|| neuronpedia::DEFAULT_SOURCE.to_string()),
+    );
     let url = RwSignal::new(
         stored(HOSTED_URL_KEY).unwrap_or_else(|| web_sys::window().and_then(|w| w.location().origin().ok()).unwrap_or_default()),
     );
@@ -229,7 +263,10 @@ pub fn Connection() -> impl IntoView {
             if let Some(engine) = engine.get_value() {
                 session.client.set(Some(Client::Local(engine, model.clone())));
             }
-            session.variant.update(|v| v.base_model = model);
+            session.variant.update(|v| {
+                v.base_model = model;
+                v.provider = None;
+            });
             downloads.set(Vec::new());
             let source = if cached { " (from this browser's cache)" } else { "" };
             session.info(format!("Model ready in {seconds:.1} s{source}"));
@@ -293,7 +330,10 @@ pub fn Connection() -> impl IntoView {
                 Ok(_) => {
                     keep_key(&hosted.api_key, remember.get_untracked());
                     running.set(format!("hosted: {}", hosted.base_url));
-                    session.variant.update(|v| v.base_model = hosted.model.clone());
+                    session.variant.update(|v| {
+                        v.base_model = hosted.model.clone();
+                        v.provider = None;
+                    });
                     session.client.set(Some(client));
                     session.info(format!("Connected to {}", hosted.base_url));
                 }
@@ -305,8 +345,67 @@ pub fn Connection() -> impl IntoView {
         });
     };
 
+    let connect_neuronpedia = move || {
+        session.client.set(None);
+        session.engine_build.set(Some("neuronpedia".into()));
+        engine.set_value(None);
+        let base_url = np_url.get_untracked().trim().trim_end_matches('/').to_string();
+        let source = match neuronpedia::Source::new(np_model.get_untracked().trim(), np_source.get_untracked().trim()) {
+            Ok(source) => source,
+            Err(e) => {
+                running.set("not connected".into());
+                return session.error(e);
+            }
+        };
+        if !web_sys::Url::new(&base_url).is_ok_and(|u| u.username().is_empty() && u.password().is_empty()) {
+            running.set("not connected".into());
+            return session.error("The Neuronpedia address must be a plain URL such as https://www.neuronpedia.org");
+        }
+        store(NEURONPEDIA_URL_KEY, &base_url);
+        store(NEURONPEDIA_MODEL_KEY, &source.model_id);
+        store(NEURONPEDIA_SOURCE_KEY, &source.source);
+        running.set("connecting".into());
+        let remote = Rc::new(crate::neuronpedia::remote(&base_url, source.clone()));
+        leptos::task::spawn_local(async move {
+            match crate::neuronpedia::probe(&remote).await {
+                Ok(()) => {
+                    running.set(format!("Neuronpedia: {} ({})", source.model_name(), source.spec()));
+                    let provider = ProviderRef {
+                        name: "neuronpedia".into(),
+                        model_id: source.model_id.clone(),
+                        source: source.source.clone(),
+                    };
+                    let other_sae = session
+                        .variant
+                        .with_untracked(|v| !v.is_base() && v.provider.as_ref() != Some(&provider));
+                    session.variant.update(|v| {
+                        v.base_model = source.model_name();
+                        v.provider = Some(provider);
+                    });
+                    let client = Client::Neuronpedia(remote);
+                    session.client.set(Some(client.clone()));
+                    session.info(format!(
+                        "Connected to Neuronpedia: {} with SAE {}. Steering strengths are sent as {} × maxActApprox per unit; rules, logits and contrast are not available there.",
+                        source.model_id,
+                        source.source,
+                        neuronpedia::MAX_ACTS_PER_UNIT
+                    ));
+                    if other_sae {
+                        // The edits name another SAE's latents: look them up here and say what differs.
+                        leptos::task::spawn_local(super::variant::check_labels(session, client));
+                    }
+                }
+                Err(e) => {
+                    running.set("not connected".into());
+                    session.error(format!("Cannot use Neuronpedia at {base_url}: {e}"));
+                }
+            }
+        });
+    };
+
     let apply = move || match mode.get_untracked() {
         Mode::Hosted => connect_hosted(false),
+        Mode::Neuronpedia => connect_neuronpedia(),
         Mode::Cpu => start_local("cpu"),
         Mode::WebGpu => start_local("webgpu"),
         Mode::Auto => leptos::task::spawn_local(async move {
@@ -331,7 +430,7 @@ pub fn Connection() -> impl IntoView {
                         let m = Mode::parse(&event_target_value(&ev));
                         mode.set(m);
                         store(MODE_KEY, m.key());
-                        if m != Mode::Hosted {
+                        if !matches!(m, Mode::Hosted | Mode::Neuronpedia) {
                             apply();
                         }
                     }
@@ -340,6 +439,7 @@ pub fn Connection() -> impl IntoView {
                     <option value="cpu">"CPU (this page)"</option>
                     <option value="webgpu">"WebGPU (this page)"</option>
                     <option value="hosted">"Hosted endpoint"</option>
+                    <option value="neuronpedia">"Neuronpedia (Llama-3.3-70B)"</option>
                 </select>
             </label>
             <span class="indicator" data-testid="backend" title="Where the model runs now">
@@ -413,6 +513,24 @@ pub fn Connection() -> impl IntoView {
                                 }
                             })
                     }}
+                </form>
+            </Show>
+            <Show when=move || mode.get() == Mode::Neuronpedia>
+                <form
+                    class="hosted"
+                    data-testid="neuronpedia-form"
+                    on:submit=move |ev| {
+                        ev.prevent_default();
+                        connect_neuronpedia();
+                    }
+                >
+                    <input aria-label="Neuronpedia address" data-testid="neuronpedia-url" bind:value=np_url />
+                    <input aria-label="Neuronpedia model" data-testid="neuronpedia-model" bind:value=np_model />
+                    <input aria-label="SAE source" data-testid="neuronpedia-source" bind:value=np_source />
+                    <button type="submit" data-testid="neuronpedia-connect">
+                        "Connect"
+                    </button>
+                    <span class="hint">"Public models only: the page calls Neuronpedia without a key (its API takes none from browsers)."</span>
                 </form>
             </Show>
         </div>

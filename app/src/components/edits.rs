@@ -1,6 +1,8 @@
 //! Edits: a slider per edited feature, AutoSteer from a description, and Contrast between
 //! two chat datasets.
 
+use kindling_ember::Route;
+use kindling_ember::neuronpedia;
 use kindling_ember::units::{BREAKS_FROM, StrengthZone, VISIBLE_FROM};
 use kindling_ember::variant::{EditMode, SavedEdit};
 use leptos::prelude::*;
@@ -86,8 +88,15 @@ pub fn Edits() -> impl IntoView {
                                     }
                                 >
                                     <option value="nudge">"nudge"</option>
-                                    <option value="pin">"pin"</option>
+                                    <option
+                                        value="pin"
+                                        disabled=move || session.client.with(|c| c.as_ref().is_some_and(|c| c.neuronpedia().is_some()))
+                                        title=move || session.client.with(|c| c.as_ref().and_then(|c| c.neuronpedia()).map(|_| PIN_ON_NEURONPEDIA.to_string()).unwrap_or_default())
+                                    >
+                                        "pin"
+                                    </option>
                                 </select>
+                                <Conversion index=edit.index_in_sae value=Signal::derive(value) />
                                 <button
                                     aria-label="Remove edit"
                                     on:click=move |_| session.variant.update(|v| v.edits.retain(|e| e.feature_id != id_remove))
@@ -105,6 +114,43 @@ pub fn Edits() -> impl IntoView {
         </section>
         <AutoSteer />
         <Contrast />
+    }
+}
+
+/// Why pin is greyed out on Neuronpedia.
+const PIN_ON_NEURONPEDIA: &str =
+    "Neuronpedia adds a feature's decoder direction (SIMPLE_ADDITIVE): it cannot hold an activation at a value, so edits there are nudges";
+
+/// On Neuronpedia: the raw coefficient an edit is sent as, through the feature's
+/// `maxActApprox` (fetched once per feature and kept by the provider).
+#[component]
+fn Conversion(index: u32, value: Signal<f32>) -> impl IntoView {
+    let session = crate::use_session();
+    let max_act = LocalResource::new(move || {
+        let remote = session.client.with(|c| c.as_ref().and_then(|c| c.neuronpedia()));
+        async move {
+            let remote = remote?;
+            let facts = remote.facts(&[index]).await.ok()?;
+            Some(facts.get(&index)?.max_act)
+        }
+    });
+    move || {
+        max_act.get().flatten().map(|max_act| {
+            let v = value.get();
+            let text = match max_act {
+                Some(m) => format!(
+                    "on Neuronpedia: strength {:.1} = {v:+.2} × {} × maxActApprox {m:.2}",
+                    neuronpedia::coefficient(v, m),
+                    neuronpedia::MAX_ACTS_PER_UNIT
+                ),
+                None => format!(
+                    "on Neuronpedia: strength {:.1} = {v:+.2} × {} × 40 (no maxActApprox: Neuronpedia's own default)",
+                    neuronpedia::coefficient(v, neuronpedia::FALLBACK_MAX_ACT),
+                    neuronpedia::MAX_ACTS_PER_UNIT
+                ),
+            };
+            view! { <span class="conversion" data-testid="edit-conversion">{text}</span> }
+        })
     }
 }
 
@@ -167,6 +213,11 @@ fn AutoSteer() -> impl IntoView {
                     {move || if running.get() { "Working…" } else { "AutoSteer" }}
                 </button>
             </form>
+            <Show when=move || session.client.with(|c| c.as_ref().is_some_and(|c| c.neuronpedia().is_some()))>
+                <p class="hint" data-testid="autosteer-note">
+                    "On Neuronpedia, AutoSteer is search-based: it takes the feature whose explanation best matches the description (Neuronpedia's explanation search) at a strength of its maxActApprox (0.20 here), as Neuronpedia's own steering page does. It measures nothing; the effect column is the search's similarity."
+                </p>
+            </Show>
             <Show when=move || !tried.get().is_empty()>
                 <Trials tried=tried chosen=chosen />
             </Show>
@@ -272,7 +323,8 @@ fn Contrast() -> impl IntoView {
                     <textarea data-testid="contrast-2" prop:value=move || second.get() on:input=move |ev| second.set(event_target_value(&ev))></textarea>
                 </label>
             </div>
-            <button on:click=move |_| run() disabled=move || running.get()>
+            <super::Unavailable route=Route::Contrast what="Contrast" />
+            <button on:click=move |_| run() disabled=move || running.get() || session.limitation(Route::Contrast).is_some()>
                 "Contrast"
             </button>
             <ul class="hits">

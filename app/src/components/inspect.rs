@@ -1,6 +1,7 @@
 //! Inspect: the last conversation's tokens shaded by a feature's activation, each token's top
 //! features, next-token logits, and an export of the activations.
 
+use kindling_ember::Route;
 use kindling_ember::variant::FeatureRef;
 use leptos::prelude::*;
 use serde_json::{Value, json};
@@ -61,7 +62,11 @@ pub fn Inspect() -> impl IntoView {
             .iter()
             .map(|(role, content)| json!({ "role": role, "content": content }))
             .collect();
-        let controller = session.controller();
+        // Neuronpedia reads the unsteered model only: its overlay is of the plain model (the
+        // panel says so), and its logits are greyed out.
+        let remote = client.neuronpedia().is_some();
+        let controller = if remote { None } else { session.controller() };
+        let logits_unavailable = client.limitation(Route::ComputeLogits).is_some();
         working.set(true);
         leptos::task::spawn_local(async move {
             let mut body = json!({ "messages": messages, "model": client.model() });
@@ -77,6 +82,11 @@ pub fn Inspect() -> impl IntoView {
                 Err(e) => session.error(format!("Inspect failed: {e}")),
             }
             body["top_k"] = json!(10);
+            if logits_unavailable {
+                logits.set(Vec::new());
+                working.set(false);
+                return;
+            }
             match client.post("/chat-attribution/compute-logits", body).await {
                 Ok(answer) => logits.set(
                     answer["logits"]
@@ -120,6 +130,11 @@ pub fn Inspect() -> impl IntoView {
                 </button>
             </div>
             <p class="hint">"Tokens are shaded by the chosen feature (or each token's strongest one). Click a token for its top features."</p>
+            <Show when=move || session.client.with(|c| c.as_ref().is_some_and(|c| c.neuronpedia().is_some()))>
+                <p class="hint" data-testid="overlay-unsteered">
+                    "Neuronpedia reads the conversation's text on the unsteered model (its top 10 features per token, those firing on at most 1% of tokens), so the variant's edits do not show here."
+                </p>
+            </Show>
             <div class="overlay" data-testid="overlay">
                 {move || {
                     tokens
@@ -147,6 +162,7 @@ pub fn Inspect() -> impl IntoView {
             </div>
             <TokenFeatures tokens=tokens clicked=clicked />
             <h3>"Next-token logits"</h3>
+            <super::Unavailable route=Route::ComputeLogits what="Next-token logits" />
             <ol class="logits" data-testid="logits">
                 {move || {
                     let list = logits.get();

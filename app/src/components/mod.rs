@@ -115,6 +115,22 @@ pub fn App() -> impl IntoView {
     }
 }
 
+/// Why a part of a panel is greyed out: what the connected endpoint cannot do (nothing while
+/// it can).
+#[component]
+fn Unavailable(route: kindling_ember::Route, #[prop(optional)] what: &'static str) -> impl IntoView {
+    let session = crate::use_session();
+    move || {
+        session.limitation(route).map(|why| {
+            view! {
+                <p class="unavailable" data-testid="unavailable">
+                    {if what.is_empty() { why } else { format!("{what}: {why}") }}
+                </p>
+            }
+        })
+    }
+}
+
 /// The open errors and the latest notice, each dismissible.
 #[component]
 fn NoticeBar() -> impl IntoView {

@@ -1,6 +1,7 @@
 //! Conditional rules: IF feature clauses (AND/OR) THEN edits or ABORT, built by hand or by
 //! AutoConditional from a description.
 
+use kindling_ember::Route;
 use kindling_ember::variant::{Clause, EditMode, FeatureRef, Rule, RuleAction, SavedEdit};
 use leptos::prelude::*;
 use serde_json::json;
@@ -170,15 +171,18 @@ pub fn Rules() -> impl IntoView {
         });
     };
 
+    // A remote without rules (Neuronpedia) greys the whole builder out and says why.
+    let unavailable = move || session.limitation(Route::AutoConditional).is_some();
     view! {
-        <section class="rules" aria-label="Rules">
+        <section class="rules" class:greyed=unavailable aria-label="Rules">
             <h2>"Rules"</h2>
+            <super::Unavailable route=Route::AutoConditional what="Rules (set_when, abort_when) and AutoConditional" />
             <form class="auto" on:submit=move |ev| {
                 ev.prevent_default();
                 auto();
             }>
                 <input data-testid="autoconditional" placeholder="When… (describe a condition): the user talks about food" bind:value=description />
-                <button type="submit" disabled=move || thinking.get()>
+                <button type="submit" disabled=move || thinking.get() || unavailable()>
                     "AutoConditional"
                 </button>
             </form>
@@ -229,7 +233,7 @@ pub fn Rules() -> impl IntoView {
                         <input aria-label="Event name" data-testid="rule-event-name" bind:value=event />
                     </Show>
                 </div>
-                <button data-testid="add-rule" on:click=move |_| add_rule()>
+                <button data-testid="add-rule" disabled=unavailable on:click=move |_| add_rule()>
                     "Add rule"
                 </button>
             </div>

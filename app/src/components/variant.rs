@@ -57,7 +57,7 @@ fn check_when_ready(session: Session) {
 /// (`features/lookup`): the variant takes the atlas's ids and labels, and every difference is
 /// reported. A link naming latents this SAE lacks is dropped. Values saved in the old
 /// steering unit are converted to the current one with the factors the lookup gives.
-async fn check_labels(session: Session, client: Client) {
+pub(crate) async fn check_labels(session: Session, client: Client) {
     let indices = session.variant.with_untracked(SavedVariant::indices);
     if indices.is_empty() {
         return;
