@@ -17,12 +17,25 @@ fi
 
 source scripts/lib/server.sh
 LOGS=$(mktemp -d)
-trap 'kill $SERVER_PID 2>/dev/null || true' EXIT
+trap 'kill $SERVER_PID ${DOUBLE_PID:-} 2>/dev/null || true' EXIT
 
 echo "== goodfire and openai SDKs against kindling-server"
 start_server "$LOGS/sdk.log"
 NO_PROXY=127.0.0.1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/sdk/test_goodfire_sdk.py
 kill $SERVER_PID; wait $SERVER_PID 2>/dev/null || true
+
+echo "== kindling-server --upstream neuronpedia, against Neuronpedia's contract double"
+source scripts/lib/neuronpedia-double.sh
+start_neuronpedia_double "$LOGS/double.log"
+export NEURONPEDIA_TEST_KEY="np-key-$RANDOM$RANDOM"
+printf '%s\n' "$NEURONPEDIA_TEST_KEY" > "$LOGS/np-key"
+start_server "$LOGS/upstream.log" --upstream neuronpedia --upstream-url "$NEURONPEDIA_DOUBLE_URL" --upstream-key-file "$LOGS/np-key"
+NO_PROXY=127.0.0.1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/sdk/test_neuronpedia_upstream.py
+kill $SERVER_PID; wait $SERVER_PID 2>/dev/null || true
+# The user's Neuronpedia key reaches the upstream and no log line.
+if grep -q "$NEURONPEDIA_TEST_KEY" "$LOGS/upstream.log"; then
+    echo "the server's log contains the Neuronpedia key" >&2; exit 1
+fi
 
 echo "== kindling-server faults and load"
 export KINDLING_API_KEY="faults-key-$RANDOM"

@@ -874,7 +874,9 @@ impl<T: Transport> Neuronpedia<T> {
                 seed,
                 strength_multiplier: 1.0,
                 steer_special_tokens: false,
-                stream: request.stream,
+                // Neuronpedia streams only a steered reply: with no features it generates the
+                // default alone, and only without streaming (its route fails a stream then).
+                stream: request.stream && !features.is_empty(),
                 steer_method: "SIMPLE_ADDITIVE",
             },
             features,
