@@ -34,6 +34,11 @@ scripts/test-server.sh
 echo "== the playground in headless Chromium (model in the page's worker, and hosted mode)"
 scripts/test-e2e.sh
 
+echo "== Neuronpedia's contract double: it rejects what the real service rejects"
+(cd tests/neuronpedia && python3 -m unittest -q test_contract_double)
+# Needs the internet: runs only with NEURONPEDIA_LIVE=1, else says it is skipped.
+scripts/neuronpedia-live-smoke.sh
+
 echo "== corpus builder unit tests"
 (cd tools/corpus && python3 -m unittest -q test_build_corpus test_chat_prompts)
 
