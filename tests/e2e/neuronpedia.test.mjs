@@ -120,7 +120,7 @@ test('a slider steers the 70B: its strength shows as Neuronpedia\'s coefficient,
   const base = await lastReply(page, 'base');
   assert.ok(steered && base, `both columns filled: ${steered} / ${base}`);
   assert.notEqual(steered, base);
-  const calls = (await doubleLog()).filter((c) => c.path === '/api/steer-chat');
+  const calls = (await doubleLog()).filter((c) => c.method === 'POST' && c.path === '/api/steer-chat');
   assert.equal(calls.length, 1, 'one steer-chat answers both columns');
   assert.equal(calls[0].body.stream, true, 'streamed');
   assert.ok(Math.abs(calls[0].body.features[0].strength - Number(strength)) < 0.11, JSON.stringify(calls[0].body.features));

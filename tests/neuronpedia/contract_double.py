@@ -1114,11 +1114,39 @@ for _spec in _GEMMA_SPECS:
     FIXTURES[(GEMMA, GEMMA_SOURCE, _f["index"])] = _f
 
 
+# Every latent of a served source exists on the real service, fixture or not: an index in
+# range without a fixture is a plain "filler" feature (an explanation, a top activation, no
+# theme in steered text) so that calls naming it (feature 0's dashboard, say) succeed as they
+# would live. Fillers never appear in search results or token overlays, which scan FIXTURES.
+_FILLERS = {}
+
+
+def _filler(model_id, layer, index):
+    key = (model_id, layer, index)
+    if key not in _FILLERS:
+        if len(_FILLERS) > 4096:
+            _FILLERS.clear()
+        _FILLERS[key] = _build_fixture(model_id, layer, (
+            index, f"miscellaneous tokens (filler feature {index} of the contract double)",
+            round(2.0 + 20.0 * _h(model_id, layer, index), 2), round(0.0005 + 0.004 * _h(index, "frac"), 5),
+            ["filler"], ["(filler)"], [" filler"], [" signal"],
+            ["A filler sentence for the contract double."]))
+    return _FILLERS[key]
+
+
 def get_fixture(model_id, layer, index):
     if not isinstance(model_id, str) or not isinstance(layer, str):
         return None
     key = index if isinstance(index, str) else js_string(index)
-    return FIXTURES.get((model_id, layer, key))
+    found = FIXTURES.get((model_id, layer, key))
+    if found is not None:
+        return found
+    if not key.isdigit() or (model_id, layer) not in {(LLAMA, LLAMA_SOURCE), (GEMMA, GEMMA_SOURCE)}:
+        return None
+    number = int(key)
+    if number >= _source_latents(model_id, layer) or str(number) != key:
+        return None
+    return _filler(model_id, layer, number)
 
 
 def neuron_row(f):
@@ -1527,7 +1555,7 @@ def route_steer_chat(state, raw, limit_remaining):
         if not can_access_model_and_source_set(feat["modelId"], _source_set_name(feat["layer"])):
             return Resp(404, {"message": ERROR_NOT_FOUND_MESSAGE})
         f = get_fixture(feat["modelId"], feat["layer"], feat["index"])
-        if f is None:  # an index >= the source's width, or one without a fixture
+        if f is None:  # an index >= the source's width
             return Resp(404, {"message": ERROR_NOT_FOUND_MESSAGE})
 
     settings = {k: body[k] for k in ("temperature", "n_tokens", "freq_penalty", "seed",
@@ -1716,7 +1744,7 @@ def route_feature(state, model_id, layer, index):
     if not can_access_model_and_source(model_id, layer):
         # assertUserCanAccessModelAndSource throws notFound -> api-error: 404 {error, message}
         return Resp(404, {"error": ERROR_NOT_FOUND_MESSAGE, "message": ERROR_NOT_FOUND_MESSAGE})
-    f = FIXTURES.get((model_id, layer, index))
+    f = get_fixture(model_id, layer, index)
     if f is None:
         return Resp(404, {"error": ERROR_NOT_FOUND_MESSAGE})
     return Resp(200, neuron_optimized(f))
@@ -1743,8 +1771,9 @@ def route_features(state, raw):
             if key in seen:
                 continue
             seen.add(key)
-            if can_access_model_and_source(item["modelId"], item["layer"]) and key in FIXTURES:
-                found.append(FIXTURES[key])
+            f = get_fixture(*key) if can_access_model_and_source(item["modelId"], item["layer"]) else None
+            if f is not None:
+                found.append(f)
 
         def order(f):  # features.findIndex((f) => f.index === parseInt(a.index))
             for i, item in enumerate(req):

@@ -241,7 +241,7 @@ class SteerChatRejections(DoubleTest):
         self.assertEqual(r.json(), {"message": cd.ERROR_NOT_FOUND_MESSAGE})
 
     def test_unknown_feature_is_404(self):
-        for index in (65536, 5, 99999):
+        for index in (65536, 99999):
             r = self.steer(features=[feature(index=index)])
             self.assertEqual(r.status, 404, index)
             self.assertEqual(r.json(), {"message": cd.ERROR_NOT_FOUND_MESSAGE})
@@ -476,9 +476,13 @@ class Features(DoubleTest):
                          {"id", "description", "explanationModelName", "typeName", "scores", "triggeredByUser"})
 
     def test_unknown_feature_is_404_error(self):
-        for index in ("5", "65536", "02810"):
+        for index in ("65536", "02810"):
             r = self.call("GET", f"/api/feature/{LLAMA}/{LLAMA_SRC}/{index}")
             self.assertEqual((r.status, r.json()), (404, {"error": cd.ERROR_NOT_FOUND_MESSAGE}))
+        # Every latent in range exists, as on the real service: one without a fixture is a filler.
+        r = self.call("GET", f"/api/feature/{LLAMA}/{LLAMA_SRC}/0")
+        self.assertEqual(r.status, 200)
+        self.assertIn("filler", r.json()["explanations"][0]["description"])
         r = self.call("GET", f"/api/feature/gpt-5/{LLAMA_SRC}/2810")
         self.assertEqual(r.status, 404)
         self.assertEqual(r.json()["error"], cd.ERROR_NOT_FOUND_MESSAGE)
@@ -487,11 +491,11 @@ class Features(DoubleTest):
         r = self.post("/api/features", [
             {"modelId": LLAMA, "layer": LLAMA_SRC, "index": 33333, "maxActsToReturn": 2},
             {"modelId": LLAMA, "layer": LLAMA_SRC, "index": 2810},
-            {"modelId": LLAMA, "layer": LLAMA_SRC, "index": 5},
+            {"modelId": LLAMA, "layer": LLAMA_SRC, "index": 70000},
         ])
         self.assertEqual(r.status, 200, r.data)
         body = r.json()
-        self.assertEqual([n["index"] for n in body], ["33333", "2810"])
+        self.assertEqual([n["index"] for n in body], ["33333", "2810"], "a latent past the source's width is left out")
         self.assertTrue(all(len(n["activations"]) == 2 for n in body))
         self.assert_400(self.post("/api/features", [{"modelId": LLAMA, "layer": LLAMA_SRC}]),
                         "[0].index is a required field")

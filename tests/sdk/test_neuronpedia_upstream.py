@@ -33,7 +33,7 @@ def double_log():
 
 
 def steer_calls():
-    return [c for c in double_log() if c["path"] == "/api/steer-chat"]
+    return [c for c in double_log() if c["method"] == "POST" and c["path"] == "/api/steer-chat"]
 
 
 @pytest.fixture(autouse=True)
