@@ -253,7 +253,10 @@ fn snapshots_stream_as_deltas_with_stops_held_back() {
     request.stream = true;
     request.stop = Some(Stop::One("END".into()));
     let plan = block_on(np.plan_chat(&request)).unwrap();
-    assert!(!plan.body.stream, "an unsteered reply is not streamed: Neuronpedia fails such a stream");
+    assert!(
+        !plan.body.stream,
+        "an unsteered reply is not streamed: Neuronpedia fails such a stream"
+    );
     let mut stream = plan.stream();
     let mut text = String::new();
     for snapshot in ["Arr", "Arr, matey E", "Arr, matey EN", "Arr, matey END and more"] {
