@@ -87,6 +87,11 @@ impl Transport for Fetch {
     async fn post(&self, path: &str, body: &Value) -> Result<Value, RemoteError> {
         self.json("POST", path, Some(body)).await
     }
+
+    /// A reply without CORS headers (the rate limiter's 429) is a network error here.
+    fn opaque_failures(&self) -> bool {
+        true
+    }
 }
 
 fn js_message(e: &JsValue) -> String {
@@ -169,7 +174,7 @@ pub async fn stream_chat(
         if let Some(chunk) = chunks.snapshot(&whole).map_err(api_error)? {
             let _ = tx.unbounded_send(Ok(chunk));
         }
-        let _ = tx.unbounded_send(Ok(chunks.finish()));
+        let _ = tx.unbounded_send(Ok(chunks.finish().map_err(api_error)?));
         return Ok(());
     }
     let stream = response.body().ok_or_else(|| ApiError::new(0, "the reply has no body"))?;
@@ -179,9 +184,11 @@ pub async fn stream_chat(
     streaming.set_stream(true);
     let mut frames = SseFrames::default();
     loop {
-        let Ok(result) = JsFuture::from(reader.read()).await else {
-            // Aborted by the stop button: the reply ends where it is.
-            return Ok(());
+        let result = match JsFuture::from(reader.read()).await {
+            Ok(result) => result,
+            // Stopped by the user: the reply ends where it is.
+            Err(_) if signal.as_ref().is_some_and(web_sys::AbortSignal::aborted) => return Ok(()),
+            Err(e) => return Err(ApiError::new(0, format!("Neuronpedia's stream broke off: {}", js_message(&e)))),
         };
         let done = js_sys::Reflect::get(&result, &"done".into())
             .ok()
@@ -206,7 +213,7 @@ pub async fn stream_chat(
             }
         }
     }
-    let _ = tx.unbounded_send(Ok(chunks.finish()));
+    let _ = tx.unbounded_send(Ok(chunks.finish().map_err(api_error)?));
     Ok(())
 }
 

@@ -227,7 +227,11 @@ impl Source {
     /// and limited to the characters its ids use, since both travel inside URL paths.
     pub fn new(model_id: &str, source: &str) -> Result<Self, EmberError> {
         for (what, id) in [("model", model_id), ("source", source)] {
-            let ok = !id.is_empty() && id.len() <= 50 && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            // Not "." or "..", nor any id starting with a dot: they travel in URL paths.
+            let ok = !id.is_empty()
+                && id.len() <= 50
+                && !id.starts_with('.')
+                && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
             if !ok {
                 return Err(EmberError::Invalid(format!(
                     "{id:?} is not a Neuronpedia {what} id (1 to 50 letters, digits, '.', '_' or '-')"
@@ -339,6 +343,13 @@ impl RemoteError {
 pub trait Transport {
     async fn get(&self, path: &str) -> Result<Value, RemoteError>;
     async fn post(&self, path: &str, body: &Value) -> Result<Value, RemoteError>;
+
+    /// Whether a refused call can look like no answer at all: true in a browser, where a
+    /// reply without CORS headers (the rate limiter's 429) is a network error. Then a call
+    /// with no answer is probed ([`Neuronpedia::explain`]); elsewhere it means what it says.
+    fn opaque_failures(&self) -> bool {
+        false
+    }
 }
 
 // --- the provider -----------------------------------------------------------------------
@@ -371,8 +382,10 @@ impl Facts {
 const MAX_CACHED_FACTS: usize = 4096;
 /// Search hits fetched for one query at most (Neuronpedia pages by 20).
 const MAX_SEARCH_RESULTS: usize = 100;
-/// Top features per token in an activation overlay (Neuronpedia's maximum is 20).
+/// Top features per token in an activation overlay.
 const OVERLAY_FEATURES_PER_TOKEN: u32 = 10;
+/// Neuronpedia's most features per token.
+const MAX_FEATURES_PER_TOKEN: u32 = 20;
 /// The density filter of overlays: only features firing on at most 1% of tokens
 /// (Neuronpedia's default; dense features say little about one token).
 const OVERLAY_DENSITY_THRESHOLD: f32 = 0.01;
@@ -402,6 +415,8 @@ pub struct UpstreamChat {
     pub share_url: Option<String>,
     /// `n_tokens` asked of Neuronpedia (after lowering to its limit).
     pub n_tokens: u32,
+    /// The seed sent (a fresh one when the request had none).
+    pub seed: i64,
 }
 
 /// A steer-chat ready to send, with what its reply needs.
@@ -426,14 +441,23 @@ impl SteerPlan {
             features: self.features.clone(),
             share_url,
             n_tokens: self.body.n_tokens,
+            seed: self.body.seed,
         }
+    }
+
+    /// Whether the reply has a steered side to show: with no features Neuronpedia generates
+    /// only the default reply, which is then the variant's reply too.
+    fn steering(&self) -> bool {
+        !self.body.features.is_empty()
     }
 
     /// The Ember reply of a whole steer-chat reply.
     pub fn completion(&self, reply: &SteerReply) -> Result<Value, EmberError> {
-        let (steered, base) = replies(reply)?;
+        let (steered, base) = sides(reply, self.steering());
+        let steered = steered
+            .ok_or_else(|| EmberError::BadGateway("Neuronpedia's steer-chat reply held no STEERED output for a steered request".into()))?;
         let content = cut_at_stop(&steered, &self.stops).to_string();
-        let base = cut_at_stop(&base, &self.stops).to_string();
+        let base = cut_at_stop(base.as_deref().unwrap_or(&steered), &self.stops).to_string();
         let words = |s: &str| s.split_whitespace().count();
         let completion = ChatCompletion {
             id: completion_id(),
@@ -471,23 +495,24 @@ impl SteerPlan {
             created: now(),
             sent: 0,
             chunks: 0,
+            frames: 0,
+            base: String::new(),
             last: SteerReply::default(),
         }
     }
 }
 
-/// The steered and the default reply of a steer-chat answer (the steered one is the default
-/// when nothing was steered: Neuronpedia then may send only `DEFAULT`).
-fn replies(reply: &SteerReply) -> Result<(String, String), EmberError> {
-    let base = reply.default.as_ref().map(|o| o.reply().to_string());
-    let steered = reply.steered.as_ref().map(|o| o.reply().to_string());
-    match (steered, base) {
-        (Some(s), Some(b)) => Ok((s, b)),
-        (Some(s), None) => Ok((s.clone(), s)),
-        (None, Some(b)) => Ok((b.clone(), b)),
-        (None, None) => Err(EmberError::BadGateway(
-            "Neuronpedia's steer-chat reply held neither a STEERED nor a DEFAULT output".into(),
-        )),
+/// The steered and the default reply of a steer-chat answer or snapshot. With features the
+/// steered side is `STEERED` only: a snapshot may hold a partial `DEFAULT` and no `STEERED`
+/// yet (the two stream separately on two inference hosts, and the route forwards whichever
+/// answers first). Without features the one reply is `DEFAULT`, and it is both.
+fn sides(reply: &SteerReply, steering: bool) -> (Option<String>, Option<String>) {
+    let text = |side: &Option<remote::SteerOutput>| side.as_ref().map(|o| o.reply().to_string());
+    let (steered, base) = (text(&reply.steered), text(&reply.default));
+    if steering {
+        (steered, base)
+    } else {
+        (steered.or_else(|| base.clone()), base)
     }
 }
 
@@ -507,6 +532,10 @@ pub struct SteerStream {
     /// Bytes of the steered reply sent.
     sent: usize,
     chunks: usize,
+    /// Snapshots read.
+    frames: usize,
+    /// The base reply so far.
+    base: String,
     last: SteerReply,
 }
 
@@ -515,37 +544,60 @@ impl SteerStream {
     pub fn snapshot(&mut self, frame: &Value) -> Result<Option<Value>, EmberError> {
         let reply: SteerReply = serde_json::from_value(frame.clone())
             .map_err(|e| EmberError::BadGateway(format!("Neuronpedia sent a stream frame Kindling cannot read: {e}")))?;
-        let (steered, base) = replies(&reply)?;
+        self.frames += 1;
+        let (steered, base) = sides(&reply, self.plan.steering());
+        let base_moved = base.as_ref().is_some_and(|b| *b != self.base);
+        if let Some(base) = base {
+            self.base = base;
+        }
         self.last = reply;
+        let steered = steered.unwrap_or_default();
         let cut = cut_at_stop(&steered, &self.plan.stops);
         let ready = cut.len() - held_back(cut, &self.plan.stops);
         // A snapshot that rewrites what was sent (it should not) sends only what follows.
         let fresh = steered
             .get(self.sent..ready)
-            .filter(|_| ready > self.sent && steered.is_char_boundary(self.sent));
-        let Some(fresh) = fresh else {
+            .filter(|_| ready > self.sent && steered.is_char_boundary(self.sent))
+            .unwrap_or("");
+        if fresh.is_empty() && !base_moved {
             return Ok(None);
-        };
-        let chunk = self.chunk(fresh, None, &base);
-        self.sent = ready;
+        }
+        let fresh = fresh.to_string();
+        let chunk = self.chunk(&fresh);
+        self.sent = self.sent.max(ready);
         Ok(Some(chunk))
     }
 
     /// The last chunk: what is left of the steered reply, the finish reason, and the whole
-    /// base reply and share link.
-    pub fn finish(self) -> Value {
-        let (steered, base) = replies(&self.last).unwrap_or_default();
+    /// base reply and share link. A stream that ended with no reply (Neuronpedia ends a
+    /// stream that fails, e.g. a prompt over its token limit) or before its last snapshot (a
+    /// streamed reply's last snapshot carries its id) is an error.
+    pub fn finish(self) -> Result<Value, EmberError> {
+        let (steered, _) = sides(&self.last, self.plan.steering());
+        let Some(steered) = steered.filter(|_| self.frames > 0) else {
+            return Err(EmberError::BadGateway(
+                "Neuronpedia ended the stream without a reply (it does so when generation fails, e.g. for a prompt over \
+                 its token limit)"
+                    .into(),
+            ));
+        };
+        if self.plan.body.stream && self.last.id.is_none() {
+            return Err(EmberError::BadGateway(
+                "Neuronpedia's stream ended before the reply was complete".into(),
+            ));
+        }
         let cut = cut_at_stop(&steered, &self.plan.stops);
         let rest = cut.get(self.sent..).unwrap_or("");
+        let base = if self.base.is_empty() { steered.clone() } else { self.base.clone() };
         let base = cut_at_stop(&base, &self.plan.stops).to_string();
         let mut chunk = chunk_json(&self.id, self.created, &self.plan.model, self.chunks, rest, Some("stop"), &[]);
         chunk["kindling_upstream"] = json!(self.plan.upstream(base, self.last.share_url.clone()));
-        chunk
+        Ok(chunk)
     }
 
-    fn chunk(&mut self, text: &str, finish: Option<&str>, base: &str) -> Value {
-        let mut chunk = chunk_json(&self.id, self.created, &self.plan.model, self.chunks, text, finish, &[]);
-        chunk["kindling_upstream"] = json!({ "provider": PROVIDER, "base_reply": cut_at_stop(base, &self.plan.stops) });
+    fn chunk(&mut self, text: &str) -> Value {
+        let mut chunk = chunk_json(&self.id, self.created, &self.plan.model, self.chunks, text, None, &[]);
+        chunk["kindling_upstream"] = json!({ "provider": PROVIDER, "base_reply": cut_at_stop(&self.base, &self.plan.stops) });
         self.chunks += 1;
         chunk
     }
@@ -558,7 +610,8 @@ pub struct Neuronpedia<T> {
     ids: FeatureIds,
     transport: T,
     facts: Mutex<HashMap<u32, Facts>>,
-    window: Mutex<RateWindow>,
+    /// The calls of the last hour, when this provider counts them itself ([`Self::counting_calls`]).
+    window: Option<Mutex<RateWindow>>,
 }
 
 impl<T: Transport> Neuronpedia<T> {
@@ -568,8 +621,16 @@ impl<T: Transport> Neuronpedia<T> {
             source,
             transport,
             facts: Mutex::default(),
-            window: Mutex::default(),
+            window: Some(Mutex::default()),
         }
+    }
+
+    /// Whether calls are counted against [`RATE_LIMITS`] before they are sent (the default).
+    /// The page counts, since the limiter's 429 is unreadable there; a server with a key of a
+    /// higher tier, or a self-hosted Neuronpedia without a limiter, reads the real 429 instead.
+    pub fn counting_calls(mut self, count: bool) -> Self {
+        self.window = count.then(Mutex::default);
+        self
     }
 
     pub fn source(&self) -> &Source {
@@ -648,7 +709,10 @@ impl<T: Transport> Neuronpedia<T> {
         let now = web_time::SystemTime::now()
             .duration_since(web_time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
-        self.window.lock().unwrap_or_else(|e| e.into_inner()).admit(path, now)
+        match &self.window {
+            Some(window) => window.lock().unwrap_or_else(|e| e.into_inner()).admit(path, now),
+            None => Ok(()),
+        }
     }
 
     async fn get(&self, path: &str) -> Result<Value, EmberError> {
@@ -679,7 +743,7 @@ impl<T: Transport> Neuronpedia<T> {
             ))
         };
         match error.status {
-            0 => {
+            0 if self.transport.opaque_failures() => {
                 let probe = self.source.feature_path(0);
                 if path != probe && self.transport.get(&probe).await.is_ok() {
                     limited("it answered other calls, but this one without the headers a browser needs")
@@ -687,6 +751,7 @@ impl<T: Transport> Neuronpedia<T> {
                     EmberError::Unavailable(format!("cannot reach Neuronpedia: {}", error.message))
                 }
             }
+            0 => EmberError::BadGateway(format!("Neuronpedia did not answer: {}", error.message)),
             400 => EmberError::Invalid(format!("Neuronpedia refused the request: {}", error.message)),
             404 => EmberError::Invalid(format!(
                 "Neuronpedia does not serve this for {}: {}",
@@ -772,36 +837,52 @@ impl<T: Transport> Neuronpedia<T> {
 
     // --- chat ------------------------------------------------------------------------
 
-    /// Checks a chat request against Neuronpedia's rules and limits and builds the
-    /// steer-chat that answers it: the conversation for both the default and the steered
-    /// side, and one feature per nudged latent, its value converted to a coefficient.
-    pub async fn plan_chat(&self, request: &ChatRequest) -> Result<SteerPlan, EmberError> {
-        self.check_model(&request.model)?;
-        let limits = self.source.limits();
-        let mut messages = Vec::with_capacity(request.messages.len());
+    /// A conversation as Neuronpedia takes it: known roles, within its character limit
+    /// (counted as JavaScript counts, in UTF-16 units), and without empty messages, which its
+    /// schema refuses (a reply stopped before its first token leaves one in a history).
+    fn conversation(&self, messages: &[Message], limits: &RemoteLimits, what: &str) -> Result<Vec<ChatMessage>, EmberError> {
+        let mut out = Vec::with_capacity(messages.len());
         let mut chars = 0;
-        for m in &request.messages {
+        for m in messages {
             if !matches!(m.role.as_str(), "user" | "assistant" | "system" | "model" | "developer") {
                 return Err(EmberError::Invalid(format!(
                     "Neuronpedia takes messages from user, assistant or system, not {:?}",
                     m.role
                 )));
             }
+            if m.content.trim().is_empty() {
+                continue;
+            }
             chars += m.content.encode_utf16().count();
-            messages.push(ChatMessage {
+            out.push(ChatMessage {
                 role: m.role.clone(),
                 content: m.content.clone(),
             });
         }
-        if messages.is_empty() {
-            return Err(EmberError::Invalid("the conversation is empty".into()));
+        if out.is_empty() {
+            return Err(EmberError::Invalid(format!("the {what} is empty")));
         }
         if chars > limits.prompt_chars {
             return Err(EmberError::Invalid(format!(
-                "Neuronpedia takes at most {} characters of conversation for {}; this one has {chars}",
+                "Neuronpedia takes at most {} characters of {what} for {}; this one has {chars}",
                 limits.prompt_chars, self.source.model_id
             )));
         }
+        Ok(out)
+    }
+
+    /// Checks a chat request against Neuronpedia's rules and limits and builds the
+    /// steer-chat that answers it: the conversation for both the default and the steered
+    /// side, and one feature per nudged latent, its value converted to a coefficient.
+    pub async fn plan_chat(&self, request: &ChatRequest) -> Result<SteerPlan, EmberError> {
+        self.check_model(&request.model)?;
+        let limits = self.source.limits();
+        let messages = self.conversation(&request.messages, &limits, "conversation")?;
+        // The base column's own history, when it differs (Kindling's extension field).
+        let base_messages = match &request.kindling_base_messages {
+            Some(base) => self.conversation(base, &limits, "base conversation")?,
+            None => messages.clone(),
+        };
         let n_tokens = match request.max_completion_tokens.or(request.max_tokens) {
             None => 256.min(limits.max_new_tokens),
             Some(n) if n < 1 => return Err(EmberError::Invalid(format!("max_completion_tokens must be at least 1, got {n}"))),
@@ -814,8 +895,15 @@ impl<T: Transport> Neuronpedia<T> {
                 "temperature must be between 0 and 2, got {temperature}"
             )));
         }
-        let seed = request.seed.unwrap_or(42);
-        if seed.abs() > limits.max_seed {
+        // Neuronpedia caches replies by their settings, seed included: without a seed of its
+        // own, a request gets a fresh one, so a repeated prompt is sampled anew.
+        let seed = request.seed.unwrap_or_else(|| {
+            let nanos = web_time::SystemTime::now()
+                .duration_since(web_time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            i64::from(nanos) % limits.max_seed
+        });
+        if seed.unsigned_abs() > limits.max_seed.unsigned_abs() {
             return Err(EmberError::Invalid(format!(
                 "Neuronpedia takes seeds between -{0} and {0}, got {seed}",
                 limits.max_seed
@@ -836,6 +924,9 @@ impl<T: Transport> Neuronpedia<T> {
         for (index, value) in nudges {
             let fact = &facts[&index];
             let coefficient = coefficient(value, fact.max_act_or_fallback());
+            if !coefficient.is_finite() {
+                return Err(EmberError::Invalid(format!("{value} on feature {index} is out of range")));
+            }
             if coefficient < limits.min_strength {
                 return Err(EmberError::Invalid(format!(
                     "Neuronpedia takes strengths from {} up; {value} on feature {index} is {coefficient:.1} \
@@ -866,7 +957,7 @@ impl<T: Transport> Neuronpedia<T> {
         Ok(SteerPlan {
             body: SteerChat {
                 model_id: self.source.model_id.clone(),
-                default_chat_messages: messages.clone(),
+                default_chat_messages: base_messages,
                 steered_chat_messages: messages,
                 features: steer,
                 temperature,
@@ -999,7 +1090,12 @@ impl<T: Transport> Neuronpedia<T> {
         let wanted = (query.top_k.max(1) as usize).min(MAX_SEARCH_RESULTS);
         let mut features = Vec::new();
         let mut offset = 0;
-        while features.len() < wanted {
+        // Hits of other layers or without an index are skipped: the pages stay bounded all
+        // the same, within the search budget (200 an hour).
+        let max_pages = wanted.div_ceil(20) + 2;
+        let mut pages = 0;
+        while features.len() < wanted && pages < max_pages {
+            pages += 1;
             let mut body = json!({ "modelId": self.source.model_id, "layers": [self.source.source], "query": text });
             if offset > 0 {
                 body["offset"] = json!(offset);
@@ -1161,9 +1257,15 @@ impl<T: Transport> Neuronpedia<T> {
                 text.encode_utf16().count()
             )));
         }
+        // Chosen features are shaded wherever they fire: no density filter, and the most
+        // features per token Neuronpedia gives.
+        let (per_token, density) = match &request.include_feature_indexes {
+            Some(_) => (MAX_FEATURES_PER_TOKEN, 0.0),
+            None => (OVERLAY_FEATURES_PER_TOKEN, OVERLAY_DENSITY_THRESHOLD),
+        };
         let body = json!({
             "modelId": self.source.model_id, "source": self.source.source, "text": text,
-            "numResults": OVERLAY_FEATURES_PER_TOKEN, "ignoreBos": true, "densityThreshold": OVERLAY_DENSITY_THRESHOLD,
+            "numResults": per_token, "ignoreBos": true, "densityThreshold": density,
         });
         let reply: TopkByToken = read(self.post("/api/search-topk-by-token", &body).await?, "search-topk-by-token")?;
         let only: Option<Vec<u32>> = request

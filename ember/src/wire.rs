@@ -89,6 +89,10 @@ pub struct ChatRequest {
     pub stop: Option<Stop>,
     pub seed: Option<i64>,
     pub controller: Option<Value>,
+    /// Kindling's: the base model's own conversation, for a provider that writes the base and
+    /// the steered reply in one call (Neuronpedia); without it both continue `messages`.
+    #[serde(default)]
+    pub kindling_base_messages: Option<Vec<Message>>,
 }
 
 /// `POST chat-attribution/compute-logits`.

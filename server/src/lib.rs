@@ -577,6 +577,14 @@ async fn answer_upstream(state: AppState, upstream: Arc<upstream::Upstream>, req
         let chat = chat.clone();
         return stream_upstream(state, upstream, chat).await;
     }
+    // What Neuronpedia cannot do is refused at once, without a slot.
+    if let Some(why) = upstream::Upstream::limitation(request.route()) {
+        return Err(ApiError::from(EmberError::Unsupported {
+            operation: request.route().path(),
+            provider: format!("{} ({})", kindling_ember::neuronpedia::PROVIDER, upstream.source().spec()),
+            why: why.into(),
+        }));
+    }
     let value = state.run(move |_| upstream::answer(&upstream, &request)).await?;
     Ok(Json(value).into_response())
 }

@@ -146,13 +146,14 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 .to_string(),
             None => std::env::var("NEURONPEDIA_API_KEY").unwrap_or_default().trim().to_string(),
         };
+        let keyed = !key.is_empty();
+        let upstream = upstream::upstream(source.clone(), Some(&args.upstream_url), upstream::Secret::new(key))?;
         info!(
             "kindling-server: answering through Neuronpedia ({}) at {}{}",
             source.spec(),
             args.upstream_url,
-            if key.is_empty() { "" } else { " with an API key" }
+            if keyed { " with an API key" } else { "" }
         );
-        let upstream = upstream::upstream(source, Some(&args.upstream_url), upstream::Secret::new(key));
         let state = AppState::with_backend(kindling_server::Backend::Neuronpedia(std::sync::Arc::new(upstream)), settings);
         return listen(state, args.host, args.port).await;
     }

@@ -37,6 +37,9 @@ impl std::fmt::Debug for Secret {
 /// Largest reply read from Neuronpedia (a feature's dashboard with all its activations is
 /// the biggest, a few MB).
 const MAX_REPLY_BYTES: u64 = 32 << 20;
+/// Largest stream frame: a snapshot holds the whole conversation and reply twice per side,
+/// a few hundred KB at Neuronpedia's limits. The stream itself is bounded by the call's time.
+const MAX_FRAME_BYTES: u64 = 4 << 20;
 /// Longest call: a steer-chat of 1024 tokens on the 70B.
 const CALL_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -55,6 +58,9 @@ impl HttpTransport {
             .timeout_global(Some(CALL_TIMEOUT))
             .timeout_connect(Some(Duration::from_secs(15)))
             .http_status_as_error(false)
+            // The key goes to the configured host and nowhere else: no redirect is followed
+            // (ureq would keep x-api-key across hosts).
+            .max_redirects(0)
             .user_agent(concat!("kindling-server/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
@@ -119,7 +125,7 @@ impl HttpTransport {
     /// false to stop reading.
     pub fn stream(&self, body: &Value, mut frame: impl FnMut(Value) -> bool) -> Result<(), RemoteError> {
         let (status, content_type, reply) = self.send("POST", SteerPlan::PATH, Some(body))?;
-        let mut reader = BufReader::new(reply.into_with_config().limit(MAX_REPLY_BYTES).reader());
+        let mut reader = BufReader::new(reply.into_with_config().limit(u64::MAX).reader());
         if !(200..300).contains(&status) || !content_type.starts_with("text/event-stream") {
             let mut text = String::new();
             reader
@@ -138,11 +144,18 @@ impl HttpTransport {
         let mut line = String::new();
         loop {
             line.clear();
-            let n = reader
+            let n = (&mut reader)
+                .take(MAX_FRAME_BYTES)
                 .read_line(&mut line)
                 .map_err(|e| RemoteError::unreachable(format!("reading the steer-chat stream: {e}")))?;
             if n == 0 {
                 return Ok(());
+            }
+            if !line.ends_with('\n') && n as u64 == MAX_FRAME_BYTES {
+                return Err(RemoteError::unreachable(format!(
+                    "a steer-chat stream frame is over {} MB",
+                    MAX_FRAME_BYTES >> 20
+                )));
             }
             let Some(data) = line.trim_end().strip_prefix("data:") else {
                 continue;
@@ -185,9 +198,31 @@ pub fn parse_upstream(spec: &str) -> Result<Source, String> {
     }
 }
 
-/// A Neuronpedia upstream at `base_url` (default [`BASE_URL`]).
-pub fn upstream(source: Source, base_url: Option<&str>, key: Secret) -> Upstream {
-    Neuronpedia::new(source, HttpTransport::new(base_url.unwrap_or(BASE_URL), key))
+/// A Neuronpedia upstream at `base_url` (default [`BASE_URL`]). The server reads
+/// Neuronpedia's own 429s, so it does not count calls itself (a key may have a higher tier).
+/// Refused: a URL with a user name or password (it would be logged), and a key sent over
+/// plain `http://` to anything but this machine.
+pub fn upstream(source: Source, base_url: Option<&str>, key: Secret) -> Result<Upstream, String> {
+    let base_url = base_url.unwrap_or(BASE_URL);
+    let Some((scheme, rest)) = base_url.split_once("://") else {
+        return Err(format!("--upstream-url {base_url:?} is not an http(s) URL"));
+    };
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if host.contains('@') {
+        return Err("--upstream-url must not hold a user name or password: use --upstream-key-file".into());
+    }
+    let name = host
+        .rsplit_once(':')
+        .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(host, |(name, _)| name);
+    let loopback = matches!(name, "localhost" | "127.0.0.1" | "[::1]");
+    match scheme {
+        "https" => {}
+        "http" if loopback || key.expose().is_empty() => {}
+        "http" => return Err(format!("the Neuronpedia key would travel unencrypted to {name}: use https://")),
+        _ => return Err(format!("--upstream-url {base_url:?} is not an http(s) URL")),
+    }
+    Ok(Neuronpedia::new(source, HttpTransport::new(base_url, key)).counting_calls(false))
 }
 
 /// Answers a request that is not a streamed chat (on a blocking thread: the transport blocks).
@@ -228,5 +263,5 @@ pub fn stream(upstream: &Upstream, plan: &SteerPlan, mut send: impl FnMut(Value)
     if gone {
         return Ok(false);
     }
-    Ok(send(chunks.finish()))
+    Ok(send(chunks.finish()?))
 }

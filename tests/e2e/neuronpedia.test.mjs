@@ -115,6 +115,8 @@ test('a slider steers the 70B: its strength shows as Neuronpedia\'s coefficient,
   assert.equal(await page.$eval('select[aria-label=Mode] option[value=pin]', (o) => o.disabled), true, 'pin is greyed out');
 
   await control('/__contract/reset');
+  // Neuronpedia on two inference hosts: the default reply's snapshots may come first, alone.
+  await control('/__contract/stream', { split: true });
   await send(page, 'What do you think of mornings?');
   const steered = await lastReply(page, 'variant');
   const base = await lastReply(page, 'base');
@@ -125,6 +127,11 @@ test('a slider steers the 70B: its strength shows as Neuronpedia\'s coefficient,
   assert.equal(calls[0].body.stream, true, 'streamed');
   assert.ok(Math.abs(calls[0].body.features[0].strength - Number(strength)) < 0.11, JSON.stringify(calls[0].body.features));
   assert.equal(calls[0].x_api_key, null, 'the browser sends no key');
+  // The same request, whole (Neuronpedia's cache answers it): the streamed columns match it.
+  const whole = await (await fetch(DOUBLE + '/api/steer-chat', { method: 'POST', headers: { 'Content-Type': 'application/json' },
+    body: JSON.stringify({ ...calls[0].body, stream: false }) })).json();
+  assert.equal(steered, whole.STEERED.chatTemplate.at(-1).content);
+  assert.equal(base, whole.DEFAULT.chatTemplate.at(-1).content);
   const events = await page.$$eval('[data-testid=variant-column] [data-testid=rule-event]', (els) => els.map((e) => e.textContent));
   assert.ok(events.some((e) => /Sent to Neuronpedia: #\d+ .* \+0\.40 → strength/.test(e)), events.join(' | '));
   await page.screenshot({ path: join(ARTIFACTS, 'neuronpedia-chat.png') });

@@ -21,6 +21,8 @@ Control endpoints (not part of Neuronpedia, outside /api, never rate limited):
     GET  /__contract/log      JSON list of {method, path, body, x_api_key} received under /
     GET  /__contract/limits   current {"steer": N, "search": N}
     POST /__contract/limits   {"steer": N, "search": N} (either key optional) sets them
+    POST /__contract/stream   {"split": true}: steer-chat streams DEFAULT's first snapshots
+                              alone (STEERED null), as with two inference hosts; reset clears it
 """
 
 import argparse
@@ -1419,6 +1421,8 @@ class DoubleState:
         self.windows = {}
         self.log = []
         self.steer_db = {}  # the SteerOutput rows: cache key -> saved output
+        # Whether steer-chat streams DEFAULT's first snapshots alone (POST /__contract/stream).
+        self.split_streams = False
         if steer_limit is not None:
             self.set_limit("steer", steer_limit)
         if search_limit is not None:
@@ -1442,6 +1446,7 @@ class DoubleState:
             self.windows.clear()
             self.log.clear()
             self.steer_db.clear()
+            self.split_streams = False
 
     def record(self, method, path, body, api_key):
         with self.lock:
@@ -1628,6 +1633,18 @@ def route_steer_chat(state, raw, limit_remaining):
             for kind in to_run:
                 generated[kind] = generate(kind)
             steps = 5
+            if state.split_streams and "DEFAULT" in to_run:
+                # Two inference hosts: the default and the steered reply stream separately,
+                # and the route forwards whichever answers first (steerCompletionChat), so
+                # the first snapshots may hold a partial DEFAULT and no STEERED at all.
+                msgs, words, degenerate = generated["DEFAULT"]
+                length = int(n_tokens) if degenerate else min(len(words), int(n_tokens))
+                for step in range(1, 3):
+                    upto = max(1, math.ceil(length * step / steps))
+                    early = dict(result)
+                    early["STEERED"] = None
+                    early["DEFAULT"] = render_output(model_id, msgs, words, n_tokens, degenerate, upto)
+                    yield json.loads(dumps(early))
             for step in range(1, steps + 1):
                 for kind in to_run:
                     msgs, words, degenerate = generated[kind]
@@ -2128,6 +2145,10 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(200, {"ok": True}, api=False)
         if path == "/__contract/log" and method == "GET":
             return self._json(200, state.log_snapshot(), api=False)
+        if path == "/__contract/stream" and method == "POST":
+            body = json.loads(raw.decode("utf-8") or "{}")
+            state.split_streams = bool(body.get("split"))
+            return self._json(200, {"split": state.split_streams}, api=False)
         if path == "/__contract/limits" and method == "GET":
             return self._json(200, state.get_limits(), api=False)
         if path == "/__contract/limits" and method == "POST":

@@ -74,6 +74,10 @@ async fn stream_reply(
         "model": client.model(), "messages": messages,
         "temperature": sampling.temperature, "max_completion_tokens": sampling.max_tokens,
     });
+    // The base reply continues the base column's own conversation.
+    if let Some(base) = base {
+        body["kindling_base_messages"] = json!(history(&base.get_untracked()));
+    }
     if let Some(c) = controller {
         body["controller"] = c;
     }

@@ -263,10 +263,15 @@ pub fn Connection() -> impl IntoView {
             if let Some(engine) = engine.get_value() {
                 session.client.set(Some(Client::Local(engine, model.clone())));
             }
+            let left_remote = session.variant.with_untracked(|v| v.provider.is_some() && !v.is_base());
             session.variant.update(|v| {
                 v.base_model = model;
                 v.provider = None;
             });
+            if left_remote && let Some(client) = session.client() {
+                // The edits name another SAE's latents: look them up here and say what differs.
+                leptos::task::spawn_local(super::variant::check_labels(session, client));
+            }
             downloads.set(Vec::new());
             let source = if cached { " (from this browser's cache)" } else { "" };
             session.info(format!("Model ready in {seconds:.1} s{source}"));

@@ -41,6 +41,21 @@ impl Transport for &Table {
     }
 }
 
+/// The table as a browser sees it: a refusal without CORS headers is no answer at all.
+struct Browser(Table);
+
+impl Transport for &Browser {
+    async fn get(&self, path: &str) -> Result<Value, RemoteError> {
+        self.0.answer(path, Value::Null)
+    }
+    async fn post(&self, path: &str, body: &Value) -> Result<Value, RemoteError> {
+        self.0.answer(path, body.clone())
+    }
+    fn opaque_failures(&self) -> bool {
+        true
+    }
+}
+
 fn neuron(index: u32, description: &str, max_act: f32) -> Value {
     json!({ "modelId": DEFAULT_MODEL, "layer": DEFAULT_SOURCE, "index": index.to_string(), "maxActApprox": max_act,
             "frac_nonzero": 0.002, "explanations": [{ "description": description, "explanationModelName": "gemini-2.5-flash-lite" }],
@@ -78,7 +93,16 @@ fn sources_parse_name_their_models_and_make_stable_ids() {
     let id = source.feature_ids().uuid(33_234);
     assert_eq!(Source::default().feature_ids().parse(&id), Some(33_234), "stable across instances");
     assert_eq!(other.feature_ids().parse(&id), None, "another source's id");
-    for bad in ["llama", "a/b/c", "../x/y", "/x", "m/ s p", &format!("{}/s", "m".repeat(51))] {
+    for bad in [
+        "llama",
+        "a/b/c",
+        "../x",
+        "./s",
+        "m/..",
+        "/x",
+        "m/ s p",
+        &format!("{}/s", "m".repeat(51)),
+    ] {
         assert!(Source::parse(bad).is_err(), "{bad:?}");
     }
 }
@@ -245,44 +269,135 @@ fn a_dashboard_shades_against_max_act_approx() {
     assert_eq!(table.sent.borrow()[0].0, "/api/feature/llama3.3-70b-it/50-resid-post-gf/2810");
 }
 
-#[test]
-fn snapshots_stream_as_deltas_with_stops_held_back() {
-    let table = Table::default();
+/// A steered, streamed plan (feature 2810 at 0.4) with the stop string "END".
+fn streamed_plan() -> SteerPlan {
+    let table = Table::default().with("/api/features", Ok(json!([neuron(2810, "pirate speech", 12.0)])));
     let np = Neuronpedia::new(Source::default(), &table);
-    let mut request = chat(Value::Null);
+    let mut request = chat(nudge(2810, 0.4));
     request.stream = true;
     request.stop = Some(Stop::One("END".into()));
-    let plan = block_on(np.plan_chat(&request)).unwrap();
-    assert!(
-        !plan.body.stream,
-        "an unsteered reply is not streamed: Neuronpedia fails such a stream"
-    );
+    block_on(np.plan_chat(&request)).unwrap()
+}
+
+fn partial(steered: Option<&str>, default: &str, done: bool) -> Value {
+    let mut frame = steer_reply(steered.unwrap_or(""), default);
+    if steered.is_none() {
+        frame["STEERED"] = Value::Null;
+    }
+    if !done {
+        frame["id"] = Value::Null;
+        frame["shareUrl"] = Value::Null;
+    }
+    frame
+}
+
+#[test]
+fn snapshots_stream_as_deltas_with_stops_held_back() {
+    let plan = streamed_plan();
+    assert!(plan.body.stream);
     let mut stream = plan.stream();
     let mut text = String::new();
-    for snapshot in ["Arr", "Arr, matey E", "Arr, matey EN", "Arr, matey END and more"] {
-        if let Some(chunk) = stream.snapshot(&steer_reply(snapshot, "Hello")).unwrap() {
+    let mut bases = Vec::new();
+    // Two inference hosts: DEFAULT's first snapshots come alone, STEERED null.
+    let frames = [
+        partial(None, "Hello", false),
+        partial(None, "Hello there", false),
+        partial(Some("Arr"), "Hello there", false),
+        partial(Some("Arr, matey é E"), "Hello there!", false),
+        partial(Some("Arr, matey é EN"), "Hello there!", false),
+        partial(Some("Arr, matey é END and more"), "Hello there!", true),
+    ];
+    for frame in &frames {
+        if let Some(chunk) = stream.snapshot(frame).unwrap() {
             text += chunk["choices"][0]["delta"]["content"].as_str().unwrap();
-            assert_eq!(chunk["kindling_upstream"]["base_reply"], "Hello");
+            bases.push(chunk["kindling_upstream"]["base_reply"].as_str().unwrap().to_string());
         }
     }
-    let last = stream.finish();
+    assert_eq!(bases[0], "Hello", "the base column fills while the steered reply has not begun");
+    assert!(
+        !text.starts_with("Hello"),
+        "the base text is never sent as the steered reply: {text:?}"
+    );
+    let last = stream.finish().unwrap();
     text += last["choices"][0]["delta"]["content"].as_str().unwrap();
-    assert_eq!(text, "Arr, matey ", "the stop string and what follows are cut");
+    assert_eq!(text, "Arr, matey é ", "the stop string and what follows are cut");
     assert_eq!(last["choices"][0]["finish_reason"], "stop");
+    assert_eq!(last["kindling_upstream"]["base_reply"], "Hello there!");
     assert_eq!(last["kindling_upstream"]["share_url"], "https://www.neuronpedia.org/steer/abc");
 }
 
 #[test]
-fn failures_become_clear_errors() {
-    // No readable answer, while another prefix answers: the rate limiter's CORS-less 429.
-    let table = Table::default()
-        .with("/api/steer-chat", Err(RemoteError::unreachable("Failed to fetch")))
-        .with("/api/feature/", Ok(neuron(0, "x", 1.0)));
+fn a_stream_that_ends_early_or_empty_is_an_error() {
+    let plan = streamed_plan();
+    let e = plan.stream().finish().unwrap_err();
+    assert_eq!(e.status(), 502);
+    assert!(e.to_string().contains("without a reply"), "{e}");
+    let mut cut_short = plan.stream();
+    cut_short.snapshot(&partial(Some("Arr"), "Hello", false)).unwrap();
+    assert!(
+        cut_short
+            .finish()
+            .unwrap_err()
+            .to_string()
+            .contains("before the reply was complete")
+    );
+    // An unsteered reply is not streamed: Neuronpedia answers it whole, as one snapshot.
+    let table = Table::default();
     let np = Neuronpedia::new(Source::default(), &table);
+    let mut request = chat(Value::Null);
+    request.stream = true;
+    let plan = block_on(np.plan_chat(&request)).unwrap();
+    assert!(!plan.body.stream, "Neuronpedia fails a stream with no features");
+    let mut whole = plan.stream();
+    let mut only_default = steer_reply("", "Hello! How can I help?");
+    only_default["STEERED"] = Value::Null;
+    only_default["id"] = Value::Null;
+    let chunk = whole.snapshot(&only_default).unwrap().unwrap();
+    assert_eq!(chunk["choices"][0]["delta"]["content"], "Hello! How can I help?");
+    whole.finish().unwrap();
+}
+
+#[test]
+fn conversations_drop_empty_messages_and_the_base_keeps_its_own_history() {
+    let table = Table::default().with("/api/steer-chat", Ok(steer_reply("Arr", "Hi")));
+    let np = Neuronpedia::new(Source::default(), &table);
+    let mut request = chat(Value::Null);
+    let said = |role: &str, content: &str| Message {
+        role: role.into(),
+        content: content.into(),
+    };
+    request.messages = vec![said("user", "Hi"), said("assistant", ""), said("user", "Again")];
+    request.kindling_base_messages = Some(vec![said("user", "Hi"), said("assistant", "Hello."), said("user", "Again")]);
+    block_on(np.chat_completion(&request)).unwrap();
+    let sent = &table.sent.borrow()[0].1;
+    assert_eq!(
+        sent["steeredChatMessages"].as_array().unwrap().len(),
+        2,
+        "the empty reply is left out"
+    );
+    assert_eq!(sent["defaultChatMessages"][1]["content"], "Hello.");
+    assert!(sent["seed"].as_i64().unwrap().unsigned_abs() <= 100_000_000);
+}
+
+#[test]
+fn failures_become_clear_errors() {
+    // No readable answer, while another prefix answers: in a browser, the rate limiter's
+    // CORS-less 429.
+    let answers_elsewhere = || {
+        Table::default()
+            .with("/api/steer-chat", Err(RemoteError::unreachable("Failed to fetch")))
+            .with("/api/feature/", Ok(neuron(0, "x", 1.0)))
+    };
+    let browser = Browser(answers_elsewhere());
+    let np = Neuronpedia::new(Source::default(), &browser);
     let e = block_on(np.chat_completion(&chat(Value::Null))).unwrap_err();
     assert_eq!(e.status(), 429, "{e}");
+    // A server reads every status: no answer there is a timeout or a reset, never a 429.
+    let server = answers_elsewhere();
+    let np = Neuronpedia::new(Source::default(), &server);
+    assert_eq!(block_on(np.chat_completion(&chat(Value::Null))).unwrap_err().status(), 502);
     // Nothing answers: offline.
-    let offline = Table::default().with("/api", Err(RemoteError::unreachable("Failed to fetch")));
+    let offline = Browser(Table::default().with("/api", Err(RemoteError::unreachable("Failed to fetch"))));
     let np = Neuronpedia::new(Source::default(), &offline);
     let e = block_on(np.chat_completion(&chat(Value::Null))).unwrap_err();
     assert_eq!(e.status(), 503);
