@@ -591,37 +591,14 @@ async fn answer_upstream(state: AppState, upstream: Arc<upstream::Upstream>, req
 
 /// A streamed chat through Neuronpedia: its cumulative snapshots become Ember chunks.
 async fn stream_upstream(state: AppState, upstream: Arc<upstream::Upstream>, request: ChatRequest) -> Result<Response, ApiError> {
-    let permit = state.slot().await?;
-    let (planned_tx, planned_rx) = oneshot::channel::<Result<(), EmberError>>();
-    let (tx, rx) = mpsc::channel::<Bytes>(64);
-    tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        let plan = match upstream::plan_stream(&upstream, &request) {
-            Ok(plan) => plan,
-            Err(e) => {
-                let _ = planned_tx.send(Err(e));
-                return;
-            }
-        };
-        if planned_tx.send(Ok(())).is_err() {
-            return;
-        }
-        match upstream::stream(&upstream, &plan, |chunk| tx.blocking_send(sse_frame(&chunk)).is_ok()) {
-            Ok(true) => {
-                let _ = tx.blocking_send(Bytes::from_static(b"data: [DONE]\n\n"));
-            }
-            Ok(false) => {}
-            Err(e) => {
-                let _ = tx.blocking_send(sse_frame(&json!({ "error": { "message": e.to_string() } })));
-            }
-        }
-    });
-    planned_rx
-        .await
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the upstream failed while planning the reply"))??;
-    Ok(sse_response(Body::from_stream(
-        tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, Infallible>),
-    )))
+    let planner = upstream.clone();
+    stream_blocking(
+        state,
+        "the upstream",
+        move || upstream::plan_stream(&planner, &request),
+        move |plan, _, send| upstream::stream(&upstream, &plan, send),
+    )
+    .await
 }
 
 /// An SSE response around a body of frames.
@@ -633,8 +610,38 @@ fn sse_response(body: Body) -> Response {
     response
 }
 
-/// A streamed chat reply: one SSE event per chunk, then `[DONE]`.
+/// A streamed chat reply from the engine: one SSE event per chunk, then `[DONE]`.
 async fn stream_chat(state: AppState, ember: Arc<Ember>, request: ChatRequest) -> Result<Response, ApiError> {
+    let planner = ember.clone();
+    stream_blocking(
+        state,
+        "the engine",
+        // Planning templates and tokenizes the conversation: CPU work, so it runs in the slot.
+        move || planner.plan_chat(&request),
+        move |plan, cancel, send| {
+            let mut chunks = ember.start_chat_chunks(&plan, cancel.clone())?;
+            while let Some(chunk) = chunks.next_chunk()? {
+                if !send(chunk) {
+                    chunks.cancel();
+                }
+            }
+            Ok(!chunks.was_cancelled())
+        },
+    )
+    .await
+}
+
+/// Streams a reply made on a blocking thread, in a slot. `plan` runs first, so every error a
+/// request can cause is the HTTP answer; then `run` sends chunks through its `send` (false:
+/// the client has gone) and says whether the reply ran to its end. Then `[DONE]`, or the
+/// error as a last event, which the SDK reports (the headers are gone). A client that leaves
+/// cancels the work's token.
+async fn stream_blocking<P: Send + 'static>(
+    state: AppState,
+    what: &'static str,
+    plan: impl FnOnce() -> Result<P, EmberError> + Send + 'static,
+    run: impl FnOnce(P, &CancelToken, &dyn Fn(Value) -> bool) -> Result<bool, EmberError> + Send + 'static,
+) -> Result<Response, ApiError> {
     let permit = state.slot().await?;
     let cancel = state.cancel_token();
     let cancel_on_drop = CancelOnDrop(cancel.clone());
@@ -642,9 +649,7 @@ async fn stream_chat(state: AppState, ember: Arc<Ember>, request: ChatRequest) -
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        // Planning templates and tokenizes the conversation: CPU work, so it runs here, in
-        // the slot, and every error a request can cause is known before the stream starts.
-        let plan = match ember.plan_chat(&request) {
+        let plan = match plan() {
             Ok(plan) => plan,
             Err(e) => {
                 let _ = planned_tx.send(Err(e));
@@ -655,29 +660,19 @@ async fn stream_chat(state: AppState, ember: Arc<Ember>, request: ChatRequest) -
             return;
         }
         let send = |value: Value| tx.blocking_send(sse_frame(&value)).is_ok();
-        let streamed = (|| {
-            let mut chunks = ember.start_chat_chunks(&plan, cancel)?;
-            while let Some(chunk) = chunks.next_chunk()? {
-                if !send(chunk) {
-                    chunks.cancel();
-                }
-            }
-            Ok::<_, EmberError>(!chunks.was_cancelled())
-        })();
-        match streamed {
+        match run(plan, &cancel, &send) {
             Ok(true) => {
                 let _ = tx.blocking_send(Bytes::from_static(b"data: [DONE]\n\n"));
             }
             Ok(false) => {}
             Err(e) => {
-                // Headers are gone; the error travels as a last event the SDK reports.
                 let _ = tx.blocking_send(sse_frame(&json!({ "error": { "message": e.to_string() } })));
             }
         }
     });
     planned_rx
         .await
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the engine failed while planning the reply"))??;
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{what} failed while planning the reply")))??;
     // The stream owns the cancel guard: a client that leaves mid-reply drops it.
     let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(move |bytes| {
         let _alive = &cancel_on_drop;

@@ -237,7 +237,7 @@ pub fn plan_stream(upstream: &Upstream, request: &ChatRequest) -> Result<SteerPl
 
 /// Streams a planned chat: each Ember chunk goes to `send`, which returns false when the
 /// client has gone. A failure after the first chunk is returned for the caller to report.
-pub fn stream(upstream: &Upstream, plan: &SteerPlan, mut send: impl FnMut(Value) -> bool) -> Result<bool, EmberError> {
+pub fn stream(upstream: &Upstream, plan: &SteerPlan, send: &dyn Fn(Value) -> bool) -> Result<bool, EmberError> {
     upstream.admit_stream()?;
     let body = serde_json::to_value(&plan.body).map_err(|e| EmberError::Failed(e.to_string()))?;
     let mut chunks = plan.stream();
