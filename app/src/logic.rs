@@ -166,9 +166,127 @@ pub fn feature_ref(value: &serde_json::Value) -> Option<FeatureRef> {
     })
 }
 
+/// A feature that fires on an example text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExampleHit {
+    pub index: u32,
+    pub id: String,
+    /// Its strongest activation on the example (activation units).
+    pub peak: f32,
+    /// The example's tokens it fires on.
+    pub tokens: usize,
+}
+
+/// What fires on an example text, read from `compute-features` of a conversation that holds
+/// it: the example's own tokens, each with its features (index, activation units), and the
+/// features strongest on them, strongest first. The chat template's tokens around the text
+/// are left out: every text has them, so what fires there says nothing of this one.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ExampleReading {
+    pub tokens: Vec<(String, Vec<(u32, f32)>)>,
+    pub hits: Vec<ExampleHit>,
+}
+
+impl ExampleReading {
+    pub fn read(answer: &Value, text: &str) -> Self {
+        let all: Vec<(String, Vec<(u32, String, f32)>)> = answer["tokens"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| {
+                let features = t["attributions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|a| {
+                        Some((
+                            a["index_in_sae"].as_u64()? as u32,
+                            a["id"].as_str()?.to_string(),
+                            a["activation_strength"].as_f64()? as f32,
+                        ))
+                    })
+                    .collect();
+                (t["token"].as_str().unwrap_or_default().to_string(), features)
+            })
+            .collect();
+        // Where the text lies in the tokens' concatenation; without a match (a tokenizer that
+        // normalises), every token but the special ones.
+        let joined: String = all.iter().map(|(t, _)| t.as_str()).collect();
+        let wanted = text.trim();
+        let span = (!wanted.is_empty()).then(|| joined.find(wanted)).flatten().map(|s| s..s + wanted.len());
+        let mut offset = 0;
+        let mut reading = Self::default();
+        let mut hits: Vec<ExampleHit> = Vec::new();
+        for (token, features) in all {
+            let (start, end) = (offset, offset + token.len());
+            offset = end;
+            let inside = match &span {
+                Some(span) => start < span.end && end > span.start,
+                None => !(token.starts_with("<|") && token.ends_with("|>")),
+            };
+            if !inside {
+                continue;
+            }
+            for (index, id, activation) in &features {
+                if *activation <= 0.0 {
+                    continue;
+                }
+                match hits.iter_mut().find(|h| h.index == *index) {
+                    Some(hit) => {
+                        hit.peak = hit.peak.max(*activation);
+                        hit.tokens += 1;
+                    }
+                    None => hits.push(ExampleHit {
+                        index: *index,
+                        id: id.clone(),
+                        peak: *activation,
+                        tokens: 1,
+                    }),
+                }
+            }
+            reading.tokens.push((token, features.into_iter().map(|(i, _, a)| (i, a)).collect()));
+        }
+        hits.sort_by(|a, b| b.peak.total_cmp(&a.peak).then(b.tokens.cmp(&a.tokens)).then(a.index.cmp(&b.index)));
+        reading.hits = hits;
+        reading
+    }
+
+    /// Each of the example's tokens with `feature`'s activation on it.
+    pub fn shaded(&self, feature: u32) -> Vec<(String, f32)> {
+        self.tokens
+            .iter()
+            .map(|(t, features)| (t.clone(), features.iter().find(|(i, _)| *i == feature).map_or(0.0, |x| x.1)))
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_example_is_read_on_its_own_tokens_and_its_features_ranked() {
+        let token = |text: &str, features: &[(u32, f64)]| {
+            let attributions: Vec<Value> =
+                features.iter().map(|(i, a)| json!({ "id": format!("u{i}"), "index_in_sae": i, "activation_strength": a })).collect();
+            json!({ "token": text, "attributions": attributions })
+        };
+        let answer = json!({ "tokens": [
+            token("<|im_start|>", &[(1, 9.0)]), token("user", &[(1, 5.0)]), token("\n", &[]),
+            token("Arr", &[(7, 2.0), (3, 0.5)]), token(" matey", &[(7, 3.0)]), token("!", &[(3, 0.8)]),
+            token("<|im_end|>", &[(1, 9.0)]),
+        ] });
+        let reading = ExampleReading::read(&answer, "  Arr matey! ");
+        let texts: Vec<&str> = reading.tokens.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(texts, ["Arr", " matey", "!"], "the template's tokens are left out");
+        let ranked: Vec<(u32, f32, usize)> = reading.hits.iter().map(|h| (h.index, h.peak, h.tokens)).collect();
+        assert_eq!(ranked, [(7, 3.0, 2), (3, 0.8, 2)]);
+        assert_eq!(reading.shaded(7), [("Arr".to_string(), 2.0), (" matey".to_string(), 3.0), ("!".to_string(), 0.0)]);
+        // A text the tokens do not spell out: every token but the special ones.
+        let loose = ExampleReading::read(&answer, "something else");
+        assert_eq!(loose.tokens.len(), 5);
+        assert_eq!(ExampleReading::read(&json!({}), "x"), ExampleReading::default());
+    }
 
     #[test]
     fn error_bodies_give_their_message_in_any_of_the_shapes_servers_send() {

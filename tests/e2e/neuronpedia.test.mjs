@@ -103,6 +103,14 @@ test('search lists Neuronpedia features; a card shows shaded top activations and
   await page.screenshot({ path: join(ARTIFACTS, 'neuronpedia-card.png') });
 });
 
+test('search by example reads the text on Neuronpedia and lists what fires', async () => {
+  await page.fill('[data-testid=example-text]', 'Arr matey, the pirate ship sails at dawn!');
+  await page.click('[data-testid=example-go]');
+  await page.waitForSelector('[data-testid=example-hit]', { timeout: TIMEOUT });
+  const hits = await page.$$eval('[data-testid=example-hit] .label', (els) => els.map((e) => e.textContent));
+  assert.match(hits[0], /pirate/i, hits.join(' | '));
+});
+
 test('a slider steers the 70B: its strength shows as Neuronpedia\'s coefficient, base and variant come from one call', async () => {
   await page.click('[data-testid=feature-hit] [data-testid=add-edit]');
   await tab(page, 'edits');

@@ -135,6 +135,23 @@ test('searching "pirate" lists features, and a card shows a feature\'s contexts'
   await shot(page, 'features');
 });
 
+test('search by example lists the features that fire on a pasted text, its tokens shaded', async () => {
+  await tab(page, 'features');
+  await page.fill('[data-testid=example-text]', 'I love cooking pasta with fresh tomatoes and basil for dinner.');
+  await page.click('[data-testid=example-go]');
+  await page.waitForSelector('[data-testid=example-hit]', { timeout: REPLY_TIMEOUT });
+  const hits = await page.$$eval('[data-testid=example-hit] .label', (els) => els.map((e) => e.textContent));
+  assert.ok(hits.length >= 5, `several features: ${hits}`);
+  assert.ok(hits.some((l) => /dinner|recipe|salt|sugar|spicy|fresh|Italian|chef/i.test(l)), `a food feature among ${hits}`);
+  const tokens = await page.$$eval('[data-testid=example-tokens] .tok', (els) => els.map((e) => e.textContent));
+  assert.ok(tokens.join('').includes('pasta'), `the example's own tokens: ${tokens.join('|')}`);
+  assert.ok(!tokens.join('').includes('im_start'), 'the chat template is left out');
+  const shaded = await page.$$eval('[data-testid=example-tokens] .tok',
+    (els) => els.filter((e) => !/rgba\(255, 128, 0, 0(\.0+)?\)/.test(e.getAttribute('style'))).length);
+  assert.ok(shaded > 0, 'the first hit shades the tokens it fires on');
+  await shot(page, 'by-example');
+});
+
 test('moving a slider changes the next reply versus the base model', async () => {
   await search(page, 'pirate');
   // The first pirate feature the search lists.

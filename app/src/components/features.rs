@@ -1,11 +1,11 @@
-//! Feature search by meaning, and a dashboard card per feature.
+//! Feature search by meaning and by example, and a dashboard card per feature.
 
 use kindling_ember::variant::{EditMode, FeatureRef, SavedEdit};
 use leptos::prelude::*;
 use serde_json::{Value, json};
 
 use crate::Session;
-use crate::logic::{shade, visible_token};
+use crate::logic::{ExampleHit, ExampleReading, shade, visible_token};
 
 /// Adds an edit of `feature` to the variant (or says it is already there).
 pub(crate) fn add_edit(session: Session, feature: &FeatureRef, value: f32) {
@@ -150,7 +150,137 @@ pub fn Features() -> impl IntoView {
                 }
             </For>
         </ul>
+        <ByExample />
         <DashboardCard />
+    }
+}
+
+/// Features that fire on more than this share of tokens are too general to name a text's
+/// content (punctuation, the start of a sentence): search by example leaves them out.
+const EXAMPLE_MAX_DENSITY: f64 = 0.05;
+/// Features listed for an example.
+const EXAMPLE_HITS: usize = 12;
+
+/// Search by example: the model reads a text, and the features that fire most on it are
+/// listed, with the text's tokens shaded by the chosen one.
+#[component]
+fn ByExample() -> impl IntoView {
+    let session = crate::use_session();
+    let text = RwSignal::new(String::new());
+    let reading = RwSignal::new(ExampleReading::default());
+    // Each hit with its label and density, in rank order.
+    let hits = RwSignal::new(Vec::<(ExampleHit, FeatureRef, Option<f64>)>::new());
+    let chosen = RwSignal::new(None::<u32>);
+    let reading_now = RwSignal::new(false);
+    let read = move || {
+        let example = text.get_untracked().trim().to_string();
+        if example.is_empty() {
+            return;
+        }
+        let Some(client) = session.client() else {
+            return session.error("The model is not ready yet");
+        };
+        reading_now.set(true);
+        leptos::task::spawn_local(async move {
+            let body = json!({ "messages": [{ "role": "user", "content": example }], "model": client.model() });
+            match client.post("/chat-attribution/compute-features", body).await {
+                Ok(answer) => {
+                    let read = ExampleReading::read(&answer, &example);
+                    // Labels and densities of the strongest few, in one call.
+                    let top: Vec<ExampleHit> = read.hits.iter().take(EXAMPLE_HITS * 3).cloned().collect();
+                    let query: Vec<String> = top
+                        .iter()
+                        .map(|h| format!("feature_id={}", js_sys::encode_uri_component(&h.id)))
+                        .collect();
+                    let listed = if query.is_empty() {
+                        Value::Null
+                    } else {
+                        client.get(&format!("/features/?{}", query.join("&"))).await.unwrap_or(Value::Null)
+                    };
+                    let facts: Vec<(FeatureRef, Option<f64>)> =
+                        listed["features"].as_array().into_iter().flatten().filter_map(|f| Some((crate::feature_ref(f)?, f["density"].as_f64()))).collect();
+                    let named: Vec<(ExampleHit, FeatureRef, Option<f64>)> = top
+                        .into_iter()
+                        .filter_map(|h| {
+                            let (feature, density) = facts.iter().find(|(f, _)| f.index_in_sae == h.index).cloned()?;
+                            Some((h, feature, density))
+                        })
+                        .filter(|(_, _, density)| density.is_none_or(|d| d <= EXAMPLE_MAX_DENSITY))
+                        .take(EXAMPLE_HITS)
+                        .collect();
+                    if named.is_empty() {
+                        session.info("No specific feature fires on that text");
+                    }
+                    session.known.update(|k| {
+                        for (_, f, _) in &named {
+                            if !k.iter().any(|known| known.uuid == f.uuid) {
+                                k.push(f.clone());
+                            }
+                        }
+                    });
+                    chosen.set(named.first().map(|(h, _, _)| h.index));
+                    hits.set(named);
+                    reading.set(read);
+                }
+                Err(e) => session.error(format!("Reading the example failed: {e}")),
+            }
+            reading_now.set(false);
+        });
+    };
+    view! {
+        <section class="by-example" aria-label="Search by example">
+            <h3>"Search by example"</h3>
+            <form on:submit=move |ev| {
+                ev.prevent_default();
+                read();
+            }>
+                <textarea
+                    data-testid="example-text"
+                    aria-label="Example text"
+                    placeholder="Paste or type a text: the features that fire most on it are listed"
+                    prop:value=move || text.get()
+                    on:input=move |ev| text.set(event_target_value(&ev))
+                ></textarea>
+                <button type="submit" data-testid="example-go" disabled=move || reading_now.get()>
+                    {move || if reading_now.get() { "Reading…" } else { "Find its features" }}
+                </button>
+            </form>
+            <p class="example-tokens" data-testid="example-tokens">
+                {move || {
+                    let feature = chosen.get();
+                    feature
+                        .map(|f| reading.with(|r| r.shaded(f)))
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(t, a)| view! { <span class="tok" style=shade(a) title=format!("{a:.2}")>{visible_token(&t)}</span> })
+                        .collect_view()
+                }}
+            </p>
+            <ul class="hits" data-testid="example-hits">
+                {move || {
+                    hits.get()
+                        .into_iter()
+                        .map(|(hit, feature, density)| {
+                            let (open, edit) = (feature.clone(), feature.clone());
+                            let index = hit.index;
+                            view! {
+                                <li class="hit" data-testid="example-hit" class:chosen=move || chosen.get() == Some(index)>
+                                    <button class="link label" on:click=move |_| {
+                                        chosen.set(Some(index));
+                                        session.card.set(Some(open.clone()));
+                                    }>{feature.label.clone()}</button>
+                                    <span class="meta">
+                                        {format!("#{index} · peak {:.2} on {} token{}", hit.peak, hit.tokens, if hit.tokens == 1 { "" } else { "s" })}
+                                        {density.map(|d| format!(" · fires on {:.2}%", d * 100.0))}
+                                    </span>
+                                    <button data-testid="add-edit" on:click=move |_| add_edit(session, &edit, 0.5)>"+ Edit"</button>
+                                </li>
+                            }
+                        })
+                        .collect_view()
+                }}
+            </ul>
+        </section>
     }
 }
 
