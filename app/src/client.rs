@@ -108,8 +108,11 @@ pub enum LoadEvent {
     Failed(String),
 }
 
+/// Hears the steps of a call's long work: step, of how many, and what it does.
+pub type OnStep = Rc<dyn Fn(usize, usize, String)>;
+
 enum Pending {
-    Once(oneshot::Sender<Result<Value, ApiError>>),
+    Once(oneshot::Sender<Result<Value, ApiError>>, Option<OnStep>),
     Stream(mpsc::UnboundedSender<Result<Value, ApiError>>),
 }
 
@@ -196,7 +199,7 @@ impl LocalEngine {
         if let Err(e) = self.worker.post_message(&JsValue::from_str(&message.to_text())) {
             let error = ApiError::from_js("cannot reach the engine worker", e);
             match self.pending.borrow_mut().remove(&id) {
-                Some(Pending::Once(tx)) => drop(tx.send(Err(error))),
+                Some(Pending::Once(tx, _)) => drop(tx.send(Err(error))),
                 Some(Pending::Stream(tx)) => drop(tx.unbounded_send(Err(error))),
                 None => {}
             }
@@ -206,6 +209,21 @@ impl LocalEngine {
 
     fn cancel(&self, id: u64) {
         let _ = self.worker.post_message(&JsValue::from_str(&ToWorker::Cancel { id }.to_text()));
+    }
+}
+
+impl LocalEngine {
+    /// Stops the worker at once, whatever it is doing, and ends every call waiting on it
+    /// with an error that says so (their futures may hold this engine for a while yet).
+    pub fn terminate(&self) {
+        self.worker.terminate();
+        for (_, pending) in self.pending.borrow_mut().drain() {
+            let stopped = ApiError::new(0, "stopped: the engine was restarted");
+            match pending {
+                Pending::Once(tx, _) => drop(tx.send(Err(stopped))),
+                Pending::Stream(tx) => drop(tx.unbounded_send(Err(stopped))),
+            }
+        }
     }
 }
 
@@ -242,6 +260,15 @@ fn handle_worker_message(message: FromWorker, pending: &Rc<RefCell<HashMap<u64, 
             cached,
         }),
         FromWorker::LoadError { message } => on_load(LoadEvent::Failed(message)),
+        FromWorker::Step { id, step, of, what } => {
+            let listener = match pending.borrow().get(&id) {
+                Some(Pending::Once(_, Some(on_step))) => Some(on_step.clone()),
+                _ => None,
+            };
+            if let Some(on_step) = listener {
+                on_step(step, of, what);
+            }
+        }
         FromWorker::Chunk { id, chunk } => {
             if let Some(Pending::Stream(tx)) = pending.borrow().get(&id) {
                 let _ = tx.unbounded_send(Ok(chunk));
@@ -250,7 +277,7 @@ fn handle_worker_message(message: FromWorker, pending: &Rc<RefCell<HashMap<u64, 
         FromWorker::Result { id, outcome } => {
             let result = outcome.into_result().map_err(|(status, message)| ApiError::new(status, message));
             match pending.borrow_mut().remove(&id) {
-                Some(Pending::Once(tx)) => drop(tx.send(result)),
+                Some(Pending::Once(tx, _)) => drop(tx.send(result)),
                 // A stream ends by closing its channel; only an error needs saying.
                 Some(Pending::Stream(tx)) => {
                     if let Err(e) = result {
@@ -301,19 +328,25 @@ impl Client {
 
     /// `GET path` (with its query), answered as JSON.
     pub async fn get(&self, path: &str) -> Result<Value, ApiError> {
-        self.request("GET", path, None).await
+        self.request("GET", path, None, None).await
     }
 
     /// `POST path` with a JSON body.
     pub async fn post(&self, path: &str, body: Value) -> Result<Value, ApiError> {
-        self.request("POST", path, Some(body)).await
+        self.request("POST", path, Some(body), None).await
     }
 
-    async fn request(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, ApiError> {
+    /// `POST path`, telling `on_step` the steps of its work as they start (the in-page engine
+    /// reports AutoSteer's; other endpoints answer without steps).
+    pub async fn post_with_steps(&self, path: &str, body: Value, on_step: OnStep) -> Result<Value, ApiError> {
+        self.request("POST", path, Some(body), Some(on_step)).await
+    }
+
+    async fn request(&self, method: &str, path: &str, body: Option<Value>, on_step: Option<OnStep>) -> Result<Value, ApiError> {
         match self {
             Client::Local(engine, _) => {
                 let (tx, rx) = oneshot::channel();
-                engine.send(method, path, body.as_ref(), Pending::Once(tx));
+                engine.send(method, path, body.as_ref(), Pending::Once(tx, on_step));
                 rx.await.unwrap_or_else(|_| Err(ApiError::new(0, "the engine worker went away")))
             }
             Client::Neuronpedia(remote) => crate::neuronpedia::request(remote, method, path, body.as_ref()).await,

@@ -213,7 +213,10 @@ impl ExampleReading {
         // normalises), every token but the special ones.
         let joined: String = all.iter().map(|(t, _)| t.as_str()).collect();
         let wanted = text.trim();
-        let span = (!wanted.is_empty()).then(|| joined.find(wanted)).flatten().map(|s| s..s + wanted.len());
+        let span = (!wanted.is_empty())
+            .then(|| joined.find(wanted))
+            .flatten()
+            .map(|s| s..s + wanted.len());
         let mut offset = 0;
         let mut reading = Self::default();
         let mut hits: Vec<ExampleHit> = Vec::new();
@@ -267,8 +270,10 @@ mod tests {
     #[test]
     fn an_example_is_read_on_its_own_tokens_and_its_features_ranked() {
         let token = |text: &str, features: &[(u32, f64)]| {
-            let attributions: Vec<Value> =
-                features.iter().map(|(i, a)| json!({ "id": format!("u{i}"), "index_in_sae": i, "activation_strength": a })).collect();
+            let attributions: Vec<Value> = features
+                .iter()
+                .map(|(i, a)| json!({ "id": format!("u{i}"), "index_in_sae": i, "activation_strength": a }))
+                .collect();
             json!({ "token": text, "attributions": attributions })
         };
         let answer = json!({ "tokens": [
@@ -281,7 +286,10 @@ mod tests {
         assert_eq!(texts, ["Arr", " matey", "!"], "the template's tokens are left out");
         let ranked: Vec<(u32, f32, usize)> = reading.hits.iter().map(|h| (h.index, h.peak, h.tokens)).collect();
         assert_eq!(ranked, [(7, 3.0, 2), (3, 0.8, 2)]);
-        assert_eq!(reading.shaded(7), [("Arr".to_string(), 2.0), (" matey".to_string(), 3.0), ("!".to_string(), 0.0)]);
+        assert_eq!(
+            reading.shaded(7),
+            [("Arr".to_string(), 2.0), (" matey".to_string(), 3.0), ("!".to_string(), 0.0)]
+        );
         // A text the tokens do not spell out: every token but the special ones.
         let loose = ExampleReading::read(&answer, "something else");
         assert_eq!(loose.tokens.len(), 5);

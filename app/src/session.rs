@@ -25,6 +25,9 @@ pub struct Session {
     /// Where the engine runs and its build, for the footer: the in-page worker's build id
     /// (as its loader said it), or "hosted".
     pub engine_build: RwSignal<Option<String>>,
+    /// Restarts the in-page engine (set while one runs): the only way to stop its work, since
+    /// the worker's one thread hears no message until a call ends.
+    pub restart_engine: StoredValue<Option<std::rc::Rc<dyn Fn()>>, LocalStorage>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -479,6 +479,59 @@ impl Ember {
 
     // --- chat -----------------------------------------------------------------------------
 
+    /// AutoSteer (`POST features/auto-edits`), telling `on_step` each step as it starts (the
+    /// page's worker passes them on while the user waits).
+    pub fn auto_edits_reporting(
+        &self,
+        request: &SpecificationRequest,
+        cancel: &CancelToken,
+        on_step: Option<kindling_engine::autosteer::OnStep>,
+    ) -> Result<AutoEdits, EmberError> {
+        self.check_model(&request.model)?;
+        let spec = specification(&request.specification)?;
+        // Within the SDK's 60 s timeout, on a busy 2-core machine too.
+        let opts = AutoSteerOptions {
+            time_budget: Some(std::time::Duration::from_secs(30)),
+            cancel: cancel.clone(),
+            on_step,
+            ..AutoSteerOptions::default()
+        };
+        let found = auto_steer(&self.model, &self.sae, &self.atlas, spec, &opts)?;
+        let edits = found.edits.iter().map(|e| (self.feature_out(e.feature, None), e.value)).collect();
+        // Why it chose what it chose (Kindling's fields; the SDK reads only `edits`): every
+        // trial, best first, and the tokens it counted as the concept's.
+        let trials = found
+            .trials
+            .iter()
+            .map(|t| TrialOut {
+                edits: t
+                    .edits
+                    .iter()
+                    .map(|e| TrialEdit {
+                        index_in_sae: e.feature,
+                        label: self.label(e.feature),
+                        value: e.value,
+                    })
+                    .collect(),
+                effect: t.effect,
+                perplexity_ratio: t.perplexity_ratio.is_finite().then_some(t.perplexity_ratio),
+                distinct_bigrams: t.distinct,
+                accepted: t.accepted,
+                sample: t.sample.clone(),
+            })
+            .collect();
+        let concept_tokens = found
+            .concept_tokens
+            .iter()
+            .map(|&t| self.model.tokenizer.decode(&[t], false).unwrap_or_default())
+            .collect();
+        Ok(AutoEdits {
+            edits,
+            trials,
+            concept_tokens,
+        })
+    }
+
     /// Checks a chat request and turns it into a plan (every error a request can cause is
     /// found here, before any reply is streamed).
     pub fn plan_chat(&self, request: &ChatRequest) -> Result<ChatPlan, EmberError> {
@@ -885,48 +938,7 @@ impl Provider for Ember {
 
     /// `POST features/auto-edits`: AutoSteer.
     fn auto_edits(&self, request: &SpecificationRequest, cancel: &CancelToken) -> Result<AutoEdits, EmberError> {
-        self.check_model(&request.model)?;
-        let spec = specification(&request.specification)?;
-        // Within the SDK's 60 s timeout, on a busy 2-core machine too.
-        let opts = AutoSteerOptions {
-            time_budget: Some(std::time::Duration::from_secs(30)),
-            cancel: cancel.clone(),
-            ..AutoSteerOptions::default()
-        };
-        let found = auto_steer(&self.model, &self.sae, &self.atlas, spec, &opts)?;
-        let edits = found.edits.iter().map(|e| (self.feature_out(e.feature, None), e.value)).collect();
-        // Why it chose what it chose (Kindling's fields; the SDK reads only `edits`): every
-        // trial, best first, and the tokens it counted as the concept's.
-        let trials = found
-            .trials
-            .iter()
-            .map(|t| TrialOut {
-                edits: t
-                    .edits
-                    .iter()
-                    .map(|e| TrialEdit {
-                        index_in_sae: e.feature,
-                        label: self.label(e.feature),
-                        value: e.value,
-                    })
-                    .collect(),
-                effect: t.effect,
-                perplexity_ratio: t.perplexity_ratio.is_finite().then_some(t.perplexity_ratio),
-                distinct_bigrams: t.distinct,
-                accepted: t.accepted,
-                sample: t.sample.clone(),
-            })
-            .collect();
-        let concept_tokens = found
-            .concept_tokens
-            .iter()
-            .map(|&t| self.model.tokenizer.decode(&[t], false).unwrap_or_default())
-            .collect();
-        Ok(AutoEdits {
-            edits,
-            trials,
-            concept_tokens,
-        })
+        self.auto_edits_reporting(request, cancel, None)
     }
 
     /// `POST features/auto-conditional`.

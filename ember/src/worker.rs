@@ -54,6 +54,13 @@ pub enum FromWorker {
     LoadError {
         message: String,
     },
+    /// A step of call `id`'s long work as it starts (AutoSteer's): `step` of `of`.
+    Step {
+        id: u64,
+        step: usize,
+        of: usize,
+        what: String,
+    },
     /// One chunk of call `id`'s streamed reply.
     Chunk {
         id: u64,

@@ -60,6 +60,28 @@ pub struct AutoSteerOptions {
     /// Stops the search at once (its client went away): `auto_steer` answers
     /// `EngineError::Cancelled`.
     pub cancel: CancelToken,
+    /// Hears each step as it starts (a page shows them while it waits).
+    pub on_step: Option<OnStep>,
+}
+
+/// The steps of AutoSteer's search.
+pub const AUTOSTEER_STEPS: usize = 4;
+
+/// A step of AutoSteer's search as it starts: `step` of [`AUTOSTEER_STEPS`], and what it does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AutoSteerStep {
+    pub step: usize,
+    pub what: String,
+}
+
+/// A listener for [`AutoSteerStep`]s, called on the searching thread between steps.
+#[derive(Clone)]
+pub struct OnStep(pub Arc<dyn Fn(&AutoSteerStep) + Send + Sync>);
+
+impl std::fmt::Debug for OnStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnStep(..)")
+    }
 }
 
 impl Default for AutoSteerOptions {
@@ -72,6 +94,7 @@ impl Default for AutoSteerOptions {
             max_tokens: 32,
             time_budget: None,
             cancel: CancelToken::new(),
+            on_step: None,
         }
     }
 }
@@ -337,6 +360,11 @@ pub fn auto_steer(model: &Model, sae: &Sae, atlas: &Atlas, description: &str, op
     let clock = Clock::start();
     let units = Units::new(sae, atlas.units());
     let cancel = &opts.cancel;
+    let step = |step: usize, what: String| {
+        if let Some(OnStep(hear)) = &opts.on_step {
+            hear(&AutoSteerStep { step, what });
+        }
+    };
     let plain: Vec<Vec<TokenId>> = opts
         .prompts
         .iter()
@@ -360,6 +388,7 @@ pub fn auto_steer(model: &Model, sae: &Sae, atlas: &Atlas, description: &str, op
     }
 
     // 1. Plain replies and examples, in one batch.
+    step(1, format!("writing plain replies and examples of “{description}”"));
     let mut prompts = plain.clone();
     prompts.extend(asked.iter().cloned());
     let runs: Vec<(usize, Option<Arc<SteeringVector>>)> = (0..2 * n).map(|p| (p, None)).collect();
@@ -412,6 +441,7 @@ pub fn auto_steer(model: &Model, sae: &Sae, atlas: &Atlas, description: &str, op
     values.sort_by(f32::total_cmp);
     let middle = values.get(values.len() / 2).copied().unwrap_or(0.45);
     let first: Vec<Vec<Edit>> = candidates.iter().map(|&(f, _)| vec![Edit::nudge(f, middle)]).collect();
+    step(2, format!("trying {} candidate features at {middle:+.2}", first.len()));
     let mut trials = run_trials(&judge, sae, &units, &first, &plain, &base, opts)?;
     if opts.time_budget.is_none_or(|budget| clock.elapsed() < budget) {
         let mut ranked: Vec<&Trial> = trials.iter().filter(|t| t.effect > 0.0).collect();
@@ -424,6 +454,10 @@ pub fn auto_steer(model: &Model, sae: &Sae, atlas: &Atlas, description: &str, op
                 values.iter().filter(|&&v| v != middle).map(move |&v| vec![Edit::nudge(feature, v)])
             })
             .collect();
+        step(
+            3,
+            format!("trying the {} most effective at other strengths", ranked.len().min(opts.refine)),
+        );
         trials.extend(run_trials(&judge, sae, &units, &refine, &plain, &base, opts)?);
     }
     trials.sort_by(|a, b| b.accepted.cmp(&a.accepted).then(b.effect.total_cmp(&a.effect)));
@@ -439,6 +473,7 @@ pub fn auto_steer(model: &Model, sae: &Sae, atlas: &Atlas, description: &str, op
         if let Some(second) = second
             && opts.time_budget.is_none_or(|budget| clock.elapsed() < budget)
         {
+            step(4, "trying the best two features together".into());
             let both: Vec<Edit> = best.edits.iter().chain(&second.edits).copied().collect();
             let mut pair = run_trials(&judge, sae, &units, std::slice::from_ref(&both), &plain, &base, opts)?;
             let pair = pair.remove(0);

@@ -237,6 +237,24 @@ test('the token overlay shades tokens and explains a clicked token', async () =>
   await shot(page, 'inspect');
 });
 
+test('AutoSteer shows its steps as it works and can be stopped; the engine comes back', async () => {
+  await tab(page, 'edits');
+  const before = await page.$$eval('[data-testid=edit]', (els) => els.length);
+  await page.fill('[data-testid=autosteer]', 'talk about food');
+  await page.press('[data-testid=autosteer]', 'Enter');
+  await page.waitForFunction(() => /Step 1 of 4: writing plain replies/.test(document.querySelector('[data-testid=autosteer-progress]')?.textContent ?? ''),
+    null, { timeout: 10_000, polling: 50 });
+  await page.click('[data-testid=autosteer-stop]');
+  assert.match(await notices(page), /AutoSteer stopped/);
+  // The worker was busy: it is restarted, and the model reloads from the browser's cache.
+  await page.waitForFunction(() => /in this page/.test(document.querySelector('[data-testid=backend]').textContent),
+    null, { timeout: LOAD_TIMEOUT, polling: 100 });
+  assert.equal(await page.$$eval('[data-testid=edit]', (els) => els.length), before, 'a stopped AutoSteer adds no edit');
+  assert.equal(await page.isVisible('[data-testid=autosteer-progress]'), false);
+  await chat(page, 'Hi', { compare: false, maxTokens: 4 });
+  assert.ok((await lastReply(page, 'variant')).length > 0, 'the restarted engine replies');
+});
+
 test('a share link restores the same variant in a fresh page; a tampered one changes nothing', async () => {
   await tab(page, 'variant');
   const original = await variantJson(page);

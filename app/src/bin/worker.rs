@@ -19,9 +19,11 @@ mod worker {
     use std::cell::RefCell;
     use std::collections::HashMap;
     use std::rc::Rc;
+    use std::sync::Arc;
 
     use kindling_ember::worker::{FromWorker, Outcome, ToWorker};
     use kindling_ember::{Ember, EmberError, MODEL_NAME, Request, Route, dispatch};
+    use kindling_engine::autosteer::{AUTOSTEER_STEPS, AutoSteerStep, OnStep};
     use kindling_engine::{Atlas, Backend, CancelToken, Model, Sae, StaticEmbedder};
     use serde_json::Value;
     use sha2::{Digest, Sha256};
@@ -308,7 +310,21 @@ mod worker {
         {
             return stream_chat(&engines, id, chat).await;
         }
-        // A request runs to its end here: the worker's one thread hears no cancel meanwhile.
+        // A request runs to its end here: the worker's one thread hears no cancel meanwhile
+        // (the page stops AutoSteer by restarting the worker). AutoSteer's steps are told as
+        // they start, so the page shows where it is.
+        if let Request::AutoEdits(spec) = &request {
+            let on_step = OnStep(Arc::new(move |s: &AutoSteerStep| {
+                post(FromWorker::Step {
+                    id,
+                    step: s.step,
+                    of: AUTOSTEER_STEPS,
+                    what: s.what.clone(),
+                })
+            }));
+            let reply = engines.cpu.auto_edits_reporting(spec, &CancelToken::new(), Some(on_step))?;
+            return serde_json::to_value(reply).map_err(|e| EmberError::Failed(e.to_string()));
+        }
         dispatch(&engines.cpu, &request, &CancelToken::new())
     }
 

@@ -282,23 +282,43 @@ pub fn Connection() -> impl IntoView {
         }
     };
 
-    let start_local = move |backend: &'static str| {
+    // Starts (or restarts) the engine in a worker; the previous worker is terminated.
+    fn start_local(
+        backend: &'static str,
+        session: crate::Session,
+        engine: StoredValue<Option<Rc<LocalEngine>>, LocalStorage>,
+        downloads: RwSignal<Vec<Download>>,
+        running: RwSignal<String>,
+        on_load: impl Fn(LoadEvent) + Copy + 'static,
+    ) {
+        if let Some(old) = engine.get_value() {
+            old.terminate();
+        }
         session.client.set(None);
         session.engine_build.set(None);
         engine.set_value(None);
         downloads.set(Vec::new());
         running.set(format!("loading ({backend})"));
         match LocalEngine::start(backend, on_load) {
-            Ok(e) => engine.set_value(Some(e)),
+            Ok(e) => {
+                engine.set_value(Some(e));
+                let restart: Rc<dyn Fn()> = Rc::new(move || start_local(backend, session, engine, downloads, running, on_load));
+                session.restart_engine.set_value(Some(restart));
+            }
             Err(e) => {
                 running.set("failed".into());
                 session.error(e);
             }
         }
-    };
+    }
+    let start_local = move |backend: &'static str| start_local(backend, session, engine, downloads, running, on_load);
 
     // `anyway`: the user has read the plain-http warning and sends the key all the same.
     let connect_hosted = move |anyway: bool| {
+        session.restart_engine.set_value(None);
+        if let Some(old) = engine.get_value() {
+            old.terminate();
+        }
         session.client.set(None);
         session.engine_build.set(Some("hosted".into()));
         engine.set_value(None);
@@ -351,6 +371,10 @@ pub fn Connection() -> impl IntoView {
     };
 
     let connect_neuronpedia = move || {
+        session.restart_engine.set_value(None);
+        if let Some(old) = engine.get_value() {
+            old.terminate();
+        }
         session.client.set(None);
         session.engine_build.set(Some("neuronpedia".into()));
         engine.set_value(None);

@@ -163,6 +163,28 @@ fn AutoSteer() -> impl IntoView {
     // What the last run tried, best first (the engine's `trials`), and what it chose.
     let tried = RwSignal::new(Vec::<Value>::new());
     let chosen = RwSignal::new(Value::Null);
+    // The step the search is at, as the engine tells it; and which run is current (a stopped
+    // run's answer, should one still come, is not applied).
+    let step = RwSignal::new(String::new());
+    let run_id = StoredValue::new(0u64);
+    let stop = move || {
+        run_id.update_value(|r| *r += 1);
+        running.set(false);
+        step.set(String::new());
+        match session.restart_engine.get_value() {
+            // The in-page worker hears nothing while it searches: it is restarted (the model
+            // reloads from this browser's cache in a few seconds).
+            Some(restart)
+                if session
+                    .client
+                    .with_untracked(|c| matches!(c, Some(crate::client::Client::Local(..)))) =>
+            {
+                restart();
+                session.info("AutoSteer stopped: the in-page engine restarts (a few seconds)");
+            }
+            _ => session.info("AutoSteer stopped: its answer will be ignored"),
+        }
+    };
     let run = move || {
         let specification = spec.get_untracked().trim().to_string();
         let Some(client) = session.client() else {
@@ -173,10 +195,24 @@ fn AutoSteer() -> impl IntoView {
         }
         running.set(true);
         tried.set(Vec::new());
+        step.set("starting…".into());
+        run_id.update_value(|r| *r += 1);
+        let this_run = run_id.get_value();
         session.info("AutoSteer is trying edits (this takes a while)…");
         leptos::task::spawn_local(async move {
             let body = json!({ "specification": specification, "model": client.model() });
-            match client.post("/features/auto-edits", body).await {
+            let on_step: crate::client::OnStep = std::rc::Rc::new(move |n, of, what| {
+                if run_id.get_value() == this_run {
+                    step.set(format!("Step {n} of {of}: {what}"));
+                }
+            });
+            let answer = client.post_with_steps("/features/auto-edits", body, on_step).await;
+            if run_id.get_value() != this_run {
+                // Stopped (or superseded) meanwhile.
+                return;
+            }
+            step.set(String::new());
+            match answer {
                 Ok(answer) => {
                     tried.set(answer["trials"].as_array().cloned().unwrap_or_default());
                     chosen.set(answer["edits"].clone());
@@ -212,7 +248,15 @@ fn AutoSteer() -> impl IntoView {
                 <button type="submit" disabled=move || running.get()>
                     {move || if running.get() { "Working…" } else { "AutoSteer" }}
                 </button>
+                <button type="button" data-testid="autosteer-stop" disabled=move || !running.get() on:click=move |_| stop()>
+                    "Stop"
+                </button>
             </form>
+            <Show when=move || running.get()>
+                <p class="progress" data-testid="autosteer-progress" role="status">
+                    {move || step.get()}
+                </p>
+            </Show>
             <Show when=move || session.client.with(|c| c.as_ref().is_some_and(|c| c.neuronpedia().is_some()))>
                 <p class="hint" data-testid="autosteer-note">
                     "On Neuronpedia, AutoSteer is search-based: it takes the feature whose explanation best matches the description (Neuronpedia's explanation search) at a strength of its maxActApprox (0.20 here), as Neuronpedia's own steering page does. It measures nothing; the effect column is the search's similarity."

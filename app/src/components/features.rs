@@ -197,8 +197,12 @@ fn ByExample() -> impl IntoView {
                     } else {
                         client.get(&format!("/features/?{}", query.join("&"))).await.unwrap_or(Value::Null)
                     };
-                    let facts: Vec<(FeatureRef, Option<f64>)> =
-                        listed["features"].as_array().into_iter().flatten().filter_map(|f| Some((crate::feature_ref(f)?, f["density"].as_f64()))).collect();
+                    let facts: Vec<(FeatureRef, Option<f64>)> = listed["features"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|f| Some((crate::feature_ref(f)?, f["density"].as_f64())))
+                        .collect();
                     let named: Vec<(ExampleHit, FeatureRef, Option<f64>)> = top
                         .into_iter()
                         .filter_map(|h| {

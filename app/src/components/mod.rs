@@ -48,6 +48,7 @@ pub fn App() -> impl IntoView {
         conversation: RwSignal::new(Vec::new()),
         notices: RwSignal::new(Vec::new()),
         engine_build: RwSignal::new(None),
+        restart_engine: StoredValue::new_local(None),
     };
     provide_context(session);
     let tab = RwSignal::new(Tab::Features);
