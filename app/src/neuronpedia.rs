@@ -10,7 +10,7 @@
 use futures::channel::mpsc;
 use kindling_ember::neuronpedia::{Neuronpedia, RemoteError, Source, SteerPlan, Transport};
 use kindling_ember::{EmberError, Request, Route};
-use serde_json::{Value, json};
+use serde_json::Value;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
 
@@ -217,10 +217,9 @@ pub async fn stream_chat(
     Ok(())
 }
 
-/// The probe a connection starts with: feature 0's dashboard proves the address, the model
-/// and the source at once, within the generous `/api` rate budget.
+/// The probe a connection starts with: feature 0's facts (one small batch call, within the
+/// generous `/api` rate budget; its dashboard would carry every top activation) prove the
+/// address, the model and the source at once.
 pub async fn probe(remote: &Remote) -> Result<(), ApiError> {
-    let id = remote.feature_ids().uuid(0);
-    let body = json!({ "feature_id": id, "model": remote.source().model_name() });
-    request(remote, "POST", Route::Dashboard.path(), Some(&body)).await.map(|_| ())
+    remote.facts(&[0]).await.map(|_| ()).map_err(api_error)
 }
