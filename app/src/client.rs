@@ -79,6 +79,10 @@ pub struct Hosted {
     pub base_url: String,
     pub model: String,
     pub api_key: String,
+    /// The provider behind the endpoint and what it cannot do (route path → why), as its
+    /// `GET models` says (`kindling_provider`); `None` for Kindling's engine or an endpoint
+    /// that does not say.
+    pub provider: Option<(String, std::collections::BTreeMap<String, String>)>,
 }
 
 /// A reply being streamed: its chunks (`chat.completion.chunk` JSON) and a way to stop it.
@@ -314,7 +318,13 @@ impl Client {
     pub fn limitation(&self, route: Route) -> Option<String> {
         match self {
             Client::Neuronpedia(_) => Remote::limitation(route).map(|why| format!("Neuronpedia cannot do this: {why}.")),
-            _ => None,
+            Client::Hosted(hosted) => hosted.provider.as_ref().and_then(|(name, limits)| {
+                Some(format!(
+                    "{name}, behind this endpoint, cannot do this: {}.",
+                    limits.get(route.path())?
+                ))
+            }),
+            Client::Local(..) => None,
         }
     }
 

@@ -166,6 +166,21 @@ pub fn feature_ref(value: &serde_json::Value) -> Option<FeatureRef> {
     })
 }
 
+/// The provider behind an endpoint and what it cannot do (route path → why), from its
+/// `GET models` answer (`kindling_provider`, which `kindling-server --upstream` sends);
+/// `None` when it names none.
+pub fn provider_limitations(models: &Value) -> Option<(String, std::collections::BTreeMap<String, String>)> {
+    let provider = &models["kindling_provider"];
+    let name = provider["name"].as_str()?.to_string();
+    let limits = provider["limitations"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(path, why)| Some((path.clone(), why.as_str()?.to_string())))
+        .collect();
+    Some((name, limits))
+}
+
 /// A feature that fires on an example text.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExampleHit {
@@ -266,6 +281,17 @@ impl ExampleReading {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_provider_behind_an_endpoint_says_what_it_cannot_do() {
+        let models = json!({ "object": "list", "data": [], "kindling_provider": { "name": "Neuronpedia", "source": "m/s",
+            "limitations": { "/chat-attribution/compute-logits": "no logits", "/x": 3 } } });
+        let (name, limits) = provider_limitations(&models).unwrap();
+        assert_eq!(name, "Neuronpedia");
+        assert_eq!(limits.len(), 1, "a reason that is not text is left out");
+        assert_eq!(limits["/chat-attribution/compute-logits"], "no logits");
+        assert_eq!(provider_limitations(&json!({ "object": "list", "data": [] })), None);
+    }
 
     #[test]
     fn an_example_is_read_on_its_own_tokens_and_its_features_ranked() {

@@ -35,7 +35,7 @@ use crate::EmberError;
 use crate::ids::FeatureIds;
 use crate::replies::{
     Activation, AutoEdits, ChatCompletion, Choice, ContextOut, Dashboard, Features, GoodfireFeature, LookedUp, Lookup, Models,
-    TokenActivations, TokenFeatures, TokenValue, TrialEdit, TrialOut, Usage,
+    ProviderInfo, TokenActivations, TokenFeatures, TokenValue, TrialEdit, TrialOut, Usage,
 };
 use crate::routes::{ListQuery, Request, Route, SearchQuery};
 use crate::units::STRENGTH_UNIT;
@@ -680,7 +680,18 @@ impl<T: Transport> Neuronpedia<T> {
             Request::Dashboard(dashboard) => json(self.dashboard(dashboard).await?),
             Request::ComputeFeatures(features) => json(self.compute_features(features).await?),
             Request::AutoEdits(spec) => json(self.auto_edits(spec).await?),
-            Request::Models => json(Models::of(&[self.source.model_name()])),
+            Request::Models => {
+                let mut models = Models::of(&[self.source.model_name()]);
+                models.kindling_provider = Some(ProviderInfo {
+                    name: PROVIDER.into(),
+                    source: self.source.spec(),
+                    limitations: Route::ALL
+                        .iter()
+                        .filter_map(|&r| Some((r.path().to_string(), Self::limitation(r)?.to_string())))
+                        .collect(),
+                });
+                json(models)
+            }
             other => Err(self.unsupported(other.route(), "not implemented")),
         }
     }

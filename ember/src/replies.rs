@@ -261,6 +261,20 @@ pub struct Models {
     /// `"list"`.
     pub object: &'static str,
     pub data: Vec<ModelOut>,
+    /// Kindling's: who answers behind this endpoint, when it is not Kindling's own engine,
+    /// and what it cannot do (so a page greys those controls out before they are used).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kindling_provider: Option<ProviderInfo>,
+}
+
+/// A remote provider behind an endpoint, as `GET models` names it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProviderInfo {
+    pub name: String,
+    /// Its model and SAE source (`model/source`).
+    pub source: String,
+    /// Route paths (under the API prefix) it cannot serve, each with the reason.
+    pub limitations: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -285,6 +299,7 @@ impl Models {
                     owned_by: "kindling",
                 })
                 .collect(),
+            kindling_provider: None,
         }
     }
 }

@@ -127,6 +127,10 @@ def test_openai_sdk_streams_through_the_upstream(pirate):
     text = "".join(c.choices[0].delta.content or "" for c in stream)
     assert text == reply(variant)
     assert [m.id for m in openai.models.list().data] == [MODEL]
+    # Kindling's extension: who answers, and what it cannot do (the page greys those out).
+    provider = httpx.get(f"{URL}/api/inference/v1/models").json()["kindling_provider"]
+    assert provider["name"] == "Neuronpedia" and provider["source"] == "llama3.3-70b-it/50-resid-post-gf"
+    assert "logits" in provider["limitations"]["/chat-attribution/compute-logits"]
 
 
 def test_limits_and_the_rate_limit_are_explained():

@@ -326,6 +326,7 @@ pub fn Connection() -> impl IntoView {
             base_url: url.get_untracked().trim().to_string(),
             model: model.get_untracked().trim().to_string(),
             api_key: key.get_untracked().trim().to_string(),
+            provider: None,
         };
         if web_sys::Url::new(&hosted.base_url).is_ok_and(|u| !u.username().is_empty() || !u.password().is_empty()) {
             running.set("not connected".into());
@@ -353,6 +354,14 @@ pub fn Connection() -> impl IntoView {
             );
             match client.get(&probe).await {
                 Ok(_) => {
+                    // A provider behind the endpoint (kindling-server --upstream) says what it
+                    // cannot do, so those controls are greyed out from the start.
+                    let models = client.get("/models").await.unwrap_or_default();
+                    let hosted = Hosted {
+                        provider: crate::logic::provider_limitations(&models),
+                        ..hosted
+                    };
+                    let client = Client::Hosted(Rc::new(hosted.clone()));
                     keep_key(&hosted.api_key, remember.get_untracked());
                     running.set(format!("hosted: {}", hosted.base_url));
                     session.variant.update(|v| {

@@ -421,3 +421,20 @@ fn failures_become_clear_errors() {
     .unwrap_err();
     assert!(e.to_string().contains("model/source"), "{e}");
 }
+
+#[test]
+fn models_name_the_provider_and_what_it_cannot_do() {
+    let table = Table::default();
+    let np = Neuronpedia::new(Source::default(), &table);
+    let models = block_on(np.answer(&Request::Models)).unwrap();
+    assert_eq!(models["data"][0]["id"], "meta-llama/Llama-3.3-70B-Instruct");
+    let provider = &models["kindling_provider"];
+    assert_eq!(provider["source"], "llama3.3-70b-it/50-resid-post-gf");
+    assert!(
+        provider["limitations"]["/chat-attribution/compute-logits"]
+            .as_str()
+            .unwrap()
+            .contains("logits")
+    );
+    assert!(provider["limitations"].get("/chat/completions").is_none());
+}
