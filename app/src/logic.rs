@@ -181,6 +181,38 @@ pub fn provider_limitations(models: &Value) -> Option<(String, std::collections:
     Some((name, limits))
 }
 
+/// One token of a `compute-features` answer and its active features: (index, id,
+/// activation in activation units), strongest first as the answer lists them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenFeatures {
+    pub text: String,
+    pub features: Vec<(u32, String, f32)>,
+}
+
+/// Every token of a `compute-features` answer with its features.
+pub fn token_features(answer: &Value) -> Vec<TokenFeatures> {
+    answer["tokens"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| TokenFeatures {
+            text: t["token"].as_str().unwrap_or_default().to_string(),
+            features: t["attributions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|a| {
+                    Some((
+                        a["index_in_sae"].as_u64()? as u32,
+                        a["id"].as_str()?.to_string(),
+                        a["activation_strength"].as_f64()? as f32,
+                    ))
+                })
+                .collect(),
+        })
+        .collect()
+}
+
 /// A feature that fires on an example text.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExampleHit {
@@ -204,26 +236,7 @@ pub struct ExampleReading {
 
 impl ExampleReading {
     pub fn read(answer: &Value, text: &str) -> Self {
-        let all: Vec<(String, Vec<(u32, String, f32)>)> = answer["tokens"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|t| {
-                let features = t["attributions"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|a| {
-                        Some((
-                            a["index_in_sae"].as_u64()? as u32,
-                            a["id"].as_str()?.to_string(),
-                            a["activation_strength"].as_f64()? as f32,
-                        ))
-                    })
-                    .collect();
-                (t["token"].as_str().unwrap_or_default().to_string(), features)
-            })
-            .collect();
+        let all: Vec<(String, Vec<(u32, String, f32)>)> = token_features(answer).into_iter().map(|t| (t.text, t.features)).collect();
         // Where the text lies in the tokens' concatenation; without a match (a tokenizer that
         // normalises), every token but the special ones.
         let joined: String = all.iter().map(|(t, _)| t.as_str()).collect();

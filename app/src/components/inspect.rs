@@ -9,34 +9,11 @@ use serde_json::{Value, json};
 use crate::components::rules::FeaturePicker;
 use crate::logic::{shade, visible_token};
 
-/// One token and its active features (index → activation in max-activation units).
-#[derive(Debug, Clone, PartialEq)]
-struct Token {
-    text: String,
-    features: Vec<(u32, String, f32)>,
-}
+/// One token and its active features (index, id, activation in max-activation units).
+type Token = crate::logic::TokenFeatures;
 
 fn tokens_of(answer: &Value) -> Vec<Token> {
-    answer["tokens"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|t| Token {
-            text: t["token"].as_str().unwrap_or_default().to_string(),
-            features: t["attributions"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|a| {
-                    Some((
-                        a["index_in_sae"].as_u64()? as u32,
-                        a["id"].as_str()?.to_string(),
-                        a["activation_strength"].as_f64()? as f32,
-                    ))
-                })
-                .collect(),
-        })
-        .collect()
+    crate::logic::token_features(answer)
 }
 
 /// The inspector.
