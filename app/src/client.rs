@@ -62,13 +62,16 @@ impl ApiError {
     }
 
     fn from_js(context: &str, e: JsValue) -> Self {
-        let detail = e
-            .dyn_ref::<js_sys::Error>()
-            .map(|e| String::from(e.message()))
-            .or_else(|| e.as_string())
-            .unwrap_or_else(|| "unknown error".into());
-        Self::new(0, format!("{context}: {detail}"))
+        Self::new(0, format!("{context}: {}", js_message(&e)))
     }
+}
+
+/// The message of a JavaScript error (an `Error`'s message, or a thrown string).
+pub(crate) fn js_message(e: &JsValue) -> String {
+    e.dyn_ref::<js_sys::Error>()
+        .map(|e| String::from(e.message()))
+        .or_else(|| e.as_string())
+        .unwrap_or_else(|| "unknown error".into())
 }
 
 /// Where a hosted endpoint is and how to sign in (the key stays in this tab's
@@ -471,7 +474,29 @@ async fn stream_sse(
     signal: Option<web_sys::AbortSignal>,
     tx: &mpsc::UnboundedSender<Result<Value, ApiError>>,
 ) -> Result<(), ApiError> {
-    let response = http_with_signal(hosted, "POST", "/chat/completions", Some(body), "text/event-stream", signal).await?;
+    let response = http_with_signal(hosted, "POST", "/chat/completions", Some(body), "text/event-stream", signal.clone()).await?;
+    read_sse(&response, signal.as_ref(), |data| {
+        if data == "[DONE]" {
+            return Ok(false);
+        }
+        let chunk: Value = serde_json::from_str(&data).map_err(|_| ApiError::new(0, "a stream chunk is not JSON"))?;
+        if let Some(message) = chunk["error"]["message"].as_str() {
+            return Err(ApiError::new(0, message));
+        }
+        Ok(tx.unbounded_send(Ok(chunk)).is_ok())
+    })
+    .await
+    .map(|_| ())
+}
+
+/// Reads a server-sent-event body and hands each `data:` payload to `each`, which says
+/// whether to go on. `Ok(true)` when the body ended, `Ok(false)` when `each` stopped or the
+/// user did (a read that fails once `signal` is aborted); any other failure is an error.
+pub(crate) async fn read_sse(
+    response: &web_sys::Response,
+    signal: Option<&web_sys::AbortSignal>,
+    mut each: impl FnMut(String) -> Result<bool, ApiError>,
+) -> Result<bool, ApiError> {
     let stream = response.body().ok_or_else(|| ApiError::new(0, "the reply has no body"))?;
     let reader: web_sys::ReadableStreamDefaultReader = stream.get_reader().unchecked_into();
     // The browser's own streaming UTF-8 decoder: a character cut between two reads waits for
@@ -481,31 +506,25 @@ async fn stream_sse(
     streaming.set_stream(true);
     let mut frames = SseFrames::default();
     loop {
-        let Ok(result) = JsFuture::from(reader.read()).await else {
-            // Aborted by the stop button: the stream simply ends.
-            return Ok(());
+        let result = match JsFuture::from(reader.read()).await {
+            Ok(result) => result,
+            Err(_) if signal.is_some_and(web_sys::AbortSignal::aborted) => return Ok(false),
+            Err(e) => return Err(ApiError::from_js("the stream broke off", e)),
         };
         let done = js_sys::Reflect::get(&result, &"done".into())
             .ok()
             .and_then(|d| d.as_bool())
             .unwrap_or(true);
         if done {
-            return Ok(());
+            return Ok(true);
         }
         let value = js_sys::Reflect::get(&result, &"value".into()).unwrap_or(JsValue::UNDEFINED);
         let text = decoder
             .decode_with_js_u8_array_and_options(&js_sys::Uint8Array::new(&value), &streaming)
             .map_err(|e| ApiError::from_js("the reply is not text", e))?;
         for data in frames.push(&text) {
-            if data == "[DONE]" {
-                return Ok(());
-            }
-            let chunk: Value = serde_json::from_str(&data).map_err(|_| ApiError::new(0, "a stream chunk is not JSON"))?;
-            if let Some(message) = chunk["error"]["message"].as_str() {
-                return Err(ApiError::new(0, message));
-            }
-            if tx.unbounded_send(Ok(chunk)).is_err() {
-                return Ok(());
+            if !each(data)? {
+                return Ok(false);
             }
         }
     }

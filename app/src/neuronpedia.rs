@@ -14,8 +14,7 @@ use serde_json::Value;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::JsFuture;
 
-use crate::client::ApiError;
-use crate::logic::SseFrames;
+use crate::client::{ApiError, js_message, read_sse};
 
 /// The provider as the page uses it.
 pub type Remote = Neuronpedia<Fetch>;
@@ -94,13 +93,6 @@ impl Transport for Fetch {
     }
 }
 
-fn js_message(e: &JsValue) -> String {
-    e.dyn_ref::<js_sys::Error>()
-        .map(|e| String::from(e.message()))
-        .or_else(|| e.as_string())
-        .unwrap_or_else(|| "network error".into())
-}
-
 async fn text_of(response: &web_sys::Response) -> Result<String, String> {
     let promise = response.text().map_err(|e| js_message(&e))?;
     let text = JsFuture::from(promise).await.map_err(|e| js_message(&e))?;
@@ -177,41 +169,19 @@ pub async fn stream_chat(
         let _ = tx.unbounded_send(Ok(chunks.finish().map_err(api_error)?));
         return Ok(());
     }
-    let stream = response.body().ok_or_else(|| ApiError::new(0, "the reply has no body"))?;
-    let reader: web_sys::ReadableStreamDefaultReader = stream.get_reader().unchecked_into();
-    let decoder = web_sys::TextDecoder::new().map_err(|e| ApiError::new(0, js_message(&e)))?;
-    let streaming = web_sys::TextDecodeOptions::new();
-    streaming.set_stream(true);
-    let mut frames = SseFrames::default();
-    loop {
-        let result = match JsFuture::from(reader.read()).await {
-            Ok(result) => result,
-            // Stopped by the user: the reply ends where it is.
-            Err(_) if signal.as_ref().is_some_and(web_sys::AbortSignal::aborted) => return Ok(()),
-            Err(e) => return Err(ApiError::new(0, format!("Neuronpedia's stream broke off: {}", js_message(&e)))),
+    let ended = read_sse(&response, signal.as_ref(), |data| {
+        // A frame that is not JSON is skipped: Neuronpedia just ends a failed stream.
+        let Ok(snapshot) = serde_json::from_str::<Value>(&data) else {
+            return Ok(true);
         };
-        let done = js_sys::Reflect::get(&result, &"done".into())
-            .ok()
-            .and_then(|d| d.as_bool())
-            .unwrap_or(true);
-        if done {
-            break;
+        match chunks.snapshot(&snapshot).map_err(api_error)? {
+            Some(chunk) => Ok(tx.unbounded_send(Ok(chunk)).is_ok()),
+            None => Ok(true),
         }
-        let value = js_sys::Reflect::get(&result, &"value".into()).unwrap_or(JsValue::UNDEFINED);
-        let text = decoder
-            .decode_with_js_u8_array_and_options(&js_sys::Uint8Array::new(&value), &streaming)
-            .map_err(|e| ApiError::new(0, js_message(&e)))?;
-        for data in frames.push(&text) {
-            // A frame that is not JSON is skipped: Neuronpedia just ends a failed stream.
-            let Ok(snapshot) = serde_json::from_str::<Value>(&data) else {
-                continue;
-            };
-            if let Some(chunk) = chunks.snapshot(&snapshot).map_err(api_error)?
-                && tx.unbounded_send(Ok(chunk)).is_err()
-            {
-                return Ok(());
-            }
-        }
+    })
+    .await?;
+    if !ended {
+        return Ok(());
     }
     let _ = tx.unbounded_send(Ok(chunks.finish().map_err(api_error)?));
     Ok(())

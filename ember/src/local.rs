@@ -539,18 +539,8 @@ impl Ember {
         let messages = self.messages(&request.messages)?;
         let prompt = self.continuation_tokens(&messages)?;
         let variant = self.variant(request.controller.as_ref())?;
-        let asked = request.max_completion_tokens.or(request.max_tokens);
-        let max_tokens = match asked {
-            None => 512.min(self.limits.max_new_tokens),
-            Some(n) if n < 1 => return Err(EmberError::Invalid(format!("max_completion_tokens must be at least 1, got {n}"))),
-            Some(n) => (n as u64).min(self.limits.max_new_tokens as u64) as usize,
-        };
-        let temperature = request.temperature.unwrap_or(0.6);
-        if !(0.0..=2.0).contains(&temperature) {
-            return Err(EmberError::Invalid(format!(
-                "temperature must be between 0 and 2, got {temperature}"
-            )));
-        }
+        let max_tokens = request.new_tokens(512, self.limits.max_new_tokens)?;
+        let temperature = request.checked_temperature()?;
         let top_p = request.top_p.unwrap_or(0.9);
         if !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
             return Err(EmberError::Invalid(format!("top_p must be above 0 and at most 1, got {top_p}")));
@@ -559,12 +549,7 @@ impl Ember {
             None => 42,
             Some(s) => u64::try_from(s).map_err(|_| EmberError::Invalid(format!("seed must not be negative, got {s}")))?,
         };
-        let stop = match &request.stop {
-            None => Vec::new(),
-            Some(Stop::One(s)) => vec![s.clone()],
-            Some(Stop::Many(list)) => list.clone(),
-        };
-        let stop: Vec<String> = stop.into_iter().filter(|s| !s.is_empty()).take(16).collect();
+        let stop = request.stop_strings();
         let params = SamplingParams {
             temperature,
             top_p: Some(top_p),

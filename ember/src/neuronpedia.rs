@@ -665,9 +665,8 @@ impl<T: Transport> Neuronpedia<T> {
 
     /// Answers one parsed request, as [`crate::dispatch`] does for a [`crate::Provider`].
     pub async fn answer(&self, request: &Request) -> Result<Value, EmberError> {
-        let route = request.route();
-        if let Some(why) = Self::limitation(route) {
-            return Err(self.unsupported(route, why));
+        if let Some(refused) = self.refusal(request.route()) {
+            return Err(refused);
         }
         fn json(reply: impl Serialize) -> Result<Value, EmberError> {
             serde_json::to_value(reply).map_err(|e| EmberError::Failed(e.to_string()))
@@ -696,6 +695,12 @@ impl<T: Transport> Neuronpedia<T> {
         }
     }
 
+    /// The error that refuses `route`, when Neuronpedia cannot serve it (a shell can answer
+    /// it before queueing the request).
+    pub fn refusal(&self, route: Route) -> Option<EmberError> {
+        Self::limitation(route).map(|why| self.unsupported(route, why))
+    }
+
     fn unsupported(&self, route: Route, why: &str) -> EmberError {
         EmberError::Unsupported {
             operation: route.path(),
@@ -717,11 +722,8 @@ impl<T: Transport> Neuronpedia<T> {
     // --- calls ------------------------------------------------------------------------
 
     fn admit(&self, path: &str) -> Result<(), EmberError> {
-        let now = web_time::SystemTime::now()
-            .duration_since(web_time::UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64());
         match &self.window {
-            Some(window) => window.lock().unwrap_or_else(|e| e.into_inner()).admit(path, now),
+            Some(window) => window.lock().unwrap_or_else(|e| e.into_inner()).admit(path, now() as f64),
             None => Ok(()),
         }
     }
@@ -805,17 +807,13 @@ impl<T: Transport> Neuronpedia<T> {
             .collect();
         let reply = self.post("/api/features", &Value::Array(body)).await?;
         let neurons: Vec<Neuron> = read(reply, "POST /api/features")?;
-        let mut cache = self.facts.lock().unwrap_or_else(|e| e.into_inner());
         for (position, neuron) in neurons.iter().enumerate() {
             // Rows carry their index; fall back to the request's order.
             let Some(index) = neuron.index.or_else(|| missing.get(position).copied()) else {
                 continue;
             };
             let facts = Facts::of(neuron);
-            if cache.len() >= MAX_CACHED_FACTS {
-                cache.clear();
-            }
-            cache.insert(index, facts.clone());
+            self.remember(index, facts.clone());
             found.insert(index, facts);
         }
         if let Some(&absent) = missing.iter().find(|i| !found.contains_key(i)) {
@@ -894,18 +892,8 @@ impl<T: Transport> Neuronpedia<T> {
             Some(base) => self.conversation(base, &limits, "base conversation")?,
             None => messages.clone(),
         };
-        let n_tokens = match request.max_completion_tokens.or(request.max_tokens) {
-            None => 256.min(limits.max_new_tokens),
-            Some(n) if n < 1 => return Err(EmberError::Invalid(format!("max_completion_tokens must be at least 1, got {n}"))),
-            // The SDK always sends 2048: lowered, as the local engine lowers it.
-            Some(n) => (n as u64).min(u64::from(limits.max_new_tokens)) as u32,
-        };
-        let temperature = request.temperature.unwrap_or(0.6);
-        if !(0.0..=2.0).contains(&temperature) {
-            return Err(EmberError::Invalid(format!(
-                "temperature must be between 0 and 2, got {temperature}"
-            )));
-        }
+        let n_tokens = request.new_tokens(256, limits.max_new_tokens as usize)? as u32;
+        let temperature = request.checked_temperature()?;
         // Neuronpedia caches replies by their settings, seed included: without a seed of its
         // own, a request gets a fresh one, so a repeated prompt is sampled anew.
         let seed = request.seed.unwrap_or_else(|| {
@@ -960,11 +948,6 @@ impl<T: Transport> Neuronpedia<T> {
                 coefficient,
             });
         }
-        let stops = match &request.stop {
-            Some(crate::wire::Stop::One(s)) => vec![s.clone()],
-            Some(crate::wire::Stop::Many(v)) => v.clone(),
-            None => Vec::new(),
-        };
         Ok(SteerPlan {
             body: SteerChat {
                 model_id: self.source.model_id.clone(),
@@ -982,7 +965,7 @@ impl<T: Transport> Neuronpedia<T> {
                 steer_method: "SIMPLE_ADDITIVE",
             },
             features,
-            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            stops: request.stop_strings(),
             model: request.model.clone(),
             source: self.source.spec(),
         })
@@ -1006,11 +989,7 @@ impl<T: Transport> Neuronpedia<T> {
     /// The top-level nudges of a controller, summed per latent. Everything Neuronpedia cannot
     /// do is refused by name: it adds fixed vectors, so it has no rules and no pin or multiply.
     fn nudges(&self, controller: &Value) -> Result<Vec<(u32, f32)>, EmberError> {
-        let refuse = |why: &str| EmberError::Unsupported {
-            operation: Route::ChatCompletions.path(),
-            provider: format!("{PROVIDER} ({})", self.source.spec()),
-            why: why.into(),
-        };
+        let refuse = |why: &str| self.unsupported(Route::ChatCompletions, why);
         if controller.is_null() {
             return Ok(Vec::new());
         }

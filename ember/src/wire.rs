@@ -95,6 +95,40 @@ pub struct ChatRequest {
     pub kindling_base_messages: Option<Vec<Message>>,
 }
 
+impl ChatRequest {
+    /// Tokens to generate: what was asked (`max_completion_tokens`, or the OpenAI name
+    /// `max_tokens`), else `default`, lowered to `limit` (the goodfire SDK always asks 2048,
+    /// so a larger request is lowered, not refused).
+    pub fn new_tokens(&self, default: usize, limit: usize) -> Result<usize, EmberError> {
+        match self.max_completion_tokens.or(self.max_tokens) {
+            None => Ok(default.min(limit)),
+            Some(n) if n < 1 => Err(EmberError::Invalid(format!("max_completion_tokens must be at least 1, got {n}"))),
+            Some(n) => Ok((n as u64).min(limit as u64) as usize),
+        }
+    }
+
+    /// The sampling temperature (0.6 when not given), 0 to 2.
+    pub fn checked_temperature(&self) -> Result<f32, EmberError> {
+        let temperature = self.temperature.unwrap_or(0.6);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(EmberError::Invalid(format!(
+                "temperature must be between 0 and 2, got {temperature}"
+            )));
+        }
+        Ok(temperature)
+    }
+
+    /// The stop strings, empty ones left out, at most 16.
+    pub fn stop_strings(&self) -> Vec<String> {
+        let stops = match &self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(list)) => list.clone(),
+        };
+        stops.into_iter().filter(|s| !s.is_empty()).take(16).collect()
+    }
+}
+
 /// `POST chat-attribution/compute-logits`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct LogitsRequest {

@@ -578,12 +578,8 @@ async fn answer_upstream(state: AppState, upstream: Arc<upstream::Upstream>, req
         return stream_upstream(state, upstream, chat).await;
     }
     // What Neuronpedia cannot do is refused at once, without a slot.
-    if let Some(why) = upstream::Upstream::limitation(request.route()) {
-        return Err(ApiError::from(EmberError::Unsupported {
-            operation: request.route().path(),
-            provider: format!("{} ({})", kindling_ember::neuronpedia::PROVIDER, upstream.source().spec()),
-            why: why.into(),
-        }));
+    if let Some(refused) = upstream.refusal(request.route()) {
+        return Err(refused.into());
     }
     let value = state.run(move |_| upstream::answer(&upstream, &request)).await?;
     Ok(Json(value).into_response())
