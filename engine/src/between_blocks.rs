@@ -64,6 +64,16 @@ impl BetweenBlocks<'_> {
         }
     }
 
+    /// Whether [`after_block`](Self::after_block) may change the residual after block `layer`
+    /// (the fused path makes a tensor of it only then).
+    pub(crate) fn acts_after(&self, layer: usize) -> bool {
+        match self {
+            BetweenBlocks::Hook { hook, .. } | BetweenBlocks::HookOnHost { hook, .. } => hook.wants(layer),
+            BetweenBlocks::Add { layer: at, .. } => *at == layer,
+            BetweenBlocks::Nothing => false,
+        }
+    }
+
     /// The residual `x` to continue with after block `layer`.
     pub(crate) async fn after_block(&mut self, layer: usize, x: Tensor<2>) -> Result<Tensor<2>, EngineError> {
         match self {

@@ -30,6 +30,7 @@ pub mod backend;
 mod between_blocks;
 pub mod contrast;
 pub mod embed;
+mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod hook;

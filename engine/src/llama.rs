@@ -24,6 +24,7 @@ use burn::tensor::{Bool, Device, Tensor, TensorData};
 use crate::EngineError;
 use crate::backend::Backend;
 use crate::between_blocks::{BetweenBlocks, without_waiting};
+use crate::fused;
 use crate::gguf::{Gguf, TensorType};
 use crate::hook::ResidualHook;
 use crate::host::{to_host, to_host_async};
@@ -210,6 +211,14 @@ impl Rope {
         }
     }
 
+    /// `cos` and `sin` for position `pos` in host memory (`head_dim` values each): the fused
+    /// path's rotation, computed like the tables' rows.
+    fn host_row(&self, pos: usize) -> (Vec<f32>, Vec<f32>) {
+        let (mut cos, mut sin) = (Vec::with_capacity(self.head_dim), Vec::with_capacity(self.head_dim));
+        Self::push_position(self.head_dim, self.theta, pos, &mut cos, &mut sin);
+        (cos, sin)
+    }
+
     /// Rotates `x` (`[heads, seq, head_dim]`) for positions `positions`.
     fn apply(&self, x: Tensor<3>, positions: Range<usize>) -> Tensor<3> {
         let (cos, sin) = self.cos_sin(positions.end);
@@ -283,7 +292,11 @@ enum Pass<'a> {
     /// Consecutive positions `cache.len()..` of one sequence (a prefill or a decode step).
     Sequence { rope: &'a Rope, cache: &'a mut KvCache },
     /// The next position of each of several sequences, one token each (a batched decode step).
-    Batch { step: BatchStep, caches: &'a mut [KvCache] },
+    /// `step` is what burn's attention shares between layers; the fused path needs none.
+    Batch {
+        step: Option<BatchStep>,
+        caches: &'a mut [KvCache],
+    },
 }
 
 impl Pass<'_> {
@@ -292,6 +305,23 @@ impl Pass<'_> {
         match self {
             Pass::Sequence { cache, .. } => cache.len += tokens,
             Pass::Batch { caches, .. } => caches.iter_mut().for_each(|c| c.len += 1),
+        }
+    }
+
+    /// The caches the pass writes to.
+    fn caches(&mut self) -> &mut [KvCache] {
+        match self {
+            Pass::Sequence { cache, .. } => std::slice::from_mut(&mut **cache),
+            Pass::Batch { caches, .. } => caches,
+        }
+    }
+
+    /// For each of the pass's `rows` new tokens: its cache (an index into
+    /// [`caches`](Self::caches)) and its position there.
+    fn row_positions(&mut self, rows: usize) -> Vec<(usize, usize)> {
+        match self {
+            Pass::Sequence { cache, .. } => (cache.len()..cache.len() + rows).map(|pos| (0, pos)).collect(),
+            Pass::Batch { caches, .. } => caches.iter().enumerate().map(|(b, c)| (b, c.len())).collect(),
         }
     }
 
@@ -306,27 +336,41 @@ impl Pass<'_> {
 
 /// Keys and values of the positions seen so far, per layer.
 ///
-/// Storage grows in chunks (`[n_head_kv, capacity, head_dim]` per layer) and is written with
-/// `slice_assign`, so a decode step copies one row rather than the whole history.
+/// On the CPU backend they live in host memory, where the fused path reads them as slices and
+/// burn's attention (a long prompt) gets a tensor copy. Elsewhere they stay on the device.
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor<3>, Tensor<3>)>>,
+    layers: Vec<Option<LayerKv>>,
     len: usize,
     max_len: usize,
     /// Set when a forward pass stopped early: deeper layers lack these positions.
     truncated: bool,
+    /// Whether layers are kept as [`LayerKv::Host`].
+    on_host: bool,
+}
+
+/// One layer's keys and values.
+#[derive(Debug, Clone)]
+enum LayerKv {
+    /// `[n_head_kv, capacity, head_dim]` tensors; storage grows in chunks and is written with
+    /// `slice_assign`, so a decode step copies one row rather than the whole history.
+    Device(Tensor<3>, Tensor<3>),
+    /// Host memory, position-major (`[position][n_head_kv][head_dim]`): the layout the fused
+    /// path reads and appends to.
+    Host(Vec<f32>, Vec<f32>),
 }
 
 const CACHE_CHUNK: usize = 256;
 
 impl KvCache {
-    /// An empty cache for `config`'s model.
-    pub fn new(config: &Config) -> Self {
+    /// An empty cache for `config`'s model on `backend`.
+    pub fn new(config: &Config, backend: Backend) -> Self {
         Self {
             layers: vec![None; config.n_layer],
             len: 0,
             max_len: config.context_length,
             truncated: false,
+            on_host: backend == Backend::Cpu,
         }
     }
 
@@ -362,8 +406,23 @@ impl KvCache {
         let [heads, seq, d] = k.dims();
         let end = start + seq;
         let device = k.device();
+        if self.on_host {
+            // Position-major on the host: `[seq, heads, d]` rows appended, all rows returned.
+            let host = |t: Tensor<3>| to_host(t.swap_dims(0, 1)).expect("f32 keys and values");
+            let (k, v) = (host(k), host(v));
+            let width = heads * d;
+            for (pos, (k, v)) in (start..end).zip(k.chunks_exact(width).zip(v.chunks_exact(width))) {
+                self.write_host(layer, pos, k, v);
+            }
+            let (ks, vs) = self.host_layer(layer);
+            let tensor = |rows: &[f32]| {
+                Tensor::<3>::from_data(TensorData::new(rows[..end * width].to_vec(), [end, heads, d]), &device).swap_dims(0, 1)
+            };
+            return (tensor(ks), tensor(vs));
+        }
         let (mut ks, mut vs) = match self.layers[layer].take() {
-            Some(kv) => kv,
+            Some(LayerKv::Device(ks, vs)) => (ks, vs),
+            Some(LayerKv::Host(..)) => unreachable!("a cache on the device holds no host layers"),
             None => {
                 let zeros = || Tensor::zeros([heads, self.capacity_for(end, 0), d], &device);
                 (zeros(), zeros())
@@ -381,8 +440,33 @@ impl KvCache {
             ks.clone().slice([0..heads, 0..end, 0..d]),
             vs.clone().slice([0..heads, 0..end, 0..d]),
         );
-        self.layers[layer] = Some((ks, vs));
+        self.layers[layer] = Some(LayerKv::Device(ks, vs));
         out
+    }
+
+    /// Writes one position's keys and values (`[n_head_kv][head_dim]` each) into `layer`'s
+    /// host storage (a cache [`on_host`](Self::on_host) only).
+    fn write_host(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        let entry = self.layers[layer].get_or_insert_with(|| LayerKv::Host(Vec::new(), Vec::new()));
+        let LayerKv::Host(ks, vs) = entry else {
+            unreachable!("a cache on the host holds no device layers")
+        };
+        let (width, end) = (k.len(), (pos + 1) * k.len());
+        if ks.len() < end {
+            // `resize` grows the storage geometrically: appending a position is amortized O(1).
+            ks.resize(end, 0.0);
+            vs.resize(end, 0.0);
+        }
+        ks[pos * width..end].copy_from_slice(k);
+        vs[pos * width..end].copy_from_slice(v);
+    }
+
+    /// `layer`'s keys and values in host memory, position-major (empty before any write).
+    fn host_layer(&self, layer: usize) -> (&[f32], &[f32]) {
+        match &self.layers[layer] {
+            Some(LayerKv::Host(ks, vs)) => (ks, vs),
+            _ => (&[], &[]),
+        }
     }
 
     /// [`update`](Self::update) for one position, returning the first `keys` rows
@@ -442,6 +526,8 @@ impl Linear {
 #[derive(Debug, Clone)]
 struct RmsNorm {
     weight: Tensor<1>,
+    /// The same weight in host memory, for the fused path.
+    host: Vec<f32>,
     eps: f32,
 }
 
@@ -450,7 +536,8 @@ impl RmsNorm {
         let values = file.vector(name, len)?;
         let n = values.len();
         Ok(Self {
-            weight: Tensor::from_data(TensorData::new(values, [n]), device),
+            weight: Tensor::from_data(TensorData::new(values.clone(), [n]), device),
+            host: values,
             eps,
         })
     }
@@ -478,7 +565,10 @@ impl Attention {
         let qkv = self.attn_qkv.forward(x);
         let out = match pass {
             Pass::Sequence { rope, cache } => self.attend(qkv, layer, rope, cache),
-            Pass::Batch { step, caches } => self.attend_batch(qkv, layer, step, caches),
+            Pass::Batch { step, caches } => {
+                let step = step.as_ref().expect("a batched pass through burn's attention has its step");
+                self.attend_batch(qkv, layer, step, caches)
+            }
         };
         self.attn_output.forward(out)
     }
@@ -629,6 +719,51 @@ impl Block {
         let residual = x.clone();
         residual + self.mlp.forward(self.ffn_norm.forward(x))
     }
+
+    /// [`forward`](Self::forward) on the fused path: `x` (`[rows, n_embd]`, host memory) is
+    /// updated in place; row `r` is the token at `rows[r] = (cache, position)`, rotated by
+    /// `rotations[r]` (its position's `cos`, `sin`).
+    fn forward_fused(
+        &self,
+        x: &mut [f32],
+        layer: usize,
+        rows: &[(usize, usize)],
+        rotations: &[(Vec<f32>, Vec<f32>)],
+        caches: &mut [KvCache],
+    ) {
+        let Attention {
+            attn_qkv,
+            attn_output,
+            n_head: h,
+            n_head_kv: hkv,
+            head_dim: d,
+        } = &self.attn;
+        let (h, hkv, d) = (*h, *hkv, *d);
+        let width = (h + 2 * hkv) * d;
+        let mut qkv = attn_qkv
+            .weight
+            .matmul(&fused::rms_norm_rows(x, &self.attn_norm.host, self.attn_norm.eps));
+        // Every row's keys and values go in first: a prompt's later rows are not visible to its
+        // earlier ones (each attends to positions up to its own).
+        for ((row, &(cache, pos)), (cos, sin)) in qkv.chunks_exact_mut(width).zip(rows).zip(rotations) {
+            fused::rotate_heads(&mut row[..(h + hkv) * d], cos, sin);
+            let (k, v) = row[h * d..].split_at(hkv * d);
+            caches[cache].write_host(layer, pos, k, v);
+        }
+        let mut attended = vec![0.0; rows.len() * h * d];
+        let mut scores = Vec::new();
+        for ((row, &(cache, pos)), out) in qkv.chunks_exact(width).zip(rows).zip(attended.chunks_exact_mut(h * d)) {
+            let (keys, values) = caches[cache].host_layer(layer);
+            fused::attend_row(&row[..h * d], [keys, values], pos + 1, [hkv, d], out, &mut scores);
+        }
+        fused::add_assign(x, &attn_output.weight.matmul(&attended));
+        let gate_up = self
+            .mlp
+            .ffn_gate_up
+            .weight
+            .matmul(&fused::rms_norm_rows(x, &self.ffn_norm.host, self.ffn_norm.eps));
+        fused::add_assign(x, &self.mlp.ffn_down.weight.matmul(&fused::silu_gate_rows(&gate_up, self.mlp.n_ff)));
+    }
 }
 
 /// Which logits a forward pass computes.
@@ -755,7 +890,7 @@ impl Llama {
 
     /// A new, empty KV cache for this model.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(&self.config)
+        KvCache::new(&self.config, self.backend)
     }
 
     /// Runs `tokens` (positions `cache.len()..`) through the model, appending them to the cache.
@@ -850,7 +985,7 @@ impl Llama {
                 Some((layer, rows)) => BetweenBlocks::Add { layer, rows },
                 None => BetweenBlocks::Nothing,
             };
-            let step = BatchStep::new(&self.rope, caches, &self.device);
+            let step = (!self.fused(tokens.len(), caches)).then(|| BatchStep::new(&self.rope, caches, &self.device));
             let pass = Pass::Batch { step, caches };
             let x = without_waiting(self.residual(tokens, pass, self.config.n_layer - 1, between))?;
             Ok(self.head(x))
@@ -869,6 +1004,9 @@ impl Llama {
         last_layer: usize,
         mut between: BetweenBlocks<'_>,
     ) -> Result<Tensor<2>, EngineError> {
+        if self.fused(tokens.len(), pass.caches()) {
+            return self.residual_fused(tokens, pass, last_layer, between).await;
+        }
         let mut x = self.embed(tokens);
         for (layer, block) in self.blocks.iter().enumerate().take(last_layer + 1) {
             if between.cancelled() {
@@ -880,6 +1018,42 @@ impl Llama {
         }
         pass.advance(tokens.len());
         Ok(x)
+    }
+
+    /// Whether a pass of `rows` new tokens into `caches` takes the fused path (`fused`): on the
+    /// CPU backend, for decode steps (one row per cache, batched or not) and prompts as short
+    /// as the quantized kernels take. Longer prompts are GEMMs and go through burn's attention.
+    fn fused(&self, rows: usize, caches: &[KvCache]) -> bool {
+        let decode_step = rows == caches.len();
+        self.backend == Backend::Cpu && (decode_step || rows <= crate::quant::QUANTIZED_PATH_MAX_ROWS) && caches.iter().all(|c| c.on_host)
+    }
+
+    /// [`residual`](Self::residual) on the fused path: the residual stays a host vector
+    /// through the blocks and becomes a tensor only where something runs between blocks.
+    async fn residual_fused(
+        &self,
+        tokens: &[TokenId],
+        mut pass: Pass<'_>,
+        last_layer: usize,
+        mut between: BetweenBlocks<'_>,
+    ) -> Result<Tensor<2>, EngineError> {
+        let shape = [tokens.len(), self.config.n_embd];
+        let rows = pass.row_positions(tokens.len());
+        let rotations: Vec<_> = rows.iter().map(|&(_, pos)| self.rope.host_row(pos)).collect();
+        let mut x: Vec<f32> = tokens.iter().flat_map(|&t| self.token_embd.dequantize_row(t as usize)).collect();
+        for (layer, block) in self.blocks.iter().enumerate().take(last_layer + 1) {
+            if between.cancelled() {
+                pass.truncate();
+                return Err(EngineError::Cancelled);
+            }
+            block.forward_fused(&mut x, layer, &rows, &rotations, pass.caches());
+            if between.acts_after(layer) {
+                let residual = Tensor::from_data(TensorData::new(x, shape), &self.device);
+                x = to_host(between.after_block(layer, residual).await?)?;
+            }
+        }
+        pass.advance(tokens.len());
+        Ok(Tensor::from_data(TensorData::new(x, shape), &self.device))
     }
 
     /// The logits for the final residual `x` (`[seq, n_embd]` → `[seq, vocab]`).

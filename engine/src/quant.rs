@@ -293,7 +293,7 @@ impl QMatrix {
 
 /// `Σ a·b` with eight independent partial sums (so that it vectorizes and does not wait on
 /// one addition chain).
-fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
@@ -307,7 +307,7 @@ fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 
 /// Up to this many activation rows (decode steps, batches of up to 8 sequences) the integer
 /// kernels beat dequantize + GEMM, which pays for dequantizing every weight per call.
-const QUANTIZED_PATH_MAX_ROWS: usize = 8;
+pub(crate) const QUANTIZED_PATH_MAX_ROWS: usize = 8;
 /// Output rows per parallel task in the quantized kernels.
 const ROWS_PER_TASK: usize = 16;
 
@@ -374,6 +374,18 @@ fn detect_kernels() -> Kernels {
             };
         }
     }
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    {
+        // The wasm build enables simd128 (.cargo/config.toml), which every current browser runs.
+        return Kernels {
+            q4x4: |d, m, q, x| {
+                let dots = simd128::dot_q4_x4(d, q, x);
+                std::array::from_fn(|r| dots[r] + dot_f32(m[r], &x.sum))
+            },
+            q8x4: simd128::dot_q8_x4,
+        };
+    }
+    #[allow(unreachable_code)]
     Kernels {
         q4x4: |d, m, q, x| std::array::from_fn(|r| scalar::dot_q4(d[r], q[r], x) + dot_f32(m[r], &x.sum)),
         q8x4: |d, q, x| std::array::from_fn(|r| scalar::dot_q8(d[r], q[r], x)),
@@ -402,6 +414,78 @@ mod scalar {
             acc += d[i] * x.d[i] * isum as f32;
         }
         acc
+    }
+}
+
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+mod simd128 {
+    //! The integer dot products in wasm SIMD: 4-/8-bit weights and 8-bit activations widened to
+    //! 16 bits and multiplied pairwise into 32-bit lanes (`i32x4.dot_i16x8_s`), each block's
+    //! integer sum scaled into four f32 accumulators, as the AVX2 kernels do.
+    use core::arch::wasm32::*;
+
+    use super::ActivationsQ8;
+
+    /// `Σ a·b` over 16 signed 16-bit pairs (`a`, `b` as two halves each), in four i32 lanes.
+    #[inline(always)]
+    fn dot16(a: [v128; 2], b: [v128; 2]) -> v128 {
+        i32x4_add(i32x4_dot_i16x8(a[0], b[0]), i32x4_dot_i16x8(a[1], b[1]))
+    }
+
+    /// 16 bytes of `bytes[at..]`.
+    #[inline(always)]
+    fn load16<T: Copy>(bytes: &[T], at: usize) -> v128 {
+        assert!(std::mem::size_of::<T>() == 1 && at + 16 <= bytes.len());
+        // SAFETY: the 16 bytes at `at` lie inside `bytes` (checked just above); v128_load reads
+        // unaligned.
+        unsafe { v128_load(bytes.as_ptr().add(at) as *const v128) }
+    }
+
+    fn widen_signed(v: v128) -> [v128; 2] {
+        [i16x8_extend_low_i8x16(v), i16x8_extend_high_i8x16(v)]
+    }
+
+    fn widen_unsigned(v: v128) -> [v128; 2] {
+        [u16x8_extend_low_u8x16(v), u16x8_extend_high_u8x16(v)]
+    }
+
+    /// Activation block `i` widened: weights `0..16` and `16..32`.
+    fn activations(x: &ActivationsQ8, i: usize) -> [[v128; 2]; 2] {
+        let qs = &x.blocks[i].qs;
+        [widen_signed(load16(qs, 0)), widen_signed(load16(qs, 16))]
+    }
+
+    /// `Σ_i d_i · x.d_i · block(i)` for four rows, where `block` gives the 32-bit lane sums of
+    /// block `i` of a row.
+    fn scaled_sum_x4(d: [&[f32]; 4], x: &ActivationsQ8, block: impl Fn(usize, usize, [[v128; 2]; 2]) -> v128) -> [f32; 4] {
+        let mut acc = [f32x4_splat(0.0); 4];
+        for i in 0..x.d.len() {
+            let xs = activations(x, i);
+            for r in 0..4 {
+                let lanes = f32x4_convert_i32x4(block(r, i, xs));
+                acc[r] = f32x4_add(acc[r], f32x4_mul(lanes, f32x4_splat(d[r][i] * x.d[i])));
+            }
+        }
+        acc.map(|a| f32x4_extract_lane::<0>(a) + f32x4_extract_lane::<1>(a) + f32x4_extract_lane::<2>(a) + f32x4_extract_lane::<3>(a))
+    }
+
+    /// Q4 rows (`q` in 0..16; byte `j` holds weight `j` low and `j + 16` high) · Q8 activations,
+    /// without the blocks' minimums.
+    pub fn dot_q4_x4(d: [&[f32]; 4], qs: [&[u8]; 4], x: &ActivationsQ8) -> [f32; 4] {
+        scaled_sum_x4(d, x, |r, i, [low_x, high_x]| {
+            let packed = load16(qs[r], i * 16);
+            let low = v128_and(packed, u8x16_splat(0x0f));
+            let high = u8x16_shr(packed, 4);
+            i32x4_add(dot16(widen_unsigned(low), low_x), dot16(widen_unsigned(high), high_x))
+        })
+    }
+
+    /// Q8 rows · Q8 activations.
+    pub fn dot_q8_x4(d: [&[f32]; 4], qs: [&[i8]; 4], x: &ActivationsQ8) -> [f32; 4] {
+        scaled_sum_x4(d, x, |r, i, [low_x, high_x]| {
+            let (low, high) = (load16(qs[r], i * 32), load16(qs[r], i * 32 + 16));
+            i32x4_add(dot16(widen_signed(low), low_x), dot16(widen_signed(high), high_x))
+        })
     }
 }
 
@@ -707,7 +791,8 @@ mod tests {
     }
 
     /// Repacking keeps every weight: it dequantizes exactly like the GGUF reader.
-    #[test]
+    #[cfg_attr(not(target_arch = "wasm32"), test)]
+    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
     fn repacked_blocks_dequantize_like_gguf() {
         let (rows, cols) = (3, 64);
         let w = pseudo_random(rows * cols, 2);
@@ -725,7 +810,8 @@ mod tests {
 
     /// Both paths (integer kernels for few rows, dequantize + GEMM for many) agree with an f64
     /// product over the dequantized weights, within the activation-quantization error.
-    #[test]
+    #[cfg_attr(not(target_arch = "wasm32"), test)]
+    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
     fn quantized_and_dequantized_paths_match_reference() {
         let (rows, cols) = (48, 96);
         let raw = pseudo_random(rows * cols, 1);
@@ -746,7 +832,8 @@ mod tests {
         }
     }
 
-    #[test]
+    #[cfg_attr(not(target_arch = "wasm32"), test)]
+    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
     fn stacked_matrices_multiply_like_their_parts() {
         let cols = 64;
         let a = QMatrix::from_gguf(TensorType::Q4_1, 2, cols, &encode_q4_1(&pseudo_random(2 * cols, 5)));
@@ -763,29 +850,34 @@ mod tests {
         assert!(QMatrix::concat_rows(&[a, q8]).is_none());
     }
 
-    #[test]
+    #[cfg_attr(not(target_arch = "wasm32"), test)]
+    #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
     fn simd_kernels_equal_scalar_kernels() {
-        let cols = 288; // 9 blocks: exercises the odd tail
-        let x = quantize_q8(&pseudo_random(cols, 3));
-        let raw = pseudo_random(cols, 4);
-        let Blocks::Q4 { d, m, qs } = &*QMatrix::from_gguf(TensorType::Q4_1, 1, cols, &encode_q4_1(&raw)).blocks else {
-            unreachable!()
-        };
-        let b = scalar::dot_q4(d, qs, &x);
-        let whole = b + dot_f32(m, &x.sum);
-        let four = (kernels().q4x4)([d; 4], [m; 4], [qs; 4], &x);
-        assert!(
-            four.iter().all(|&f| (f - whole).abs() <= 1e-4 * whole.abs().max(1.0)),
-            "q4x4: {four:?} vs {whole}"
-        );
-        let Blocks::Q8 { d, qs } = &*QMatrix::from_gguf(TensorType::Q8_0, 1, cols, &encode_q8_0(&raw)).blocks else {
-            unreachable!()
-        };
-        let b = scalar::dot_q8(d, qs, &x);
-        let four = (kernels().q8x4)([d; 4], [qs; 4], &x);
-        assert!(
-            four.iter().all(|&f| (f - b).abs() <= 1e-4 * b.abs().max(1.0)),
-            "q8x4: {four:?} vs {b}"
-        );
+        // 1, 9 (an odd count) and 18 blocks (the model's rows); four different rows at once.
+        for cols in [32, 288, 576] {
+            let x = quantize_q8(&pseudo_random(cols, 3));
+            let close = |got: [f32; 4], want: [f32; 4]| got.iter().zip(&want).all(|(g, w)| (g - w).abs() <= 1e-4 * w.abs().max(1.0));
+            let raw = pseudo_random(4 * cols, 4);
+            let q4 = QMatrix::from_gguf(TensorType::Q4_1, 4, cols, &encode_q4_1(&raw));
+            let Blocks::Q4 { d, m, qs } = &*q4.blocks else { unreachable!() };
+            let nb = cols / 32;
+            let row = |v: &[f32], r: usize| &v[r * nb..(r + 1) * nb];
+            let rows4 = |r: usize| &qs[r * nb * 16..(r + 1) * nb * 16];
+            let want = std::array::from_fn(|r| scalar::dot_q4(row(d, r), rows4(r), &x) + dot_f32(row(m, r), &x.sum));
+            let got = (kernels().q4x4)(
+                std::array::from_fn(|r| row(d, r)),
+                std::array::from_fn(|r| row(m, r)),
+                std::array::from_fn(rows4),
+                &x,
+            );
+            assert!(close(got, want), "q4x4, {cols} columns: {got:?} vs {want:?}");
+
+            let q8 = QMatrix::from_gguf(TensorType::Q8_0, 4, cols, &encode_q8_0(&raw));
+            let Blocks::Q8 { d, qs } = &*q8.blocks else { unreachable!() };
+            let rows8 = |r: usize| &qs[r * nb * 32..(r + 1) * nb * 32];
+            let want = std::array::from_fn(|r| scalar::dot_q8(row(d, r), rows8(r), &x));
+            let got = (kernels().q8x4)(std::array::from_fn(|r| row(d, r)), std::array::from_fn(rows8), &x);
+            assert!(close(got, want), "q8x4, {cols} columns: {got:?} vs {want:?}");
+        }
     }
 }
