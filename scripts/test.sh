@@ -26,6 +26,14 @@ echo "== cargo test (release: burn is unusably slow unoptimised)"
 # backend from fighting over the machine's cores.
 cargo test --release --workspace -- --test-threads=2
 
+echo "== the quantized kernels and fused block loops in wasm (simd128), under node"
+# The page's CPU path runs the wasm SIMD kernels, which no native test reaches: the same
+# equality tests run here in wasm32, through wasm-bindgen-test-runner (installed with trunk);
+# only the tests marked `wasm_bindgen_test` run there.
+scripts/install-web-tools.sh
+CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER="${KINDLING_CACHE:-$HOME/.cache/kindling}/tools/bin/wasm-bindgen-test-runner" \
+    cargo test --release --target wasm32-unknown-unknown -p kindling-engine --no-default-features --features cpu --lib
+
 echo "== kindling-server with the goodfire and openai SDKs"
 # The workspace's feature set, as cargo test built it: no second build of burn.
 cargo build --release --workspace
