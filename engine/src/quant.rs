@@ -861,7 +861,10 @@ mod tests {
             let q4 = QMatrix::from_gguf(TensorType::Q4_1, 4, cols, &encode_q4_1(&raw));
             let Blocks::Q4 { d, m, qs } = &*q4.blocks else { unreachable!() };
             let nb = cols / 32;
-            let row = |v: &[f32], r: usize| &v[r * nb..(r + 1) * nb];
+            fn row(v: &[f32], r: usize) -> &[f32] {
+                let nb = v.len() / 4;
+                &v[r * nb..(r + 1) * nb]
+            }
             let rows4 = |r: usize| &qs[r * nb * 16..(r + 1) * nb * 16];
             let want = std::array::from_fn(|r| scalar::dot_q4(row(d, r), rows4(r), &x) + dot_f32(row(m, r), &x.sum));
             let got = (kernels().q4x4)(

@@ -66,6 +66,7 @@ const median = (xs) => {
 /** The playground page: ms from navigation start to the first reply token on screen. */
 async function playground(context, url) {
   const page = await context.newPage();
+  const phases = loadPhases(page);
   await page.addInitScript(() => {
     new MutationObserver(() => {
       const text = document.querySelector('[data-testid=assistant-message] .text');
@@ -84,17 +85,27 @@ async function playground(context, url) {
   await page.waitForFunction(() => window.firstTokenMs !== undefined, null, { timeout: 300_000, polling: 20 });
   const firstTokenMs = await page.evaluate(() => window.firstTokenMs);
   await page.close();
-  return { ready_ms: readyMs, first_token_ms: firstTokenMs };
+  return { ready_ms: readyMs, first_token_ms: firstTokenMs, load_phases: phases.line };
+}
+
+/** The worker's "kindling load: …" console line (each loading step's milliseconds). */
+function loadPhases(page) {
+  const seen = { line: null };
+  page.on('console', (m) => {
+    if (m.text().startsWith('kindling load:')) seen.line = m.text().slice('kindling load: '.length);
+  });
+  return seen;
 }
 
 async function inPage(context, url, params) {
   const page = await context.newPage();
   page.on('pageerror', (e) => console.error('page error:', e.message));
+  const phases = loadPhases(page);
   await page.goto(url);
   await page.waitForFunction(() => window.benchReady === true);
   const result = await page.evaluate((p) => window.run(p), params);
   await page.close();
-  return result;
+  return { ...result, load_phases: phases.line };
 }
 
 const server = createServer((q, r) => serve(q, r).catch((e) => r.writeHead(500).end(String(e))));
@@ -127,6 +138,8 @@ for (let run = 1; run <= RUNS; run++) {
   await browser.close();
   runs.push(record);
   const r = (x) => x.toFixed(0);
+  console.log(`run ${run}: load steps: playground cold: ${record.playground_cold.load_phases}; cached: ${record.playground_cached.load_phases}; `
+    + `engine page: ${record.kindling.load_phases}`);
   console.log(`run ${run}: playground first token cold ${r(record.playground_cold.first_token_ms)} ms, cached ${r(record.playground_cached.first_token_ms)} ms; `
     + `kindling prefill ${r(record.kindling.prefill_ms)} ms, decode ${record.kindling.decode_tok_s.toFixed(1)} tok/s (${record.kindling.tokens} tokens); `
     + `wllama prefill ${r(record.wllama.prefill_ms)} ms, decode ${record.wllama.decode_tok_s.toFixed(1)} tok/s (${record.wllama.tokens} tokens)`);

@@ -128,7 +128,9 @@ mod worker {
             .as_ref()
             .and_then(|m| m["config"]["metadata"]["model_sha256"].as_str().map(str::to_string));
 
+        let mut phases = Phases::new();
         let model_bytes = fetch_cached("model", &url(MODEL_FILE), model_sha).await?;
+        phases.mark("model file");
         let sae_bytes = fetch_cached("sae", &url(&format!("sae/{SAE_FILE}")), sha(&sae_manifest, SAE_FILE)).await?;
         let index = fetch_cached("atlas", &url("atlas/atlas.json"), sha(&atlas_manifest, "atlas.json")).await?;
         let embedder = fetch_cached(
@@ -143,22 +145,53 @@ mod worker {
             sha(&atlas_manifest, "contexts.safetensors"),
         )
         .await?;
+        phases.mark("SAE and atlas files");
 
         progress("building the engine", 0.0, 0.0, false);
         let device = Backend::Cpu.device().map_err(|e| e.to_string())?;
         let model = Model::from_bytes(&model_bytes, Backend::Cpu, &device).map_err(|e| format!("the model file: {e}"))?;
+        phases.mark("model");
         let gpu_model = if on_gpu { Some(gpu_model(&model_bytes).await?) } else { None };
         drop(model_bytes);
         let sae = Sae::from_compact(&sae_bytes).map_err(|e| format!("the SAE file: {e}"))?;
+        phases.mark("SAE");
         let index = String::from_utf8(index).map_err(|_| "atlas.json is not UTF-8".to_string())?;
         let embedder = StaticEmbedder::from_safetensors(&embedder).map_err(|e| format!("the atlas embedder: {e}"))?;
         let mut atlas = Atlas::from_index(&index, &sae, embedder).map_err(|e| format!("the atlas: {e}"))?;
         atlas.load_contexts(&contexts).map_err(|e| format!("the atlas contexts: {e}"))?;
+        phases.mark("atlas");
+        phases.log();
         let gpu = gpu_model.map(|m| Ember::new(m, sae.clone(), atlas.clone(), MODEL_NAME));
         Ok(Engines {
             cpu: Ember::new(model, sae, atlas, MODEL_NAME),
             gpu,
         })
+    }
+
+    /// How long each step of loading took, logged once the engine is ready (the browser
+    /// benchmark reads the line).
+    struct Phases {
+        last: f64,
+        done: Vec<String>,
+    }
+
+    impl Phases {
+        fn new() -> Self {
+            Self {
+                last: js_sys::Date::now(),
+                done: Vec::new(),
+            }
+        }
+
+        fn mark(&mut self, step: &str) {
+            let now = js_sys::Date::now();
+            self.done.push(format!("{step} {:.0} ms", now - self.last));
+            self.last = now;
+        }
+
+        fn log(&self) {
+            web_sys::console::info_1(&format!("kindling load: {}", self.done.join(", ")).into());
+        }
     }
 
     /// The model on WebGPU.
@@ -271,7 +304,11 @@ mod worker {
                 break;
             }
             let value = js_sys::Reflect::get(&chunk, &"value".into()).unwrap_or(JsValue::UNDEFINED);
-            bytes.extend(js_sys::Uint8Array::new(&value).to_vec());
+            // Straight into the buffer: `to_vec` would copy every chunk twice.
+            let chunk = js_sys::Uint8Array::new(&value);
+            let start = bytes.len();
+            bytes.resize(start + chunk.length() as usize, 0);
+            chunk.copy_to(&mut bytes[start..]);
             if bytes.len() - reported >= 1 << 20 {
                 reported = bytes.len();
                 report(reported);
