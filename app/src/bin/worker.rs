@@ -262,19 +262,39 @@ mod worker {
         }
         let bytes = read_all(file, &response, false).await?;
         if let Some(expected) = &sha256 {
-            let found: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+            let found = sha256_hex(&bytes).await;
             if &found != expected {
                 return Err(format!("{url} is damaged: sha256 {found}, expected {expected}"));
             }
         }
-        if let Some(cache) = &cache {
+        if let Some(cache) = cache {
             let body = js_sys::Uint8Array::from(bytes.as_slice());
             if let Ok(copy) = web_sys::Response::new_with_opt_buffer_source(Some(&body)) {
-                // A full quota only costs the next load a download.
-                let _ = JsFuture::from(cache.put_with_str(&key, &copy)).await;
+                // Stored while the engine is built: nothing waits for it, and a full quota
+                // only costs the next load a download.
+                wasm_bindgen_futures::spawn_local(async move {
+                    let _ = JsFuture::from(cache.put_with_str(&key, &copy)).await;
+                });
             }
         }
         Ok(bytes)
+    }
+
+    /// The sha256 of `bytes` in hex: the browser's own (SubtleCrypto, several times faster than
+    /// hashing in wasm), or `sha2` where it is missing (a page served over plain http from
+    /// another host is not a secure context).
+    async fn sha256_hex(bytes: &[u8]) -> String {
+        let hex = |digest: &[u8]| digest.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        if let Some(subtle) = scope().crypto().ok().map(|c| c.subtle()) {
+            // A copy in JS memory: digest() reads its input after this function yields.
+            let data = js_sys::Uint8Array::from(bytes);
+            if let Ok(promise) = subtle.digest_with_str_and_buffer_source("SHA-256", &data) {
+                if let Ok(digest) = JsFuture::from(promise).await {
+                    return hex(&js_sys::Uint8Array::new(&digest).to_vec());
+                }
+            }
+        }
+        hex(&Sha256::digest(bytes))
     }
 
     /// Reads a response body, posting progress about every megabyte.
