@@ -350,6 +350,9 @@ pub struct KvCache {
 }
 
 /// One layer's keys and values.
+// One per layer of a cache, as the tensor pair was before the host variant: its size costs
+// nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 enum LayerKv {
     /// `[n_head_kv, capacity, head_dim]` tensors; storage grows in chunks and is written with

@@ -140,10 +140,21 @@ fn encoder_q8(w_enc: &[f32], d_in: usize, d_sae: usize) -> Option<QMatrix> {
     if !d_in.is_multiple_of(32) {
         return None;
     }
+    // Transposed in 32 × 32 tiles first: walking a column of `w_enc` touches a new cache line
+    // for every value, which made this most of loading the SAE in the browser.
+    const TILE: usize = 32;
+    let mut rows = vec![0f32; d_sae * d_in];
+    for i0 in (0..d_in).step_by(TILE) {
+        for j0 in (0..d_sae).step_by(TILE) {
+            for i in i0..(i0 + TILE).min(d_in) {
+                for j in j0..(j0 + TILE).min(d_sae) {
+                    rows[j * d_in + i] = w_enc[i * d_sae + j];
+                }
+            }
+        }
+    }
     let mut bytes = Vec::with_capacity(d_sae * d_in / 32 * 34);
-    let mut row = vec![0f32; d_in];
-    for j in 0..d_sae {
-        row.iter_mut().enumerate().for_each(|(i, r)| *r = w_enc[i * d_sae + j]);
+    for row in rows.chunks_exact(d_in) {
         for block in row.chunks_exact(32) {
             let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
             let d = half::f16::from_f32(amax / 127.0);
@@ -190,7 +201,9 @@ impl Sae {
 
     /// Loads the SAELens layout: `cfg.json` text and `sae_weights.safetensors` bytes.
     pub fn from_saelens(cfg_json: &str, weights: &[u8]) -> Result<Self, SaeError> {
-        Self::from_tensors(SaeConfig::from_json(cfg_json)?, weights)
+        let mut sae = Self::from_tensors(SaeConfig::from_json(cfg_json)?, weights)?;
+        sae.sha256 = Some(format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(weights)));
+        Ok(sae)
     }
 
     /// SHA-256 (hex) of the weights file this SAE was loaded from; `None` when it was built
@@ -201,6 +214,21 @@ impl Sae {
 
     /// Loads the compact file (f16 or f32 tensors, config in the metadata).
     pub fn from_compact(bytes: &[u8]) -> Result<Self, SaeError> {
+        let mut sae = Self::compact_unhashed(bytes)?;
+        sae.sha256 = Some(format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(bytes)));
+        Ok(sae)
+    }
+
+    /// [`from_compact`](Self::from_compact) for bytes whose SHA-256 (hex) the caller has just
+    /// checked, such as a download verified against the SAE's manifest: hashing 19 MB again in
+    /// wasm was a large part of the page's load.
+    pub fn from_compact_checked(bytes: &[u8], sha256: &str) -> Result<Self, SaeError> {
+        let mut sae = Self::compact_unhashed(bytes)?;
+        sae.sha256 = Some(sha256.to_ascii_lowercase());
+        Ok(sae)
+    }
+
+    fn compact_unhashed(bytes: &[u8]) -> Result<Self, SaeError> {
         let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| SaeError::File(e.to_string()))?;
         let cfg = metadata
             .metadata()
@@ -237,15 +265,13 @@ impl Sae {
                 }
             })
         };
-        let mut sae = Self::new(
+        Self::new(
             cfg,
             read("W_enc", &[d, s])?,
             read("b_enc", &[s])?,
             read("W_dec", &[s, d])?,
             read("b_dec", &[d])?,
-        )?;
-        sae.sha256 = Some(format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(bytes)));
-        Ok(sae)
+        )
     }
 
     /// Fails unless this SAE reads a residual stream that `model` has.

@@ -129,23 +129,24 @@ mod worker {
             .and_then(|m| m["config"]["metadata"]["model_sha256"].as_str().map(str::to_string));
 
         let mut phases = Phases::new();
-        let model_bytes = fetch_cached("model", &url(MODEL_FILE), model_sha).await?;
-        phases.mark("model file");
-        let sae_bytes = fetch_cached("sae", &url(&format!("sae/{SAE_FILE}")), sha(&sae_manifest, SAE_FILE)).await?;
-        let index = fetch_cached("atlas", &url("atlas/atlas.json"), sha(&atlas_manifest, "atlas.json")).await?;
-        let embedder = fetch_cached(
-            "embedder",
-            &url("atlas/embedder.safetensors"),
-            sha(&atlas_manifest, "embedder.safetensors"),
-        )
-        .await?;
-        let contexts = fetch_cached(
-            "contexts",
-            &url("atlas/contexts.safetensors"),
-            sha(&atlas_manifest, "contexts.safetensors"),
-        )
-        .await?;
-        phases.mark("SAE and atlas files");
+        // All five at once: the downloads overlap, and so does hashing them (SubtleCrypto
+        // works off the worker's thread). The page lists each file's progress on its own.
+        let (model_url, sae_url) = (url(MODEL_FILE), url(&format!("sae/{SAE_FILE}")));
+        let sae_sha = sha(&sae_manifest, SAE_FILE);
+        let atlas_url = |file: &str| url(&format!("atlas/{file}"));
+        let (index_url, embedder_url, contexts_url) = (
+            atlas_url("atlas.json"),
+            atlas_url("embedder.safetensors"),
+            atlas_url("contexts.safetensors"),
+        );
+        let (model_bytes, sae_bytes, index, embedder, contexts) = futures::try_join!(
+            fetch_cached("model", &model_url, model_sha),
+            fetch_cached("sae", &sae_url, sae_sha.clone()),
+            fetch_cached("atlas", &index_url, sha(&atlas_manifest, "atlas.json")),
+            fetch_cached("embedder", &embedder_url, sha(&atlas_manifest, "embedder.safetensors")),
+            fetch_cached("contexts", &contexts_url, sha(&atlas_manifest, "contexts.safetensors")),
+        )?;
+        phases.mark("files");
 
         progress("building the engine", 0.0, 0.0, false);
         let device = Backend::Cpu.device().map_err(|e| e.to_string())?;
@@ -153,7 +154,12 @@ mod worker {
         phases.mark("model");
         let gpu_model = if on_gpu { Some(gpu_model(&model_bytes).await?) } else { None };
         drop(model_bytes);
-        let sae = Sae::from_compact(&sae_bytes).map_err(|e| format!("the SAE file: {e}"))?;
+        // Checked against the manifest as it was downloaded (or stored under its hash).
+        let sae = match &sae_sha {
+            Some(sha) => Sae::from_compact_checked(&sae_bytes, sha),
+            None => Sae::from_compact(&sae_bytes),
+        }
+        .map_err(|e| format!("the SAE file: {e}"))?;
         phases.mark("SAE");
         let index = String::from_utf8(index).map_err(|_| "atlas.json is not UTF-8".to_string())?;
         let embedder = StaticEmbedder::from_safetensors(&embedder).map_err(|e| format!("the atlas embedder: {e}"))?;

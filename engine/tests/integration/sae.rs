@@ -332,3 +332,23 @@ fn the_8_bit_encoder_of_decode_steps_agrees_with_the_f32_one() {
     assert!(overlap >= 0.9, "only {:.1}% of the latents agree", overlap * 100.0);
     assert!(worst <= 0.05, "activations differ by up to {:.1}%", worst * 100.0);
 }
+
+/// The page's loader skips hashing the SAE again once its download matched the manifest: the
+/// SAE it gets is the one `from_compact` gives, with the same identity.
+#[test]
+fn a_checked_sae_file_loads_like_a_hashed_one() {
+    let (sae, manifest) = shipped();
+    let bytes = std::fs::read(shipped_dir().join("kindling-sae.f16.safetensors")).unwrap();
+    let listed = manifest["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["file"] == "kindling-sae.f16.safetensors");
+    let sha = listed.and_then(|f| f["sha256"].as_str()).expect("the manifest lists the SAE file");
+    let checked = Sae::from_compact_checked(&bytes, &sha.to_ascii_uppercase()).unwrap();
+    assert_eq!(checked.sha256(), sae.sha256());
+    assert_eq!(checked.config(), sae.config());
+    for ((name, a, _), (_, b, _)) in checked.tensors().into_iter().zip(sae.tensors()) {
+        assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{name} differs");
+    }
+}
