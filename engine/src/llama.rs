@@ -448,7 +448,7 @@ impl KvCache {
     }
 
     /// Writes one position's keys and values (`[n_head_kv][head_dim]` each) into `layer`'s
-    /// host storage (a cache [`on_host`](Self::on_host) only).
+    /// host storage (only in a cache kept on the host, `on_host`).
     fn write_host(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         let entry = self.layers[layer].get_or_insert_with(|| LayerKv::Host(Vec::new(), Vec::new()));
         let LayerKv::Host(ks, vs) = entry else {
