@@ -59,10 +59,24 @@ impl Blocks {
     /// No blocks, in the same layout as `self`.
     fn empty_like(&self) -> Blocks {
         match self {
-            Blocks::Q4 { .. } => Blocks::Q4 { d: Vec::new(), m: Vec::new(), qs: Vec::new() },
-            Blocks::Q8 { .. } => Blocks::Q8 { d: Vec::new(), qs: Vec::new() },
-            Blocks::Q4Tiles { .. } => Blocks::Q4Tiles { d: Vec::new(), m: Vec::new(), qs: Vec::new() },
-            Blocks::Q8Tiles { .. } => Blocks::Q8Tiles { d: Vec::new(), qs: Vec::new() },
+            Blocks::Q4 { .. } => Blocks::Q4 {
+                d: Vec::new(),
+                m: Vec::new(),
+                qs: Vec::new(),
+            },
+            Blocks::Q8 { .. } => Blocks::Q8 {
+                d: Vec::new(),
+                qs: Vec::new(),
+            },
+            Blocks::Q4Tiles { .. } => Blocks::Q4Tiles {
+                d: Vec::new(),
+                m: Vec::new(),
+                qs: Vec::new(),
+            },
+            Blocks::Q8Tiles { .. } => Blocks::Q8Tiles {
+                d: Vec::new(),
+                qs: Vec::new(),
+            },
             Blocks::F32(_) => Blocks::F32(Vec::new()),
         }
     }
@@ -114,7 +128,11 @@ fn tiles(ty: TensorType, rows: usize, cols: usize, bytes: &[u8]) -> Blocks {
                         let b = block(r, i);
                         d.push(f16_at(b, 0));
                         // Q4_0 is Q4_1 with m = -8 d (exact in f16: a power of two).
-                        m.push(if ty == TensorType::Q4_1 { f16_at(b, 2) } else { f16_at(b, 0) * f16::from_f32(-8.0) });
+                        m.push(if ty == TensorType::Q4_1 {
+                            f16_at(b, 2)
+                        } else {
+                            f16_at(b, 0) * f16::from_f32(-8.0)
+                        });
                     }
                     for k in 0..4 {
                         rows().for_each(|r| qs.extend_from_slice(&block(r, i)[at + 4 * k..][..4]));
@@ -129,7 +147,11 @@ fn tiles(ty: TensorType, rows: usize, cols: usize, bytes: &[u8]) -> Blocks {
             }
         }
     }
-    if ty == TensorType::Q8_0 { Blocks::Q8Tiles { d, qs } } else { Blocks::Q4Tiles { d, m, qs } }
+    if ty == TensorType::Q8_0 {
+        Blocks::Q8Tiles { d, qs }
+    } else {
+        Blocks::Q4Tiles { d, m, qs }
+    }
 }
 
 impl std::fmt::Debug for QMatrix {
@@ -177,7 +199,11 @@ impl Layout {
     /// quantized blocks.
     fn for_matrix(self, ty: TensorType, rows: usize) -> Self {
         let quantized = matches!(ty, TensorType::Q4_0 | TensorType::Q4_1 | TensorType::Q8_0);
-        if quantized && rows.is_multiple_of(TILE) { self } else { Layout::Rows }
+        if quantized && rows.is_multiple_of(TILE) {
+            self
+        } else {
+            Layout::Rows
+        }
     }
 }
 
@@ -1116,7 +1142,11 @@ mod tests {
             let raw = pseudo_random(rows * cols, 11);
             let q41 = encode_q4_1(&raw);
             let q40: Vec<u8> = q41.chunks_exact(20).flat_map(|b| [&b[..2], &b[4..]].concat()).collect();
-            for (ty, bytes) in [(TensorType::Q4_1, q41), (TensorType::Q4_0, q40), (TensorType::Q8_0, encode_q8_0(&raw))] {
+            for (ty, bytes) in [
+                (TensorType::Q4_1, q41),
+                (TensorType::Q4_0, q40),
+                (TensorType::Q8_0, encode_q8_0(&raw)),
+            ] {
                 let repack = |layout| QMatrix::repack(ty, rows, cols, &bytes, layout).unwrap();
                 let (tiled, by_rows) = (repack(Layout::Tiles), repack(Layout::Rows));
                 assert!(matches!(*tiled.blocks, Blocks::Q4Tiles { .. } | Blocks::Q8Tiles { .. }));
