@@ -365,6 +365,12 @@ enum LayerKv {
 
 const CACHE_CHUNK: usize = 256;
 
+/// Prompts of up to this many tokens take the fused path on the CPU (its linear layers are
+/// the same GEMMs as burn's path above [`QUANTIZED_PATH_MAX_ROWS`](crate::quant::QUANTIZED_PATH_MAX_ROWS)
+/// rows). A chat turn's prompt is usually this short, and burn's ~80 small operations per
+/// block cost more than the loops' attention one query row at a time, in wasm most of all.
+const FUSED_PROMPT_MAX_ROWS: usize = 64;
+
 impl KvCache {
     /// An empty cache for `config`'s model on `backend`.
     pub fn new(config: &Config, backend: Backend) -> Self {
@@ -1024,11 +1030,12 @@ impl Llama {
     }
 
     /// Whether a pass of `rows` new tokens into `caches` takes the fused path (`fused`): on the
-    /// CPU backend, for decode steps (one row per cache, batched or not) and prompts as short
-    /// as the quantized kernels take. Longer prompts are GEMMs and go through burn's attention.
+    /// CPU backend, for decode steps (one row per cache, batched or not) and prompts of up to
+    /// [`FUSED_PROMPT_MAX_ROWS`]. Longer prompts go through burn's attention, whose cost grows
+    /// as a GEMM's rather than one query row at a time.
     fn fused(&self, rows: usize, caches: &[KvCache]) -> bool {
         let decode_step = rows == caches.len();
-        self.backend == Backend::Cpu && (decode_step || rows <= crate::quant::QUANTIZED_PATH_MAX_ROWS) && caches.iter().all(|c| c.on_host)
+        self.backend == Backend::Cpu && (decode_step || rows <= FUSED_PROMPT_MAX_ROWS) && caches.iter().all(|c| c.on_host)
     }
 
     /// [`residual`](Self::residual) on the fused path: the residual stays a host vector

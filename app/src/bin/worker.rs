@@ -116,8 +116,8 @@ mod worker {
         // Assets sit beside the page: resolve against the page's directory.
         let dir = base.rfind('/').map_or("./", |i| &base[..=i]);
         let url = |file: &str| format!("{dir}{file}");
-        let sae_manifest = fetch_json(&url("sae/manifest.json")).await;
-        let atlas_manifest = fetch_json(&url("atlas/manifest.json")).await;
+        let manifest_urls = [url("sae/manifest.json"), url("atlas/manifest.json")];
+        let (sae_manifest, atlas_manifest) = futures::join!(fetch_json(&manifest_urls[0]), fetch_json(&manifest_urls[1]));
         // Offline, the manifests are missing: any cached copy is then the one to use.
         let sha = |manifest: &Option<Value>, file: &str| -> Option<String> {
             manifest.as_ref()?["files"].as_array()?.iter().find(|f| f["file"] == file)?["sha256"]
@@ -267,15 +267,17 @@ mod worker {
             ));
         }
         let bytes = read_all(file, &response, false).await?;
+        // One copy in JS memory serves the hash and the Cache Storage entry (each takes its
+        // own snapshot of it).
+        let js_copy = js_sys::Uint8Array::from(bytes.as_slice());
         if let Some(expected) = &sha256 {
-            let found = sha256_hex(&bytes).await;
+            let found = sha256_hex(&bytes, &js_copy).await;
             if &found != expected {
                 return Err(format!("{url} is damaged: sha256 {found}, expected {expected}"));
             }
         }
         if let Some(cache) = cache {
-            let body = js_sys::Uint8Array::from(bytes.as_slice());
-            if let Ok(copy) = web_sys::Response::new_with_opt_buffer_source(Some(&body)) {
+            if let Ok(copy) = web_sys::Response::new_with_opt_buffer_source(Some(&js_copy)) {
                 // Stored while the engine is built: nothing waits for it, and a full quota
                 // only costs the next load a download.
                 wasm_bindgen_futures::spawn_local(async move {
@@ -289,12 +291,12 @@ mod worker {
     /// The sha256 of `bytes` in hex: the browser's own (SubtleCrypto, several times faster than
     /// hashing in wasm), or `sha2` where it is missing (a page served over plain http from
     /// another host is not a secure context).
-    async fn sha256_hex(bytes: &[u8]) -> String {
+    /// `js_copy` holds the same bytes in JS memory: `digest()` reads its input after this
+    /// function yields, so it cannot be a view of wasm memory.
+    async fn sha256_hex(bytes: &[u8], js_copy: &js_sys::Uint8Array) -> String {
         let hex = |digest: &[u8]| digest.iter().map(|b| format!("{b:02x}")).collect::<String>();
         if let Some(subtle) = scope().crypto().ok().map(|c| c.subtle()) {
-            // A copy in JS memory: digest() reads its input after this function yields.
-            let data = js_sys::Uint8Array::from(bytes);
-            if let Ok(promise) = subtle.digest_with_str_and_buffer_source("SHA-256", &data) {
+            if let Ok(promise) = subtle.digest_with_str_and_buffer_source("SHA-256", js_copy) {
                 if let Ok(digest) = JsFuture::from(promise).await {
                     return hex(&js_sys::Uint8Array::new(&digest).to_vec());
                 }
