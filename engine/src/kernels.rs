@@ -43,13 +43,23 @@ impl QuantMatmul {
     /// # Shapes
     /// `x`: `[seq, in]` → `[seq, out]`
     pub(crate) fn forward(&self, weight: &QMatrix, x: Tensor<2>) -> Tensor<2> {
+        self.forward_with(weight, x, QMatrix::matmul)
+    }
+
+    /// [`forward`](Self::forward) for one row per sequence of a decode step
+    /// ([`QMatrix::matmul_decode`] on the CPU).
+    pub(crate) fn forward_decode(&self, weight: &QMatrix, x: Tensor<2>) -> Tensor<2> {
+        self.forward_with(weight, x, QMatrix::matmul_decode)
+    }
+
+    fn forward_with(&self, weight: &QMatrix, x: Tensor<2>, host_matmul: fn(&QMatrix, &[f32]) -> Vec<f32>) -> Tensor<2> {
         match self {
             QuantMatmul::Dense(w) => x.matmul(w.clone()),
             QuantMatmul::Host => {
                 let device = x.device();
                 let [seq, _] = x.dims();
                 // Activations are f32 on every backend the engine creates.
-                let y = weight.matmul(&to_host(x).expect("f32 activations"));
+                let y = host_matmul(weight, &to_host(x).expect("f32 activations"));
                 Tensor::from_data(TensorData::new(y, [seq, weight.rows]), &device)
             }
         }

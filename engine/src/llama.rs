@@ -529,6 +529,11 @@ impl Linear {
     fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         self.matmul.forward(&self.weight, x)
     }
+
+    /// [`forward`](Self::forward) for one row per sequence of a decode step.
+    fn forward_decode(&self, x: Tensor<2>) -> Tensor<2> {
+        self.matmul.forward_decode(&self.weight, x)
+    }
 }
 
 /// RMSNorm: `x / sqrt(mean(x²) + eps) · weight`, over the last dimension.
@@ -749,9 +754,10 @@ impl Block {
         } = &self.attn;
         let (h, hkv, d) = (*h, *hkv, *d);
         let width = (h + 2 * hkv) * d;
-        let mut qkv = attn_qkv
-            .weight
-            .matmul(&fused::rms_norm_rows(x, &self.attn_norm.host, self.attn_norm.eps));
+        // A decode step (one row per sequence) multiplies as one sequence's step would.
+        let decode_step = rows.len() == caches.len();
+        let matmul = |w: &QMatrix, x: &[f32]| if decode_step { w.matmul_decode(x) } else { w.matmul(x) };
+        let mut qkv = matmul(&attn_qkv.weight, &fused::rms_norm_rows(x, &self.attn_norm.host, self.attn_norm.eps));
         // Every row's keys and values go in first: a prompt's later rows are not visible to its
         // earlier ones (each attends to positions up to its own).
         for ((row, &(cache, pos)), (cos, sin)) in qkv.chunks_exact_mut(width).zip(rows).zip(rotations) {
@@ -765,13 +771,15 @@ impl Block {
             let (keys, values) = caches[cache].host_layer(layer);
             fused::attend_row(&row[..h * d], [keys, values], pos + 1, [hkv, d], out, &mut scores);
         }
-        fused::add_assign(x, &attn_output.weight.matmul(&attended));
-        let gate_up = self
-            .mlp
-            .ffn_gate_up
-            .weight
-            .matmul(&fused::rms_norm_rows(x, &self.ffn_norm.host, self.ffn_norm.eps));
-        fused::add_assign(x, &self.mlp.ffn_down.weight.matmul(&fused::silu_gate_rows(&gate_up, self.mlp.n_ff)));
+        fused::add_assign(x, &matmul(&attn_output.weight, &attended));
+        let gate_up = matmul(
+            &self.mlp.ffn_gate_up.weight,
+            &fused::rms_norm_rows(x, &self.ffn_norm.host, self.ffn_norm.eps),
+        );
+        fused::add_assign(
+            x,
+            &matmul(&self.mlp.ffn_down.weight, &fused::silu_gate_rows(&gate_up, self.mlp.n_ff)),
+        );
     }
 }
 
@@ -997,7 +1005,7 @@ impl Llama {
             let step = (!self.fused(tokens.len(), caches)).then(|| BatchStep::new(&self.rope, caches, &self.device));
             let pass = Pass::Batch { step, caches };
             let x = without_waiting(self.residual(tokens, pass, self.config.n_layer - 1, between))?;
-            Ok(self.head(x))
+            Ok(self.output.forward_decode(self.output_norm.forward(x)))
         })
     }
 

@@ -172,13 +172,17 @@ fn fused_decode_steps_match_llama_cpp_and_each_other() {
         assert!(fed(&tokens, 4).0 == one_by_one, "prompt {name}: four tokens a step differ from one");
         caches.push(cache);
     }
-    let next = [42, 43];
-    let alone: Vec<Vec<f32>> = caches.iter().zip(next).map(|(c, t)| logits(&mut c.clone(), &[t])).collect();
-    let batched = model.llama.forward_batch(&next, &mut caches[..2]).unwrap();
-    assert!(
-        batched.into_data().try_into_vec::<f32>().unwrap() == alone.concat(),
-        "a batched step differs from single steps"
-    );
+    // A batch of 2, and one of 12 (above the 8 rows where prompts leave the integer kernels).
+    for batch in [2, 12] {
+        let mut caches: Vec<_> = caches.iter().cycle().take(batch).cloned().collect();
+        let next: Vec<u32> = (0..batch as u32).map(|i| 42 + i).collect();
+        let alone: Vec<Vec<f32>> = caches.iter().zip(&next).map(|(c, &t)| logits(&mut c.clone(), &[t])).collect();
+        let batched = model.llama.forward_batch(&next, &mut caches).unwrap();
+        assert!(
+            batched.into_data().try_into_vec::<f32>().unwrap() == alone.concat(),
+            "a batched step of {batch} differs from single steps"
+        );
+    }
 }
 
 #[test]
