@@ -7,10 +7,11 @@
 # Steps: fetch the model (scripts/fetch-model.sh), make the llama.cpp venv
 # (scripts/llama_cpp_env.sh), build the CLI (cargo build --release -p kindling-cli), then for
 # each thread count run, one after the other, `kindling bench ... --json` and
-# scripts/bench_llama_cpp.py. Each prints one JSON line
+# scripts/bench_llama_cpp.py, then `kindling bench-steer` (what steering costs). The first two
+# print one JSON line each
 #   {"engine", "threads", "prefill_tokens", "decode_tokens", "prefill_tok_s": [...],
 #    "decode_tok_s": [...], "other_cores": [...]}
-# and a markdown table of the medians is printed at the end.
+# and markdown tables of the medians and of issue 19's native rows are printed at the end.
 #
 # THE MACHINE MUST BE IDLE. llama.cpp's threads spin-wait: on a 2-core machine another process
 # using one core makes it 5-30x slower (machine-facts §C.2). Runs whose median other_cores is
@@ -70,7 +71,7 @@ if [[ "$BUILD" == 1 ]]; then
 fi
 
 RESULTS="$(mktemp)"
-trap 'rm -f "$RESULTS"; resume_background_jobs' EXIT
+trap 'rm -f "$RESULTS" "${STEER:-}"; resume_background_jobs' EXIT
 
 # Runs one benchmark command; appends its JSON line (the last stdout line that parses as a
 # JSON object) to $RESULTS. Returns non-zero when the command fails or prints no JSON.
@@ -102,12 +103,21 @@ print(found)
     printf '%s\n' "$line" >> "$RESULTS"
 }
 
+STEER="$(mktemp)"
 failed=0
 for t in $THREADS; do
     run_one "kindling, threads=$t" "$KINDLING" bench --threads "$t" --prefill "$PREFILL" \
         --decode "$DECODE" --reps "$REPS" --json || failed=1
     run_one "llama.cpp, threads=$t" "$VENV_PY" scripts/bench_llama_cpp.py --model "$MODEL" \
         --threads "$t" --prefill "$PREFILL" --decode "$DECODE" --reps "$REPS" || failed=1
+    # Steering overhead: decode with a variant (SAE encode per token, 2 edits, 2 rules) vs without.
+    say "running (steering overhead, threads=$t): $KINDLING --threads $t bench-steer --reps $REPS"
+    if line="$("$KINDLING" --threads "$t" bench-steer --decode "$DECODE" --reps "$REPS" | grep '^steering adds')"; then
+        say "$line"
+        printf '%s\t%s\n' "$t" "$(sed -E 's/^steering adds ([-0-9.]+)%.*/\1/' <<<"$line")" >> "$STEER"
+    else
+        say "FAILED (steering overhead, threads=$t)"; failed=1
+    fi
 done
 say "$(uptime)"
 
@@ -116,10 +126,10 @@ if [[ -n "$OUT" ]]; then
     say "raw results written to $OUT"
 fi
 
-python3 - "$RESULTS" "$THREADS" "$PREFILL" "$DECODE" "$REPS" <<'PY'
+python3 - "$RESULTS" "$THREADS" "$PREFILL" "$DECODE" "$REPS" "$STEER" <<'PY'
 import json, statistics, sys
 
-path, threads, prefill, decode, reps = sys.argv[1:]
+path, threads, prefill, decode, reps, steer_path = sys.argv[1:]
 threads = [int(t) for t in threads.split()]
 runs = {}
 with open(path) as f:
@@ -156,6 +166,27 @@ for t in threads:
             contended.append(f"{name}, threads={t} (median other_cores {o:.2f})")
     print(f"| {t} | {fmt(pk)} | {fmt(pl)} | {ratio(pk, pl)} | {fmt(dk)} | {fmt(dl)} | "
           f"{ratio(dk, dl)} | {fmt(ok, 2)} / {fmt(ol, 2)} |")
+print()
+
+# Issue 19's native rows: the figures when the issue was filed (2026-11-30, its "today"
+# column), this run's, and the bar.
+steer = {}
+with open(steer_path) as f:
+    for line in f:
+        t, pct = line.split()
+        steer[int(t)] = float(pct)
+filed = {1: "0.84×", 2: "0.87–0.89×"}
+print("Issue 19's native rows (this run beside the figures when the issue was filed):")
+print()
+print("| figure | when filed | this run | bar |")
+print("|---|---|---|---|")
+for t in threads:
+    k, l = runs.get(("kindling", t)), runs.get(("llama.cpp", t))
+    r = ratio(med(k, "decode_tok_s"), med(l, "decode_tok_s"))
+    print(f"| native decode vs llama.cpp, {t} thread{'s' if t > 1 else ''} | {filed.get(t, '—')} | {r}× | ≥ 1.0× |")
+for t in threads:
+    if t in steer:
+        print(f"| steering overhead (2 edits + 2 rules), {t} thread{'s' if t > 1 else ''} | 7.1% | {steer[t]:.1f}% | ≤ 10% |")
 print()
 if contended:
     print("**WARNING: the machine was not idle** for: " + "; ".join(contended) + ". "

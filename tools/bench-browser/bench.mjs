@@ -182,6 +182,16 @@ console.log(`| decode (tok/s) | ${summary.kindling.decode_tok_s.toFixed(1)} | ${
 console.log(`| page load to first token (ms) | ${summary.kindling.page_to_first_token_ms.toFixed(0)} | ${summary.wllama.page_to_first_token_ms.toFixed(0)} | ${ratio(summary.kindling.page_to_first_token_ms, summary.wllama.page_to_first_token_ms)} |`);
 console.log(`playground (the real UI) page load to first token: cold ${summary.playground_first_token_cold_ms.toFixed(0)} ms, cached ${summary.playground_first_token_cached_ms.toFixed(0)} ms`);
 console.log(`same greedy text: ${summary.same_greedy_text}`);
+// Issue 19's page rows: this run beside the figures when the issue was filed (2026-11-30).
+const cachedReady = summary.playground_ready_cached_ms;
+console.log(`\nIssue 19's page rows (this run beside the figures when the issue was filed):`);
+console.log(`| figure | when filed | this run | bar |`);
+console.log(`|---|---|---|---|`);
+console.log(`| page decode vs wllama | 0.95–1.12× | ${ratio(summary.kindling.decode_tok_s, summary.wllama.decode_tok_s)}× | ≥ 2× |`);
+console.log(`| page prefill vs wllama (times faster) | 4.4–5.1× | ${ratio(summary.wllama.prefill_ms, summary.kindling.prefill_ms)}× | ≥ 3× |`);
+console.log(`| page load vs wllama's model load, cold | 2.4–2.8× | ${ratio(summary.kindling.load_ms, summary.wllama.load_ms)}× | ≤ 1× |`);
+console.log(`| the same, cached (navigation to ready, page start included) | — | ${ratio(cachedReady, summary.wllama.load_ms)}× | ≤ 1× |`);
+console.log(`| navigation to first token on screen, cached | 2.8–3.2 s | ${(summary.playground_first_token_cached_ms / 1000).toFixed(2)} s | ≤ 2 s |`);
 if (summary.kindling_webgpu) {
   const g = summary.kindling_webgpu;
   console.log(`Kindling on WebGPU (${g.runs} run(s), ${g.tokens} tokens): load ${g.load_ms.toFixed(0)} ms, prefill ${g.prefill_ms.toFixed(0)} ms, `
