@@ -380,16 +380,16 @@ impl QMatrix {
 
     /// `y = x · Wᵀ` for `n = x.len() / cols` activation rows: `y` is `[n, rows]`.
     ///
-    /// Up to [`QUANTIZED_PATH_MAX_ROWS`] rows go through the integer kernels (activations
-    /// quantized to 8 bits), more through dequantize + f32 GEMM. Prompts take this path, which
-    /// keeps their logits as close to llama.cpp's as the reference tests ask.
+    /// Up to 8 rows go through the integer kernels (activations quantized to 8 bits), more
+    /// through dequantize + f32 GEMM. Prompts take this path, which keeps their logits as close
+    /// to llama.cpp's as the reference tests ask.
     pub fn matmul(&self, x: &[f32]) -> Vec<f32> {
         self.matmul_with_quantized_up_to(x, QUANTIZED_PATH_MAX_ROWS)
     }
 
-    /// [`matmul`](Self::matmul) for a decode step of `n` sequences: up to
-    /// [`DECODE_QUANTIZED_PATH_MAX_ROWS`] rows take the integer kernels, as one sequence's
-    /// step does, so a batched step computes what single steps would, bit for bit.
+    /// [`matmul`](Self::matmul) for a decode step of `n` sequences: up to 256 rows take the
+    /// integer kernels, as one sequence's step does, so a batched step computes what single
+    /// steps would, bit for bit.
     pub fn matmul_decode(&self, x: &[f32]) -> Vec<f32> {
         self.matmul_with_quantized_up_to(x, DECODE_QUANTIZED_PATH_MAX_ROWS)
     }
