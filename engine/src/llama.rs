@@ -513,9 +513,10 @@ impl Linear {
         let names: Vec<&str> = parts.iter().map(|(n, _)| n.as_str()).collect();
         let parts = parts
             .iter()
-            .map(|(n, [rows, cols])| file.matrix(n, *rows, *cols))
-            .collect::<Result<Vec<_>, _>>()?;
-        let weight = QMatrix::concat_rows(&parts).ok_or_else(|| EngineError::BadTensor(format!("{names:?} differ in type or width")))?;
+            .map(|(n, [rows, cols])| Ok((file.matrix_bytes(n, *rows, *cols)?, *rows, *cols)))
+            .collect::<Result<Vec<_>, EngineError>>()?;
+        let parts: Vec<_> = parts.iter().map(|&((ty, bytes), rows, cols)| (ty, rows, cols, bytes)).collect();
+        let weight = QMatrix::try_stacked_from_gguf(&parts).map_err(|e| EngineError::BadTensor(format!("{names:?}: {e}")))?;
         Self::new(weight, backend, device)
     }
 
@@ -814,6 +815,12 @@ impl ModelFile<'_> {
 
     /// The 2-D tensor `name`, which must be `rows × cols` (in GGUF's order: `[cols, rows]`).
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<QMatrix, EngineError> {
+        let (ty, bytes) = self.matrix_bytes(name, rows, cols)?;
+        QMatrix::try_from_gguf(ty, rows, cols, bytes).map_err(|e| EngineError::BadTensor(format!("{name}: {e}")))
+    }
+
+    /// The type and bytes of the 2-D tensor `name`, which must be `rows × cols`.
+    fn matrix_bytes(&self, name: &str, rows: usize, cols: usize) -> Result<(crate::gguf::TensorType, &[u8]), EngineError> {
         let t = self.gguf.tensor(name)?;
         if t.dims[..] != [cols as u64, rows as u64] {
             return Err(EngineError::BadTensor(format!(
@@ -821,7 +828,7 @@ impl ModelFile<'_> {
                 t.dims
             )));
         }
-        QMatrix::try_from_gguf(t.ty, rows, cols, self.tensor_bytes(t)?).map_err(|e| EngineError::BadTensor(format!("{name}: {e}")))
+        Ok((t.ty, self.tensor_bytes(t)?))
     }
 
     /// The F32/F16 vector `name`, which must hold `len` values.

@@ -268,6 +268,23 @@ impl QMatrix {
         })
     }
 
+    /// Repacks several GGUF matrices of one type and width (`(type, rows, cols, bytes)` each)
+    /// stacked along their rows, like [`concat_rows`](Self::concat_rows): all in one layout,
+    /// tiles only where every part holds whole tiles.
+    pub fn try_stacked_from_gguf(parts: &[(TensorType, usize, usize, &[u8])]) -> Result<Self, String> {
+        let preferred = Layout::preferred();
+        let layout = if parts.iter().all(|&(ty, rows, ..)| preferred.for_matrix(ty, rows) == Layout::Tiles) {
+            Layout::Tiles
+        } else {
+            Layout::Rows
+        };
+        let parts = parts
+            .iter()
+            .map(|&(ty, rows, cols, bytes)| Self::repack(ty, rows, cols, bytes, layout))
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::concat_rows(&parts).ok_or_else(|| "the stacked matrices differ in type or width".to_string())
+    }
+
     /// Stacks matrices with the same encoding and width on top of each other, so that one
     /// kernel launch computes several projections of the same input (Q, K and V; gate and up).
     pub fn concat_rows(parts: &[QMatrix]) -> Option<QMatrix> {
@@ -1178,6 +1195,14 @@ mod tests {
                     .collect();
                 let stacked = QMatrix::concat_rows(&tiles).unwrap();
                 assert_eq!(stacked.dequantize(), tiled.dequantize(), "{ty:?} stacked");
+                // Parts of 16 and 8 rows: one layout for both (rows), whatever this CPU prefers.
+                let (a, b) = bytes.split_at(bytes.len() / 2);
+                let mixed = QMatrix::try_stacked_from_gguf(&[(ty, TILE, cols, a), (ty, TILE / 2, cols, &b[..b.len() / 2])]).unwrap();
+                assert_eq!(
+                    mixed.dequantize(),
+                    dequantize(ty, &bytes[..bytes.len() * 3 / 4]),
+                    "{ty:?} 16 + 8 rows"
+                );
                 if tile_kernels {
                     for n in [1, 3] {
                         let x = pseudo_random(n * cols, 13 + n as u32);
