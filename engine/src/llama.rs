@@ -513,9 +513,8 @@ impl Linear {
         let names: Vec<&str> = parts.iter().map(|(n, _)| n.as_str()).collect();
         let parts = parts
             .iter()
-            .map(|(n, [rows, cols])| Ok((file.matrix_bytes(n, *rows, *cols)?, *rows, *cols)))
-            .collect::<Result<Vec<_>, EngineError>>()?;
-        let parts: Vec<_> = parts.iter().map(|&((ty, bytes), rows, cols)| (ty, rows, cols, bytes)).collect();
+            .map(|(n, [rows, cols])| file.matrix_bytes(n, *rows, *cols).map(|(ty, bytes)| (ty, *rows, *cols, bytes)))
+            .collect::<Result<Vec<_>, _>>()?;
         let weight = QMatrix::try_stacked_from_gguf(&parts).map_err(|e| EngineError::BadTensor(format!("{names:?}: {e}")))?;
         Self::new(weight, backend, device)
     }
@@ -1012,7 +1011,7 @@ impl Llama {
             let step = (!self.fused(tokens.len(), caches)).then(|| BatchStep::new(&self.rope, caches, &self.device));
             let pass = Pass::Batch { step, caches };
             let x = without_waiting(self.residual(tokens, pass, self.config.n_layer - 1, between))?;
-            Ok(self.output.forward_decode(self.output_norm.forward(x)))
+            Ok(self.head_decode(x))
         })
     }
 
@@ -1084,6 +1083,11 @@ impl Llama {
     /// The logits for the final residual `x` (`[seq, n_embd]` → `[seq, vocab]`).
     fn head(&self, x: Tensor<2>) -> Tensor<2> {
         self.output.forward(self.output_norm.forward(x))
+    }
+
+    /// [`head`](Self::head) for one row per sequence of a decode step.
+    fn head_decode(&self, x: Tensor<2>) -> Tensor<2> {
+        self.output.forward_decode(self.output_norm.forward(x))
     }
 
     /// The logits that residual-stream `directions` (`[rows, n_embd]`) add through the final
