@@ -112,6 +112,12 @@ pub enum LoadEvent {
         /// Every file came from Cache Storage.
         cached: bool,
     },
+    /// The SAE and the atlas are in too, `seconds` after the load began.
+    FeaturesReady {
+        seconds: f64,
+    },
+    /// Chat works, but the SAE or the atlas could not be loaded.
+    FeaturesFailed(String),
     Failed(String),
 }
 
@@ -266,6 +272,8 @@ fn handle_worker_message(message: FromWorker, pending: &Rc<RefCell<HashMap<u64, 
             seconds,
             cached,
         }),
+        FromWorker::FeaturesReady { seconds } => on_load(LoadEvent::FeaturesReady { seconds }),
+        FromWorker::FeaturesFailed { message } => on_load(LoadEvent::FeaturesFailed(message)),
         FromWorker::LoadError { message } => on_load(LoadEvent::Failed(message)),
         FromWorker::Step { id, step, of, what } => {
             let listener = match pending.borrow().get(&id) {

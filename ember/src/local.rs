@@ -31,6 +31,7 @@ use kindling_engine::{
     AtlasError, CancelToken, EngineError, FinishReason, GeneratedToken, Interrupt, Model, ResidualHook, SamplingParams, TokenStream,
 };
 use serde_json::Value;
+use std::sync::OnceLock;
 
 pub use controller::read_controller;
 
@@ -281,55 +282,24 @@ pub struct ChatPlan {
 
 // ---------------------------------------------------------------------------------------
 
-/// The model, SAE and atlas of one service, and the Ember operations on them.
-pub struct Ember {
-    pub model: Model,
-    pub sae: Sae,
-    pub atlas: Atlas,
-    /// The model name requests must carry.
-    pub name: String,
-    pub limits: Limits,
+/// The SAE, its atlas, and what derives from them: everything feature-related an [`Ember`]
+/// serves. The page's worker attaches it after the model, so chat starts sooner.
+struct FeatureSet {
+    sae: Sae,
+    atlas: Atlas,
     units: Units,
     ids: FeatureIds,
 }
 
-impl Ember {
-    pub fn new(model: Model, sae: Sae, atlas: Atlas, name: impl Into<String>) -> Self {
+impl FeatureSet {
+    fn new(sae: Sae, atlas: Atlas) -> Self {
         let units = Units::new(&sae, atlas.units());
         let ids = FeatureIds::new(atlas.sae_sha256());
-        Self {
-            model,
-            sae,
-            atlas,
-            name: name.into(),
-            limits: Limits::default(),
-            units,
-            ids,
-        }
-    }
-
-    pub fn feature_ids(&self) -> &FeatureIds {
-        &self.ids
-    }
-
-    /// Each latent's activation and steering units.
-    pub fn units(&self) -> &Units {
-        &self.units
+        Self { sae, atlas, units, ids }
     }
 
     fn d_sae(&self) -> usize {
         self.atlas.d_sae()
-    }
-
-    fn check_model(&self, model: &str) -> Result<(), EmberError> {
-        if model == self.name {
-            Ok(())
-        } else {
-            Err(EmberError::UnknownModel {
-                found: model.to_string(),
-                serves: self.name.clone(),
-            })
-        }
     }
 
     fn label(&self, feature: u32) -> String {
@@ -362,11 +332,88 @@ impl Ember {
         .to_goodfire()
     }
 
+    /// The latent a feature id names (dashed or 32-hex UUID of this SAE).
+    fn parse_id(&self, id: &str) -> Result<u32, EmberError> {
+        self.ids
+            .parse(id)
+            .filter(|&f| (f as usize) < self.d_sae())
+            .ok_or_else(|| EmberError::Invalid(format!("{id:?} is not a feature id of this SAE")))
+    }
+}
+
+/// The model, SAE and atlas of one service, and the Ember operations on them.
+///
+/// The SAE and atlas may come later than the model ([`Ember::model_only`], then
+/// [`Ember::attach_features`]): until then, requests that need them are
+/// [`EmberError::Unavailable`] and plain chat works.
+pub struct Ember {
+    pub model: Model,
+    features: OnceLock<FeatureSet>,
+    /// The model name requests must carry.
+    pub name: String,
+    pub limits: Limits,
+}
+
+impl Ember {
+    pub fn new(model: Model, sae: Sae, atlas: Atlas, name: impl Into<String>) -> Self {
+        let ember = Self::model_only(model, name);
+        ember.attach_features(sae, atlas);
+        ember
+    }
+
+    /// An Ember that serves chat without steering until [`attach_features`](Self::attach_features).
+    pub fn model_only(model: Model, name: impl Into<String>) -> Self {
+        Self {
+            model,
+            features: OnceLock::new(),
+            name: name.into(),
+            limits: Limits::default(),
+        }
+    }
+
+    /// Adds the SAE and the atlas (once: a second call changes nothing and returns false).
+    pub fn attach_features(&self, sae: Sae, atlas: Atlas) -> bool {
+        self.features.set(FeatureSet::new(sae, atlas)).is_ok()
+    }
+
+    /// Whether the SAE and the atlas are attached.
+    pub fn has_features(&self) -> bool {
+        self.features.get().is_some()
+    }
+
+    fn features(&self) -> Result<&FeatureSet, EmberError> {
+        self.features
+            .get()
+            .ok_or_else(|| EmberError::Unavailable("the SAE and the feature atlas are still loading".into()))
+    }
+
+    /// Feature ids of this SAE (`None` until the SAE is attached).
+    pub fn feature_ids(&self) -> Option<&FeatureIds> {
+        self.features.get().map(|f| &f.ids)
+    }
+
+    /// Each latent's activation and steering units (`None` until the SAE is attached).
+    pub fn units(&self) -> Option<&Units> {
+        self.features.get().map(|f| &f.units)
+    }
+
+    fn check_model(&self, model: &str) -> Result<(), EmberError> {
+        if model == self.name {
+            Ok(())
+        } else {
+            Err(EmberError::UnknownModel {
+                found: model.to_string(),
+                serves: self.name.clone(),
+            })
+        }
+    }
+
     fn index(&self, i: i64) -> Result<u32, EmberError> {
+        let d_sae = self.features()?.d_sae();
         u32::try_from(i)
             .ok()
-            .filter(|&f| (f as usize) < self.d_sae())
-            .ok_or_else(|| EmberError::Invalid(format!("feature index {i} does not exist (the SAE has {} latents)", self.d_sae())))
+            .filter(|&f| (f as usize) < d_sae)
+            .ok_or_else(|| EmberError::Invalid(format!("feature index {i} does not exist (the SAE has {d_sae} latents)")))
     }
 
     fn indices(&self, list: &[i64]) -> Result<Vec<u32>, EmberError> {
@@ -387,19 +434,11 @@ impl Ember {
             .ok_or_else(|| EmberError::Invalid(format!("top_k must be between 1 and {}, got {k}", self.limits.max_top_k)))
     }
 
-    /// The latent a feature id names (dashed or 32-hex UUID of this SAE).
-    pub fn parse_id(&self, id: &str) -> Result<u32, EmberError> {
-        self.ids
-            .parse(id)
-            .filter(|&f| (f as usize) < self.d_sae())
-            .ok_or_else(|| EmberError::Invalid(format!("{id:?} is not a feature id of this SAE")))
-    }
-
     /// The variant a request's `controller` describes (the base model without one).
     pub fn variant(&self, controller: Option<&Value>) -> Result<Variant, EmberError> {
         match controller {
             None | Some(Value::Null) => Ok(Variant::new(self.name.clone())),
-            Some(c @ Value::Object(_)) => Ok(read_controller(&self.name, c, self.d_sae())?),
+            Some(c @ Value::Object(_)) => Ok(read_controller(&self.name, c, self.features()?.d_sae())?),
             Some(other) => Err(EmberError::Invalid(format!("\"controller\" must be an object, found {other}"))),
         }
     }
@@ -474,7 +513,8 @@ impl Ember {
         if variant.is_base() {
             return Ok(None);
         }
-        Ok(Some(Steer::new(&self.sae, &self.units, variant.clone())?))
+        let fs = self.features()?;
+        Ok(Some(Steer::new(&fs.sae, &fs.units, variant.clone())?))
     }
 
     // --- chat -----------------------------------------------------------------------------
@@ -488,6 +528,7 @@ impl Ember {
         on_step: Option<kindling_engine::autosteer::OnStep>,
     ) -> Result<AutoEdits, EmberError> {
         self.check_model(&request.model)?;
+        let fs = self.features()?;
         let spec = specification(&request.specification)?;
         // Within the SDK's 60 s timeout, on a busy 2-core machine too.
         let opts = AutoSteerOptions {
@@ -496,8 +537,8 @@ impl Ember {
             on_step,
             ..AutoSteerOptions::default()
         };
-        let found = auto_steer(&self.model, &self.sae, &self.atlas, spec, &opts)?;
-        let edits = found.edits.iter().map(|e| (self.feature_out(e.feature, None), e.value)).collect();
+        let found = auto_steer(&self.model, &fs.sae, &fs.atlas, spec, &opts)?;
+        let edits = found.edits.iter().map(|e| (fs.feature_out(e.feature, None), e.value)).collect();
         // Why it chose what it chose (Kindling's fields; the SDK reads only `edits`): every
         // trial, best first, and the tokens it counted as the concept's.
         let trials = found
@@ -509,7 +550,7 @@ impl Ember {
                     .iter()
                     .map(|e| TrialEdit {
                         index_in_sae: e.feature,
-                        label: self.label(e.feature),
+                        label: fs.label(e.feature),
                         value: e.value,
                     })
                     .collect(),
@@ -676,6 +717,7 @@ impl Provider for Ember {
     /// most likely first.
     fn compute_logits(&self, request: &LogitsRequest, cancel: &CancelToken) -> Result<LogitsResponse, EmberError> {
         self.check_model(&request.model)?;
+        let fs = self.features()?;
         let tokens = self.continuation_tokens(&self.messages(&request.messages)?)?;
         let variant = self.variant(request.controller.as_ref())?;
         let k = self.top_k(request.top_k)?.min(self.model.llama.config().vocab_size);
@@ -691,9 +733,9 @@ impl Provider for Ember {
                     .collect::<Result<Vec<_>, _>>()?,
             ),
         };
-        let steered = (!variant.is_base()).then_some((&variant, &self.units));
+        let steered = (!variant.is_base()).then_some((&variant, &fs.units));
         cancel.check()?;
-        let next = next_tokens(&self.model, &self.sae, &tokens, steered, k, only.as_deref())?;
+        let next = next_tokens(&self.model, &fs.sae, &tokens, steered, k, only.as_deref())?;
         let mut logits: Vec<(String, f32)> = Vec::with_capacity(next.len());
         for t in next {
             if !logits.iter().any(|(text, _)| *text == t.text) {
@@ -710,15 +752,17 @@ impl Provider for Ember {
     /// `GET features/search` (the model defaults to this one).
     fn search(&self, request: &SearchQuery) -> Result<Features, EmberError> {
         self.check_model(request.model.as_deref().unwrap_or(&self.name))?;
+        let fs = self.features()?;
         let k = self.top_k(request.top_k)?.min(100);
         Ok(Features {
-            features: self.hits_out(self.atlas.search(&request.query, k)),
+            features: fs.hits_out(fs.atlas.search(&request.query, k)),
         })
     }
 
     /// `POST features/rerank`.
     fn rerank(&self, request: &RerankRequest) -> Result<Features, EmberError> {
         self.check_model(&request.model)?;
+        let fs = self.features()?;
         if request.feature_ids.len() > self.limits.max_features {
             return Err(EmberError::Invalid(format!(
                 "{} feature ids, at most {}",
@@ -729,17 +773,18 @@ impl Provider for Ember {
         let features = request
             .feature_ids
             .iter()
-            .map(|id| self.parse_id(id))
+            .map(|id| fs.parse_id(id))
             .collect::<Result<Vec<_>, _>>()?;
-        let hits = self.atlas.rerank(&features, &request.query, self.top_k(request.top_k)?)?;
+        let hits = fs.atlas.rerank(&features, &request.query, self.top_k(request.top_k)?)?;
         Ok(Features {
-            features: self.hits_out(hits),
+            features: fs.hits_out(hits),
         })
     }
 
     /// `GET features/?feature_id=...`: the features these ids name (ids of another SAE are
     /// left out, as the SDK expects; malformed ids are an error).
     fn list(&self, request: &ListQuery) -> Result<Features, EmberError> {
+        let fs = self.features()?;
         let ids = &request.feature_ids;
         if ids.len() > self.limits.max_features {
             return Err(EmberError::Invalid(format!(
@@ -754,8 +799,8 @@ impl Provider for Ember {
             if hex.len() != 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
                 return Err(EmberError::Invalid(format!("{id:?} is not a UUID")));
             }
-            if let Ok(f) = self.parse_id(id) {
-                out.push(self.feature_out(f, None));
+            if let Ok(f) = fs.parse_id(id) {
+                out.push(fs.feature_out(f, None));
             }
         }
         Ok(Features { features: out })
@@ -764,6 +809,7 @@ impl Provider for Ember {
     /// `POST features/lookup`.
     fn lookup(&self, request: &LookupRequest) -> Result<Lookup, EmberError> {
         self.check_model(&request.model)?;
+        let fs = self.features()?;
         let features = self.indices(&request.indices)?;
         // Beside each feature, what one value of the old steering unit is in the current one:
         // the page converts variants saved before unit 2 with it (a Kindling field; the SDK
@@ -771,8 +817,8 @@ impl Provider for Ember {
         let features = features
             .iter()
             .map(|&f| LookedUp {
-                feature: self.goodfire_feature(f),
-                strength_per_unit_1: self.units.from_version_1(f, 1.0),
+                feature: fs.goodfire_feature(f),
+                strength_per_unit_1: fs.units.from_version_1(f, 1.0),
             })
             .collect();
         Ok(Lookup {
@@ -784,12 +830,13 @@ impl Provider for Ember {
     /// `POST attributions/neighbors`: by decoder cosine to the group's centroid.
     fn neighbors(&self, request: &NeighborsRequest) -> Result<Neighbors, EmberError> {
         self.check_model(&request.model)?;
+        let fs = self.features()?;
         let group = self.indices(&request.feature_indices)?;
         if group.is_empty() {
             return Err(EmberError::Invalid("feature_indices is empty".into()));
         }
-        let hits = self.atlas.neighbors(&self.sae, &group, self.top_k(request.top_k)?)?;
-        let out: Vec<FeatureOut> = hits.into_iter().map(|h| self.feature_out(h.feature, None)).collect();
+        let hits = fs.atlas.neighbors(&fs.sae, &group, self.top_k(request.top_k)?)?;
+        let out: Vec<FeatureOut> = hits.into_iter().map(|h| fs.feature_out(h.feature, None)).collect();
         Ok(Neighbors { neighbors: out })
     }
 
@@ -798,13 +845,14 @@ impl Provider for Ember {
     /// max-activation units) and its nearest neighbours by decoder direction.
     fn dashboard(&self, request: &DashboardRequest) -> Result<Dashboard, EmberError> {
         self.check_model(&request.model)?;
-        let feature = self.parse_id(&request.feature_id)?;
-        let info = self.atlas.feature(feature)?;
-        let unit = self.units.activation[feature as usize];
+        let fs = self.features()?;
+        let feature = fs.parse_id(&request.feature_id)?;
+        let info = fs.atlas.feature(feature)?;
+        let unit = fs.units.activation[feature as usize];
         let text = |id: TokenId| self.model.tokenizer.decode(&[id], false).unwrap_or_default();
         let tokens =
             |list: &[(TokenId, f32)]| -> Vec<TokenValue> { list.iter().map(|&(t, value)| TokenValue { token: text(t), value }).collect() };
-        let contexts: Vec<ContextOut> = match self.atlas.contexts(feature) {
+        let contexts: Vec<ContextOut> = match fs.atlas.contexts(feature) {
             Ok(list) => list
                 .into_iter()
                 .map(|c| ContextOut {
@@ -814,14 +862,14 @@ impl Provider for Ember {
                 .collect(),
             Err(_) => Vec::new(),
         };
-        let neighbors: Vec<FeatureOut> = self
+        let neighbors: Vec<FeatureOut> = fs
             .atlas
-            .neighbors(&self.sae, &[feature], 8)?
+            .neighbors(&fs.sae, &[feature], 8)?
             .into_iter()
-            .map(|h| self.feature_out(h.feature, Some(h.score)))
+            .map(|h| fs.feature_out(h.feature, Some(h.score)))
             .collect();
         Ok(Dashboard {
-            feature: self.feature_out(feature, None),
+            feature: fs.feature_out(feature, None),
             label_source: wire_name(&info.label_source),
             label_score: info.label_score,
             density: info.density,
@@ -839,6 +887,7 @@ impl Provider for Ember {
     /// with its active features (strongest first, in max-activation units).
     fn compute_features(&self, request: &ComputeFeaturesRequest, cancel: &CancelToken) -> Result<TokenFeatures, EmberError> {
         self.check_model(&request.model)?;
+        let fs = self.features()?;
         let messages = self.messages(&request.messages)?;
         let variant = self.variant(request.controller.as_ref())?;
         let only = match &request.include_feature_indexes {
@@ -849,14 +898,14 @@ impl Provider for Ember {
             None => None,
         };
         let tokens = self.conversation_tokens(&messages)?;
-        let steered = (!variant.is_base()).then_some((&variant, &self.units));
-        let inspection = Inspection::run_cancellable(&self.model, &self.sae, &tokens, steered, cancel)?;
+        let steered = (!variant.is_base()).then_some((&variant, &fs.units));
+        let inspection = Inspection::run_cancellable(&self.model, &fs.sae, &tokens, steered, cancel)?;
         let mut out = Vec::with_capacity(tokens.len());
         for (&token, features) in inspection.tokens.iter().zip(&inspection.features) {
             let mut attributions: Vec<(u32, f32)> = features
                 .iter()
                 .filter(|&&(f, _)| only.as_ref().is_none_or(|o| o.contains(&f)))
-                .map(|&(f, a)| (f, a / self.units.activation[f as usize]))
+                .map(|&(f, a)| (f, a / fs.units.activation[f as usize]))
                 .collect();
             attributions.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
             out.push(TokenActivations {
@@ -864,7 +913,7 @@ impl Provider for Ember {
                 attributions: attributions
                     .into_iter()
                     .map(|(f, a)| Activation {
-                        id: self.ids.uuid(f),
+                        id: fs.ids.uuid(f),
                         index_in_sae: f,
                         activation_strength: a,
                     })
@@ -879,6 +928,7 @@ impl Provider for Ember {
     /// [`Limits::max_contrast_tokens`] in all, stopped after [`Limits::contrast_budget`].
     fn contrast(&self, request: &ContrastRequest, cancel: &CancelToken) -> Result<Contrast, EmberError> {
         self.check_model(&request.model)?;
+        let fs = self.features()?;
         let (a, b) = (&request.dataset_1, &request.dataset_2);
         if a.is_empty() || a.len() != b.len() || a.len() > self.limits.max_conversations {
             return Err(EmberError::Invalid(format!(
@@ -908,11 +958,11 @@ impl Provider for Ember {
         let (a, b) = (read(a)?, read(b)?);
         let k = self.top_k(request.k_to_add.max(request.k_to_remove))?;
         let interrupt = Interrupt::new(cancel.clone()).with_budget(self.limits.contrast_budget);
-        let (ones, twos) = kindling_engine::contrast(&self.model, &self.sae, &a, &b, &self.units.activation, k, &interrupt)?;
+        let (ones, twos) = kindling_engine::contrast(&self.model, &fs.sae, &a, &b, &fs.units.activation, k, &interrupt)?;
         let out = |list: Vec<(u32, f32)>, k: i64| -> Vec<FeatureOut> {
             list.into_iter()
                 .take(k.max(0) as usize)
-                .map(|(f, _)| self.feature_out(f, None))
+                .map(|(f, _)| fs.feature_out(f, None))
                 .collect()
         };
         Ok(Contrast {
@@ -929,11 +979,12 @@ impl Provider for Ember {
     /// `POST features/auto-conditional`.
     fn auto_conditional(&self, request: &SpecificationRequest, cancel: &CancelToken) -> Result<replies::AutoConditional, EmberError> {
         self.check_model(&request.model)?;
+        let fs = self.features()?;
         let spec = specification(&request.specification)?;
-        let found = auto_conditional(&self.model, &self.sae, &self.atlas, spec, cancel)?
+        let found = auto_conditional(&self.model, &fs.sae, &fs.atlas, spec, cancel)?
             .ok_or_else(|| EmberError::Invalid(format!("no feature matches {spec:?}")))?;
         let group = |features: &[u32]| FeatureGroup {
-            features: features.iter().map(|&f| self.goodfire_feature(f)).collect(),
+            features: features.iter().map(|&f| fs.goodfire_feature(f)).collect(),
         };
         let conditionals = found
             .condition
@@ -943,7 +994,7 @@ impl Provider for Ember {
                 left_hand: group(left),
                 right_hand: match right {
                     Operand::Number(n) => RightHand::Number(*n),
-                    Operand::Group(g) => RightHand::Feature(self.goodfire_feature(g[0])),
+                    Operand::Group(g) => RightHand::Feature(fs.goodfire_feature(g[0])),
                 },
                 operator: wire_name(op),
             })
@@ -957,7 +1008,7 @@ impl Provider for Ember {
             // on the texts about the description and on plain ones, in activation units.
             measured: Measured {
                 feature: found.feature,
-                label: self.label(found.feature),
+                label: fs.label(found.feature),
                 threshold: found.threshold,
                 on_topic: found.on_topic,
                 plain: found.plain,
@@ -971,6 +1022,7 @@ impl Provider for Ember {
     /// ([`kindling_engine::attribution`]). `value` is the logit drop; `tokens` lists where the
     /// feature is active before the token.
     fn attribute(&self, request: &AttributionRequest, cancel: &CancelToken) -> Result<LogitAttribution, EmberError> {
+        let fs = self.features()?;
         const CANDIDATES: usize = 16;
         self.check_model(&request.model)?;
         let messages = self.messages(&request.messages)?;
@@ -990,19 +1042,11 @@ impl Provider for Ember {
                 "attribution covers one token: endIndex must equal startIndex".into(),
             ));
         }
-        let found = logit_attribution(
-            &self.model,
-            &self.sae,
-            &self.units,
-            &tokens[..index],
-            tokens[index],
-            CANDIDATES,
-            cancel,
-        )?;
+        let found = logit_attribution(&self.model, &fs.sae, &fs.units, &tokens[..index], tokens[index], CANDIDATES, cancel)?;
         let to_ablate = found
             .into_iter()
             .map(|a| Ablation {
-                id: self.ids.uuid(a.feature),
+                id: fs.ids.uuid(a.feature),
                 value: a.drop,
                 tokens: a
                     .active

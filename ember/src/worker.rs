@@ -45,11 +45,22 @@ pub enum FromWorker {
         #[serde(default)]
         cached: bool,
     },
+    /// The model is loaded: chat works. The SAE and the atlas follow ([`FromWorker::FeaturesReady`]);
+    /// a request that needs them meanwhile waits for them.
     Ready {
         backend: String,
         model: String,
         cached: bool,
         seconds: f64,
+    },
+    /// The SAE and the atlas are attached too (`seconds` since the load began): every route works.
+    FeaturesReady {
+        seconds: f64,
+    },
+    /// The SAE or the atlas could not be loaded: chat goes on without steering, and requests
+    /// that need them fail with `message`.
+    FeaturesFailed {
+        message: String,
     },
     LoadError {
         message: String,
@@ -186,6 +197,8 @@ mod tests {
                 total: 2.0,
                 cached: false,
             },
+            FromWorker::FeaturesReady { seconds: 1.5 },
+            FromWorker::FeaturesFailed { message: "damaged".into() },
         ] {
             assert_eq!(FromWorker::from_text(&message.to_text()), Some(message));
         }

@@ -692,11 +692,11 @@ mod simd128 {
     /// block `i` of a row.
     fn scaled_sum_x4(d: [&[f32]; 4], x: &ActivationsQ8, block: impl Fn(usize, usize, [[v128; 2]; 2]) -> v128) -> [f32; 4] {
         let mut acc = [f32x4_splat(0.0); 4];
-        for i in 0..x.d.len() {
+        for (i, &x_d) in x.d.iter().enumerate() {
             let xs = activations(x, i);
-            for r in 0..4 {
+            for (r, acc) in acc.iter_mut().enumerate() {
                 let lanes = f32x4_convert_i32x4(block(r, i, xs));
-                acc[r] = f32x4_add(acc[r], f32x4_mul(lanes, f32x4_splat(d[r][i] * x.d[i])));
+                *acc = f32x4_add(*acc, f32x4_mul(lanes, f32x4_splat(d[r][i] * x_d)));
             }
         }
         acc.map(|a| f32x4_extract_lane::<0>(a) + f32x4_extract_lane::<1>(a) + f32x4_extract_lane::<2>(a) + f32x4_extract_lane::<3>(a))

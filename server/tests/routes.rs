@@ -311,3 +311,56 @@ async fn with_keys_every_route_needs_one() {
         assert!(body["error"]["message"].as_str().unwrap().contains("API key"), "{route:?}");
     }
 }
+
+/// The page's worker serves chat before the SAE and the atlas are in (they load after the
+/// model): until they are attached, every route that needs them answers 503 and says why,
+/// while plain chat and tokenizing work; once attached, the same requests are served.
+#[tokio::test]
+async fn before_the_features_are_attached_feature_routes_are_unavailable_and_chat_works() {
+    let model = Model::load(format!("{ROOT}/public/models/SmolLM2-135M-Instruct.Q4_1.gguf"), Backend::Cpu).unwrap();
+    let ember = std::sync::Arc::new(Ember::model_only(model, MODEL_NAME));
+    let app = || {
+        router(AppState::with_backend(
+            kindling_server::Backend::Local(ember.clone()),
+            Settings::default(),
+        ))
+    };
+    let needs_features = [
+        Route::ComputeLogits,
+        Route::ComputeFeatures,
+        Route::Contrast,
+        Route::Rerank,
+        Route::Lookup,
+        Route::Dashboard,
+        Route::AutoEdits,
+        Route::AutoConditional,
+        Route::Neighbors,
+        Route::LogitAttribution,
+    ];
+    for route in needs_features {
+        let (status, body) = call(app(), post_json(route, valid_body(route, MODEL_NAME))).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{route:?}: {body}");
+        assert!(body.to_string().contains("still loading"), "{route:?}: {body}");
+    }
+    let search = format!("{API_PREFIX}/features/search?query=food&perPage=2");
+    assert_eq!(call(app(), get(&search)).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    for route in [Route::ChatCompletions, Route::Tokenize] {
+        let (status, body) = call(app(), post_json(route, valid_body(route, MODEL_NAME))).await;
+        assert_eq!(status, StatusCode::OK, "{route:?}: {body}");
+    }
+    // A controller needs the SAE.
+    let mut steered = valid_body(Route::ChatCompletions, MODEL_NAME);
+    steered["controller"] = json!({ "name": "v", "interventions": [] });
+    assert_eq!(
+        call(app(), post_json(Route::ChatCompletions, steered)).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+
+    let sae = Sae::from_compact(&std::fs::read(format!("{ROOT}/public/sae/kindling-sae.f16.safetensors")).unwrap()).unwrap();
+    let atlas = Atlas::load_dir(std::path::Path::new(&format!("{ROOT}/public/atlas")), &sae, true).unwrap();
+    assert!(ember.attach_features(sae.clone(), atlas.clone()));
+    assert!(!ember.attach_features(sae, atlas), "attached once");
+    assert_eq!(call(app(), get(&search)).await.0, StatusCode::OK);
+    let (status, body) = call(app(), post_json(Route::Lookup, valid_body(Route::Lookup, MODEL_NAME))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}

@@ -292,6 +292,27 @@ test('a share link restores the same variant in a fresh page; a tampered one cha
 test('a reload starts from the browser cache', async () => {
   const again = await open(context);
   assert.match(await notices(again), /from this browser's cache/);
+  // The model is kept once, in the origin-private file system under the manifest's sha256
+  // (read from there in one call), not in Cache Storage as well.
+  const stored = await again.evaluate(async () => {
+    const dir = await navigator.storage.getDirectory();
+    const file = async (name) => (await dir.getFileHandle(name)).getFile();
+    const manifest = await (await fetch('sae/manifest.json')).json();
+    const cached = await (await caches.open('kindling-assets-v1')).keys();
+    return {
+      sha: await (await file('model.gguf.sha256')).text(),
+      size: (await file('model.gguf')).size,
+      expected: manifest.config.metadata.model_sha256,
+      alsoInCacheStorage: cached.some((r) => r.url.endsWith('.gguf') || r.url.includes('.gguf?')),
+    };
+  });
+  assert.equal(stored.sha, stored.expected);
+  assert.ok(stored.size > 50_000_000, `the stored model is ${stored.size} bytes`);
+  assert.equal(stored.alsoInCacheStorage, false);
+  // Chat is ready first; the SAE and the atlas follow.
+  await again.waitForFunction(() => document.querySelector('[data-testid=backend]')?.dataset.features === 'ready',
+    null, { timeout: LOAD_TIMEOUT, polling: 100 });
+  assert.match(await notices(again), /Model and features ready/);
   await again.close();
 });
 

@@ -210,6 +210,8 @@ pub fn Connection() -> impl IntoView {
     let downloads = RwSignal::new(Vec::<Download>::new());
     // What runs now, for the indicator: "CPU", "WebGPU", "hosted", or a state.
     let running = RwSignal::new(String::from("not started"));
+    // Whether the local engine's SAE and atlas are in ("loading" while only chat works).
+    let features = RwSignal::new("loading");
     let gpu_found = RwSignal::new(None::<Adapter>);
     let engine = StoredValue::new_local(None::<Rc<LocalEngine>>);
 
@@ -236,6 +238,8 @@ pub fn Connection() -> impl IntoView {
             }),
         }),
         LoadEvent::Build(build) => {
+            // A worker's first message: a new load begins.
+            features.set("loading");
             // The page and its engine worker must be one deployment: a worker of another
             // build (a stale cache, a deploy during the load) is stopped, never talked to.
             match crate::client::page_build() {
@@ -274,7 +278,15 @@ pub fn Connection() -> impl IntoView {
             }
             downloads.set(Vec::new());
             let source = if cached { " (from this browser's cache)" } else { "" };
-            session.info(format!("Model ready in {seconds:.1} s{source}"));
+            session.info(format!("Model ready in {seconds:.1} s{source}; features loading"));
+        }
+        LoadEvent::FeaturesReady { seconds } => {
+            features.set("ready");
+            session.info(format!("Model and features ready in {seconds:.1} s"));
+        }
+        LoadEvent::FeaturesFailed(message) => {
+            features.set("failed");
+            session.error(format!("Chat works, but the features could not be loaded: {message}"));
         }
         LoadEvent::Failed(message) => {
             running.set("failed".into());
@@ -480,7 +492,7 @@ pub fn Connection() -> impl IntoView {
                     <option value="neuronpedia">"Neuronpedia (Llama-3.3-70B)"</option>
                 </select>
             </label>
-            <span class="indicator" data-testid="backend" title="Where the model runs now">
+            <span class="indicator" data-testid="backend" data-features=move || features.get() title="Where the model runs now">
                 {move || running.get()}
             </span>
             {move || {
