@@ -242,21 +242,30 @@ impl QMatrix {
         }
         let f16_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
         let chunks = || bytes.chunks_exact(ty.block_bytes());
+        // Each block's quants, gathered with one copy per block (a `flat_map` collect grows its
+        // vector byte by byte: most of the page's model build went there).
+        let quants = |at: std::ops::Range<usize>| {
+            let mut qs = Vec::with_capacity(bytes.len() / ty.block_bytes() * at.len());
+            for b in chunks() {
+                qs.extend_from_slice(&b[at.clone()]);
+            }
+            qs
+        };
         let blocks = match ty {
             _ if layout.for_matrix(ty, rows) == Layout::Tiles => tiles(ty, rows, cols, bytes),
             TensorType::Q4_1 => Blocks::Q4 {
                 d: chunks().map(|b| f16_at(b, 0)).collect(),
                 m: chunks().map(|b| f16_at(b, 2)).collect(),
-                qs: chunks().flat_map(|b| b[4..20].iter().copied()).collect(),
+                qs: quants(4..20),
             },
             TensorType::Q4_0 => Blocks::Q4 {
                 d: chunks().map(|b| f16_at(b, 0)).collect(),
                 m: chunks().map(|b| -8.0 * f16_at(b, 0)).collect(),
-                qs: chunks().flat_map(|b| b[2..18].iter().copied()).collect(),
+                qs: quants(2..18),
             },
             TensorType::Q8_0 => Blocks::Q8 {
                 d: chunks().map(|b| f16_at(b, 0)).collect(),
-                qs: chunks().flat_map(|b| b[2..34].iter().map(|&q| q as i8)).collect(),
+                qs: quants(2..34).into_iter().map(|q| q as i8).collect(),
             },
             TensorType::F32 | TensorType::F16 => Blocks::F32(dequantize(ty, bytes)),
         };
