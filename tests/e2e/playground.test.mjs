@@ -316,6 +316,35 @@ test('a reload starts from the browser cache', async () => {
   await again.close();
 });
 
+test('a stored model damaged on disk is downloaded again, then stored whole', async () => {
+  const first = await open(context);
+  // Zeroes the stored copy's first 4 KB (its GGUF header); its sha256 stays beside it.
+  await first.evaluate(async () => {
+    const dir = await navigator.storage.getDirectory();
+    const writable = await (await dir.getFileHandle('model.gguf')).createWritable({ keepExistingData: true });
+    await writable.write({ type: 'write', position: 0, data: new Uint8Array(4096) });
+    await writable.close();
+  });
+  await first.close();
+  const again = await open(context);
+  assert.doesNotMatch(await notices(again), /Loading failed/);
+  assert.doesNotMatch(await notices(again), /from this browser's cache/, 'the model was downloaded');
+  // Stored whole again (the offline test below reads it).
+  await again.waitForFunction(async () => {
+    const dir = await navigator.storage.getDirectory();
+    try {
+      const sha = await (await (await dir.getFileHandle('model.gguf.sha256')).getFile()).text();
+      const head = new Uint8Array(await (await (await dir.getFileHandle('model.gguf')).getFile()).slice(0, 4).arrayBuffer());
+      return sha.length === 64 && new TextDecoder().decode(head) === 'GGUF';
+    } catch {
+      return false;
+    }
+  }, null, { timeout: LOAD_TIMEOUT, polling: 250 });
+  await chat(again, 'Hi', { compare: false, maxTokens: 3 });
+  assert.ok((await lastReply(again, 'variant')).length > 0, 'a reply from the downloaded model');
+  await again.close();
+});
+
 test('offline, a reload still opens the playground, loads the model and replies', async () => {
   await context.setOffline(true);
   try {

@@ -220,7 +220,9 @@ mod worker {
         });
 
         let mut phases = Phases::new(started);
+        let mut stored_model = stored_model;
         let stored = stored_model.as_ref().and_then(|s| s.read(model_sha.as_deref()));
+        let from_opfs = stored.is_some();
         let start_features = match stored {
             Some(_) => Some(start_features),
             None => {
@@ -228,21 +230,34 @@ mod worker {
                 None
             }
         };
-        let model_bytes = match stored {
+        let model_url = url(MODEL_FILE);
+        let mut model_bytes = match stored {
             Some(bytes) => {
                 progress("model", bytes.len() as f64, bytes.len() as f64, true);
                 phases.mark("model file (OPFS)");
                 bytes
             }
             None => {
-                let bytes = fetch_model(&url(MODEL_FILE), model_sha, stored_model).await?;
+                let bytes = fetch_model(&model_url, model_sha.clone(), stored_model.take()).await?;
                 phases.mark("model file");
                 bytes
             }
         };
         progress("building the engine", 0.0, 0.0, false);
         let device = Backend::Cpu.device().map_err(|e| e.to_string())?;
-        let model = Model::from_bytes(&model_bytes, Backend::Cpu, &device).map_err(|e| format!("the model file: {e}"))?;
+        let model = match Model::from_bytes(&model_bytes, Backend::Cpu, &device) {
+            Ok(model) => model,
+            // The stored copy does not load (damaged on disk since it was checked): it is
+            // forgotten, and the model downloaded again.
+            Err(_) if from_opfs => {
+                if let Some(stored) = stored_model.take() {
+                    stored.forget().await;
+                }
+                model_bytes = fetch_model(&model_url, model_sha, opfs::StoredModel::open().await).await?;
+                Model::from_bytes(&model_bytes, Backend::Cpu, &device).map_err(|e| format!("the model file: {e}"))?
+            }
+            Err(e) => return Err(format!("the model file: {e}")),
+        };
         phases.mark("model");
         let gpu_model = if on_gpu { Some(gpu_model(&model_bytes).await?) } else { None };
         drop(model_bytes);
@@ -601,6 +616,14 @@ mod worker {
                     return None;
                 }
                 read_whole(self.access.as_ref()?)
+            }
+
+            /// Drops the stored copy: the next load downloads the model.
+            pub async fn forget(mut self) {
+                if let Some(access) = self.access.take() {
+                    access.close();
+                }
+                let _ = JsFuture::from(self.dir.remove_entry(MODEL_SHA)).await;
             }
 
             /// Replaces the stored model with `bytes` (a JS copy: it is written after this
