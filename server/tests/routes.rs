@@ -325,18 +325,11 @@ async fn before_the_features_are_attached_feature_routes_are_unavailable_and_cha
             Settings::default(),
         ))
     };
-    let needs_features = [
-        Route::ComputeLogits,
-        Route::ComputeFeatures,
-        Route::Contrast,
-        Route::Rerank,
-        Route::Lookup,
-        Route::Dashboard,
-        Route::AutoEdits,
-        Route::AutoConditional,
-        Route::Neighbors,
-        Route::LogitAttribution,
-    ];
+    // Every POST route but these needs the SAE or the atlas.
+    let model_only = [Route::ChatCompletions, Route::Tokenize, Route::ContrastiveDataset];
+    let needs_features = Route::ALL
+        .into_iter()
+        .filter(|r| r.method() == Method::Post && !model_only.contains(r));
     for route in needs_features {
         let (status, body) = call(app(), post_json(route, valid_body(route, MODEL_NAME))).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{route:?}: {body}");
@@ -344,6 +337,8 @@ async fn before_the_features_are_attached_feature_routes_are_unavailable_and_cha
     }
     let search = format!("{API_PREFIX}/features/search?query=food&perPage=2");
     assert_eq!(call(app(), get(&search)).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    let list = format!("{API_PREFIX}/features/?feature_id=00000000-0000-4000-8000-000000000001");
+    assert_eq!(call(app(), get(&list)).await.0, StatusCode::SERVICE_UNAVAILABLE);
     for route in [Route::ChatCompletions, Route::Tokenize] {
         let (status, body) = call(app(), post_json(route, valid_body(route, MODEL_NAME))).await;
         assert_eq!(status, StatusCode::OK, "{route:?}: {body}");
