@@ -46,6 +46,8 @@ mod worker {
         static FEATURES: RefCell<Option<FeaturesLoad>> = const { RefCell::new(None) };
         /// Streamed replies in progress (the features' build waits while there are any).
         static GENERATING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+        /// Told when the last streamed reply ends (what the features' build waits on).
+        static IDLE_WAITERS: RefCell<Vec<oneshot::Sender<()>>> = const { RefCell::new(Vec::new()) };
         static STREAMS: RefCell<HashMap<u64, CancelToken>> = RefCell::new(HashMap::new());
         /// Whether every file of this load came from Cache Storage.
         static ALL_CACHED: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
@@ -325,17 +327,17 @@ mod worker {
         result
     }
 
-    /// Goes back to the event loop, then on waiting while any reply is being generated;
-    /// returns how long it waited for replies (ms).
+    /// Goes back to the event loop, then waits while any reply is being generated (woken when
+    /// the last one ends, not by polling); returns how long it waited for replies (ms).
     async fn wait_while_generating() -> f64 {
-        let since = js_sys::Date::now();
         yield_to_event_loop().await;
-        let mut waited = 0.0;
+        let since = js_sys::Date::now();
         while GENERATING.get() > 0 {
-            yield_to_event_loop().await;
-            waited = js_sys::Date::now() - since;
+            let (tell, idle) = oneshot::channel();
+            IDLE_WAITERS.with(|w| w.borrow_mut().push(tell));
+            let _ = idle.await;
         }
-        waited
+        js_sys::Date::now() - since
     }
 
     /// Waits for the SAE and the atlas (after [`FromWorker::Ready`]; an error says why they
@@ -758,6 +760,11 @@ mod worker {
         .await;
         STREAMS.with(|s| s.borrow_mut().remove(&id));
         GENERATING.set(GENERATING.get() - 1);
+        if GENERATING.get() == 0 {
+            for tell in IDLE_WAITERS.with(|w| std::mem::take(&mut *w.borrow_mut())) {
+                let _ = tell.send(());
+            }
+        }
         result
     }
 
