@@ -8,6 +8,7 @@
 //! exported, imported and shared as a link.
 
 pub mod logic;
+pub mod map;
 
 // The UI and its glue: only for the browser (natively they would pull in a DOM for no use).
 #[cfg(target_arch = "wasm32")]

@@ -39,10 +39,10 @@ use crate::EmberError;
 use crate::ids::FeatureIds;
 use crate::replies::{
     self, Ablation, Activation, ActiveAt, AutoEdits, ChatCompletion, Choice, Conditionals, ContextOut, Contrast, ContrastiveDatasets,
-    Dashboard, FeatureGroup, Features, GoodfireFeature, LogitAttribution, LookedUp, Lookup, Measured, Neighbors, RightHand,
-    TokenActivations, TokenFeatures, TokenText, TokenValue, Tokens, TrialEdit, TrialOut, Usage,
+    Dashboard, FeatureGroup, Features, GoodfireFeature, LogitAttribution, LookedUp, Lookup, MapPoint, MapRegion, Measured, Neighbors,
+    RightHand, TokenActivations, TokenFeatures, TokenText, TokenValue, Tokens, TrialEdit, TrialOut, Usage,
 };
-use crate::routes::{ListQuery, Provider, SearchQuery};
+use crate::routes::{ListQuery, MapQuery, Provider, Route, SearchQuery};
 use crate::units;
 use crate::variant::FeatureRef;
 use crate::wire::*;
@@ -1105,6 +1105,47 @@ impl Provider for Ember {
             })
             .collect::<Result<Vec<_>, EmberError>>()?;
         Ok(Tokens { tokens })
+    }
+
+    /// `GET features/map` (Kindling's own).
+    fn feature_map(&self, request: &MapQuery) -> Result<replies::FeatureMap, EmberError> {
+        self.check_model(request.model.as_deref().unwrap_or(&self.name))?;
+        let fs = self.features()?;
+        let map = fs.atlas.map().ok_or_else(|| EmberError::Unsupported {
+            operation: Route::Map.path(),
+            provider: self.provider_name(),
+            why: "its atlas has no map.safetensors (scripts/build-map.sh makes one)".into(),
+        })?;
+        let round = |v: f32| (v * 1e4).round() / 1e4;
+        let regions = map
+            .regions
+            .iter()
+            .zip(map.region_centres())
+            .map(|(name, centre)| {
+                let (x, y) = centre.unwrap_or((0.5, 0.5));
+                MapRegion {
+                    name: name.clone(),
+                    x: round(x),
+                    y: round(y),
+                }
+            })
+            .collect();
+        let points = map
+            .points
+            .iter()
+            .enumerate()
+            .filter_map(|(index, point)| {
+                let p = point.as_ref()?;
+                Some(MapPoint {
+                    index_in_sae: index as u32,
+                    label: fs.label(index as u32),
+                    x: round(p.x),
+                    y: round(p.y),
+                    region: p.region,
+                })
+            })
+            .collect();
+        Ok(replies::FeatureMap { regions, points })
     }
 }
 

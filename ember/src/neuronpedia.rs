@@ -660,6 +660,7 @@ impl<T: Transport> Neuronpedia<T> {
             Route::LogitAttribution => "it has no attribution of logits to features",
             Route::ContrastiveDataset => "it does not generate datasets",
             Route::Tokenize => "it has no tokenizer endpoint",
+            Route::Map => "Kindling's feature map is of its own SAE, not Goodfire's",
         })
     }
 

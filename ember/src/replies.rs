@@ -115,6 +115,35 @@ pub struct Dashboard {
     pub neighbors: Vec<FeatureOut>,
 }
 
+/// `GET features/map` (Kindling's own): where each live feature sits on the Features tab's
+/// map (label meaning laid out in the unit square: related labels sit together), and the
+/// map's named regions. Positions are rounded to 10⁻⁴, finer than any screen shows them.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FeatureMap {
+    pub regions: Vec<MapRegion>,
+    pub points: Vec<MapPoint>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MapRegion {
+    pub name: String,
+    /// The centre of its points.
+    pub x: f32,
+    pub y: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MapPoint {
+    pub index_in_sae: u32,
+    pub label: String,
+    /// In `[0, 1]`, left to right.
+    pub x: f32,
+    /// In `[0, 1]`, top to bottom.
+    pub y: f32,
+    /// Its region, an index into `regions`.
+    pub region: u8,
+}
+
 /// `POST chat-attribution/compute-features`: every token with its active features.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TokenFeatures {

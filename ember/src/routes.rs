@@ -8,8 +8,8 @@ use serde_json::Value;
 
 use crate::EmberError;
 use crate::replies::{
-    AutoConditional, AutoEdits, ChatCompletion, Contrast, ContrastiveDatasets, Dashboard, Features, LogitAttribution, Lookup, Models,
-    Neighbors, TokenFeatures, Tokens,
+    AutoConditional, AutoEdits, ChatCompletion, Contrast, ContrastiveDatasets, Dashboard, FeatureMap, Features, LogitAttribution, Lookup,
+    Models, Neighbors, TokenFeatures, Tokens,
 };
 use crate::wire::{
     AttributionRequest, ChatRequest, ComputeFeaturesRequest, ContrastRequest, ContrastiveDatasetRequest, DashboardRequest, LogitsRequest,
@@ -56,11 +56,12 @@ pub enum Route {
     ContrastiveDataset,
     Tokenize,
     Models,
+    Map,
 }
 
 impl Route {
     /// Every route, in the order the API reference lists them.
-    pub const ALL: [Route; 16] = [
+    pub const ALL: [Route; 17] = [
         Route::ChatCompletions,
         Route::ComputeLogits,
         Route::ComputeFeatures,
@@ -77,6 +78,7 @@ impl Route {
         Route::ContrastiveDataset,
         Route::Tokenize,
         Route::Models,
+        Route::Map,
     ];
 
     /// The method and the path under [`API_PREFIX`].
@@ -99,6 +101,7 @@ impl Route {
             Route::ContrastiveDataset => (Post, "/attributions/generate-contrastive-dataset"),
             Route::Tokenize => (Post, "/chat/tokenize"),
             Route::Models => (Get, "/models"),
+            Route::Map => (Get, "/features/map"),
         }
     }
 
@@ -123,7 +126,7 @@ impl Route {
     /// Whether answering runs the model or scans the atlas (a server runs such work in one of
     /// its limited slots); the rest answer from tables at once.
     pub fn is_model_work(self) -> bool {
-        !matches!(self, Route::Models | Route::List)
+        !matches!(self, Route::Models | Route::List | Route::Map)
     }
 
     /// The route at `method` and `path` (under [`API_PREFIX`], without a query string).
@@ -149,6 +152,13 @@ pub struct ListQuery {
     pub feature_ids: Vec<String>,
 }
 
+/// `GET features/map?model=` (Kindling's own): the feature map.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MapQuery {
+    /// `None`: the provider's model.
+    pub model: Option<String>,
+}
+
 /// A parsed request of one route.
 #[derive(Debug, Clone)]
 pub enum Request {
@@ -168,6 +178,7 @@ pub enum Request {
     ContrastiveDataset(ContrastiveDatasetRequest),
     Tokenize(TokenizeRequest),
     Models,
+    Map(MapQuery),
 }
 
 impl Request {
@@ -205,7 +216,7 @@ impl Request {
             Route::LogitAttribution => Request::LogitAttribution(typed(body)?),
             Route::ContrastiveDataset => Request::ContrastiveDataset(typed(body)?),
             Route::Tokenize => Request::Tokenize(typed(body)?),
-            Route::Search | Route::List | Route::Models => return Request::from_query(route, ""),
+            Route::Search | Route::List | Route::Models | Route::Map => return Request::from_query(route, ""),
         })
     }
 
@@ -232,6 +243,7 @@ impl Request {
                 feature_ids: pairs.into_iter().filter(|(k, _)| k == "feature_id").map(|(_, v)| v).collect(),
             }),
             Route::Models => Request::Models,
+            Route::Map => Request::Map(MapQuery { model: get("model") }),
             other => return Err(EmberError::Invalid(format!("{} takes a JSON body", other.name()))),
         })
     }
@@ -254,6 +266,7 @@ impl Request {
             Request::ContrastiveDataset(_) => Route::ContrastiveDataset,
             Request::Tokenize(_) => Route::Tokenize,
             Request::Models => Route::Models,
+            Request::Map(_) => Route::Map,
         }
     }
 }
@@ -328,6 +341,9 @@ pub trait Provider {
     fn tokenize(&self, _request: &TokenizeRequest) -> Result<Tokens, EmberError> {
         Err(self.unsupported(Route::Tokenize))
     }
+    fn feature_map(&self, _request: &MapQuery) -> Result<FeatureMap, EmberError> {
+        Err(self.unsupported(Route::Map))
+    }
 }
 
 /// The answer to one request. A streamed chat (`"stream": true`) is the shells' own: they
@@ -350,6 +366,7 @@ pub fn dispatch<P: Provider + ?Sized>(provider: &P, request: &Request, cancel: &
         Request::ContrastiveDataset(r) => json(provider.contrastive_dataset(r, cancel)?),
         Request::Tokenize(r) => json(provider.tokenize(r)?),
         Request::Models => json(Models::of(&provider.models())),
+        Request::Map(r) => json(provider.feature_map(r)?),
     }
 }
 

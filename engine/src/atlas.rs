@@ -6,7 +6,9 @@
 //!   histogram, promoted/suppressed/boosted tokens), with the SHA-256 of the SAE it describes;
 //! * `contexts.safetensors`: the top activating contexts, loaded lazily (dashboards and token
 //!   overlays need them, search does not);
-//! * `embedder.safetensors`: the static sentence embedder (see [`crate::embed`]).
+//! * `embedder.safetensors`: the static sentence embedder (see [`crate::embed`]);
+//! * `map.safetensors` (optional): every live latent's place on the Features tab's map
+//!   ([`FeatureMap`]; built by `tools/atlas/map.py` from the labels' meaning).
 //!
 //! Steering values are expressed in units of a feature's [`max_activation`](FeatureInfo::max_activation):
 //! a high quantile of its activations on held-out text, not a single outlier.
@@ -20,6 +22,10 @@ use crate::tokenizer::TokenId;
 
 /// The atlas format this code reads and writes.
 pub const ATLAS_VERSION: u64 = 1;
+/// The feature map's format version ([`FeatureMap`]).
+pub const MAP_VERSION: u64 = 1;
+/// The feature map's file in an atlas directory.
+pub const MAP_FILE: &str = "map.safetensors";
 /// Marks the padding of a context shorter than the window in `contexts.safetensors`.
 pub const NO_TOKEN: u16 = u16::MAX;
 
@@ -35,6 +41,8 @@ pub enum AtlasError {
     UnknownFeature { feature: u32, d_sae: usize },
     #[error("the atlas's contexts are not loaded")]
     NoContexts,
+    #[error("atlas map: {0}")]
+    Map(String),
 }
 
 /// The SAE an atlas describes.
@@ -147,6 +155,52 @@ pub struct Atlas {
     /// `[d_sae, dim]`: each label's embedding (zero for dead latents).
     label_vectors: Vec<f32>,
     contexts: Option<Contexts>,
+    map: Option<FeatureMap>,
+}
+
+/// Where [`FeatureMap`] marks a latent it does not draw (a dead one).
+pub const NO_REGION: u8 = u8::MAX;
+
+/// The feature map (`map.safetensors`): each live latent's place in the unit square, laid out
+/// offline by UMAP on its label's embedding (so related labels sit together, and search hits,
+/// ranked on the same embeddings, form a region), and the named regions of the layout.
+///
+/// File: `xy` u16 `[d_sae, 2]` (each axis scaled to 0..=65535), `region` u8 `[d_sae]`
+/// ([`NO_REGION`] for a latent not drawn); metadata `kindling_atlas_map` holds `{"version",
+/// "compact_sha256", "atlas_sha256", "regions": [names]}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeatureMap {
+    /// Per latent, its position, or `None` for a latent the map leaves out.
+    pub points: Vec<Option<MapPoint>>,
+    /// The regions' names, by region number.
+    pub regions: Vec<String>,
+    /// SHA-256 of the `atlas.json` whose labels placed the points.
+    pub atlas_sha256: String,
+}
+
+/// One latent on the [`FeatureMap`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MapPoint {
+    /// In `[0, 1]`, left to right.
+    pub x: f32,
+    /// In `[0, 1]`, top to bottom.
+    pub y: f32,
+    pub region: u8,
+}
+
+impl FeatureMap {
+    /// The centre of each region (the mean of its points), by region number; `None` for a
+    /// region without points.
+    pub fn region_centres(&self) -> Vec<Option<(f32, f32)>> {
+        let mut sums = vec![(0f32, 0f32, 0u32); self.regions.len()];
+        for p in self.points.iter().flatten() {
+            let s = &mut sums[p.region as usize];
+            *s = (s.0 + p.x, s.1 + p.y, s.2 + 1);
+        }
+        sums.into_iter()
+            .map(|(x, y, n)| (n > 0).then(|| (x / n as f32, y / n as f32)))
+            .collect()
+    }
 }
 
 impl Atlas {
@@ -198,6 +252,7 @@ impl Atlas {
             embedder,
             label_vectors,
             contexts: None,
+            map: None,
         })
     }
 
@@ -217,6 +272,10 @@ impl Atlas {
         let mut atlas = Self::from_index(&index, sae, embedder)?;
         if with_contexts {
             atlas.load_contexts(&read("contexts.safetensors")?)?;
+        }
+        // The map is optional: an atlas without one serves everything else.
+        if dir.join(MAP_FILE).exists() {
+            atlas.load_map(&read(MAP_FILE)?)?;
         }
         Ok(atlas)
     }
@@ -271,6 +330,74 @@ impl Atlas {
                 .collect(),
         });
         Ok(())
+    }
+
+    /// Adds the feature map (`map.safetensors`, see [`FeatureMap`]).
+    pub fn load_map(&mut self, bytes: &[u8]) -> Result<(), AtlasError> {
+        let bad = |m: String| AtlasError::Map(m);
+        let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+        let meta = header.metadata().as_ref().and_then(|m| m.get("kindling_atlas_map")).cloned();
+        let meta: serde_json::Value = serde_json::from_str(&meta.ok_or_else(|| bad("no kindling_atlas_map metadata".into()))?)
+            .map_err(|e| bad(format!("metadata: {e}")))?;
+        if meta["version"].as_u64() != Some(MAP_VERSION) {
+            return Err(bad(format!("version {}, this build reads {MAP_VERSION}", meta["version"])));
+        }
+        if meta["compact_sha256"].as_str() != Some(self.index.sae.compact_sha256.as_str()) {
+            return Err(AtlasError::WrongSae(format!("map built for SAE {}", meta["compact_sha256"])));
+        }
+        let regions: Vec<String> = meta["regions"]
+            .as_array()
+            .ok_or_else(|| bad("metadata has no regions".into()))?
+            .iter()
+            .map(|r| {
+                r.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| bad("region names must be strings".into()))
+            })
+            .collect::<Result<_, _>>()?;
+        if regions.len() >= NO_REGION as usize {
+            return Err(bad(format!("{} regions, at most {}", regions.len(), NO_REGION - 1)));
+        }
+        let file = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("cannot read tensors: {e}")))?;
+        let d_sae = self.index.sae.d_sae;
+        let xy = file.tensor("xy").map_err(|e| bad(format!("xy: {e}")))?;
+        let region = file.tensor("region").map_err(|e| bad(format!("region: {e}")))?;
+        if xy.dtype() != Dtype::U16 || xy.shape() != [d_sae, 2] {
+            return Err(bad(format!("xy must be u16 [{d_sae}, 2], found {:?} {:?}", xy.dtype(), xy.shape())));
+        }
+        if region.dtype() != Dtype::U8 || region.shape() != [d_sae] {
+            return Err(bad(format!(
+                "region must be u8 [{d_sae}], found {:?} {:?}",
+                region.dtype(),
+                region.shape()
+            )));
+        }
+        let unit = |b: &[u8]| f32::from(u16::from_le_bytes([b[0], b[1]])) / f32::from(u16::MAX);
+        let points = xy
+            .data()
+            .chunks_exact(4)
+            .zip(region.data())
+            .map(|(xy, &r)| match r {
+                NO_REGION => Ok(None),
+                r if (r as usize) < regions.len() => Ok(Some(MapPoint {
+                    x: unit(&xy[..2]),
+                    y: unit(&xy[2..]),
+                    region: r,
+                })),
+                r => Err(bad(format!("region {r} of {} named", regions.len()))),
+            })
+            .collect::<Result<_, _>>()?;
+        self.map = Some(FeatureMap {
+            points,
+            regions,
+            atlas_sha256: meta["atlas_sha256"].as_str().unwrap_or_default().to_string(),
+        });
+        Ok(())
+    }
+
+    /// The feature map, when one was loaded ([`Atlas::load_map`]).
+    pub fn map(&self) -> Option<&FeatureMap> {
+        self.map.as_ref()
     }
 
     pub fn index(&self) -> &AtlasIndex {

@@ -48,7 +48,7 @@ pub mod tokenizer;
 
 use std::sync::Arc;
 
-pub use atlas::{Atlas, AtlasError, Context, FeatureInfo, Hit, LabelSource};
+pub use atlas::{Atlas, AtlasError, Context, FeatureInfo, FeatureMap, Hit, LabelSource, MapPoint};
 pub use backend::Backend;
 /// The burn version the engine is built on, for crates that pass tensors to it.
 pub use burn;

@@ -1101,6 +1101,18 @@ fn mutated_atlas_files_load_or_fail_within_bounds() {
         });
     }
 
+    let map = read("public/atlas/map.safetensors");
+    let (header, data) = st_parse(&map);
+    for _ in 0..CONTEXTS_CASES {
+        let (bytes, desc) = mutate_safetensors(&mut rng, &header, data, "kindling_atlas_map");
+        case(&mut stats, &|| desc.clone(), ATLAS_BOUND, || {
+            atlas.load_map(&bytes)?;
+            let map = atlas.map().expect("loaded");
+            let _ = map.region_centres();
+            Ok::<(), kindling_engine::AtlasError>(())
+        });
+    }
+
     let parsed: Value = serde_json::from_str(&index).unwrap();
     for _ in 0..INDEX_CASES {
         let mut v = parsed.clone();

@@ -87,7 +87,7 @@ fn valid_body(route: Route, model: &str) -> Value {
         Route::Neighbors => json!({ "feature_indices": [1], "model": model }),
         Route::LogitAttribution => json!({ "messages": messages, "model": model, "startIndex": 2 }),
         Route::ContrastiveDataset => json!({ "specification": "" }),
-        Route::Search | Route::List | Route::Models => unreachable!("GET routes have no body"),
+        Route::Search | Route::List | Route::Models | Route::Map => unreachable!("GET routes have no body"),
     }
 }
 
@@ -270,6 +270,30 @@ async fn cheap_routes_answer_through_the_table_under_both_prefixes() {
     let (status, body) = call(app(), post_json(Route::Tokenize, valid_body(Route::Tokenize, MODEL_NAME))).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(body["tokens"].as_array().unwrap().iter().any(|t| t["value"] == "Hello"), "{body}");
+    // The feature map: every point with its label and a named region; another model's is not here.
+    let (status, body) = call(app(), get(&format!("{API_PREFIX}/features/map?model={MODEL_NAME}"))).await;
+    assert_eq!(status, StatusCode::OK);
+    let (points, regions) = (body["points"].as_array().unwrap(), body["regions"].as_array().unwrap());
+    assert!(
+        points.len() > 8000 && !regions.is_empty(),
+        "{} points, {} regions",
+        points.len(),
+        regions.len()
+    );
+    for p in points {
+        let (x, y) = (p["x"].as_f64().unwrap(), p["y"].as_f64().unwrap());
+        assert!((0.0..=1.0).contains(&x) && (0.0..=1.0).contains(&y), "{p}");
+        assert!(
+            p["label"].is_string() && (p["region"].as_u64().unwrap() as usize) < regions.len(),
+            "{p}"
+        );
+    }
+    expect_error(
+        get(&format!("{API_PREFIX}/features/map?model=gpt-4")),
+        StatusCode::NOT_FOUND,
+        "unknown model",
+    )
+    .await;
     // Paths and methods outside the table.
     assert_eq!(
         call(app(), get(&format!("{API_PREFIX}/no/such/route"))).await.0,
@@ -339,6 +363,8 @@ async fn before_the_features_are_attached_feature_routes_are_unavailable_and_cha
     assert_eq!(call(app(), get(&search)).await.0, StatusCode::SERVICE_UNAVAILABLE);
     let list = format!("{API_PREFIX}/features/?feature_id=00000000-0000-4000-8000-000000000001");
     assert_eq!(call(app(), get(&list)).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    let map = format!("{API_PREFIX}/features/map");
+    assert_eq!(call(app(), get(&map)).await.0, StatusCode::SERVICE_UNAVAILABLE);
     for route in [Route::ChatCompletions, Route::Tokenize] {
         let (status, body) = call(app(), post_json(route, valid_body(route, MODEL_NAME))).await;
         assert_eq!(status, StatusCode::OK, "{route:?}: {body}");
@@ -356,6 +382,7 @@ async fn before_the_features_are_attached_feature_routes_are_unavailable_and_cha
     assert!(ember.attach_features(sae.clone(), atlas.clone()));
     assert!(!ember.attach_features(sae, atlas), "attached once");
     assert_eq!(call(app(), get(&search)).await.0, StatusCode::OK);
+    assert_eq!(call(app(), get(&map)).await.0, StatusCode::OK);
     let (status, body) = call(app(), post_json(Route::Lookup, valid_body(Route::Lookup, MODEL_NAME))).await;
     assert_eq!(status, StatusCode::OK, "{body}");
 }

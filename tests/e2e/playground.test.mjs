@@ -135,6 +135,49 @@ test('searching "pirate" lists features, and a card shows a feature\'s contexts'
   await shot(page, 'features');
 });
 
+test('the feature map draws every feature, lights up search hits, and a click opens the hovered feature\'s card', async () => {
+  await tab(page, 'features');
+  const map = '[data-testid=feature-map]';
+  await page.waitForSelector(`${map}[data-points]`, { timeout: LOAD_TIMEOUT });
+  const points = Number(await page.getAttribute(map, 'data-points'));
+  assert.ok(points > 8000, `${points} points on the map`);
+  await search(page, 'numbers');
+  await page.waitForFunction((sel) => Number(document.querySelector(sel)?.dataset.highlighted) > 0, map);
+  const lit = Number(await page.getAttribute(map, 'data-highlighted'));
+  assert.ok(lit >= 10, `${lit} search hits lit on the map`);
+  await page.click('[data-testid=dashboard] .close').catch(() => {});
+
+  // Zoom in about the middle, then sweep the pointer until it is over a point.
+  await page.$eval(map, (c) => c.scrollIntoView({ block: 'center' }));
+  const box = await page.$eval(map, (c) => { const r = c.getBoundingClientRect(); return { x: r.x, y: r.y, w: r.width, h: r.height }; });
+  await page.mouse.move(box.x + box.w / 2, box.y + box.h / 2);
+  await page.mouse.wheel(0, -300);
+  await page.waitForFunction((sel) => Number(document.querySelector(sel).dataset.zoom) > 1.5, map);
+  let hovered = null;
+  let at = null;
+  for (let i = 0; i < 400 && !hovered; i++) {
+    at = { x: box.x + box.w * (0.2 + 0.6 * ((i * 37) % 100) / 100), y: box.y + box.h * (0.2 + 0.6 * Math.floor(i / 20) / 20) };
+    await page.mouse.move(at.x, at.y);
+    hovered = await page.$eval('[data-testid=map-hover]', (e) => e.textContent).catch(() => null);
+  }
+  assert.ok(hovered, 'hovering over the map names a feature');
+  const index = hovered.match(/^#(\d+) /)?.[1];
+  assert.ok(index, `the hover label starts with the feature's number: ${hovered}`);
+  await page.mouse.down();
+  await page.mouse.up();
+  await page.waitForFunction((i) => document.querySelector('[data-testid=dashboard] .meta')?.textContent.startsWith(`#${i} `), index);
+  const title = await page.textContent('[data-testid=dashboard] h3');
+  assert.ok(hovered.endsWith(title) || hovered.includes(title.slice(0, 20)), `the card (${title}) is the hovered feature (${hovered})`);
+
+  // Dragging pans without opening a card.
+  await page.mouse.move(at.x, at.y);
+  await page.mouse.down();
+  await page.mouse.move(at.x + 80, at.y + 40, { steps: 8 });
+  await page.mouse.up();
+  console.log(`feature map: ${points} points, ${lit} hits lit, median draw ${await page.getAttribute(map, 'data-draw-ms')} ms`);
+  await shot(page, 'feature-map');
+});
+
 test('search by example lists the features that fire on a pasted text, its tokens shaded', async () => {
   await tab(page, 'features');
   await page.fill('[data-testid=example-text]', 'I love cooking pasta with fresh tomatoes and basil for dinner.');

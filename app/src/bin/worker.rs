@@ -25,6 +25,7 @@ mod worker {
     use futures::future::{FutureExt as _, LocalBoxFuture, Shared};
     use kindling_ember::worker::{FromWorker, Outcome, ToWorker};
     use kindling_ember::{Ember, EmberError, MODEL_NAME, Request, Route, dispatch};
+    use kindling_engine::atlas::MAP_FILE;
     use kindling_engine::autosteer::{AUTOSTEER_STEPS, AutoSteerStep, OnStep};
     use kindling_engine::{Atlas, Backend, CancelToken, Model, Sae, StaticEmbedder};
     use serde_json::Value;
@@ -145,6 +146,9 @@ mod worker {
         index: Vec<u8>,
         embedder: Vec<u8>,
         contexts: Vec<u8>,
+        /// The feature map, optional: an atlas without one (or a failed download) leaves
+        /// only the map out.
+        map: Option<Vec<u8>>,
         /// How long they took to arrive, for the load log.
         files_ms: f64,
     }
@@ -177,7 +181,7 @@ mod worker {
             .as_ref()
             .and_then(|m| m["config"]["metadata"]["model_sha256"].as_str().map(str::to_string));
 
-        // All five files at once: the downloads overlap, and so does hashing them (SubtleCrypto
+        // All the files at once: the downloads overlap, and so does hashing them (SubtleCrypto
         // works off the worker's thread). The page lists each file's progress on its own.
         let sae_sha = sha(&sae_manifest, SAE_FILE);
         let atlas_url = |file: &str| url(&format!("atlas/{file}"));
@@ -188,17 +192,31 @@ mod worker {
                 atlas_url("embedder.safetensors"),
                 atlas_url("contexts.safetensors"),
             );
-            let (index_sha, embedder_sha, contexts_sha) = (
+            let (index_sha, embedder_sha, contexts_sha, map_sha) = (
                 sha(&atlas_manifest, "atlas.json"),
                 sha(&atlas_manifest, "embedder.safetensors"),
                 sha(&atlas_manifest, "contexts.safetensors"),
+                sha(&atlas_manifest, MAP_FILE),
             );
+            // Offline (no manifest), a cached map is used if there is one.
+            let map_wanted = map_sha.is_some() || atlas_manifest.is_none();
+            let map_url = atlas_url(MAP_FILE);
             async move {
-                let (sae, index, embedder, contexts) = futures::try_join!(
+                let map = async {
+                    if !map_wanted {
+                        return Ok(None);
+                    }
+                    Ok(fetch_cached("map", &map_url, map_sha, Keep::CacheStorage)
+                        .await
+                        .inspect_err(|e| web_sys::console::warn_1(&format!("kindling: no feature map: {e}").into()))
+                        .ok())
+                };
+                let (sae, index, embedder, contexts, map) = futures::try_join!(
                     fetch_cached("sae", &sae_url, sae_sha.clone(), Keep::CacheStorage),
                     fetch_cached("atlas", &index_url, index_sha, Keep::CacheStorage),
                     fetch_cached("embedder", &embedder_url, embedder_sha, Keep::CacheStorage),
                     fetch_cached("contexts", &contexts_url, contexts_sha, Keep::CacheStorage),
+                    map,
                 )?;
                 Ok(FeatureFiles {
                     sae,
@@ -206,6 +224,7 @@ mod worker {
                     index,
                     embedder,
                     contexts,
+                    map,
                     files_ms: js_sys::Date::now() - started,
                 })
             }
@@ -297,6 +316,11 @@ mod worker {
         atlas
             .load_contexts(&files.contexts)
             .map_err(|e| format!("the atlas contexts: {e}"))?;
+        if let Some(map) = files.map
+            && let Err(e) = atlas.load_map(&map)
+        {
+            web_sys::console::warn_1(&format!("kindling: the feature map is left out: {e}").into());
+        }
         let built_ms = js_sys::Date::now() - build_started - busy_ms;
         web_sys::console::info_1(
             &format!("kindling load: features: files {files_ms:.0} ms, built {built_ms:.0} ms (after waiting {busy_ms:.0} ms for replies)")

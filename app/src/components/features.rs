@@ -150,6 +150,7 @@ pub fn Features() -> impl IntoView {
                 }
             </For>
         </ul>
+        <super::map::FeatureMap highlight=Signal::derive(move || hits.with(|h| h.iter().map(|hit| hit.feature.index_in_sae).collect::<Vec<u32>>())) />
         <ByExample />
         <DashboardCard />
     }

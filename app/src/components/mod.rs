@@ -5,6 +5,7 @@ mod connection;
 mod edits;
 mod features;
 mod inspect;
+mod map;
 mod rules;
 mod variant;
 

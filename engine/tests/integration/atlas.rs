@@ -199,3 +199,92 @@ fn contexts_load_lazily_and_are_checked() {
     assert!(atlas.contexts(0).unwrap().is_empty());
     assert!(atlas.contexts(7).is_err());
 }
+
+fn map_bytes(compact_sha256: &str, regions: &[&str], region_of: [u8; D_SAE]) -> Vec<u8> {
+    use kindling_engine::atlas::MAP_VERSION;
+    // Latent i at (i / 4, 1 - i / 4) of the unit square.
+    let xy: Vec<u8> = (0..D_SAE as u32)
+        .flat_map(|i| {
+            let x = (i * 65535 / 4) as u16;
+            [x, 65535 - x]
+        })
+        .flat_map(u16::to_le_bytes)
+        .collect();
+    let views = [
+        ("xy", TensorView::new(Dtype::U16, vec![D_SAE, 2], &xy).unwrap()),
+        ("region", TensorView::new(Dtype::U8, vec![D_SAE], &region_of).unwrap()),
+    ];
+    let meta = [(
+        "kindling_atlas_map".to_string(),
+        serde_json::json!({ "version": MAP_VERSION, "compact_sha256": compact_sha256, "atlas_sha256": "a", "regions": regions })
+            .to_string(),
+    )]
+    .into_iter()
+    .collect();
+    safetensors::serialize(views, Some(meta)).unwrap()
+}
+
+#[test]
+fn the_map_places_live_latents_and_is_checked() {
+    use kindling_engine::atlas::NO_REGION;
+    let (mut atlas, _, bytes) = load();
+    assert!(atlas.map().is_none(), "an atlas loads without a map");
+    let sha = sha256(&bytes);
+    let good = map_bytes(&sha, &["jokes", "pirates"], [0, 1, 1, 0, NO_REGION]);
+    assert!(atlas.load_map(&good[..good.len() - 3]).is_err(), "truncated");
+    assert!(matches!(
+        atlas.load_map(&map_bytes("beef", &["a", "b"], [0; D_SAE])),
+        Err(AtlasError::WrongSae(_))
+    ));
+    let unnamed = atlas.load_map(&map_bytes(&sha, &["only one"], [0, 1, 0, 0, 0])).unwrap_err();
+    assert!(unnamed.to_string().contains("region 1 of 1"), "{unnamed}");
+    assert!(atlas.load_contexts(&good).is_err(), "a map is not contexts");
+
+    atlas.load_map(&good).unwrap();
+    let map = atlas.map().unwrap();
+    assert_eq!(map.regions, ["jokes", "pirates"]);
+    assert_eq!(map.points[4], None, "a dead latent is not drawn");
+    let p = map.points[2].unwrap();
+    assert!((p.x - 0.5).abs() < 1e-4 && (p.y - 0.5).abs() < 1e-4 && p.region == 1, "{p:?}");
+    // Region 0 holds latents 0 (0, 1) and 3 (0.75, 0.25); region 1 holds 1 and 2.
+    let centres = map.region_centres();
+    let (x, y) = centres[0].unwrap();
+    assert!((x - 0.375).abs() < 1e-4 && (y - 0.625).abs() < 1e-4, "{centres:?}");
+}
+
+/// The shipped map: every live latent has a place, it was laid out from the labels that ship
+/// beside it, and a search's hits sit together on it (what makes lighting them up useful).
+#[test]
+fn the_shipped_map_matches_its_labels_and_gathers_search_hits() {
+    let root = crate::common::repo_root().join("public");
+    let sae = Sae::from_compact(&std::fs::read(root.join("sae/kindling-sae.f16.safetensors")).unwrap()).unwrap();
+    let atlas = Atlas::load_dir(&root.join("atlas"), &sae, false).unwrap();
+    let map = atlas.map().expect("public/atlas/map.safetensors");
+    let live = atlas.index().features.iter().filter(|f| f.is_live()).count();
+    let drawn = map.points.iter().flatten().count();
+    assert!(drawn + 10 >= live && drawn <= live, "{drawn} points for {live} live latents");
+    assert_eq!(
+        map.atlas_sha256,
+        sha256(&std::fs::read(root.join("atlas/atlas.json")).unwrap()),
+        "the map was laid out from other labels: run scripts/build-map.sh"
+    );
+    let spread = |features: &[u32]| {
+        let at: Vec<_> = features.iter().filter_map(|&f| map.points[f as usize]).collect();
+        let mut sum = 0.0;
+        for a in &at {
+            for b in &at {
+                sum += ((a.x - b.x).powi(2) + (a.y - b.y).powi(2)).sqrt();
+            }
+        }
+        sum / (at.len() * at.len()) as f32
+    };
+    let everyone: Vec<u32> = (0..atlas.d_sae() as u32).step_by(41).collect();
+    for query in ["numbers", "food", "places and countries"] {
+        let hits: Vec<u32> = atlas.search(query, 20).iter().map(|h| h.feature).collect();
+        let (near, all) = (spread(&hits), spread(&everyone));
+        assert!(
+            near < 0.5 * all,
+            "{query:?}: hits {near:.3} apart on average, any two latents {all:.3}"
+        );
+    }
+}
