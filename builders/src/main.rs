@@ -16,6 +16,7 @@
 mod atlas;
 mod autosteer_eval;
 mod chats;
+mod concept_eval;
 mod embedder;
 mod evaluate;
 mod export;
@@ -151,6 +152,9 @@ enum Command {
     Atlas(atlas::AtlasArgs),
     /// Precision@10 of atlas search on a query set (prints a table, optionally writes JSON).
     SearchEval(search_eval::SearchEvalArgs),
+    /// Atlas search judged by behaviour: per concept query, the latents that fire on its
+    /// probe texts and not on neutral ones, precision@10 and the first relevant rank.
+    ConceptEval(concept_eval::ConceptEvalArgs),
     /// The steering evaluation: AutoSteer and an oracle ceiling on tools/autosteer/eval.json
     /// (concept words per 100 words, distinct-2, perplexity; docs/STEERING.md).
     AutosteerEval(autosteer_eval::AutoSteerEvalArgs),
@@ -361,6 +365,10 @@ fn main() -> ExitCode {
         Command::SearchEval(mut args) => {
             args.shipped.model_path = cli.model;
             search_eval::run(&args)
+        }
+        Command::ConceptEval(mut args) => {
+            args.shipped.model_path = cli.model;
+            concept_eval::run(&args)
         }
         Command::AutosteerEval(mut args) => {
             args.shipped.model_path = cli.model;
