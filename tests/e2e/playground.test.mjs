@@ -180,6 +180,7 @@ test('the feature map draws every feature, lights up search hits, and a click op
 
 test('search by example lists the features that fire on a pasted text, its tokens shaded', async () => {
   await tab(page, 'features');
+  const litBefore = Number(await page.getAttribute('[data-testid=feature-map]', 'data-highlighted'));
   await page.fill('[data-testid=example-text]', 'I love cooking pasta with fresh tomatoes and basil for dinner.');
   await page.click('[data-testid=example-go]');
   await page.waitForSelector('[data-testid=example-hit]', { timeout: REPLY_TIMEOUT });
@@ -192,6 +193,8 @@ test('search by example lists the features that fire on a pasted text, its token
   const shaded = await page.$$eval('[data-testid=example-tokens] .tok',
     (els) => els.filter((e) => !/rgba\(255, 128, 0, 0(\.0+)?\)/.test(e.getAttribute('style'))).length);
   assert.ok(shaded > 0, 'the first hit shades the tokens it fires on');
+  // The listed features light up on the map beside the search's hits.
+  await page.waitForFunction((n) => Number(document.querySelector('[data-testid=feature-map]').dataset.highlighted) > n, litBefore);
   await shot(page, 'by-example');
 });
 

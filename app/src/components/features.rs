@@ -64,6 +64,8 @@ pub fn Features() -> impl IntoView {
     let session = crate::use_session();
     let query = RwSignal::new(String::new());
     let hits = RwSignal::new(Vec::<Hit>::new());
+    // The features search by example lists: they light up on the map too.
+    let example_hits = RwSignal::new(Vec::<u32>::new());
     let searching = RwSignal::new(false);
 
     let search = move || {
@@ -150,8 +152,12 @@ pub fn Features() -> impl IntoView {
                 }
             </For>
         </ul>
-        <super::map::FeatureMap highlight=Signal::derive(move || hits.with(|h| h.iter().map(|hit| hit.feature.index_in_sae).collect::<Vec<u32>>())) />
-        <ByExample />
+        <super::map::FeatureMap highlight=Signal::derive(move || {
+            let mut lit: Vec<u32> = hits.with(|h| h.iter().map(|hit| hit.feature.index_in_sae).collect());
+            lit.extend(example_hits.get());
+            lit
+        }) />
+        <ByExample lit=example_hits />
         <DashboardCard />
     }
 }
@@ -165,7 +171,10 @@ const EXAMPLE_HITS: usize = 12;
 /// Search by example: the model reads a text, and the features that fire most on it are
 /// listed, with the text's tokens shaded by the chosen one.
 #[component]
-fn ByExample() -> impl IntoView {
+fn ByExample(
+    /// Set to the listed features' indices, for the map.
+    lit: RwSignal<Vec<u32>>,
+) -> impl IntoView {
     let session = crate::use_session();
     let text = RwSignal::new(String::new());
     let reading = RwSignal::new(ExampleReading::default());
@@ -224,6 +233,7 @@ fn ByExample() -> impl IntoView {
                         }
                     });
                     chosen.set(named.first().map(|(h, _, _)| h.index));
+                    lit.set(named.iter().map(|(h, _, _)| h.index).collect());
                     hits.set(named);
                     reading.set(read);
                 }
