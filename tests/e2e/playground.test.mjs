@@ -43,7 +43,8 @@ async function open(ctx, fragment = '', backend = 'CPU') {
     const b = document.querySelector('[data-testid=backend]');
     return b && /in this page|hosted|failed/.test(b.textContent);
   }, null, { timeout: LOAD_TIMEOUT, polling: 250 });
-  assert.match(await p.textContent('[data-testid=backend]'), new RegExp(backend), `the model should load on the ${backend} path`);
+  const state = await p.textContent('[data-testid=backend]');
+  assert.match(state, new RegExp(backend), `the model should load on the ${backend} path (${state}; notices: ${await notices(p)})`);
   return p;
 }
 

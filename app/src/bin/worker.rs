@@ -588,6 +588,9 @@ mod worker {
 
         const MODEL: &str = "model.gguf";
         const MODEL_SHA: &str = "model.gguf.sha256";
+        /// Tries at opening the stored model's exclusive handle, and the wait between them.
+        const OPEN_TRIES: usize = 10;
+        const OPEN_RETRY_MS: i32 = 100;
 
         /// The stored model: its sha256, and the file open for reading (and locked) when
         /// there is a whole copy, until dropped.
@@ -615,10 +618,20 @@ mod worker {
                 // another tab may hold it, and then this one reads elsewhere.
                 let access = match sha256 {
                     Some(_) => match file(&dir, MODEL, false).await {
-                        Ok(model) => JsFuture::from(model.create_sync_access_handle())
-                            .await
-                            .ok()
-                            .map(JsCast::unchecked_into),
+                        Ok(model) => {
+                            // The handle is exclusive: on a reload, the closing page's worker
+                            // may hold it for a moment longer. Offline, the stored copy is the
+                            // only one, so it is worth waiting for (up to 1 s).
+                            let mut handle = None;
+                            for _ in 0..OPEN_TRIES {
+                                handle = JsFuture::from(model.create_sync_access_handle()).await.ok();
+                                if handle.is_some() {
+                                    break;
+                                }
+                                super::sleep_ms(OPEN_RETRY_MS).await;
+                            }
+                            handle.map(JsCast::unchecked_into)
+                        }
                         Err(_) => None,
                     },
                     None => None,
@@ -793,8 +806,13 @@ mod worker {
     }
 
     async fn yield_to_event_loop() {
+        sleep_ms(0).await;
+    }
+
+    /// Waits `ms` milliseconds (a timer: the event loop runs meanwhile).
+    async fn sleep_ms(ms: i32) {
         let promise = js_sys::Promise::new(&mut |resolve, _| {
-            let _ = scope().set_timeout_with_callback(&resolve);
+            let _ = scope().set_timeout_with_callback_and_timeout_and_arguments_0(&resolve, ms);
         });
         let _ = JsFuture::from(promise).await;
     }
