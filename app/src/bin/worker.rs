@@ -259,7 +259,11 @@ mod worker {
                 bytes
             }
             None => {
-                let bytes = fetch_model(&model_url, model_sha.clone(), stored_model.take()).await?;
+                // A whole copy of this version that could not be opened (another tab's
+                // worker holds its exclusive handle) is left alone: replacing it would drop
+                // its sha256 first and then fail to write, leaving no usable copy offline.
+                let replaceable = stored_model.take().filter(|s| !s.holds(model_sha.as_deref()));
+                let bytes = fetch_model(&model_url, model_sha.clone(), replaceable).await?;
                 phases.mark("model file");
                 bytes
             }
@@ -655,6 +659,13 @@ mod worker {
                     return None;
                 }
                 read_whole(self.access.as_ref()?)
+            }
+
+            /// Whether a whole copy of version `sha256` is stored (readable or not).
+            pub fn holds(&self, sha256: Option<&str>) -> bool {
+                self.sha256
+                    .as_deref()
+                    .is_some_and(|stored| sha256.is_none_or(|wanted| wanted == stored))
             }
 
             /// Drops the stored copy: the next load downloads the model.
