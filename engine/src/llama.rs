@@ -862,15 +862,17 @@ impl Llama {
         let config = Config::from_gguf(&file.gguf)?;
         let vocab_by_embd = [config.vocab_size, config.n_embd];
         let token_embd = file.matrix("token_embd.weight", config.vocab_size, config.n_embd)?;
-        let output_name = match file.gguf.tensor("output.weight") {
-            Ok(_) => "output.weight",
-            Err(_) => "token_embd.weight", // tied embeddings
+        // Tied embeddings (no `output.weight`): the head shares the embedding's repacked
+        // blocks instead of repacking the same tensor again.
+        let output = match file.gguf.tensor("output.weight") {
+            Ok(_) => Linear::load(file, "output.weight", vocab_by_embd, backend, device)?,
+            Err(_) => Linear::new(token_embd.clone(), backend, device)?,
         };
         let blocks = (0..config.n_layer)
             .map(|i| Block::load(file, i, &config, backend, device))
             .collect::<Result<_, _>>()?;
         Ok(Self {
-            output: Linear::load(file, output_name, vocab_by_embd, backend, device)?,
+            output,
             output_norm: RmsNorm::load(file, "output_norm.weight", config.n_embd, config.rms_eps, device)?,
             rope: Rope::new(&config, device),
             token_embd,
