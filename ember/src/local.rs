@@ -376,6 +376,12 @@ impl Ember {
         self.features.set(FeatureSet::new(sae, atlas)).is_ok()
     }
 
+    /// Prefills the prompt prefix that unsteered chats share and keeps it, ahead of the first
+    /// chat (see [`Model::warm_prompt_prefix`]): the playground does it while the user types.
+    pub fn warm_prompt_prefix(&self) -> Result<(), EmberError> {
+        Ok(self.model.warm_prompt_prefix()?)
+    }
+
     /// Whether the SAE and the atlas are attached.
     pub fn has_features(&self) -> bool {
         self.features.get().is_some()

@@ -136,13 +136,19 @@ impl<'m> TokenStream<'m> {
                 limit,
             });
         }
+        // An unsteered chat's shared prefix is a pass of its own, from its kept cache.
+        let shared = if hook.is_none() { model.prompt_prefix.covers(&prompt) } else { 0 };
+        let (cache, input) = match shared {
+            0 => (model.llama.new_cache(), prompt),
+            n => (model.prompt_prefix.cache(&model.llama)?, prompt[n..].to_vec()),
+        };
         Ok(Self {
             model,
-            cache: model.llama.new_cache(),
+            cache,
             sampler: Sampler::new(params),
             decoder: StreamDecoder::new(),
             hook,
-            input: prompt,
+            input,
             generated: Vec::new(),
             cancel,
             finish: None,

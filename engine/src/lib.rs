@@ -39,6 +39,7 @@ pub mod inspect;
 mod kernels;
 pub mod llama;
 pub mod logits;
+mod prefix;
 pub mod quant;
 pub mod sae;
 pub mod sampling;
@@ -121,6 +122,8 @@ pub enum EngineError {
 pub struct Model {
     pub tokenizer: Arc<Tokenizer>,
     pub llama: Llama,
+    /// The prompt prefix chats share, and its cache once made (shared by clones).
+    prompt_prefix: Arc<prefix::SharedPrefix>,
 }
 
 impl Model {
@@ -147,9 +150,23 @@ impl Model {
         let file = ModelFile { gguf, bytes };
         let llama = Llama::load(&file, backend, device)?;
         Ok(Self {
+            prompt_prefix: Arc::new(prefix::SharedPrefix::of(&tokenizer)),
             tokenizer: Arc::new(tokenizer),
             llama,
         })
+    }
+
+    /// Prefills the prompt prefix that unsteered chats share (the template's default system
+    /// message) and keeps its cache, so that the next chat prefills only its own tokens. A
+    /// chat does this itself when it has not been done; calling it while the user types
+    /// takes it off the first reply's time.
+    pub fn warm_prompt_prefix(&self) -> Result<(), EngineError> {
+        self.prompt_prefix.cache(&self.llama).map(drop)
+    }
+
+    /// The tokens of the prompt prefix that unsteered chats prefill as a pass of their own.
+    pub fn shared_prompt_prefix(&self) -> &[TokenId] {
+        self.prompt_prefix.tokens()
     }
 
     /// Streams the assistant's reply to a conversation (rendered with the chat template).

@@ -143,6 +143,49 @@ fn same_seed_same_text_and_other_seed_other_text() {
     assert_ne!(first, run(8));
 }
 
+/// Unsteered chats prefill the prompt prefix they share (the default system message and the
+/// user turn's header) as a pass of its own, kept for the next chat: the reply is the same
+/// from a model that has not made that cache yet, from the kept cache, and from a model
+/// warmed beforehand; and the split prefill ends on the logits of one pass over the prompt.
+#[test]
+fn shared_prompt_prefix_gives_the_same_reply_cold_kept_or_warmed() {
+    let load = || Model::load(model_path(), Backend::Cpu).unwrap();
+    let cold = load();
+    let prefix = cold.tokenizer.decode(cold.shared_prompt_prefix(), false).unwrap();
+    assert_eq!(
+        prefix,
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\n"
+    );
+    let messages = [ChatMessage::user("Name three colours of the rainbow.")];
+    let params = SamplingParams {
+        temperature: 0.0,
+        max_tokens: 16,
+        ..Default::default()
+    };
+    let reply = |model: &Model| model.chat(&messages, params.clone()).unwrap().collect_text().unwrap();
+    let first = reply(&cold);
+    assert!(!first.is_empty());
+    assert_eq!(reply(&cold), first, "from the kept cache");
+    let warmed = load();
+    warmed.warm_prompt_prefix().unwrap();
+    assert_eq!(reply(&warmed), first, "from a model warmed beforehand");
+
+    let prompt = cold.tokenizer.encode_chat(&messages).unwrap();
+    let n = cold.shared_prompt_prefix().len();
+    assert!(prompt.starts_with(cold.shared_prompt_prefix()) && prompt.len() > n);
+    let last = |parts: &[&[u32]]| {
+        let mut cache = cold.llama.new_cache();
+        let mut logits = None;
+        for part in parts {
+            logits = cold.llama.forward(part, &mut cache, None, Logits::Last).unwrap();
+        }
+        logits.unwrap().into_data().try_into_vec::<f32>().unwrap()
+    };
+    let (whole, split) = (last(&[&prompt]), last(&[&prompt[..n], &prompt[n..]]));
+    let gap = whole.iter().zip(&split).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(gap < 0.05, "split prefill differs from one pass by {gap}");
+}
+
 /// The CPU backend's fused path (decode steps, short prompts: plain loops over a host cache)
 /// against llama.cpp, as the tensor path is in `llama_cpp.rs`: prompts fed one token at a time
 /// end on logits within 0.5 of llama.cpp's. Rows never mix on that path, so feeding four tokens
