@@ -10,6 +10,7 @@ use std::rc::Rc;
 use futures::channel::{mpsc, oneshot};
 use kindling_ember::worker::{FromWorker, ToWorker};
 
+use crate::boot::BootWorker;
 use crate::logic::SseFrames;
 pub use crate::logic::error_message;
 use crate::neuronpedia::Remote;
@@ -140,19 +141,33 @@ pub struct LocalEngine {
 
 impl LocalEngine {
     /// Starts the worker and has it load the model, SAE and atlas from beside the page on
-    /// `backend` ("cpu" or "webgpu"); `on_load` hears progress, readiness or failure.
-    pub fn start(backend: &str, on_load: impl Fn(LoadEvent) + 'static) -> Result<Rc<Self>, ApiError> {
-        let options = web_sys::WorkerOptions::new();
-        options.set_type(web_sys::WorkerType::Classic);
-        // The loader's URL names this page's build: no HTTP cache can answer it with another
-        // build's loader (which would say so, and be refused).
-        let script = if backend == "webgpu" { WEBGPU_WORKER_URL } else { CPU_WORKER_URL };
-        let script = match page_build() {
-            Some(build) => format!("{script}?build={build}"),
-            None => script.to_string(),
+    /// `backend` ("cpu" or "webgpu"); `on_load` hears progress, readiness or failure. The
+    /// worker `boot.js` started early is taken over when it is for `backend`, and stopped
+    /// otherwise.
+    pub fn start(backend: &str, early: Option<BootWorker>, on_load: impl Fn(LoadEvent) + 'static) -> Result<Rc<Self>, ApiError> {
+        let early = match early {
+            Some(boot) if boot.backend == backend => Some(boot),
+            Some(other) => {
+                other.worker.terminate();
+                None
+            }
+            None => None,
         };
-        let worker =
-            web_sys::Worker::new_with_options(&script, &options).map_err(|e| ApiError::from_js("cannot start the engine worker", e))?;
+        let worker = match &early {
+            Some(boot) => boot.worker.clone(),
+            None => {
+                let options = web_sys::WorkerOptions::new();
+                options.set_type(web_sys::WorkerType::Classic);
+                // The loader's URL names this page's build: no HTTP cache can answer it with
+                // another build's loader (which would say so, and be refused).
+                let script = if backend == "webgpu" { WEBGPU_WORKER_URL } else { CPU_WORKER_URL };
+                let script = match page_build() {
+                    Some(build) => format!("{script}?build={build}"),
+                    None => script.to_string(),
+                };
+                web_sys::Worker::new_with_options(&script, &options).map_err(|e| ApiError::from_js("cannot start the engine worker", e))?
+            }
+        };
         let pending: Rc<RefCell<HashMap<u64, Pending>>> = Rc::default();
         let on_load = Rc::new(on_load);
         let on_error = {
@@ -171,11 +186,12 @@ impl LocalEngine {
             base,
         }
         .to_text();
-        let on_message = {
+        let handle: Rc<dyn Fn(JsValue)> = {
             let pending = pending.clone();
             let worker = worker.clone();
-            Closure::<dyn FnMut(web_sys::MessageEvent)>::new(move |event: web_sys::MessageEvent| {
-                let Some(message) = event.data().as_string().as_deref().and_then(FromWorker::from_text) else {
+            let on_load = on_load.clone();
+            Rc::new(move |data: JsValue| {
+                let Some(message) = data.as_string().as_deref().and_then(FromWorker::from_text) else {
                     return;
                 };
                 // The worker listens only once its wasm has started (a message posted before
@@ -189,7 +205,19 @@ impl LocalEngine {
                 handle_worker_message(message, &pending, &*on_load);
             })
         };
+        let on_message = {
+            let handle = handle.clone();
+            Closure::<dyn FnMut(web_sys::MessageEvent)>::new(move |event: web_sys::MessageEvent| handle(event.data()))
+        };
+        // Listening from here on; what the early worker said before is replayed first, in the
+        // same task, so nothing comes in between.
         worker.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
+        if let Some(boot) = &early {
+            boot.early_messages().into_iter().for_each(|data| handle(data));
+            if let Some(error) = boot.error() {
+                on_load(LoadEvent::Failed(format!("the engine worker stopped: {error}")));
+            }
+        }
         Ok(Rc::new(Self {
             worker,
             next_id: Cell::new(1),

@@ -12,6 +12,8 @@ pub mod map;
 
 // The UI and its glue: only for the browser (natively they would pull in a DOM for no use).
 #[cfg(target_arch = "wasm32")]
+mod boot;
+#[cfg(target_arch = "wasm32")]
 pub mod client;
 #[cfg(target_arch = "wasm32")]
 mod components;

@@ -11,6 +11,7 @@ use wasm_bindgen_futures::JsFuture;
 use kindling_ember::neuronpedia;
 use kindling_ember::variant::ProviderRef;
 
+use crate::boot::BootWorker;
 use crate::client::{Client, Hosted, LoadEvent, LocalEngine};
 
 /// The model the in-browser engine runs (the name requests carry).
@@ -135,6 +136,17 @@ enum Adapter {
     /// A software adapter (`isFallbackAdapter`), e.g. SwiftShader.
     Fallback,
     Hardware,
+}
+
+impl Adapter {
+    /// The names `boot.js` gives what it found.
+    fn parse(seen: &str) -> Adapter {
+        match seen {
+            "hardware" => Adapter::Hardware,
+            "fallback" => Adapter::Fallback,
+            _ => Adapter::None,
+        }
+    }
 }
 
 /// Asks `navigator.gpu.requestAdapter()`, through JS reflection (web-sys's WebGPU bindings
@@ -297,6 +309,7 @@ pub fn Connection() -> impl IntoView {
     // Starts (or restarts) the engine in a worker; the previous worker is terminated.
     fn start_local(
         backend: &'static str,
+        early: Option<BootWorker>,
         session: crate::Session,
         engine: StoredValue<Option<Rc<LocalEngine>>, LocalStorage>,
         downloads: RwSignal<Vec<Download>>,
@@ -311,10 +324,10 @@ pub fn Connection() -> impl IntoView {
         engine.set_value(None);
         downloads.set(Vec::new());
         running.set(format!("loading ({backend})"));
-        match LocalEngine::start(backend, on_load) {
+        match LocalEngine::start(backend, early, on_load) {
             Ok(e) => {
                 engine.set_value(Some(e));
-                let restart: Rc<dyn Fn()> = Rc::new(move || start_local(backend, session, engine, downloads, running, on_load));
+                let restart: Rc<dyn Fn()> = Rc::new(move || start_local(backend, None, session, engine, downloads, running, on_load));
                 session.restart_engine.set_value(Some(restart));
             }
             Err(e) => {
@@ -323,7 +336,7 @@ pub fn Connection() -> impl IntoView {
             }
         }
     }
-    let start_local = move |backend: &'static str| start_local(backend, session, engine, downloads, running, on_load);
+    let start_local = move |backend: &'static str, early| start_local(backend, early, session, engine, downloads, running, on_load);
 
     // `anyway`: the user has read the plain-http warning and sends the key all the same.
     let connect_hosted = move |anyway: bool| {
@@ -453,16 +466,33 @@ pub fn Connection() -> impl IntoView {
         });
     };
 
-    let apply = move || match mode.get_untracked() {
-        Mode::Hosted => connect_hosted(false),
-        Mode::Neuronpedia => connect_neuronpedia(),
-        Mode::Cpu => start_local("cpu"),
-        Mode::WebGpu => start_local("webgpu"),
-        Mode::Auto => leptos::task::spawn_local(async move {
-            let found = webgpu_adapter().await;
-            gpu_found.set(Some(found));
-            start_local(if found == Adapter::Hardware { "webgpu" } else { "cpu" });
-        }),
+    let apply = move || {
+        leptos::task::spawn_local(async move {
+            // The worker boot.js started before this page's wasm (the first start only).
+            let early = crate::boot::take().await;
+            let stop = |early: Option<BootWorker>| early.inspect(|b| b.worker.terminate());
+            match mode.get_untracked() {
+                Mode::Hosted => {
+                    stop(early);
+                    connect_hosted(false)
+                }
+                Mode::Neuronpedia => {
+                    stop(early);
+                    connect_neuronpedia()
+                }
+                Mode::Cpu => start_local("cpu", early),
+                Mode::WebGpu => start_local("webgpu", early),
+                Mode::Auto => {
+                    // boot.js asked navigator.gpu already; asking again would only wait longer.
+                    let found = match early.as_ref().and_then(|b| b.adapter.as_deref()) {
+                        Some(seen) => Adapter::parse(seen),
+                        None => webgpu_adapter().await,
+                    };
+                    gpu_found.set(Some(found));
+                    start_local(if found == Adapter::Hardware { "webgpu" } else { "cpu" }, early);
+                }
+            }
+        })
     };
 
     // Start at once with the remembered choice (hosted waits for the user to press Connect
