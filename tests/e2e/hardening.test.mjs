@@ -16,6 +16,7 @@ import { tmpdir } from 'node:os';
 import { dirname, extname, join, normalize } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
+import { waitForAsync } from './wait.mjs';
 
 const URL = process.env.KINDLING_URL ?? 'http://127.0.0.1:8090';
 const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
@@ -129,18 +130,18 @@ test('a new deployment replaces the old one whole: page, engine worker and cache
     assert.deepEqual(partial, { status: 206, text: readFileSync(join(sites.a, 'build.json'), 'utf8').slice(0, 10) });
 
     await waitForText(p, '[data-testid=build]', /page build e2e-build-a · engine build e2e-build-a$/);
-    await p.waitForFunction(async () => (await caches.keys()).includes('kindling-shell-e2e-build-a'),
-      null, { timeout: 30_000, polling: 250 });
+    await waitForAsync(p, async () => (await caches.keys()).includes('kindling-shell-e2e-build-a'),
+      'the service worker to keep build A', { timeout: 30_000 });
 
     // Build B replaces A on the server; a reload runs B's page and B's engine worker, and B's
     // service worker keeps B's files only.
     live = sites.b;
     await p.reload();
     await waitForText(p, '[data-testid=build]', /page build e2e-build-b · engine build e2e-build-b$/);
-    await p.waitForFunction(async () => {
+    await waitForAsync(p, async () => {
       const keys = await caches.keys();
       return keys.includes('kindling-shell-e2e-build-b') && !keys.some((k) => k.startsWith('kindling-shell-') && k !== 'kindling-shell-e2e-build-b');
-    }, null, { timeout: 30_000, polling: 250 });
+    }, 'the service worker to keep build B only', { timeout: 30_000 });
 
     // Offline, the reload is build B whole, from B's cache.
     await ctx.setOffline(true);

@@ -9,6 +9,7 @@ import assert from 'node:assert/strict';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
+import { waitForAsync } from './wait.mjs';
 
 const URL = process.env.KINDLING_URL ?? 'http://127.0.0.1:8090';
 const ARTIFACTS = process.env.KINDLING_ARTIFACTS ?? 'target/e2e-artifacts';
@@ -34,17 +35,27 @@ after(async () => {
   await browser?.close();
 });
 
+/** What the pages' engine workers said about loading and storing ("kindling …" lines), for
+ * diagnosing a failed load. */
+const workerLog = [];
+let pagesOpened = 0;
+
 /** Opens the playground (with an optional URL fragment) and waits for the model. */
 async function open(ctx, fragment = '', backend = 'CPU') {
   const p = await ctx.newPage();
   p.on('pageerror', (e) => console.error('page error:', e.message));
+  const n = ++pagesOpened;
+  p.on('worker', (w) => w.on('console', (m) => {
+    if (m.text().startsWith('kindling')) workerLog.push(`page ${n}: ${m.text()}`);
+  }));
   await p.goto(URL + '/' + fragment);
   await p.waitForFunction(() => {
     const b = document.querySelector('[data-testid=backend]');
     return b && /in this page|hosted|failed/.test(b.textContent);
   }, null, { timeout: LOAD_TIMEOUT, polling: 250 });
   const state = await p.textContent('[data-testid=backend]');
-  assert.match(state, new RegExp(backend), `the model should load on the ${backend} path (${state}; notices: ${await notices(p)})`);
+  assert.match(state, new RegExp(backend),
+    `the model should load on the ${backend} path (${state}; notices: ${await notices(p)}; workers so far: ${workerLog.join(' | ')})`);
   return p;
 }
 
@@ -123,6 +134,35 @@ async function p_fill_and_watch_stream() {
   assert.equal(await page.$$eval('.messages b', (els) => els.length), 0);
   assert.ok((await page.textContent('[data-testid=variant-column]')).includes('<b>hello</b>'));
 }
+
+test('boot.js starts the engine worker before the page\'s wasm and the page adopts it; a remembered hosted mode starts none', async () => {
+  const ctx = await browser.newContext();
+  try {
+    const p = await ctx.newPage();
+    const workers = [];
+    p.on('worker', (w) => workers.push(w.url()));
+    await p.goto(URL + '/');
+    await p.waitForFunction(() => /in this page|failed/.test(document.querySelector('[data-testid=backend]')?.textContent ?? ''),
+      null, { timeout: LOAD_TIMEOUT, polling: 250 });
+    assert.match(await p.textContent('[data-testid=backend]'), /CPU/);
+    // boot.js ran, its worker was taken over (the page removes the record it takes), and no
+    // second worker was started beside it.
+    assert.ok(await p.evaluate(() => performance.getEntriesByType('resource').some((e) => e.name.endsWith('/boot.js'))));
+    assert.equal(await p.evaluate(() => 'kindlingBoot' in window), false);
+    assert.equal(workers.length, 1, `one engine worker (${workers})`);
+    assert.match(workers[0], /kindling-worker_loader\.js\?build=/);
+    await p.evaluate(() => localStorage.setItem('kindling.mode', 'hosted'));
+    const q = await ctx.newPage();
+    const more = [];
+    q.on('worker', (w) => more.push(w.url()));
+    await q.goto(URL + '/');
+    await q.waitForSelector('[data-testid=backend]');
+    await q.waitForTimeout(1500);
+    assert.deepEqual(more, [], 'hosted mode starts no engine worker');
+  } finally {
+    await ctx.close();
+  }
+});
 
 test('searching "pirate" lists features, and a card shows a feature\'s contexts', async () => {
   const labels = await search(page, 'pirate');
@@ -377,7 +417,7 @@ test('a stored model damaged on disk is downloaded again, then stored whole', as
   assert.doesNotMatch(await notices(again), /Loading failed/);
   assert.doesNotMatch(await notices(again), /from this browser's cache/, 'the model was downloaded');
   // Stored whole again (the offline test below reads it).
-  await again.waitForFunction(async () => {
+  await waitForAsync(again, async () => {
     const dir = await navigator.storage.getDirectory();
     try {
       const sha = await (await (await dir.getFileHandle('model.gguf.sha256')).getFile()).text();
@@ -386,7 +426,7 @@ test('a stored model damaged on disk is downloaded again, then stored whole', as
     } catch {
       return false;
     }
-  }, null, { timeout: LOAD_TIMEOUT, polling: 250 });
+  }, 'the model to be stored whole in OPFS again', { timeout: LOAD_TIMEOUT });
   await chat(again, 'Hi', { compare: false, maxTokens: 3 });
   assert.ok((await lastReply(again, 'variant')).length > 0, 'a reply from the downloaded model');
   await again.close();

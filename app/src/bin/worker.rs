@@ -117,9 +117,21 @@ mod worker {
                     cached: ALL_CACHED.get(),
                     seconds: (js_sys::Date::now() - started) / 1000.0,
                 });
-                if let Some(start) = start_features {
-                    let _ = start.send(());
-                }
+                // While the user types: first the prompt prefix every unsteered chat shares
+                // (on the CPU; a chat that comes first makes it itself), then the SAE and the
+                // atlas, if they were waiting for the engine.
+                let warm = (engines.gpu.is_none()).then(|| engines.clone());
+                spawn_local(async move {
+                    yield_to_event_loop().await;
+                    if let Some(engines) = warm.filter(|_| GENERATING.get() == 0)
+                        && let Err(e) = engines.cpu.warm_prompt_prefix()
+                    {
+                        web_sys::console::warn_1(&format!("kindling: the shared prompt prefix: {e}").into());
+                    }
+                    if let Some(start) = start_features {
+                        let _ = start.send(());
+                    }
+                });
                 let features = attach_features(engines, features, started).boxed_local().shared();
                 FEATURES.with(|f| *f.borrow_mut() = Some(features.clone()));
                 spawn_local(features.map(|_| ()));
@@ -262,7 +274,11 @@ mod worker {
                 // A whole copy of this version that could not be opened (another tab's
                 // worker holds its exclusive handle) is left alone: replacing it would drop
                 // its sha256 first and then fail to write, leaving no usable copy offline.
-                let replaceable = stored_model.take().filter(|s| !s.holds(model_sha.as_deref()));
+                let held = stored_model.as_ref().is_some_and(|s| s.holds(model_sha.as_deref()));
+                if held {
+                    web_sys::console::info_1(&"kindling load: the stored model is held by another page: downloading it".into());
+                }
+                let replaceable = stored_model.take().filter(|_| !held);
                 let bytes = fetch_model(&model_url, model_sha.clone(), replaceable).await?;
                 phases.mark("model file");
                 bytes
@@ -274,7 +290,8 @@ mod worker {
             Ok(model) => model,
             // The stored copy does not load (damaged on disk since it was checked): it is
             // forgotten, and the model downloaded again.
-            Err(_) if from_opfs => {
+            Err(e) if from_opfs => {
+                web_sys::console::warn_1(&format!("kindling load: the stored model does not load ({e}): downloading it again").into());
                 if let Some(stored) = stored_model.take() {
                     stored.forget().await;
                 }
@@ -474,6 +491,16 @@ mod worker {
                 && let Some(response) = hit.dyn_ref::<web_sys::Response>()
                 && let Ok(bytes) = read_all(file, response, true).await
             {
+                // A model that should be in OPFS but came from here (its stored copy was
+                // damaged, or stored by an older build) is stored there too: OPFS is where
+                // the next load, and an offline one, looks first.
+                if let (Keep::Opfs(stored), Some(sha)) = (keep, sha256) {
+                    let js_copy = js_sys::Uint8Array::from(bytes.as_slice());
+                    spawn_local(async move {
+                        let outcome = if stored.replace(&js_copy, &sha).await.is_ok() { "stored" } else { "refused" };
+                        web_sys::console::info_1(&format!("kindling load: the model from Cache Storage {outcome} in OPFS").into());
+                    });
+                }
                 return Ok(bytes);
             }
         }
@@ -674,6 +701,7 @@ mod worker {
                     access.close();
                 }
                 let _ = JsFuture::from(self.dir.remove_entry(MODEL_SHA)).await;
+                web_sys::console::info_1(&"kindling load: the stored model is forgotten".into());
             }
 
             /// Replaces the stored model with `bytes` (a JS copy: it is written after this
@@ -683,6 +711,7 @@ mod worker {
                     access.close();
                 }
                 let _ = JsFuture::from(self.dir.remove_entry(MODEL_SHA)).await;
+                web_sys::console::info_1(&"kindling load: storing the model in OPFS".into());
                 write(&file(&self.dir, MODEL, true).await?, bytes).await?;
                 write(&file(&self.dir, MODEL_SHA, true).await?, &Uint8Array::from(sha256.as_bytes())).await
             }
