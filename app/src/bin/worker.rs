@@ -497,7 +497,11 @@ mod worker {
                 if let (Keep::Opfs(stored), Some(sha)) = (keep, sha256) {
                     let js_copy = js_sys::Uint8Array::from(bytes.as_slice());
                     spawn_local(async move {
-                        let outcome = if stored.replace(&js_copy, &sha).await.is_ok() { "stored" } else { "refused" };
+                        let outcome = if stored.replace(&js_copy, &sha).await.is_ok() {
+                            "stored"
+                        } else {
+                            "refused"
+                        };
                         web_sys::console::info_1(&format!("kindling load: the model from Cache Storage {outcome} in OPFS").into());
                     });
                 }
