@@ -55,7 +55,7 @@ done
 [[ -n "${THREADS// /}" ]] || die "--threads is empty"
 
 MODEL="${KINDLING_MODEL:-$ROOT/public/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
-KINDLING="${KINDLING_BIN:-$ROOT/target/release/kindling}"
+KINDLING="${KINDLING_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/kindling}"
 VENV_PY="$ROOT/.venv-llama/bin/python"
 
 say "WARNING: the machine must be idle while this runs (no compiles, browsers or other benchmarks)."
