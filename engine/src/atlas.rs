@@ -288,16 +288,7 @@ impl Atlas {
     /// Adds the top contexts (`contexts.safetensors`).
     pub fn load_contexts(&mut self, bytes: &[u8]) -> Result<(), AtlasError> {
         let bad = |m: String| AtlasError::Contexts(m);
-        let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-        let meta = header.metadata().as_ref().and_then(|m| m.get("kindling_atlas_contexts")).cloned();
-        let meta: serde_json::Value = serde_json::from_str(&meta.ok_or_else(|| bad("no kindling_atlas_contexts metadata".into()))?)
-            .map_err(|e| bad(format!("metadata: {e}")))?;
-        if meta["version"].as_u64() != Some(ATLAS_VERSION) {
-            return Err(bad(format!("version {}, this build reads {ATLAS_VERSION}", meta["version"])));
-        }
-        if meta["compact_sha256"].as_str() != Some(self.index.sae.compact_sha256.as_str()) {
-            return Err(AtlasError::WrongSae(format!("contexts built for SAE {}", meta["compact_sha256"])));
-        }
+        self.checked_metadata(bytes, "kindling_atlas_contexts", ATLAS_VERSION, "contexts", bad)?;
         let file = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("cannot read tensors: {e}")))?;
         let d_sae = self.index.sae.d_sae;
         let tokens = file.tensor("tokens").map_err(|e| bad(format!("tokens: {e}")))?;
@@ -332,19 +323,34 @@ impl Atlas {
         Ok(())
     }
 
+    /// The JSON metadata under `key` of an atlas safetensors file, checked: format `version`,
+    /// and built for this atlas's SAE. `what` names the file in a wrong-SAE error; `bad`
+    /// makes the file's own error.
+    fn checked_metadata(
+        &self,
+        bytes: &[u8],
+        key: &str,
+        version: u64,
+        what: &str,
+        bad: impl Fn(String) -> AtlasError,
+    ) -> Result<serde_json::Value, AtlasError> {
+        let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+        let meta = header.metadata().as_ref().and_then(|m| m.get(key)).cloned();
+        let meta: serde_json::Value =
+            serde_json::from_str(&meta.ok_or_else(|| bad(format!("no {key} metadata")))?).map_err(|e| bad(format!("metadata: {e}")))?;
+        if meta["version"].as_u64() != Some(version) {
+            return Err(bad(format!("version {}, this build reads {version}", meta["version"])));
+        }
+        if meta["compact_sha256"].as_str() != Some(self.index.sae.compact_sha256.as_str()) {
+            return Err(AtlasError::WrongSae(format!("{what} built for SAE {}", meta["compact_sha256"])));
+        }
+        Ok(meta)
+    }
+
     /// Adds the feature map (`map.safetensors`, see [`FeatureMap`]).
     pub fn load_map(&mut self, bytes: &[u8]) -> Result<(), AtlasError> {
         let bad = |m: String| AtlasError::Map(m);
-        let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-        let meta = header.metadata().as_ref().and_then(|m| m.get("kindling_atlas_map")).cloned();
-        let meta: serde_json::Value = serde_json::from_str(&meta.ok_or_else(|| bad("no kindling_atlas_map metadata".into()))?)
-            .map_err(|e| bad(format!("metadata: {e}")))?;
-        if meta["version"].as_u64() != Some(MAP_VERSION) {
-            return Err(bad(format!("version {}, this build reads {MAP_VERSION}", meta["version"])));
-        }
-        if meta["compact_sha256"].as_str() != Some(self.index.sae.compact_sha256.as_str()) {
-            return Err(AtlasError::WrongSae(format!("map built for SAE {}", meta["compact_sha256"])));
-        }
+        let meta = self.checked_metadata(bytes, "kindling_atlas_map", MAP_VERSION, "map", bad)?;
         let regions: Vec<String> = meta["regions"]
             .as_array()
             .ok_or_else(|| bad("metadata has no regions".into()))?
